@@ -1,0 +1,336 @@
+//! The running agent: signs in, keeps the QUIC connection up (reconnecting with the same
+//! session, no new touch), and serves each configured service on a localhost port.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use touchgate_proto::{RefusalCode, SessionInfo};
+use tracing::Instrument;
+
+use crate::{
+    authenticator::Authenticator,
+    config::AgentConfig,
+    tunnel::{SessionKey, Tunnel, TunnelError, client_endpoint, open_stream},
+};
+
+/// An authenticator shared between the agent's tasks (calls are serialised by the mutex).
+pub type SharedAuthn = Arc<Mutex<Box<dyn Authenticator>>>;
+
+/// How long a local connection waits for the tunnel before it is closed.
+pub const LOCAL_WAIT: Duration = Duration::from_secs(10);
+
+/// What the agent is doing, for front ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum AgentState {
+    /// Starting up.
+    Starting,
+    /// Waiting for the user to touch the key.
+    WaitingForTouch {
+        /// Which key.
+        authenticator: String,
+    },
+    /// Connected with a live session.
+    Connected {
+        /// The user.
+        user: String,
+        /// Session expiry, seconds since the epoch.
+        expires_at: u64,
+        /// Services offered by the gateway.
+        services: Vec<String>,
+    },
+    /// The connection dropped; reconnecting with the same session.
+    Reconnecting {
+        /// Attempt number.
+        attempt: u32,
+        /// Why the last attempt failed.
+        reason: String,
+    },
+    /// Signed out (session ended or refused).
+    SignedOut {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Errors starting the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A local port could not be bound.
+    #[error("cannot listen on 127.0.0.1:{port} for service {service}: {source} (is another program using the port? change local_port in the agent config)")]
+    Bind {
+        /// The service.
+        service: String,
+        /// The port.
+        port: u16,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Talking to the gateway failed.
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+}
+
+/// A running agent.
+pub struct RunningAgent {
+    listeners: Vec<(String, SocketAddr)>,
+    state: watch::Receiver<AgentState>,
+    session: Arc<Mutex<Option<SessionInfo>>>,
+    conn: watch::Receiver<Option<quinn::Connection>>,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    cfg: AgentConfig,
+    authn: SharedAuthn,
+    endpoint: quinn::Endpoint,
+    state: watch::Sender<AgentState>,
+    conn: watch::Sender<Option<quinn::Connection>>,
+    session: Arc<Mutex<Option<SessionInfo>>>,
+    tunnel: tokio::sync::Mutex<Option<Arc<Tunnel>>>,
+}
+
+impl RunningAgent {
+    /// Binds the local ports, signs in (one touch), and starts serving.
+    pub async fn start(cfg: AgentConfig, authn: SharedAuthn) -> Result<Self, AgentError> {
+        let key = SessionKey::generate()?;
+        let endpoint = client_endpoint(&cfg, &key)?;
+        let mut bound = Vec::new();
+        for s in &cfg.services {
+            let l = TcpListener::bind(("127.0.0.1", s.local_port))
+                .await
+                .map_err(|source| AgentError::Bind {
+                    service: s.name.clone(),
+                    port: s.local_port,
+                    source,
+                })?;
+            bound.push((s.name.clone(), l));
+        }
+        let (state_tx, state_rx) = watch::channel(AgentState::Starting);
+        let (conn_tx, conn_rx) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            cfg,
+            authn,
+            endpoint: endpoint.clone(),
+            state: state_tx,
+            conn: conn_tx,
+            session: Arc::new(Mutex::new(None)),
+            tunnel: tokio::sync::Mutex::new(None),
+        });
+        shared.sign_in().await?;
+        let mut tasks = Vec::new();
+        let mut listeners = Vec::new();
+        for (name, l) in bound {
+            let addr = l.local_addr().map_err(|source| AgentError::Bind {
+                service: name.clone(),
+                port: 0,
+                source,
+            })?;
+            listeners.push((name.clone(), addr));
+            let rx = conn_rx.clone();
+            tasks.push(tokio::spawn(
+                serve_local(l, name.clone(), rx).instrument(tracing::info_span!("service", name = %name)),
+            ));
+        }
+        let s = shared.clone();
+        tasks.push(tokio::spawn(async move { s.supervise().await }));
+        let session = shared.session.clone();
+        Ok(Self {
+            listeners,
+            state: state_rx,
+            session,
+            conn: conn_rx,
+            endpoint,
+            tasks,
+        })
+    }
+
+    /// The local address of each service.
+    pub fn listeners(&self) -> &[(String, SocketAddr)] {
+        &self.listeners
+    }
+
+    /// The local address of `service`.
+    pub fn local_addr(&self, service: &str) -> Option<SocketAddr> {
+        self.listeners.iter().find(|(n, _)| n == service).map(|(_, a)| *a)
+    }
+
+    /// Watches the agent's state.
+    pub fn state(&self) -> watch::Receiver<AgentState> {
+        self.state.clone()
+    }
+
+    /// The current session, if any.
+    pub fn session(&self) -> Option<SessionInfo> {
+        self.session.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The current QUIC connection, if any.
+    pub fn connection(&self) -> Option<quinn::Connection> {
+        self.conn.borrow().clone()
+    }
+
+    /// Closes the tunnel cleanly and stops every task.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.endpoint.close(0u32.into(), b"agent quitting");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+impl Shared {
+    async fn sign_in(&self) -> Result<(), TunnelError> {
+        let tunnel = Tunnel::connect(&self.endpoint, &self.cfg).await?;
+        let describe = self.authn.lock().unwrap_or_else(|e| e.into_inner()).describe();
+        self.state.send_replace(AgentState::WaitingForTouch { authenticator: describe });
+        let session = tunnel.login(&self.authn, &self.cfg.user, self.cfg.origin.as_deref()).await?;
+        self.live(tunnel, session).await;
+        Ok(())
+    }
+
+    async fn live(&self, tunnel: Tunnel, session: SessionInfo) {
+        let offered: Vec<String> = session.services.iter().map(|s| s.name.clone()).collect();
+        for s in &self.cfg.services {
+            if !offered.contains(&s.name) {
+                tracing::warn!(service = %s.name, "the gateway does not offer this service to you (unknown, or not allowed): connections to it will be refused");
+            }
+        }
+        self.state.send_replace(AgentState::Connected {
+            user: session.user.clone(),
+            expires_at: session.expires_at,
+            services: offered,
+        });
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(session);
+        self.conn.send_replace(Some(tunnel.connection().clone()));
+        *self.tunnel.lock().await = Some(Arc::new(tunnel));
+    }
+
+    /// Waits for the connection to drop, then reconnects with jittered backoff, resuming the
+    /// session; signs in again only when the gateway refuses the session.
+    async fn supervise(self: Arc<Self>) {
+        loop {
+            let conn = self.conn.borrow().clone();
+            let Some(conn) = conn else { return };
+            let reason = conn.closed().await;
+            tracing::warn!(%reason, "connection to the gateway lost; reconnecting");
+            let mut attempt = 0u32;
+            let mut delay = Duration::from_millis(100);
+            loop {
+                attempt += 1;
+                match self.reconnect().await {
+                    Ok(()) => {
+                        tracing::info!(attempt, "reconnected to the gateway");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::info!(attempt, error = %e, "reconnect failed");
+                        self.state.send_replace(AgentState::Reconnecting {
+                            attempt,
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+                let jitter = rand::rng().random_range(0.8..1.2);
+                tokio::time::sleep(delay.mul_f64(jitter)).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+
+    async fn reconnect(&self) -> Result<(), TunnelError> {
+        let token = self
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|s| s.token.clone());
+        let tunnel = Tunnel::connect(&self.endpoint, &self.cfg).await?;
+        if let Some(token) = token {
+            match tunnel.resume(&token).await {
+                Ok(session) => {
+                    self.live(tunnel, session).await;
+                    return Ok(());
+                }
+                Err(TunnelError::Refused(r))
+                    if matches!(
+                        r.code,
+                        RefusalCode::SessionExpired | RefusalCode::InvalidToken | RefusalCode::WrongSessionKey
+                    ) =>
+                {
+                    tracing::warn!(reason = %r, "the session ended; signing in again");
+                    *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    self.state.send_replace(AgentState::SignedOut { reason: r.message.clone() });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let describe = self.authn.lock().unwrap_or_else(|e| e.into_inner()).describe();
+        self.state.send_replace(AgentState::WaitingForTouch { authenticator: describe });
+        let session = tunnel.login(&self.authn, &self.cfg.user, self.cfg.origin.as_deref()).await?;
+        self.live(tunnel, session).await;
+        Ok(())
+    }
+}
+
+async fn serve_local(listener: TcpListener, service: String, conn: watch::Receiver<Option<quinn::Connection>>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = service.clone();
+        let conn = conn.clone();
+        tokio::spawn(
+            async move { handle_local(tcp, &service, conn).await }
+                .instrument(tracing::debug_span!("local", %peer)),
+        );
+    }
+}
+
+async fn handle_local(mut tcp: tokio::net::TcpStream, service: &str, mut conn: watch::Receiver<Option<quinn::Connection>>) {
+    let deadline = tokio::time::Instant::now() + LOCAL_WAIT;
+    loop {
+        let current = conn.borrow_and_update().clone();
+        if let Some(c) = current.filter(|c| c.close_reason().is_none()) {
+            match tokio::time::timeout_at(deadline, open_stream(&c, service)).await {
+                Ok(Ok((send, recv))) => {
+                    let mut remote = tokio::io::join(recv, send);
+                    match tokio::io::copy_bidirectional(&mut tcp, &mut remote).await {
+                        Ok((up, down)) => tracing::debug!(up, down, "local connection closed"),
+                        Err(e) => tracing::debug!(error = %e, "local connection ended with an error"),
+                    }
+                    return;
+                }
+                Ok(Err(TunnelError::Refused(r))) => {
+                    tracing::warn!(code = ?r.code, "service {service}: {r}");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "stream failed; waiting for the tunnel");
+                }
+                Err(_) => break,
+            }
+        }
+        if tokio::time::timeout_at(deadline, conn.changed()).await.is_err() {
+            break;
+        }
+    }
+    tracing::warn!(
+        "service {service}: no connection to the gateway within {}s; closing the local connection",
+        LOCAL_WAIT.as_secs()
+    );
+}

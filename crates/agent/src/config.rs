@@ -1,0 +1,233 @@
+//! The agent's TOML configuration.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors loading an agent config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read agent config {path}: {source}")]
+    Read {
+        /// The path.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape.
+    #[error("agent config {path} is invalid: {source}")]
+    Parse {
+        /// The path.
+        path: PathBuf,
+        /// The parse error.
+        source: Box<toml::de::Error>,
+    },
+    /// The config parsed but does not make sense.
+    #[error("agent config is invalid: {0}")]
+    Invalid(String),
+    /// No config path was given and the platform has no config directory.
+    #[error("no config file given and no platform config directory found: pass --config")]
+    NoConfigDir,
+}
+
+/// The agent config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Gateway address, `host:port` (UDP).
+    pub gateway: String,
+    /// TLS server name of the gateway; defaults to the host part of `gateway`.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// SHA-256 fingerprint (hex) of the gateway's certificate, pinned.
+    #[serde(default)]
+    pub gateway_cert_sha256: Option<String>,
+    /// A PEM CA file that signs the gateway's certificate (instead of a pin).
+    #[serde(default)]
+    pub gateway_ca: Option<PathBuf>,
+    /// The user, as enrolled on the gateway.
+    pub user: String,
+    /// `"hid"` for a USB security key, or `"soft:PATH"` for a software key stored at PATH.
+    #[serde(default = "default_authenticator")]
+    pub authenticator: String,
+    /// WebAuthn origin override; by default the one the gateway names.
+    #[serde(default)]
+    pub origin: Option<String>,
+    /// Path of the local status socket; defaults to the platform runtime directory.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    /// Services to expose on localhost.
+    #[serde(default, rename = "service")]
+    pub services: Vec<LocalService>,
+}
+
+/// One service exposed on localhost.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalService {
+    /// The gateway's name for the service.
+    pub name: String,
+    /// The local TCP port on 127.0.0.1 (0 picks a free one).
+    pub local_port: u16,
+}
+
+/// Which authenticator to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthenticatorChoice {
+    /// A USB security key.
+    Hid,
+    /// A software key in a file.
+    Soft(PathBuf),
+}
+
+fn default_authenticator() -> String {
+    "hid".into()
+}
+
+impl AgentConfig {
+    /// Reads a config file; a relative soft-key path is taken from the file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut cfg: AgentConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if let Ok(AuthenticatorChoice::Soft(p)) = cfg.authenticator_choice()
+            && p.is_relative()
+        {
+            cfg.authenticator = format!("soft:{}", base.join(p).display());
+        }
+        if let Some(ca) = &cfg.gateway_ca
+            && ca.is_relative()
+        {
+            cfg.gateway_ca = Some(base.join(ca));
+        }
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// The default config path: `<platform config dir>/agent.toml`.
+    pub fn default_path() -> Result<PathBuf, ConfigError> {
+        directories::ProjectDirs::from("dev", "touchgate", "touchgate")
+            .map(|d| d.config_dir().join("agent.toml"))
+            .ok_or(ConfigError::NoConfigDir)
+    }
+
+    /// Checks what serde cannot, reporting every problem at once.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.gateway.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
+            problems.push(format!("gateway {:?} must be host:port", self.gateway));
+        }
+        if self.gateway_cert_sha256.is_none() && self.gateway_ca.is_none() {
+            problems.push(
+                "set gateway_cert_sha256 (the gateway certificate's fingerprint) or gateway_ca: \
+                 the agent never trusts a gateway it cannot verify"
+                    .into(),
+            );
+        }
+        if let Some(pin) = &self.gateway_cert_sha256
+            && (normalise_fingerprint(pin).len() != 64
+                || !normalise_fingerprint(pin).chars().all(|c| c.is_ascii_hexdigit()))
+        {
+            problems.push("gateway_cert_sha256 must be 64 hex digits".into());
+        }
+        if let Err(e) = self.authenticator_choice() {
+            problems.push(e);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for s in &self.services {
+            if !seen.insert(&s.name) {
+                problems.push(format!("service {:?} is listed twice", s.name));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("; ")))
+        }
+    }
+
+    /// The authenticator selected by `authenticator`.
+    pub fn authenticator_choice(&self) -> Result<AuthenticatorChoice, String> {
+        match self.authenticator.as_str() {
+            "hid" => Ok(AuthenticatorChoice::Hid),
+            s if s.starts_with("soft:") && s.len() > 5 => Ok(AuthenticatorChoice::Soft(PathBuf::from(&s[5..]))),
+            other => Err(format!(
+                "authenticator {other:?} is not known: use \"hid\" or \"soft:PATH\""
+            )),
+        }
+    }
+
+    /// The TLS server name of the gateway.
+    pub fn server_name(&self) -> String {
+        self.server_name.clone().unwrap_or_else(|| {
+            let host = self.gateway.rsplit_once(':').map(|(h, _)| h).unwrap_or(&self.gateway);
+            host.trim_start_matches('[').trim_end_matches(']').to_owned()
+        })
+    }
+
+    /// The status socket path.
+    pub fn control_socket(&self) -> PathBuf {
+        if let Some(p) = &self.control_socket {
+            return p.clone();
+        }
+        let dirs = directories::ProjectDirs::from("dev", "touchgate", "touchgate");
+        let dir = dirs
+            .as_ref()
+            .and_then(|d| d.runtime_dir().map(Path::to_owned))
+            .or_else(|| dirs.as_ref().map(|d| d.cache_dir().to_owned()))
+            .unwrap_or_else(std::env::temp_dir);
+        dir.join("agent.sock")
+    }
+}
+
+/// Lowercase hex without separators.
+pub fn normalise_fingerprint(s: &str) -> String {
+    s.chars()
+        .filter(|c| !matches!(c, ':' | ' ' | '-'))
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gateway_without_pin_or_ca_is_refused() {
+        let cfg: AgentConfig = toml::from_str(
+            "gateway = \"gw.example.com:4433\"\nuser = \"alice\"\nauthenticator = \"floppy\"\n",
+        )
+        .expect("toml");
+        let msg = cfg.check().expect_err("invalid").to_string();
+        assert!(msg.contains("gateway_cert_sha256"), "{msg}");
+        assert!(msg.contains("\"floppy\" is not known"), "{msg}");
+        assert_eq!(cfg.server_name(), "gw.example.com");
+    }
+
+    #[test]
+    fn relative_soft_key_path_is_next_to_the_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "gateway = \"127.0.0.1:4433\"\nuser = \"a\"\nauthenticator = \"soft:key.tgk\"\ngateway_cert_sha256 = \"{}\"\n[[service]]\nname = \"api\"\nlocal_port = 8081\n",
+                "ab".repeat(32)
+            ),
+        )
+        .expect("write");
+        let cfg = AgentConfig::load(&path).expect("load");
+        assert_eq!(
+            cfg.authenticator_choice().expect("soft"),
+            AuthenticatorChoice::Soft(dir.path().join("key.tgk"))
+        );
+        assert_eq!(cfg.services[0].local_port, 8081);
+    }
+}

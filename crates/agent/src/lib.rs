@@ -1,0 +1,36 @@
+//! touchgate agent core: authenticators, the hardware-bound session, the QUIC tunnel and the
+//! local listeners. The CLI and the tray app are two front ends of this crate.
+
+pub mod agent;
+pub mod authenticator;
+pub mod config;
+pub mod status;
+pub mod tunnel;
+pub mod wire;
+
+pub use agent::{AgentState, RunningAgent, SharedAuthn};
+pub use config::AgentConfig;
+
+use std::sync::{Arc, Mutex};
+
+/// Opens the configured authenticator and wraps it for sharing between tasks.
+pub fn shared_authenticator(
+    cfg: &AgentConfig,
+    create_soft: bool,
+) -> Result<SharedAuthn, authenticator::AuthnError> {
+    let choice = cfg
+        .authenticator_choice()
+        .map_err(authenticator::AuthnError::Device)?;
+    Ok(Arc::new(Mutex::new(authenticator::open(&choice, create_soft)?)))
+}
+
+/// Enrols the configured authenticator with an invite code, on a fresh connection.
+pub async fn enroll(cfg: &AgentConfig, authn: &SharedAuthn, code: &str) -> Result<String, tunnel::TunnelError> {
+    let key = tunnel::SessionKey::generate()?;
+    let endpoint = tunnel::client_endpoint(cfg, &key)?;
+    let t = tunnel::Tunnel::connect(&endpoint, cfg).await?;
+    let id = t.enroll(authn, &cfg.user, code, cfg.origin.as_deref()).await;
+    t.connection().close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    id
+}

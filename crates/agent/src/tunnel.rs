@@ -1,0 +1,373 @@
+//! The QUIC connection to the gateway: TLS with the in-memory session key, the control stream,
+//! and data streams.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use rustls::{
+    DigitallySignedStruct, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::WebPkiSupportedAlgorithms,
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime, pem::PemObject},
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+use touchgate_proto::{
+    ClientMsg, EXPORTER_LABEL, EXPORTER_LEN, Refusal, ServerMsg, SessionInfo, StreamOpen, StreamReply,
+};
+use webauthn_rs_proto::{CreationChallengeResponse, RequestChallengeResponse};
+
+use crate::{
+    authenticator::{Authenticator, AuthnError, Ceremony, client_data_json},
+    config::{AgentConfig, normalise_fingerprint},
+    wire::{WireError, read_frame, write_frame},
+};
+
+/// Errors talking to the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The gateway could not be reached or the handshake failed.
+    #[error("cannot connect to the gateway at {addr}: {reason}")]
+    Connect {
+        /// The gateway address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The gateway refused the request.
+    #[error("the gateway refused: {0}")]
+    Refused(#[from] Refusal),
+    /// The gateway answered something unexpected.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The connection failed.
+    #[error("the connection to the gateway was lost: {0}")]
+    Lost(String),
+    /// The authenticator failed.
+    #[error(transparent)]
+    Authenticator(#[from] AuthnError),
+    /// Local TLS setup failed.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+}
+
+impl TunnelError {
+    /// The gateway's refusal, if that is what this is.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            Self::Refused(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+impl From<WireError> for TunnelError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::Io(e) => Self::Lost(e.to_string()),
+            WireError::Frame(e) => Self::Protocol(e.to_string()),
+        }
+    }
+}
+
+/// The agent's session key: a fresh P-256 key and self-signed certificate, in memory only.
+pub struct SessionKey {
+    cert: CertificateDer<'static>,
+    key_pkcs8: Vec<u8>,
+}
+
+impl SessionKey {
+    /// Makes a new session key.
+    pub fn generate() -> Result<Self, TunnelError> {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| TunnelError::Tls(e.to_string()))?;
+        let params = rcgen::CertificateParams::new(vec!["touchgate-session".to_owned()])
+            .map_err(|e| TunnelError::Tls(e.to_string()))?;
+        let cert = params.self_signed(&kp).map_err(|e| TunnelError::Tls(e.to_string()))?;
+        Ok(Self {
+            cert: cert.der().clone(),
+            key_pkcs8: kp.serialize_der(),
+        })
+    }
+
+    /// The certificate's thumbprint as the gateway's `cnf` claim names it.
+    pub fn thumbprint(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(&self.cert))
+    }
+}
+
+/// Builds a QUIC client endpoint whose connections present `key` and verify the gateway as the
+/// config says (pinned fingerprint or CA).
+pub fn client_endpoint(cfg: &AgentConfig, key: &SessionKey) -> Result<quinn::Endpoint, TunnelError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TunnelError::Tls(e.to_string()))?;
+    let builder = if let Some(pin) = &cfg.gateway_cert_sha256 {
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(PinnedCert {
+            sha256: normalise_fingerprint(pin),
+            algs: provider.signature_verification_algorithms,
+        }))
+    } else if let Some(ca) = &cfg.gateway_ca {
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(ca)
+            .map_err(|e| TunnelError::Tls(format!("cannot read gateway_ca {}: {e}", ca.display())))?;
+        for c in certs {
+            let c = c.map_err(|e| TunnelError::Tls(format!("bad certificate in {}: {e}", ca.display())))?;
+            roots.add(c).map_err(|e| TunnelError::Tls(e.to_string()))?;
+        }
+        builder.with_root_certificates(roots)
+    } else {
+        return Err(TunnelError::Tls("no gateway_cert_sha256 or gateway_ca configured".into()));
+    };
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.key_pkcs8.clone()));
+    let mut tls = builder
+        .with_client_auth_cert(vec![key.cert.clone()], key_der)
+        .map_err(|e| TunnelError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![touchgate_proto::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TunnelError::Tls(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(transport_config()));
+    let bind: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| TunnelError::Tls(format!("cannot open a UDP socket: {e}")))?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+/// Transport settings: large stream windows for bulk transfers, many streams, keep-alives.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(0u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window((8u32 * 1024 * 1024).into());
+    t.receive_window((64u32 * 1024 * 1024).into());
+    t.send_window(64 * 1024 * 1024);
+    t.keep_alive_interval(Some(Duration::from_secs(10)));
+    if let Ok(idle) = Duration::from_secs(30).try_into() {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}
+
+/// Verifies the gateway by the SHA-256 fingerprint of its certificate.
+#[derive(Debug)]
+struct PinnedCert {
+    sha256: String,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if hex::encode(Sha256::digest(end_entity)) == self.sha256 {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the gateway's certificate does not match gateway_cert_sha256: check the fingerprint, \
+                 or someone is intercepting the connection"
+                    .into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+struct Control {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+/// One QUIC connection to the gateway, with its control stream.
+pub struct Tunnel {
+    conn: quinn::Connection,
+    control: Mutex<Control>,
+    binding: [u8; EXPORTER_LEN],
+}
+
+impl Tunnel {
+    /// Resolves and connects to the gateway, and opens the control stream.
+    pub async fn connect(endpoint: &quinn::Endpoint, cfg: &AgentConfig) -> Result<Self, TunnelError> {
+        let err = |reason: String| TunnelError::Connect {
+            addr: cfg.gateway.clone(),
+            reason,
+        };
+        let addr = tokio::net::lookup_host(&cfg.gateway)
+            .await
+            .map_err(|e| err(format!("cannot resolve: {e}")))?
+            .find(|a| a.is_ipv4())
+            .ok_or_else(|| err("no IPv4 address".into()))?;
+        let connecting = endpoint
+            .connect(addr, &cfg.server_name())
+            .map_err(|e| err(e.to_string()))?;
+        let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+            .await
+            .map_err(|_| err("no answer within 10s (is UDP to the gateway blocked?)".into()))?
+            .map_err(|e| err(e.to_string()))?;
+        let mut binding = [0u8; EXPORTER_LEN];
+        conn.export_keying_material(&mut binding, EXPORTER_LABEL, b"")
+            .map_err(|_| err("no TLS exporter".into()))?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
+        Ok(Self {
+            conn,
+            control: Mutex::new(Control { send, recv }),
+            binding,
+        })
+    }
+
+    /// The QUIC connection.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// This connection's channel-binding value.
+    pub fn binding(&self) -> &[u8] {
+        &self.binding
+    }
+
+    /// Sends one control message and waits for the answer.
+    pub async fn request(&self, msg: &ClientMsg) -> Result<ServerMsg, TunnelError> {
+        let mut c = self.control.lock().await;
+        write_frame(&mut c.send, msg).await.map_err(|e| TunnelError::Lost(e.to_string()))?;
+        match read_frame::<ServerMsg, _>(&mut c.recv).await? {
+            Some(ServerMsg::Error(r)) => Err(TunnelError::Refused(r)),
+            Some(m) => Ok(m),
+            None => Err(TunnelError::Lost("the gateway closed the control stream".into())),
+        }
+    }
+
+    /// Enrols the authenticator with an invite code; returns the new credential id.
+    pub async fn enroll(
+        &self,
+        authn: &Arc<std::sync::Mutex<Box<dyn Authenticator>>>,
+        user: &str,
+        invite_code: &str,
+        origin_override: Option<&str>,
+    ) -> Result<String, TunnelError> {
+        let software_ca_pem = lock(authn).software_ca_pem();
+        let reply = self
+            .request(&ClientMsg::EnrollBegin {
+                user: user.to_owned(),
+                invite_code: invite_code.trim().to_owned(),
+                software_ca_pem,
+            })
+            .await?;
+        let ServerMsg::EnrollChallenge { options, origin } = reply else {
+            return Err(TunnelError::Protocol(format!("expected an enrolment challenge, got {reply:?}")));
+        };
+        let ccr: CreationChallengeResponse =
+            serde_json::from_value(options).map_err(|e| TunnelError::Protocol(format!("bad creation options: {e}")))?;
+        let origin = origin_override.map(str::to_owned).unwrap_or(origin);
+        let cdj = client_data_json(Ceremony::Create, ccr.public_key.challenge.as_ref(), &origin, &self.binding);
+        let authn = authn.clone();
+        let cred = tokio::task::spawn_blocking(move || lock(&authn).register(&ccr.public_key, &cdj))
+            .await
+            .map_err(|e| TunnelError::Protocol(e.to_string()))??;
+        let credential = serde_json::to_value(&cred).map_err(|e| TunnelError::Protocol(e.to_string()))?;
+        match self.request(&ClientMsg::EnrollFinish { credential }).await? {
+            ServerMsg::Enrolled { credential_id } => Ok(credential_id),
+            other => Err(TunnelError::Protocol(format!("expected enrolment result, got {other:?}"))),
+        }
+    }
+
+    /// Asks for a sign-in challenge and has the authenticator answer it; returns the assertion
+    /// (as sent) without sending it, so callers can send it with [`Tunnel::finish_login`].
+    pub async fn make_assertion(
+        &self,
+        authn: &Arc<std::sync::Mutex<Box<dyn Authenticator>>>,
+        user: &str,
+        origin_override: Option<&str>,
+    ) -> Result<serde_json::Value, TunnelError> {
+        let reply = self.request(&ClientMsg::LoginBegin { user: user.to_owned() }).await?;
+        let ServerMsg::LoginChallenge { options, origin } = reply else {
+            return Err(TunnelError::Protocol(format!("expected a sign-in challenge, got {reply:?}")));
+        };
+        let rcr: RequestChallengeResponse =
+            serde_json::from_value(options).map_err(|e| TunnelError::Protocol(format!("bad request options: {e}")))?;
+        let origin = origin_override.map(str::to_owned).unwrap_or(origin);
+        let cdj = client_data_json(Ceremony::Get, rcr.public_key.challenge.as_ref(), &origin, &self.binding);
+        let authn = authn.clone();
+        let cred = tokio::task::spawn_blocking(move || lock(&authn).authenticate(&rcr.public_key, &cdj))
+            .await
+            .map_err(|e| TunnelError::Protocol(e.to_string()))??;
+        serde_json::to_value(&cred).map_err(|e| TunnelError::Protocol(e.to_string()))
+    }
+
+    /// Sends an assertion; on success the session is live on this connection.
+    pub async fn finish_login(&self, credential: serde_json::Value) -> Result<SessionInfo, TunnelError> {
+        match self.request(&ClientMsg::LoginFinish { credential }).await? {
+            ServerMsg::Session(s) => Ok(s),
+            other => Err(TunnelError::Protocol(format!("expected a session, got {other:?}"))),
+        }
+    }
+
+    /// Signs in with one touch.
+    pub async fn login(
+        &self,
+        authn: &Arc<std::sync::Mutex<Box<dyn Authenticator>>>,
+        user: &str,
+        origin_override: Option<&str>,
+    ) -> Result<SessionInfo, TunnelError> {
+        let cred = self.make_assertion(authn, user, origin_override).await?;
+        self.finish_login(cred).await
+    }
+
+    /// Resumes a session with its token (no touch).
+    pub async fn resume(&self, token: &str) -> Result<SessionInfo, TunnelError> {
+        match self.request(&ClientMsg::Resume { token: token.to_owned() }).await? {
+            ServerMsg::Session(s) => Ok(s),
+            other => Err(TunnelError::Protocol(format!("expected a session, got {other:?}"))),
+        }
+    }
+
+    /// Opens a data stream to `service`; after `Ok` the streams carry the application's bytes.
+    pub async fn open_stream(&self, service: &str) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
+        open_stream(&self.conn, service).await
+    }
+}
+
+/// Opens a data stream to `service` on `conn`.
+pub async fn open_stream(
+    conn: &quinn::Connection,
+    service: &str,
+) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| TunnelError::Lost(e.to_string()))?;
+    write_frame(&mut send, &StreamOpen { service: service.to_owned() })
+        .await
+        .map_err(|e| TunnelError::Lost(e.to_string()))?;
+    match read_frame::<StreamReply, _>(&mut recv).await? {
+        Some(StreamReply::Accepted) => Ok((send, recv)),
+        Some(StreamReply::Refused(r)) => Err(TunnelError::Refused(r)),
+        None => Err(TunnelError::Lost("the gateway closed the stream".into())),
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,216 @@
+//! `touchgate`: the command-line agent. Enrol a key, sign in and expose services on localhost,
+//! ask a running agent for its status, or run the whole system on this machine (`demo`).
+
+mod demo;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use touchgate_agent::{AgentConfig, AgentState, RunningAgent, config::AuthenticatorChoice, shared_authenticator};
+
+/// Reach private Cloud Run services from localhost with one touch of a security key.
+#[derive(Parser)]
+#[command(name = "touchgate", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Enrol the configured security key (or software key) with an invite code.
+    Enroll {
+        /// The agent config file (default: the platform config folder's agent.toml).
+        #[arg(long, env = "TOUCHGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// The invite code from your admin.
+        #[arg(long, env = "TOUCHGATE_INVITE_CODE")]
+        code: String,
+    },
+    /// Sign in with one touch and serve every configured service on 127.0.0.1 until Ctrl-C.
+    Up {
+        /// The agent config file (default: the platform config folder's agent.toml).
+        #[arg(long, env = "TOUCHGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Say whether an agent is running and what its session is doing.
+    Status {
+        /// The agent config file (default: the platform config folder's agent.toml).
+        #[arg(long, env = "TOUCHGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Run gateway, Cloud-Run-like service, software key and agent on this machine, make one
+    /// request through the tunnel, and keep serving until Ctrl-C.
+    Demo {
+        /// Exit after the first request (0 if it succeeded).
+        #[arg(long)]
+        once: bool,
+        /// Local port for the demo service (falls back to a free port when taken).
+        #[arg(long, default_value_t = 8081, env = "TOUCHGATE_DEMO_PORT")]
+        port: u16,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.cmd {
+        Cmd::Demo { .. } => "warn",
+        _ => "info",
+    };
+    init_logging(default_level);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("touchgate: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("touchgate: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<PathBuf>) -> anyhow::Result<AgentConfig> {
+    let path = match path {
+        Some(p) => p,
+        None => AgentConfig::default_path()?,
+    };
+    Ok(AgentConfig::load(&path)?)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match cli.cmd {
+        Cmd::Enroll { config, code } => {
+            let cfg = load_config(config)?;
+            let authn = shared_authenticator(&cfg, true)?;
+            let what = authn.lock().map(|a| a.describe()).unwrap_or_default();
+            if cfg.authenticator_choice().ok() == Some(AuthenticatorChoice::Hid) {
+                eprintln!("Touch your security key ({what}) to enrol it…");
+            }
+            let id = touchgate_agent::enroll(&cfg, &authn, &code).await?;
+            println!("enrolled {what} for {} (credential {id})", cfg.user);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Cmd::Up { config } => up(load_config(config)?).await,
+        Cmd::Status { config } => {
+            let cfg = load_config(config)?;
+            match touchgate_agent::status::query(&cfg.control_socket()).await? {
+                None => {
+                    println!("not running (no agent answers on {})", cfg.control_socket().display());
+                    Ok(std::process::ExitCode::from(3))
+                }
+                Some(report) => {
+                    println!("{}", describe_state(&serde_json::from_value(report.state.clone()).unwrap_or(report.state)));
+                    for (name, addr) in report.services {
+                        println!("service {name} on {addr}");
+                    }
+                    Ok(std::process::ExitCode::SUCCESS)
+                }
+            }
+        }
+        Cmd::Demo { once, port } => demo::run(once, port).await,
+    }
+}
+
+async fn up(cfg: AgentConfig) -> anyhow::Result<std::process::ExitCode> {
+    let authn = shared_authenticator(&cfg, false)?;
+    let what = authn.lock().map(|a| a.describe()).unwrap_or_default();
+    if cfg.authenticator_choice().ok() == Some(AuthenticatorChoice::Hid) {
+        eprintln!("Touch your security key ({what}) to sign in…");
+    }
+    let socket = cfg.control_socket();
+    let agent = RunningAgent::start(cfg, authn).await.context("sign-in failed")?;
+    if let Some(s) = agent.session() {
+        eprintln!("signed in as {} until {}", s.user, format_time(s.expires_at));
+    }
+    for (name, addr) in agent.listeners() {
+        println!("service {name} on {addr}");
+    }
+    #[cfg(unix)]
+    let status_task = {
+        let state = agent.state();
+        let listeners = agent.listeners().to_vec();
+        let socket = socket.clone();
+        tokio::spawn(async move {
+            if let Err(e) = touchgate_agent::status::serve(socket, state, listeners).await {
+                tracing::warn!(error = %e, "status socket unavailable");
+            }
+        })
+    };
+    let mut state = agent.state();
+    let printer = tokio::spawn(async move {
+        while state.changed().await.is_ok() {
+            let s = state.borrow_and_update().clone();
+            eprintln!("{}", describe_state(&serde_json::to_value(&s).unwrap_or_default()));
+        }
+    });
+    shutdown_signal().await;
+    eprintln!("closing tunnels…");
+    printer.abort();
+    #[cfg(unix)]
+    {
+        status_task.abort();
+        let _ = std::fs::remove_file(&socket);
+    }
+    agent.shutdown().await;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn describe_state(v: &serde_json::Value) -> String {
+    let Ok(s) = serde_json::from_value::<AgentState>(v.clone()) else {
+        return v.to_string();
+    };
+    match s {
+        AgentState::Starting => "starting".into(),
+        AgentState::WaitingForTouch { authenticator } => format!("waiting for a touch on {authenticator}"),
+        AgentState::Connected { user, expires_at, services } => format!(
+            "connected as {user}, session until {}, services: {}",
+            format_time(expires_at),
+            services.join(", ")
+        ),
+        AgentState::Reconnecting { attempt, reason } => format!("reconnecting (attempt {attempt}): {reason}"),
+        AgentState::SignedOut { reason } => format!("signed out: {reason}"),
+    }
+}
+
+fn format_time(secs: u64) -> String {
+    humantime_like(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+fn humantime_like(t: std::time::SystemTime) -> String {
+    let left = t
+        .duration_since(std::time::SystemTime::now())
+        .map(|d| Duration::from_secs(d.as_secs()))
+        .unwrap_or_default();
+    let secs = left.as_secs();
+    format!("{}h{:02}m from now", secs / 3600, (secs % 3600) / 60)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOUCHGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

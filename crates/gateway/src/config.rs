@@ -1,0 +1,389 @@
+//! The gateway's TOML configuration.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+use touchgate_proto::ServiceKind;
+
+/// Errors loading or checking a gateway config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read gateway config {path}: {source}")]
+    Read {
+        /// The path.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape.
+    #[error("gateway config {path} is invalid: {source}")]
+    Parse {
+        /// The path.
+        path: PathBuf,
+        /// The parse error.
+        source: Box<toml::de::Error>,
+    },
+    /// The config parsed, but does not make sense.
+    #[error("gateway config is invalid: {0}")]
+    Invalid(String),
+}
+
+/// The whole gateway config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// UDP address of the QUIC tunnel endpoint.
+    pub listen: SocketAddr,
+    /// TCP address of the admin HTTP endpoint (`/healthz`, `/metrics`, JWKS). Keep it on loopback.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// WebAuthn relying party id (a host name).
+    pub rp_id: String,
+    /// WebAuthn origin; defaults to `https://{rp_id}`.
+    #[serde(default)]
+    pub origin: Option<String>,
+    /// Path of the SQLite database file; created and migrated on start.
+    pub database: PathBuf,
+    /// Path of the audit log (JSON lines), or `"-"` for stdout.
+    #[serde(default)]
+    pub audit_log: Option<String>,
+    /// Certificate and key of the QUIC endpoint.
+    pub tls: TlsConfig,
+    /// Which authenticators may enrol.
+    #[serde(default)]
+    pub attestation: AttestationConfig,
+    /// Where Google ID tokens for upstreams come from.
+    #[serde(default)]
+    pub id_tokens: IdTokenConfig,
+    /// Session lifetimes.
+    #[serde(default)]
+    pub session: SessionConfig,
+    /// Invites.
+    #[serde(default)]
+    pub invite: InviteConfig,
+    /// The services behind the gateway.
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// TLS files of the QUIC endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// Attestation policy.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationConfig {
+    /// Accept touchgate's software keys. For demos, tests and bots only: a software key proves
+    /// nothing about hardware.
+    #[serde(default)]
+    pub allow_software: bool,
+    /// Trusted attestation roots: each entry a PEM CA and the AAGUIDs it vouches for.
+    #[serde(default, rename = "trusted")]
+    pub trusted: Vec<TrustedRoot>,
+}
+
+/// One trusted attestation CA.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedRoot {
+    /// PEM file of the CA.
+    pub ca: PathBuf,
+    /// AAGUIDs this CA vouches for.
+    pub aaguids: Vec<uuid::Uuid>,
+    /// A name for logs and messages.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// ID token source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdTokenConfig {
+    /// `"metadata"` (the GCE/GKE/Cloud Run metadata server) or `"none"` (no token).
+    #[serde(default = "default_id_source")]
+    pub source: IdTokenSource,
+    /// Base URL of the metadata server.
+    #[serde(default = "default_metadata_url")]
+    pub metadata_url: String,
+}
+
+impl Default for IdTokenConfig {
+    fn default() -> Self {
+        Self {
+            source: default_id_source(),
+            metadata_url: default_metadata_url(),
+        }
+    }
+}
+
+/// Where ID tokens come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdTokenSource {
+    /// The metadata server protocol.
+    Metadata,
+    /// Send no ID token (plain upstreams).
+    None,
+}
+
+/// Session lifetimes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Longest a session lives after the touch.
+    #[serde(default = "default_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+    /// A session with no connection for this long ends.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long a sign-in challenge stays valid.
+    #[serde(default = "default_challenge_ttl", with = "humantime_serde")]
+    pub challenge_ttl: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            max_age: default_max_age(),
+            idle_timeout: default_idle_timeout(),
+            challenge_ttl: default_challenge_ttl(),
+        }
+    }
+}
+
+/// Invite settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InviteConfig {
+    /// How long an invite stays valid.
+    #[serde(default = "default_invite_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for InviteConfig {
+    fn default() -> Self {
+        Self {
+            ttl: default_invite_ttl(),
+        }
+    }
+}
+
+/// One service behind the gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Name the agent asks for.
+    pub name: String,
+    /// `http` (upstream is a URL) or `tcp` (upstream is `host:port`).
+    pub kind: ServiceKind,
+    /// Where requests go.
+    pub upstream: String,
+    /// Audience of the ID token; defaults to the upstream URL without its path.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Users allowed to use it; `"*"` allows every enrolled user.
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+impl ServiceConfig {
+    /// Whether `user` may use this service.
+    pub fn allows(&self, user: &str) -> bool {
+        self.allow.iter().any(|a| a == "*" || a == user)
+    }
+
+    /// The ID token audience for this service.
+    pub fn audience(&self) -> String {
+        self.audience.clone().unwrap_or_else(|| {
+            match url::Url::parse(&self.upstream) {
+                Ok(u) => u.origin().ascii_serialization(),
+                Err(_) => self.upstream.clone(),
+            }
+        })
+    }
+}
+
+impl GatewayConfig {
+    /// Reads and checks a config file; relative paths in it are taken from the file's folder.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut cfg: GatewayConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        let base = path.parent().unwrap_or(std::path::Path::new("."));
+        cfg.resolve_paths(base);
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// The WebAuthn origin in force.
+    pub fn origin(&self) -> String {
+        self.origin
+            .clone()
+            .unwrap_or_else(|| format!("https://{}", self.rp_id))
+    }
+
+    fn resolve_paths(&mut self, base: &std::path::Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.database);
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        for t in &mut self.attestation.trusted {
+            fix(&mut t.ca);
+        }
+        if let Some(a) = &mut self.audit_log
+            && a != "-"
+            && std::path::Path::new(a).is_relative()
+        {
+            *a = base.join(&*a).to_string_lossy().into_owned();
+        }
+    }
+
+    /// Checks what serde cannot: every problem is reported at once.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for s in &self.services {
+            if !seen.insert(&s.name) {
+                problems.push(format!("service {:?} is defined twice", s.name));
+            }
+            match s.kind {
+                ServiceKind::Http => {
+                    if url::Url::parse(&s.upstream)
+                        .map(|u| !matches!(u.scheme(), "http" | "https"))
+                        .unwrap_or(true)
+                    {
+                        problems.push(format!(
+                            "service {:?}: upstream {:?} is not an http(s) URL",
+                            s.name, s.upstream
+                        ));
+                    }
+                }
+                ServiceKind::Tcp => {
+                    if s.upstream.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
+                        problems.push(format!(
+                            "service {:?}: upstream {:?} is not host:port",
+                            s.name, s.upstream
+                        ));
+                    }
+                }
+            }
+        }
+        let origin = self.origin();
+        match url::Url::parse(&origin) {
+            Ok(u) if u.host_str() == Some(self.rp_id.as_str()) => {}
+            Ok(u)
+                if u
+                    .host_str()
+                    .is_some_and(|h| h.ends_with(&format!(".{}", self.rp_id))) => {}
+            _ => problems.push(format!(
+                "origin {origin:?} must be a URL whose host is rp_id {:?} or a subdomain of it",
+                self.rp_id
+            )),
+        }
+        if self.session.max_age.is_zero() {
+            problems.push("session.max_age must be more than zero".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("; ")))
+        }
+    }
+
+    /// The service called `name`.
+    pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.name == name)
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_id_source() -> IdTokenSource {
+    IdTokenSource::Metadata
+}
+fn default_metadata_url() -> String {
+    "http://metadata.google.internal".into()
+}
+fn default_max_age() -> Duration {
+    Duration::from_secs(12 * 3600)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_challenge_ttl() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_invite_ttl() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> GatewayConfig {
+        toml::from_str(text).expect("valid toml")
+    }
+
+    const BASE: &str = r#"
+        listen = "127.0.0.1:4433"
+        rp_id = "gw.example.com"
+        database = "state.db"
+        [tls]
+        cert = "cert.pem"
+        key = "key.pem"
+    "#;
+
+    #[test]
+    fn defaults_are_safe() {
+        let cfg = parse(BASE);
+        assert!(!cfg.attestation.allow_software);
+        assert_eq!(cfg.origin(), "https://gw.example.com");
+        assert_eq!(cfg.id_tokens.source, IdTokenSource::Metadata);
+        assert!(cfg.admin_listen.ip().is_loopback());
+        cfg.check().expect("base config is valid");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let cfg = parse(&format!(
+            "{BASE}\norigin = \"https://evil.test\"\n[[service]]\nname=\"a\"\nkind=\"http\"\nupstream=\"nope\"\n[[service]]\nname=\"a\"\nkind=\"tcp\"\nupstream=\"db\"\n"
+        ));
+        let msg = cfg.check().expect_err("invalid").to_string();
+        assert!(msg.contains("defined twice"), "{msg}");
+        assert!(msg.contains("not an http(s) URL"), "{msg}");
+        assert!(msg.contains("not host:port"), "{msg}");
+        assert!(msg.contains("origin"), "{msg}");
+    }
+
+    #[test]
+    fn audience_defaults_to_the_upstream_origin() {
+        let s = ServiceConfig {
+            name: "api".into(),
+            kind: ServiceKind::Http,
+            upstream: "https://api-xyz.a.run.app/v1".into(),
+            audience: None,
+            allow: vec!["*".into()],
+        };
+        assert_eq!(s.audience(), "https://api-xyz.a.run.app");
+        assert!(s.allows("anyone"));
+    }
+}

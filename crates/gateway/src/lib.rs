@@ -1,0 +1,198 @@
+//! touchgate's identity-aware gateway.
+//!
+//! The gateway is the WebAuthn relying party, terminates agents' QUIC tunnels, enforces the
+//! access policy, writes the audit log, and proxies each tunnel stream to a Cloud Run service
+//! with a Google-signed ID token (or splices it to a TCP service).
+//!
+//! Listeners are passed in ([`Gateway::serve_quic`], [`Gateway::serve_admin`]), so tests bind
+//! 127.0.0.1 port 0 and a binary binds the configured addresses.
+
+pub mod admin;
+pub mod audit;
+pub mod config;
+pub mod idtoken;
+pub mod metrics;
+pub mod proxy;
+pub mod rp;
+pub mod server;
+pub mod store;
+pub mod tls;
+pub mod tokens;
+pub mod wire;
+
+use std::sync::Arc;
+
+use rand::Rng;
+
+pub use config::GatewayConfig;
+
+/// Errors starting the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The store could not be opened.
+    #[error("cannot open the database {path}: {source}")]
+    Store {
+        /// The database path.
+        path: String,
+        /// The error.
+        source: store::StoreError,
+    },
+    /// Signing keys could not be loaded or made.
+    #[error(transparent)]
+    Keys(#[from] tokens::KeyError),
+    /// The relying party could not be set up.
+    #[error(transparent)]
+    Rp(#[from] rp::RpSetupError),
+    /// TLS material is missing or wrong.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The audit log could not be opened.
+    #[error("cannot open the audit log {path}: {source}")]
+    Audit {
+        /// The path.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The upstream TLS client could not be built.
+    #[error("cannot build the upstream TLS client: {0}")]
+    UpstreamTls(#[from] rustls::Error),
+    /// The UDP socket could not be set up.
+    #[error("cannot listen for QUIC on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// The gateway: shared state of every connection.
+pub struct Gateway {
+    cfg: Arc<GatewayConfig>,
+    store: Arc<store::Store>,
+    rp: rp::RelyingParty,
+    signer: tokens::TokenSigner,
+    audit: audit::AuditLog,
+    metrics: Arc<metrics::Metrics>,
+    proxy: Arc<proxy::Proxy>,
+    activity: server::Activity,
+}
+
+impl Gateway {
+    /// Opens the store, loads keys and builds the relying party.
+    pub fn new(cfg: GatewayConfig) -> Result<Arc<Self>, GatewayError> {
+        let store = store::Store::open(&cfg.database).map_err(|source| GatewayError::Store {
+            path: cfg.database.display().to_string(),
+            source,
+        })?;
+        let signer = tokens::TokenSigner::load(&store, &cfg.origin())?;
+        let rp = rp::RelyingParty::new(&cfg)?;
+        let audit = audit::AuditLog::open(cfg.audit_log.as_deref()).map_err(|source| GatewayError::Audit {
+            path: cfg.audit_log.clone().unwrap_or_default(),
+            source,
+        })?;
+        let metrics = Arc::new(metrics::Metrics::default());
+        let id_tokens = Arc::new(idtoken::IdTokens::new(&cfg.id_tokens));
+        let proxy = Arc::new(proxy::Proxy::new(id_tokens, signer.clone(), metrics.clone())?);
+        Ok(Arc::new(Self {
+            cfg: Arc::new(cfg),
+            store: Arc::new(store),
+            rp,
+            signer,
+            audit,
+            metrics,
+            proxy,
+            activity: server::Activity::default(),
+        }))
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.cfg
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.metrics
+    }
+
+    /// The token signer (for tools and tests that mint or inspect tokens).
+    pub fn signer(&self) -> &tokens::TokenSigner {
+        &self.signer
+    }
+
+    /// Builds the QUIC endpoint on an already bound UDP socket, with the configured certificate.
+    pub fn endpoint(&self, socket: std::net::UdpSocket) -> Result<quinn::Endpoint, GatewayError> {
+        let certs = tls::load_certs(&self.cfg.tls.cert)?;
+        let key = tls::load_key(&self.cfg.tls.key)?;
+        let server = tls::quic_server_config(certs, key)?;
+        let addr = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let runtime = quinn::default_runtime().ok_or_else(|| GatewayError::Listen {
+            addr: addr.clone(),
+            source: std::io::Error::other("no async runtime"),
+        })?;
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+            .map_err(|source| GatewayError::Listen { addr, source })
+    }
+
+    /// Creates a one-time invite for `user` and returns its code (stored only as a hash).
+    pub fn create_invite(&self, user: &str) -> Result<String, store::StoreError> {
+        create_invite(&self.store, &self.audit, user, self.cfg.invite.ttl)
+    }
+}
+
+/// Creates an invite directly in a store (the `invite` command, which runs beside a serving
+/// gateway on the same database).
+pub fn create_invite(
+    store: &store::Store,
+    audit: &audit::AuditLog,
+    user: &str,
+    ttl: std::time::Duration,
+) -> Result<String, store::StoreError> {
+    let bytes: [u8; 20] = rand::rng().random();
+    let code = data_encoding_code(&bytes);
+    let expires = store::now_secs() + ttl.as_secs();
+    store.ensure_user(user)?;
+    store.add_invite(user, &code, expires)?;
+    audit.record(audit::AuditEvent {
+        event: "invite_created",
+        user: Some(user.to_owned()),
+        expires_at: Some(expires),
+        ..Default::default()
+    });
+    Ok(code)
+}
+
+/// Invite codes: groups of lowercase base32 letters, easy to read out and paste.
+fn data_encoding_code(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyz23456789";
+    let mut out = String::new();
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for b in bytes {
+        acc = (acc << 8) | u32::from(*b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((acc >> bits) & 31) as usize] as char);
+            if out.len() % 9 == 8 {
+                out.push('-');
+            }
+        }
+    }
+    out.trim_end_matches('-').to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invite_codes_are_long_and_readable() {
+        let code = data_encoding_code(&[0xffu8; 20]);
+        assert_eq!(code.chars().filter(|c| *c != '-').count(), 32);
+        assert!(code.chars().all(|c| c == '-' || c.is_ascii_lowercase() || c.is_ascii_digit()));
+        assert_ne!(data_encoding_code(&[1u8; 20]), code);
+    }
+}

@@ -1,0 +1,176 @@
+//! `touchgate-gateway`: run the gateway, create invites, make development certificates.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use touchgate_gateway::{Gateway, GatewayConfig, audit::AuditLog, store::Store, tls};
+
+/// The identity-aware gateway in front of Cloud Run.
+#[derive(Parser)]
+#[command(name = "touchgate-gateway", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve QUIC tunnels and the admin endpoint.
+    Serve {
+        /// The gateway config file.
+        #[arg(long, env = "TOUCHGATE_GATEWAY_CONFIG")]
+        config: PathBuf,
+        /// Override `listen` (UDP address for QUIC).
+        #[arg(long, env = "TOUCHGATE_GATEWAY_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Override `admin_listen` (TCP address for /healthz and /metrics).
+        #[arg(long, env = "TOUCHGATE_GATEWAY_ADMIN_LISTEN")]
+        admin_listen: Option<SocketAddr>,
+        /// Override `database`.
+        #[arg(long, env = "TOUCHGATE_GATEWAY_DATABASE")]
+        database: Option<PathBuf>,
+        /// Override `audit_log` (a path, or - for stdout).
+        #[arg(long, env = "TOUCHGATE_GATEWAY_AUDIT_LOG")]
+        audit_log: Option<String>,
+    },
+    /// Create a one-time invite for USER; prints the code as the last line.
+    Invite {
+        /// The user (usually an email address).
+        user: String,
+        /// The gateway config file.
+        #[arg(long, env = "TOUCHGATE_GATEWAY_CONFIG")]
+        config: PathBuf,
+        /// How long the invite stays valid (default from config, 7 days).
+        #[arg(long, env = "TOUCHGATE_INVITE_TTL", value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Write a self-signed certificate and key for development (DIR/cert.pem, DIR/key.pem);
+    /// prints the SHA-256 fingerprint as the last line.
+    GenCert {
+        /// Host name the certificate is for (repeatable).
+        #[arg(long, required = true)]
+        name: Vec<String>,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("touchgate-gateway: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("touchgate-gateway: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Serve {
+            config,
+            listen,
+            admin_listen,
+            database,
+            audit_log,
+        } => {
+            let mut cfg = GatewayConfig::load(&config)?;
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if let Some(a) = admin_listen {
+                cfg.admin_listen = a;
+            }
+            if let Some(d) = database {
+                cfg.database = d;
+            }
+            if let Some(a) = audit_log {
+                cfg.audit_log = Some(a);
+            }
+            serve(cfg).await
+        }
+        Cmd::Invite { user, config, ttl } => {
+            let cfg = GatewayConfig::load(&config)?;
+            let store = Store::open(&cfg.database)
+                .with_context(|| format!("cannot open the database {}", cfg.database.display()))?;
+            let audit = AuditLog::open(cfg.audit_log.as_deref()).context("cannot open the audit log")?;
+            let ttl = ttl.unwrap_or(cfg.invite.ttl);
+            let code = touchgate_gateway::create_invite(&store, &audit, &user, ttl)
+                .context("cannot store the invite")?;
+            println!(
+                "Invite for {user}, valid for {}. Give them this code for `touchgate enroll --code`:",
+                humantime::format_duration(ttl)
+            );
+            println!("{code}");
+            Ok(())
+        }
+        Cmd::GenCert { name, out } => {
+            let cert = tls::generate_dev_cert(&name)?;
+            tls::write_dev_cert(&out, &cert)?;
+            println!("wrote {} and {}", out.join("cert.pem").display(), out.join("key.pem").display());
+            println!("SHA-256 fingerprint (use as gateway_cert_sha256 in agent configs):");
+            println!("{}", cert.fingerprint);
+            Ok(())
+        }
+    }
+}
+
+async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
+    let listen = cfg.listen;
+    let admin_listen = cfg.admin_listen;
+    let gw = Gateway::new(cfg)?;
+    let socket = std::net::UdpSocket::bind(listen)
+        .with_context(|| format!("cannot bind UDP {listen} for QUIC"))?;
+    let endpoint = gw.endpoint(socket)?;
+    let admin = tokio::net::TcpListener::bind(admin_listen)
+        .await
+        .with_context(|| format!("cannot bind TCP {admin_listen} for the admin endpoint"))?;
+    let quic_addr = endpoint.local_addr().context("no local address")?;
+    let admin_addr = admin.local_addr().context("no local address")?;
+    tracing::info!(quic = %quic_addr, admin = %admin_addr, "gateway listening");
+    println!("touchgate-gateway listening: QUIC on udp/{quic_addr}, admin on http://{admin_addr}");
+    let quic = tokio::spawn(gw.clone().serve_quic(endpoint.clone()));
+    let admin_task = tokio::spawn(gw.clone().serve_admin(admin));
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    endpoint.close(0u32.into(), b"gateway shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
+    quic.abort();
+    admin_task.abort();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOUCHGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,347 @@
+//! The data path: HTTP served on each tunnel stream and proxied to the upstream, or raw bytes
+//! spliced to a TCP upstream. Bodies stream through; nothing here buffers a whole body.
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::{config::ServiceConfig, idtoken::IdTokens, metrics::Metrics, tokens::TokenSigner};
+
+/// Header carrying the Google ID token that Cloud Run checks.
+pub const SERVERLESS_AUTH: HeaderName = HeaderName::from_static("x-serverless-authorization");
+/// Header naming the signed-in user.
+pub const USER_HEADER: HeaderName = HeaderName::from_static("x-touchgate-user");
+/// Header carrying the gateway-signed identity assertion (a JWT; keys at the JWKS endpoint).
+pub const ASSERTION_HEADER: HeaderName = HeaderName::from_static("x-touchgate-assertion");
+
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Who is calling which service on one stream.
+#[derive(Clone)]
+pub struct StreamContext {
+    /// The signed-in user.
+    pub user: String,
+    /// The service.
+    pub service: Arc<ServiceConfig>,
+}
+
+/// The HTTP proxy shared by all streams.
+pub struct Proxy {
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>,
+    id_tokens: Arc<IdTokens>,
+    signer: TokenSigner,
+    metrics: Arc<Metrics>,
+}
+
+impl Proxy {
+    /// Builds the proxy. Upstream TLS uses the Mozilla root set.
+    pub fn new(
+        id_tokens: Arc<IdTokens>,
+        signer: TokenSigner,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, rustls::Error> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        Ok(Self {
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build(https),
+            id_tokens,
+            signer,
+            metrics,
+        })
+    }
+
+    /// Serves HTTP/1.1 or h2 (detected) on one tunnel stream until the agent closes it.
+    pub async fn serve_http<IO>(self: Arc<Self>, io: IO, ctx: StreamContext)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let svc = hyper::service::service_fn(move |req| {
+            let proxy = self.clone();
+            let ctx = ctx.clone();
+            async move { Ok::<_, std::convert::Infallible>(proxy.forward(req, &ctx).await) }
+        });
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).await {
+            tracing::debug!(error = %e, "tunnel HTTP connection ended with an error");
+        }
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>, ctx: &StreamContext) -> Response<ProxyBody> {
+        let svc = &ctx.service;
+        let upgrade = wants_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let uri = match upstream_uri(&svc.upstream, req.uri()) {
+            Ok(u) => u,
+            Err(msg) => return plain(StatusCode::BAD_GATEWAY, &msg),
+        };
+        let audience = svc.audience();
+        let id_token = match self.id_tokens.get(&audience).await {
+            Ok(t) => t,
+            Err(e) => {
+                Metrics::inc(&self.metrics.upstream_errors_total);
+                tracing::warn!(service = %svc.name, error = %e, "no ID token for upstream");
+                return plain(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("touchgate: cannot get an ID token for service {}: {e}", svc.name),
+                );
+            }
+        };
+        let assertion = match self.signer.identity_assertion(&ctx.user, &svc.name, &audience) {
+            Ok(a) => a,
+            Err(e) => return plain(StatusCode::INTERNAL_SERVER_ERROR, &format!("touchgate: {e}")),
+        };
+        let (mut parts, body) = req.into_parts();
+        sanitise_request_headers(&mut parts.headers, upgrade);
+        if let Some(host) = uri.authority().map(|a| a.as_str().to_owned())
+            && let Ok(v) = HeaderValue::from_str(&host)
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+        if let Some(t) = id_token
+            && let Ok(v) = HeaderValue::from_str(&format!("Bearer {t}"))
+        {
+            parts.headers.insert(SERVERLESS_AUTH, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&ctx.user) {
+            parts.headers.insert(USER_HEADER, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&assertion) {
+            parts.headers.insert(ASSERTION_HEADER, v);
+        }
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        let out = Request::from_parts(parts, body.boxed());
+        let mut resp = match self.client.request(out).await {
+            Ok(r) => r,
+            Err(e) => {
+                Metrics::inc(&self.metrics.upstream_errors_total);
+                tracing::warn!(service = %svc.name, error = %e, "upstream request failed");
+                let detail = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+                return plain(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("touchgate: service {} is unreachable: {detail}", svc.name),
+                );
+            }
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((c, u)) => {
+                        let mut c = TokioIo::new(c);
+                        let mut u = TokioIo::new(u);
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+            });
+        } else {
+            strip_hop_by_hop(resp.headers_mut(), false);
+        }
+        resp.map(|b| b.boxed())
+    }
+}
+
+fn wants_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+                .unwrap_or(false)
+        })
+}
+
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(',').map(|t| t.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for n in listed {
+        if !(keep_upgrade && n == header::UPGRADE) {
+            h.remove(n);
+        }
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    if keep_upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::UPGRADE);
+    }
+}
+
+/// Removes hop-by-hop headers and every header a caller must not set itself: the Cloud Run
+/// token header and the gateway's identity headers. The caller's own `Authorization` stays.
+fn sanitise_request_headers(h: &mut HeaderMap, upgrade: bool) {
+    strip_hop_by_hop(h, upgrade);
+    h.remove(SERVERLESS_AUTH);
+    let own: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-touchgate-"))
+        .cloned()
+        .collect();
+    for k in own {
+        h.remove(k);
+    }
+}
+
+/// Joins the upstream base URL and the request's path and query.
+fn upstream_uri(upstream: &str, req: &Uri) -> Result<Uri, String> {
+    let base: Uri = upstream
+        .parse()
+        .map_err(|e| format!("touchgate: service upstream {upstream:?} is not a URL: {e}"))?;
+    let prefix = base.path().trim_end_matches('/').to_owned();
+    let pq = req.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut parts = base.into_parts();
+    parts.path_and_query = Some(
+        format!("{prefix}{pq}")
+            .parse()
+            .map_err(|e| format!("touchgate: bad request path: {e}"))?,
+    );
+    Uri::from_parts(parts).map_err(|e| format!("touchgate: cannot build upstream URL: {e}"))
+}
+
+/// A short plain-text answer from the gateway itself.
+fn plain(status: StatusCode, msg: &str) -> Response<ProxyBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{msg}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// Wraps a stream and counts the bytes read from and written to it.
+pub struct Counted<T> {
+    inner: T,
+    /// Bytes read (from the agent).
+    pub read: Arc<AtomicU64>,
+    /// Bytes written (to the agent).
+    pub written: Arc<AtomicU64>,
+}
+
+impl<T> Counted<T> {
+    /// Wraps `inner` with fresh counters.
+    pub fn new(inner: T) -> Self {
+        Self {
+            inner,
+            read: Arc::default(),
+            written: Arc::default(),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read.fetch_add(n as u64, Relaxed);
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = res {
+            self.written.fetch_add(n as u64, Relaxed);
+        }
+        res
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caller_cannot_set_identity_headers_but_keeps_authorization() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer mine"));
+        h.insert(SERVERLESS_AUTH, HeaderValue::from_static("Bearer forged"));
+        h.insert(USER_HEADER, HeaderValue::from_static("root"));
+        h.insert("x-touchgate-assertion", HeaderValue::from_static("forged"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        sanitise_request_headers(&mut h, false);
+        assert_eq!(h.get(header::AUTHORIZATION).map(|v| v.as_bytes()), Some(&b"Bearer mine"[..]));
+        assert!(h.get(SERVERLESS_AUTH).is_none());
+        assert!(h.get(USER_HEADER).is_none());
+        assert!(h.get("x-touchgate-assertion").is_none());
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+    }
+
+    #[test]
+    fn upstream_path_prefix_is_kept() {
+        let u = upstream_uri("https://svc.a.run.app/base/", &"/v1/items?x=1".parse().expect("uri"))
+            .expect("joined");
+        assert_eq!(u.to_string(), "https://svc.a.run.app/base/v1/items?x=1");
+        let u = upstream_uri("http://127.0.0.1:8080", &"/".parse().expect("uri")).expect("joined");
+        assert_eq!(u.to_string(), "http://127.0.0.1:8080/");
+    }
+
+    #[test]
+    fn websocket_upgrade_is_detected() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(wants_upgrade(&h));
+        sanitise_request_headers(&mut h, true);
+        assert_eq!(h.get(header::UPGRADE).map(|v| v.as_bytes()), Some(&b"websocket"[..]));
+        assert_eq!(h.get(header::CONNECTION).map(|v| v.as_bytes()), Some(&b"upgrade"[..]));
+    }
+}

@@ -1,0 +1,305 @@
+//! Session tokens and identity assertions: ES256 JWTs signed with the gateway's rotating keys.
+//!
+//! A session token is valid only together with the TLS client certificate of the session key it
+//! names in `cnf` (`x5t#S256`, RFC 8705): a stolen token is worthless without the key, which
+//! never leaves the agent's memory. Tokens are checked without a database lookup, so gateway
+//! replicas that share the signing keys scale horizontally.
+
+use std::{collections::HashMap, sync::Arc};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::store::{Store, StoreError, StoredSigningKey, now_secs};
+
+/// Audience of session tokens.
+pub const SESSION_AUDIENCE: &str = "touchgate-session";
+
+/// How long an identity assertion is valid for the upstream.
+pub const ASSERTION_TTL_SECS: u64 = 300;
+
+/// How old the current signing key may get before a new one is made.
+pub const KEY_ROTATION_SECS: u64 = 7 * 24 * 3600;
+
+/// Errors verifying a session token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Bad signature, unknown key, wrong issuer or audience, or not a JWT.
+    #[error("the session token is not valid: {0}")]
+    Invalid(String),
+    /// Past its expiry.
+    #[error("the session has expired")]
+    Expired,
+    /// Presented on a connection whose client certificate is another key.
+    #[error("the session token belongs to another session key")]
+    WrongKey,
+}
+
+/// Errors managing keys.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Key generation or parsing failed.
+    #[error("signing key error: {0}")]
+    Key(String),
+}
+
+/// The `cnf` claim: the session key's certificate thumbprint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmation {
+    /// base64url SHA-256 of the client certificate (DER).
+    #[serde(rename = "x5t#S256")]
+    pub x5t_s256: String,
+}
+
+/// Claims of a session token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionClaims {
+    /// The gateway's origin.
+    pub iss: String,
+    /// The user.
+    pub sub: String,
+    /// Always [`SESSION_AUDIENCE`].
+    pub aud: String,
+    /// Issued at.
+    pub iat: u64,
+    /// Expires at.
+    pub exp: u64,
+    /// Session id.
+    pub jti: String,
+    /// Binding to the session key.
+    pub cnf: Confirmation,
+}
+
+/// Claims of the identity assertion sent to upstreams.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityClaims {
+    /// The gateway's origin.
+    pub iss: String,
+    /// The user.
+    pub sub: String,
+    /// The service's audience.
+    pub aud: String,
+    /// The service name.
+    pub svc: String,
+    /// Issued at.
+    pub iat: u64,
+    /// Expires at.
+    pub exp: u64,
+}
+
+/// The thumbprint of a certificate as used in `cnf`.
+pub fn cert_thumbprint(cert_der: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(cert_der))
+}
+
+struct VerifyKey {
+    key: DecodingKey,
+    jwk: serde_json::Value,
+}
+
+/// Signs and verifies the gateway's JWTs.
+#[derive(Clone)]
+pub struct TokenSigner {
+    issuer: String,
+    current_kid: String,
+    current: Arc<EncodingKey>,
+    verify: Arc<HashMap<String, VerifyKey>>,
+}
+
+impl TokenSigner {
+    /// Loads the signing keys from the store, making a new current key when there is none or
+    /// when the newest is older than [`KEY_ROTATION_SECS`]. Older keys keep verifying.
+    pub fn load(store: &Store, issuer: &str) -> Result<Self, KeyError> {
+        let mut keys = store.signing_keys()?;
+        if keys.first().is_none_or(|k| now_secs().saturating_sub(k.created) > KEY_ROTATION_SECS) {
+            let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                .map_err(|e| KeyError::Key(e.to_string()))?;
+            let pkcs8 = kp.serialize_der();
+            let kid = URL_SAFE_NO_PAD.encode(&Sha256::digest(kp.public_key_raw())[..12]);
+            let key = StoredSigningKey {
+                kid,
+                pkcs8,
+                created: now_secs(),
+            };
+            store.add_signing_key(&key)?;
+            keys.insert(0, key);
+        }
+        let mut verify = HashMap::new();
+        for k in &keys {
+            let kp = rcgen::KeyPair::try_from(k.pkcs8.as_slice())
+                .map_err(|e| KeyError::Key(e.to_string()))?;
+            let raw = kp.public_key_raw();
+            if raw.len() != 65 || raw[0] != 4 {
+                return Err(KeyError::Key(format!("key {} is not an uncompressed P-256 key", k.kid)));
+            }
+            let x = URL_SAFE_NO_PAD.encode(&raw[1..33]);
+            let y = URL_SAFE_NO_PAD.encode(&raw[33..]);
+            let key = DecodingKey::from_ec_components(&x, &y)
+                .map_err(|e| KeyError::Key(e.to_string()))?;
+            let jwk = serde_json::json!({
+                "kty": "EC", "crv": "P-256", "x": x, "y": y,
+                "kid": k.kid, "alg": "ES256", "use": "sig",
+            });
+            verify.insert(k.kid.clone(), VerifyKey { key, jwk });
+        }
+        let first = &keys[0];
+        let current = EncodingKey::from_ec_der(&first.pkcs8);
+        Ok(Self {
+            issuer: issuer.to_owned(),
+            current_kid: first.kid.clone(),
+            current: Arc::new(current),
+            verify: Arc::new(verify),
+        })
+    }
+
+    /// The published verification keys, as a JWK Set.
+    pub fn jwks(&self) -> serde_json::Value {
+        let keys: Vec<_> = self.verify.values().map(|v| v.jwk.clone()).collect();
+        serde_json::json!({ "keys": keys })
+    }
+
+    /// The key id of the current signing key.
+    pub fn current_kid(&self) -> &str {
+        &self.current_kid
+    }
+
+    fn sign<T: Serialize>(&self, claims: &T) -> Result<String, KeyError> {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.current_kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.current).map_err(|e| KeyError::Key(e.to_string()))
+    }
+
+    /// Issues a session token for `user`, bound to the certificate with `thumbprint`.
+    pub fn issue_session(
+        &self,
+        user: &str,
+        thumbprint: &str,
+        iat: u64,
+        exp: u64,
+    ) -> Result<(String, SessionClaims), KeyError> {
+        let claims = SessionClaims {
+            iss: self.issuer.clone(),
+            sub: user.to_owned(),
+            aud: SESSION_AUDIENCE.to_owned(),
+            iat,
+            exp,
+            jti: uuid::Uuid::new_v4().to_string(),
+            cnf: Confirmation {
+                x5t_s256: thumbprint.to_owned(),
+            },
+        };
+        Ok((self.sign(&claims)?, claims))
+    }
+
+    /// Verifies a session token presented on a connection whose client certificate has
+    /// `thumbprint`.
+    pub fn verify_session(&self, token: &str, thumbprint: &str) -> Result<SessionClaims, TokenError> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Invalid(e.to_string()))?;
+        if header.alg != Algorithm::ES256 {
+            return Err(TokenError::Invalid(format!("algorithm {:?} is not accepted", header.alg)));
+        }
+        let kid = header
+            .kid
+            .ok_or_else(|| TokenError::Invalid("no key id".into()))?;
+        let key = self
+            .verify
+            .get(&kid)
+            .ok_or_else(|| TokenError::Invalid("signed by an unknown or retired key".into()))?;
+        let mut v = Validation::new(Algorithm::ES256);
+        v.set_audience(&[SESSION_AUDIENCE]);
+        v.set_issuer(&[&self.issuer]);
+        v.leeway = 0;
+        v.set_required_spec_claims(&["exp", "iat", "aud", "iss", "sub"]);
+        let data = jsonwebtoken::decode::<SessionClaims>(token, &key.key, &v).map_err(|e| {
+            match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
+                _ => TokenError::Invalid(e.to_string()),
+            }
+        })?;
+        // jsonwebtoken compares `exp` with a leeway and at second granularity; be exact.
+        if data.claims.exp <= now_secs() {
+            return Err(TokenError::Expired);
+        }
+        if data.claims.cnf.x5t_s256 != thumbprint {
+            return Err(TokenError::WrongKey);
+        }
+        Ok(data.claims)
+    }
+
+    /// Signs the identity assertion that tells an upstream who is calling.
+    pub fn identity_assertion(&self, user: &str, service: &str, audience: &str) -> Result<String, KeyError> {
+        let iat = now_secs();
+        self.sign(&IdentityClaims {
+            iss: self.issuer.clone(),
+            sub: user.to_owned(),
+            aud: audience.to_owned(),
+            svc: service.to_owned(),
+            iat,
+            exp: iat + ASSERTION_TTL_SECS,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer() -> (tempfile::TempDir, Store, TokenSigner) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("gw.db")).expect("open");
+        let signer = TokenSigner::load(&store, "https://gw.test").expect("signer");
+        (dir, store, signer)
+    }
+
+    #[test]
+    fn session_token_verifies_only_with_its_key() {
+        let (_d, _s, signer) = signer();
+        let now = now_secs();
+        let (token, _) = signer.issue_session("alice", "thumb-a", now, now + 60).expect("issue");
+        let claims = signer.verify_session(&token, "thumb-a").expect("valid");
+        assert_eq!(claims.sub, "alice");
+        assert_eq!(signer.verify_session(&token, "thumb-b"), Err(TokenError::WrongKey));
+    }
+
+    #[test]
+    fn expired_session_token_is_refused() {
+        let (_d, _s, signer) = signer();
+        let now = now_secs();
+        let (token, _) = signer.issue_session("alice", "t", now - 20, now - 10).expect("issue");
+        assert_eq!(signer.verify_session(&token, "t"), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn tampered_token_is_refused() {
+        let (_d, _s, signer) = signer();
+        let now = now_secs();
+        let (token, _) = signer.issue_session("alice", "t", now, now + 60).expect("issue");
+        let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+        let forged = serde_json::json!({
+            "iss": "https://gw.test", "sub": "root", "aud": SESSION_AUDIENCE,
+            "iat": now, "exp": now + 60, "jti": "x", "cnf": {"x5t#S256": "t"}
+        });
+        parts[1] = URL_SAFE_NO_PAD.encode(forged.to_string());
+        let err = signer.verify_session(&parts.join("."), "t").expect_err("forged");
+        assert!(matches!(err, TokenError::Invalid(_)), "{err:?}");
+    }
+
+    #[test]
+    fn keys_survive_restart_and_are_published() {
+        let (_d, store, signer) = signer();
+        let now = now_secs();
+        let (token, _) = signer.issue_session("alice", "t", now, now + 60).expect("issue");
+        let again = TokenSigner::load(&store, "https://gw.test").expect("reload");
+        assert_eq!(again.current_kid(), signer.current_kid());
+        again.verify_session(&token, "t").expect("still valid after reload");
+        let jwks = again.jwks();
+        assert_eq!(jwks["keys"][0]["kid"], signer.current_kid());
+        assert_eq!(jwks["keys"][0]["alg"], "ES256");
+    }
+}

@@ -1,0 +1,321 @@
+//! The touchgate wire protocol: message types and length-prefixed framing.
+//!
+//! This crate is the only place that knows the wire format. It does no IO: callers read a
+//! [`FRAME_HEADER_LEN`]-byte header, ask [`frame_len`] how long the body is, read that many bytes
+//! and hand them to [`decode`]. Writers call [`encode`].
+//!
+//! One QUIC connection carries:
+//! - a **control stream** (the first bidirectional stream the agent opens), carrying
+//!   [`ClientMsg`] frames from the agent and [`ServerMsg`] frames from the gateway: enrolment,
+//!   sign-in, and resuming a session on a new connection;
+//! - one **data stream** per local TCP connection: the agent sends one [`StreamOpen`] frame, the
+//!   gateway answers one [`StreamReply`] frame, and after an accept the stream carries the
+//!   application's bytes unchanged.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// ALPN protocol id of touchgate's QUIC tunnel.
+pub const ALPN: &[u8] = b"touchgate/1";
+
+/// Label of the TLS exporter that binds a WebAuthn assertion to one QUIC connection.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-touchgate-channel-binding";
+
+/// Length in bytes of the channel-binding exporter value.
+pub const EXPORTER_LEN: usize = 32;
+
+/// Name of the `clientDataJSON` member that carries the channel binding (base64url, no padding).
+pub const CLIENT_DATA_BINDING_KEY: &str = "touchgateBinding";
+
+/// Size of a frame header: a big-endian `u32` body length.
+pub const FRAME_HEADER_LEN: usize = 4;
+
+/// Largest frame body accepted by default (64 KiB): ample for WebAuthn payloads.
+pub const MAX_FRAME_LEN: usize = 64 * 1024;
+
+/// Errors from decoding a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The header announced a body larger than the limit.
+    #[error("frame of {len} bytes is larger than the limit of {max} bytes")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// Limit in force.
+        max: usize,
+    },
+    /// The header announced an empty body.
+    #[error("empty frame")]
+    Empty,
+    /// The body is not a valid message of the expected type.
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Encodes one message as a frame: 4-byte big-endian length, then the JSON body.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serialising these plain data types cannot fail: no maps with non-string keys, no
+    // fallible Serialize impls.
+    let body = serde_json::to_vec(msg).unwrap_or_default();
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Reads a frame header and returns the body length, refusing bodies above `max`.
+pub fn frame_len(header: [u8; FRAME_HEADER_LEN], max: usize) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len == 0 {
+        return Err(FrameError::Empty);
+    }
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    Ok(len)
+}
+
+/// Decodes a frame body.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    Ok(serde_json::from_slice(body)?)
+}
+
+/// A message from the agent on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    /// Start enrolling a new authenticator with a one-time invite code.
+    EnrollBegin {
+        /// The user the invite was made for.
+        user: String,
+        /// The invite code an admin handed out.
+        invite_code: String,
+        /// For software keys only: the key's own attestation CA (PEM), which the gateway trusts
+        /// for the software AAGUID only, and only when its policy allows software keys.
+        #[serde(default)]
+        software_ca_pem: Option<String>,
+    },
+    /// The authenticator's answer to [`ServerMsg::EnrollChallenge`].
+    EnrollFinish {
+        /// A WebAuthn `RegisterPublicKeyCredential`, as JSON.
+        credential: serde_json::Value,
+    },
+    /// Start signing in.
+    LoginBegin {
+        /// The user signing in.
+        user: String,
+    },
+    /// The authenticator's answer to [`ServerMsg::LoginChallenge`].
+    LoginFinish {
+        /// A WebAuthn `PublicKeyCredential`, as JSON.
+        credential: serde_json::Value,
+    },
+    /// Present an existing session token on a new connection (reconnect, no new touch).
+    Resume {
+        /// The session token issued earlier.
+        token: String,
+    },
+}
+
+/// A message from the gateway on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    /// WebAuthn creation options (`CreationChallengeResponse`, as JSON) and the origin to use.
+    EnrollChallenge {
+        /// The creation options.
+        options: serde_json::Value,
+        /// The origin the agent must put in `clientDataJSON`.
+        origin: String,
+    },
+    /// Enrolment succeeded.
+    Enrolled {
+        /// The new credential's id (base64url).
+        credential_id: String,
+    },
+    /// WebAuthn request options (`RequestChallengeResponse`, as JSON) and the origin to use.
+    LoginChallenge {
+        /// The request options.
+        options: serde_json::Value,
+        /// The origin the agent must put in `clientDataJSON`.
+        origin: String,
+    },
+    /// A session is live on this connection.
+    Session(SessionInfo),
+    /// The request was refused.
+    Error(Refusal),
+}
+
+/// A live session, as told to the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// The session token, valid only together with this agent's session key.
+    pub token: String,
+    /// The signed-in user.
+    pub user: String,
+    /// Expiry, in seconds since the Unix epoch.
+    pub expires_at: u64,
+    /// Services this user may reach.
+    pub services: Vec<ServiceInfo>,
+}
+
+/// A service offered to the user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    /// Service name, as in the gateway's config.
+    pub name: String,
+    /// What the stream carries.
+    pub kind: ServiceKind,
+}
+
+/// What a service's streams carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceKind {
+    /// HTTP/1.1 or h2, proxied by the gateway.
+    Http,
+    /// Raw bytes spliced to `host:port`.
+    Tcp,
+}
+
+/// The first frame on a data stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamOpen {
+    /// The service this stream is for.
+    pub service: String,
+}
+
+/// The gateway's answer to [`StreamOpen`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamReply {
+    /// The stream is connected to the service; application bytes follow.
+    Accepted,
+    /// The stream is refused; the gateway closes it.
+    Refused(Refusal),
+}
+
+/// A refusal: a machine-readable code and a message for the user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    /// What went wrong, for programs.
+    pub code: RefusalCode,
+    /// What went wrong and what to do, for people.
+    pub message: String,
+}
+
+impl Refusal {
+    /// Builds a refusal.
+    pub fn new(code: RefusalCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Machine-readable refusal codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalCode {
+    /// The frame could not be decoded or was not expected now.
+    BadRequest,
+    /// The invite code is unknown, used or expired.
+    InvalidInvite,
+    /// The authenticator's attestation is not trusted by the gateway's policy.
+    AttestationRefused,
+    /// The user has no enrolled credential.
+    NotEnrolled,
+    /// The WebAuthn assertion or attestation did not verify.
+    VerificationFailed,
+    /// No valid challenge for this response (missing, used or expired).
+    ChallengeExpired,
+    /// The assertion was made for another connection.
+    BindingMismatch,
+    /// The signature counter did not rise: the credential may be cloned.
+    CounterNotRising,
+    /// The session token is invalid.
+    InvalidToken,
+    /// The session token has expired or the session was idle too long.
+    SessionExpired,
+    /// The session token belongs to another session key.
+    WrongSessionKey,
+    /// A data stream was opened before a session was established.
+    Unauthenticated,
+    /// The service is not configured on the gateway.
+    UnknownService,
+    /// The user may not use this service.
+    Forbidden,
+    /// The upstream could not be reached.
+    UpstreamUnavailable,
+    /// Something failed inside the gateway.
+    Internal,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(msg: T) {
+        let frame = encode(&msg);
+        let mut header = [0u8; FRAME_HEADER_LEN];
+        header.copy_from_slice(&frame[..FRAME_HEADER_LEN]);
+        let len = frame_len(header, MAX_FRAME_LEN).expect("length within limit");
+        assert_eq!(len, frame.len() - FRAME_HEADER_LEN);
+        let back: T = decode(&frame[FRAME_HEADER_LEN..]).expect("decodes");
+        assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn every_message_kind_round_trips() {
+        roundtrip(ClientMsg::EnrollBegin {
+            user: "alice@corp".into(),
+            invite_code: "abc".into(),
+            software_ca_pem: None,
+        });
+        roundtrip(ClientMsg::Resume { token: "t".into() });
+        roundtrip(ServerMsg::Session(SessionInfo {
+            token: "t".into(),
+            user: "alice".into(),
+            expires_at: 17,
+            services: vec![ServiceInfo {
+                name: "api".into(),
+                kind: ServiceKind::Http,
+            }],
+        }));
+        roundtrip(ServerMsg::Error(Refusal::new(RefusalCode::Forbidden, "no")));
+        roundtrip(StreamOpen {
+            service: "api".into(),
+        });
+        roundtrip(StreamReply::Refused(Refusal::new(
+            RefusalCode::UnknownService,
+            "unknown service",
+        )));
+        roundtrip(StreamReply::Accepted);
+    }
+
+    #[test]
+    fn oversized_frame_header_is_refused() {
+        let header = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes();
+        assert!(matches!(
+            frame_len(header, MAX_FRAME_LEN),
+            Err(FrameError::TooLarge { len, .. }) if len == MAX_FRAME_LEN + 1
+        ));
+    }
+
+    #[test]
+    fn empty_frame_is_refused() {
+        assert!(matches!(
+            frame_len([0; 4], MAX_FRAME_LEN),
+            Err(FrameError::Empty)
+        ));
+    }
+
+    #[test]
+    fn malformed_body_is_a_typed_error() {
+        let err = decode::<ClientMsg>(b"{\"type\":\"launch_missiles\"}").expect_err("unknown type");
+        assert!(matches!(err, FrameError::Malformed(_)));
+        let err = decode::<StreamOpen>(b"\xff\xfe").expect_err("not json");
+        assert!(err.to_string().starts_with("malformed frame"));
+    }
+}

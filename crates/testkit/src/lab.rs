@@ -1,0 +1,258 @@
+//! A whole touchgate system on loopback: a gateway with a self-signed certificate and SQLite in
+//! a temporary folder, the fake metadata server, a Cloud-Run-like upstream and a TCP echo
+//! service. The demo and the end-to-end tests both run on it.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use touchgate_agent::AgentConfig;
+use touchgate_gateway::{Gateway, GatewayConfig, tls};
+
+use crate::{FakeServer, start_cloud_run, start_metadata_server};
+
+/// Settings a test may change.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// `[attestation] allow_software`.
+    pub allow_software: bool,
+    /// `[session] max_age`.
+    pub max_age: Duration,
+    /// `[session] challenge_ttl`.
+    pub challenge_ttl: Duration,
+    /// Users allowed on the `api` service.
+    pub api_users: Vec<String>,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        Self {
+            allow_software: true,
+            max_age: Duration::from_secs(3600),
+            challenge_ttl: Duration::from_secs(60),
+            api_users: vec!["*".into()],
+        }
+    }
+}
+
+/// The running system.
+pub struct Lab {
+    /// Temporary folder with the gateway's files (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// The gateway config file.
+    pub gateway_config_path: PathBuf,
+    /// The gateway.
+    pub gateway: Arc<Gateway>,
+    /// The gateway's QUIC address.
+    pub quic_addr: SocketAddr,
+    /// The gateway's admin address.
+    pub admin_addr: SocketAddr,
+    /// SHA-256 fingerprint of the gateway certificate.
+    pub fingerprint: String,
+    /// The fake metadata server.
+    pub metadata: FakeServer,
+    /// The Cloud-Run-like upstream behind service `api`.
+    pub upstream: FakeServer,
+    /// The TCP echo upstream behind service `echo`.
+    pub tcp_echo: SocketAddr,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    echo_task: tokio::task::JoinHandle<()>,
+}
+
+/// The audience the `api` upstream expects (a custom audience, as Cloud Run allows).
+pub const API_AUDIENCE: &str = "https://api-demo-uc.a.run.app";
+
+impl Lab {
+    /// Starts everything on 127.0.0.1, port 0.
+    pub async fn start(opts: LabOptions) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir().context("cannot make a temporary folder")?;
+        let cert = tls::generate_dev_cert(&["localhost".into()])?;
+        tls::write_dev_cert(dir.path(), &cert)?;
+        let metadata = start_metadata_server(TcpListener::bind("127.0.0.1:0").await?).await;
+        let upstream = start_cloud_run(TcpListener::bind("127.0.0.1:0").await?, API_AUDIENCE).await;
+        let echo = TcpListener::bind("127.0.0.1:0").await?;
+        let tcp_echo = echo.local_addr()?;
+        let echo_task = tokio::spawn(async move {
+            while let Ok((s, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.into_split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let users = opts
+            .api_users
+            .iter()
+            .map(|u| format!("{u:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let text = format!(
+            r#"# touchgate gateway config written by the lab
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+rp_id = "localhost"
+origin = "https://localhost"
+database = "gateway.db"
+audit_log = "audit.jsonl"
+
+[tls]
+cert = "cert.pem"
+key = "key.pem"
+
+[attestation]
+allow_software = {allow_software}
+
+[id_tokens]
+source = "metadata"
+metadata_url = "{metadata}"
+
+[session]
+max_age = "{max_age}"
+idle_timeout = "1h"
+challenge_ttl = "{challenge_ttl}"
+
+[[service]]
+name = "api"
+kind = "http"
+upstream = "{upstream}"
+audience = "{API_AUDIENCE}"
+allow = [{users}]
+
+[[service]]
+name = "billing"
+kind = "http"
+upstream = "{upstream}"
+audience = "{API_AUDIENCE}"
+allow = ["finance@example.com"]
+
+[[service]]
+name = "echo"
+kind = "tcp"
+upstream = "{tcp_echo}"
+allow = ["*"]
+"#,
+            allow_software = opts.allow_software,
+            metadata = metadata.url(),
+            max_age = humantime::format_duration(opts.max_age),
+            challenge_ttl = humantime::format_duration(opts.challenge_ttl),
+            upstream = upstream.url(),
+        );
+        let gateway_config_path = dir.path().join("gateway.toml");
+        std::fs::write(&gateway_config_path, text)?;
+        let cfg = GatewayConfig::load(&gateway_config_path)?;
+        let (gateway, endpoint, quic_addr, admin_addr, tasks) = launch(cfg, None).await?;
+        Ok(Self {
+            dir,
+            gateway_config_path,
+            gateway,
+            quic_addr,
+            admin_addr,
+            fingerprint: cert.fingerprint,
+            metadata,
+            upstream,
+            tcp_echo,
+            endpoint,
+            tasks,
+            echo_task,
+        })
+    }
+
+    /// An agent config for `user` with a software key at `key_path`, exposing `api` and `echo`
+    /// (and any `extra` service names) on free local ports.
+    pub fn agent_config(
+        &self,
+        user: &str,
+        key_path: &std::path::Path,
+        extra: &[&str],
+    ) -> anyhow::Result<AgentConfig> {
+        let mut text = format!(
+            "gateway = \"{}\"\nserver_name = \"localhost\"\ngateway_cert_sha256 = \"{}\"\nuser = \"{user}\"\nauthenticator = \"soft:{}\"\n",
+            self.quic_addr,
+            self.fingerprint,
+            key_path.display()
+        );
+        for name in ["api", "echo"].iter().chain(extra) {
+            text.push_str(&format!("[[service]]\nname = \"{name}\"\nlocal_port = 0\n"));
+        }
+        toml_agent(&text)
+    }
+
+    /// A one-time invite for `user`.
+    pub fn invite(&self, user: &str) -> anyhow::Result<String> {
+        Ok(self.gateway.create_invite(user)?)
+    }
+
+    /// Stops the gateway (closing connections) and starts a new one on the same UDP port with
+    /// the same database and keys, as a deploy or restart would.
+    pub async fn restart_gateway(&mut self) -> anyhow::Result<()> {
+        self.endpoint.close(0u32.into(), b"gateway restarting");
+        self.endpoint.wait_idle().await;
+        for t in self.tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+        let cfg = GatewayConfig::load(&self.gateway_config_path)?;
+        let (gateway, endpoint, quic_addr, admin_addr, tasks) = launch(cfg, Some(self.quic_addr)).await?;
+        self.gateway = gateway;
+        self.endpoint = endpoint;
+        self.quic_addr = quic_addr;
+        self.admin_addr = admin_addr;
+        self.tasks = tasks;
+        Ok(())
+    }
+
+    /// The audit log, one JSON value per line.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Audit lines with `event`.
+    pub fn audit_events(&self, event: &str) -> Vec<serde_json::Value> {
+        self.audit().into_iter().filter(|v| v["event"] == event).collect()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"lab stopped");
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.echo_task.abort();
+    }
+}
+
+fn toml_agent(text: &str) -> anyhow::Result<AgentConfig> {
+    let dir = tempfile::tempdir()?;
+    let p = dir.path().join("agent.toml");
+    std::fs::write(&p, text)?;
+    Ok(AgentConfig::load(&p)?)
+}
+
+type Launched = (
+    Arc<Gateway>,
+    quinn::Endpoint,
+    SocketAddr,
+    SocketAddr,
+    Vec<tokio::task::JoinHandle<()>>,
+);
+
+async fn launch(cfg: GatewayConfig, quic: Option<SocketAddr>) -> anyhow::Result<Launched> {
+    let quic_bind = quic.unwrap_or(cfg.listen);
+    let gateway = Gateway::new(cfg)?;
+    let socket = std::net::UdpSocket::bind(quic_bind).with_context(|| format!("cannot bind UDP {quic_bind}"))?;
+    let endpoint = gateway.endpoint(socket)?;
+    let quic_addr = endpoint.local_addr()?;
+    let admin = TcpListener::bind("127.0.0.1:0").await?;
+    let admin_addr = admin.local_addr()?;
+    let tasks = vec![
+        tokio::spawn(gateway.clone().serve_quic(endpoint.clone())),
+        tokio::spawn(gateway.clone().serve_admin(admin)),
+    ];
+    Ok((gateway, endpoint, quic_addr, admin_addr, tasks))
+}

@@ -1,0 +1,345 @@
+//! Test helpers that speak the real protocols: a fake GCE metadata server that mints
+//! Google-style ID tokens, and a Cloud-Run-like upstream that refuses requests without a valid
+//! ID token for its audience. Every server binds the address it is given (tests use
+//! 127.0.0.1 port 0) and runs until its task is dropped.
+//!
+//! The RSA key in this crate signs fake tokens only; it is not a secret and guards nothing.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+
+pub mod lab;
+
+/// Issuer of Google ID tokens.
+pub const GOOGLE_ISSUER: &str = "https://accounts.google.com";
+/// The service account the fake metadata server speaks for.
+pub const FAKE_SERVICE_ACCOUNT: &str = "touchgate-gateway@demo-project.iam.gserviceaccount.com";
+
+const FAKE_GOOGLE_KEY: &str = include_str!("fake_google_key.pem");
+const FAKE_GOOGLE_PUB: &str = include_str!("fake_google_pub.pem");
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Claims of a Google ID token, as the metadata server issues them with `format=full`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GoogleIdClaims {
+    /// Issuer.
+    pub iss: String,
+    /// Audience (the Cloud Run service URL or a custom audience).
+    pub aud: String,
+    /// Authorised party.
+    pub azp: String,
+    /// Subject: the service account's unique id.
+    pub sub: String,
+    /// The service account's email.
+    pub email: String,
+    /// Always true for service accounts.
+    pub email_verified: bool,
+    /// Issued at.
+    pub iat: u64,
+    /// Expires at.
+    pub exp: u64,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Mints an ID token for `audience` as Google would (RS256, one hour).
+pub fn mint_id_token(audience: &str) -> anyhow::Result<String> {
+    let iat = now();
+    let claims = GoogleIdClaims {
+        iss: GOOGLE_ISSUER.into(),
+        aud: audience.into(),
+        azp: "104857600000000000001".into(),
+        sub: "104857600000000000001".into(),
+        email: FAKE_SERVICE_ACCOUNT.into(),
+        email_verified: true,
+        iat,
+        exp: iat + 3600,
+    };
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("fake-google-1".into());
+    let key = EncodingKey::from_rsa_pem(FAKE_GOOGLE_KEY.as_bytes())?;
+    Ok(jsonwebtoken::encode(&header, &claims, &key)?)
+}
+
+/// Verifies an ID token as a Cloud Run service with `audience` would.
+pub fn verify_id_token(token: &str, audience: &str) -> Result<GoogleIdClaims, String> {
+    let key = DecodingKey::from_rsa_pem(FAKE_GOOGLE_PUB.as_bytes()).map_err(|e| e.to_string())?;
+    let mut v = Validation::new(Algorithm::RS256);
+    v.set_audience(&[audience]);
+    v.set_issuer(&[GOOGLE_ISSUER]);
+    jsonwebtoken::decode::<GoogleIdClaims>(token, &key, &v)
+        .map(|d| d.claims)
+        .map_err(|e| e.to_string())
+}
+
+/// A running fake server.
+pub struct FakeServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Requests served.
+    pub requests: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeServer {
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests served so far.
+    pub fn request_count(&self) -> u64 {
+        self.requests.load(Relaxed)
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve<F, Fut>(listener: TcpListener, handler: F) -> FakeServer
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
+    let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let requests = Arc::new(AtomicU64::new(0));
+    let counter = requests.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let handler = handler.clone();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    counter.fetch_add(1, Relaxed);
+                    let h = handler.clone();
+                    async move { Ok::<_, Infallible>(h(req).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    FakeServer { addr, requests, task }
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.into())).boxed());
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn json(v: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())).boxed());
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+    req.uri()
+        .query()
+        .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+/// Starts a fake GCE metadata server: `GET /computeMetadata/v1/instance/service-accounts/default/identity?audience=AUD`
+/// with `Metadata-Flavor: Google` answers a signed ID token for AUD.
+pub async fn start_metadata_server(listener: TcpListener) -> FakeServer {
+    serve(listener, |req: Request<Incoming>| async move {
+        if req.headers().get("metadata-flavor").and_then(|v| v.to_str().ok()) != Some("Google") {
+            return text(StatusCode::FORBIDDEN, "Missing Metadata-Flavor:Google header.\n");
+        }
+        if req.uri().path() != "/computeMetadata/v1/instance/service-accounts/default/identity" {
+            return text(StatusCode::NOT_FOUND, "Not found\n");
+        }
+        let Some((_, aud)) = query(&req).into_iter().find(|(k, _)| k == "audience") else {
+            return text(StatusCode::BAD_REQUEST, "non-empty audience parameter required\n");
+        };
+        match mint_id_token(&aud) {
+            Ok(t) => {
+                let mut r = text(StatusCode::OK, t);
+                r.headers_mut().insert("metadata-flavor", header::HeaderValue::from_static("Google"));
+                r
+            }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    })
+    .await
+}
+
+/// Byte `i` of the deterministic bulk pattern served by `/bytes`.
+pub fn pattern_byte(i: u64) -> u8 {
+    (i.wrapping_mul(31) ^ (i >> 11)) as u8
+}
+
+/// SHA-256 (hex) of the first `n` bytes of the bulk pattern.
+pub fn pattern_sha256(n: u64) -> String {
+    let mut h = Sha256::new();
+    let mut i = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    while i < n {
+        let len = (n - i).min(buf.len() as u64) as usize;
+        for (j, b) in buf[..len].iter_mut().enumerate() {
+            *b = pattern_byte(i + j as u64);
+        }
+        h.update(&buf[..len]);
+        i += len as u64;
+    }
+    hex::encode(h.finalize())
+}
+
+/// Starts a Cloud-Run-like upstream for `audience`. Like Cloud Run with IAM on, it refuses a
+/// request without a valid Google ID token for its audience (from `X-Serverless-Authorization`,
+/// or `Authorization` when that is absent) and passes `Authorization` to the app untouched.
+///
+/// - `GET /bytes?n=N` streams N bytes of the bulk pattern;
+/// - `POST /upload` streams the body in and answers its length and SHA-256;
+/// - a request with `Upgrade: echo` is switched to a raw echo of bytes;
+/// - anything else answers a JSON echo of method, path, headers and the token's claims.
+pub async fn start_cloud_run(listener: TcpListener, audience: &str) -> FakeServer {
+    let audience: Arc<str> = audience.into();
+    serve(listener, move |req: Request<Incoming>| {
+        let audience = audience.clone();
+        async move { cloud_run(req, &audience).await }
+    })
+    .await
+}
+
+async fn cloud_run(mut req: Request<Incoming>, audience: &str) -> Response<Body> {
+    let h = req.headers();
+    let bearer = h
+        .get("x-serverless-authorization")
+        .or_else(|| h.get(header::AUTHORIZATION))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let Some(bearer) = bearer else {
+        return text(
+            StatusCode::UNAUTHORIZED,
+            "Your client does not have permission to the requested URL (no ID token).\n",
+        );
+    };
+    let claims = match verify_id_token(&bearer, audience) {
+        Ok(c) => c,
+        Err(e) => {
+            return text(
+                StatusCode::FORBIDDEN,
+                format!("Your client does not have permission to get URL (ID token refused: {e}).\n"),
+            );
+        }
+    };
+    let upgrade = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    if upgrade.as_deref() == Some("echo") {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut r = Response::new(Full::new(Bytes::new()).boxed());
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut().insert(header::UPGRADE, header::HeaderValue::from_static("echo"));
+        r.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("upgrade"));
+        return r;
+    }
+    match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/bytes") => {
+            let n: u64 = query(&req)
+                .into_iter()
+                .find(|(k, _)| k == "n")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            let stream = futures_util::stream::unfold(0u64, move |i| async move {
+                if i >= n {
+                    return None;
+                }
+                let len = (n - i).min(64 * 1024);
+                let chunk: Vec<u8> = (i..i + len).map(pattern_byte).collect();
+                Some((Ok::<_, Infallible>(Frame::data(Bytes::from(chunk))), i + len))
+            });
+            let mut r = Response::new(StreamBody::new(stream).boxed());
+            r.headers_mut().insert(header::CONTENT_LENGTH, header::HeaderValue::from(n));
+            r
+        }
+        ("POST", "/upload") => {
+            let mut body = req.into_body();
+            let mut h = Sha256::new();
+            let mut len = 0u64;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => {
+                        if let Some(d) = f.data_ref() {
+                            len += d.len() as u64;
+                            h.update(d);
+                        }
+                    }
+                    Err(e) => return text(StatusCode::BAD_REQUEST, format!("body error: {e}")),
+                }
+            }
+            json(&serde_json::json!({ "len": len, "sha256": hex::encode(h.finalize()) }))
+        }
+        _ => {
+            let headers: serde_json::Map<String, serde_json::Value> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").into()))
+                .collect();
+            json(&serde_json::json!({
+                "service": "fake-cloud-run",
+                "method": req.method().as_str(),
+                "path": req.uri().path(),
+                "headers": headers,
+                "id_token": { "aud": claims.aud, "email": claims.email, "iss": claims.iss },
+            }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minted_tokens_verify_for_their_audience_only() {
+        let t = mint_id_token("https://svc.a.run.app").expect("mint");
+        assert_eq!(verify_id_token(&t, "https://svc.a.run.app").expect("valid").email, FAKE_SERVICE_ACCOUNT);
+        assert!(verify_id_token(&t, "https://other.a.run.app").is_err());
+    }
+
+    #[test]
+    fn pattern_hash_is_stable() {
+        assert_eq!(pattern_sha256(0), hex::encode(Sha256::digest(b"")));
+        let bytes: Vec<u8> = (0..100_000).map(pattern_byte).collect();
+        assert_eq!(pattern_sha256(100_000), hex::encode(Sha256::digest(&bytes)));
+    }
+}
