@@ -140,6 +140,15 @@ impl Gateway {
     pub fn create_invite(&self, user: &str) -> Result<String, store::StoreError> {
         create_invite(&self.store, &self.audit, user, self.cfg.invite.ttl)
     }
+
+    /// Creates a one-time invite valid for `ttl`.
+    pub fn create_invite_with_ttl(
+        &self,
+        user: &str,
+        ttl: std::time::Duration,
+    ) -> Result<String, store::StoreError> {
+        create_invite(&self.store, &self.audit, user, ttl)
+    }
 }
 
 /// Creates an invite directly in a store (the `invite` command, which runs beside a serving

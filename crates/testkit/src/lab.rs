@@ -55,7 +55,7 @@ pub struct Lab {
     pub upstream: FakeServer,
     /// The TCP echo upstream behind service `echo`.
     pub tcp_echo: SocketAddr,
-    endpoint: quinn::Endpoint,
+    endpoint: Option<quinn::Endpoint>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     echo_task: tokio::task::JoinHandle<()>,
 }
@@ -152,7 +152,7 @@ allow = ["*"]
             metadata,
             upstream,
             tcp_echo,
-            endpoint,
+            endpoint: Some(endpoint),
             tasks,
             echo_task,
         })
@@ -186,20 +186,43 @@ allow = ["*"]
     /// Stops the gateway (closing connections) and starts a new one on the same UDP port with
     /// the same database and keys, as a deploy or restart would.
     pub async fn restart_gateway(&mut self) -> anyhow::Result<()> {
-        self.endpoint.close(0u32.into(), b"gateway restarting");
-        self.endpoint.wait_idle().await;
+        if let Some(old) = self.endpoint.take() {
+            old.close(0u32.into(), b"gateway restarting");
+            old.wait_idle().await;
+        }
         for t in self.tasks.drain(..) {
             t.abort();
             let _ = t.await;
         }
         let cfg = GatewayConfig::load(&self.gateway_config_path)?;
-        let (gateway, endpoint, quic_addr, admin_addr, tasks) = launch(cfg, Some(self.quic_addr)).await?;
+        // The old endpoint's socket closes once its connection tasks have seen the close; give
+        // them a moment, as a restarting process would wait for its old port.
+        let mut tries = 0;
+        let (gateway, endpoint, quic_addr, admin_addr, tasks) = loop {
+            match launch(cfg.clone(), Some(self.quic_addr)).await {
+                Ok(l) => break l,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "old gateway socket still open");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         self.gateway = gateway;
-        self.endpoint = endpoint;
+        self.endpoint = Some(endpoint);
         self.quic_addr = quic_addr;
         self.admin_addr = admin_addr;
         self.tasks = tasks;
         Ok(())
+    }
+
+    /// Edits the gateway config file (replacing `from` with `to`) and restarts the gateway.
+    pub async fn reconfigure(&mut self, from: &str, to: &str) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(&self.gateway_config_path)?;
+        anyhow::ensure!(text.contains(from), "gateway config has no {from:?}");
+        std::fs::write(&self.gateway_config_path, text.replace(from, to))?;
+        self.restart_gateway().await
     }
 
     /// The audit log, one JSON value per line.
@@ -219,7 +242,9 @@ allow = ["*"]
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        self.endpoint.close(0u32.into(), b"lab stopped");
+        if let Some(e) = &self.endpoint {
+            e.close(0u32.into(), b"lab stopped");
+        }
         for t in &self.tasks {
             t.abort();
         }

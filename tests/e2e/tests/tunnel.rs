@@ -1,0 +1,254 @@
+//! The data path end to end: local port → QUIC tunnel → gateway → Cloud-Run-like upstream.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use touchgate_agent::{AgentState, RunningAgent};
+use touchgate_e2e::{enrolled, get};
+use touchgate_testkit::{
+    lab::{API_AUDIENCE, Lab, LabOptions},
+    pattern_sha256, verify_id_token,
+};
+
+const ALICE: &str = "alice@example.com";
+
+#[tokio::test]
+async fn request_reaches_cloud_run_with_id_token_and_gateway_identity_headers() -> anyhow::Result<()> {
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let api = agent.local_addr("api").expect("api listener");
+
+    let answer = get(
+        api,
+        "/v1/items?limit=2",
+        &[
+            ("authorization", "Bearer callers-own-token"),
+            ("x-serverless-authorization", "Bearer forged"),
+            ("x-touchgate-user", "root@example.com"),
+            ("x-touchgate-assertion", "forged"),
+        ],
+    )
+    .await?;
+
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    let echo = answer.json()?;
+    assert_eq!(echo["path"], "/v1/items");
+    assert_eq!(echo["id_token"]["aud"], API_AUDIENCE);
+    let h = &echo["headers"];
+    assert_eq!(h["authorization"], "Bearer callers-own-token");
+    assert_eq!(h["x-touchgate-user"], ALICE);
+    let id_token = h["x-serverless-authorization"].as_str().and_then(|v| v.strip_prefix("Bearer ")).expect("id token");
+    assert_eq!(verify_id_token(id_token, API_AUDIENCE).map_err(anyhow::Error::msg)?.aud, API_AUDIENCE);
+
+    // The identity assertion verifies with the gateway's published keys, and names alice.
+    let assertion = h["x-touchgate-assertion"].as_str().expect("assertion");
+    let jwks = get(lab.admin_addr, "/.well-known/jwks.json", &[]).await?.json()?;
+    let jwk = &jwks["keys"][0];
+    let key = jsonwebtoken::DecodingKey::from_ec_components(
+        jwk["x"].as_str().expect("x"),
+        jwk["y"].as_str().expect("y"),
+    )?;
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.set_audience(&[API_AUDIENCE]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(assertion, &key, &v)?.claims;
+    assert_eq!(claims["sub"], ALICE);
+    assert_eq!(claims["svc"], "api");
+
+    // Session and stream are in the audit log.
+    assert_eq!(lab.audit_events("session_issued").len(), 1);
+    assert_eq!(lab.audit_events("stream_opened")[0]["service"], "api");
+    let health = get(lab.admin_addr, "/healthz", &[]).await?;
+    assert_eq!(health.status, 200);
+    let metrics = String::from_utf8(get(lab.admin_addr, "/metrics", &[]).await?.body.to_vec())?;
+    assert!(metrics.contains("touchgate_sessions_issued_total 1"), "{metrics}");
+    agent.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn tcp_service_is_spliced_byte_for_byte() -> anyhow::Result<()> {
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let mut s = tokio::net::TcpStream::connect(agent.local_addr("echo").expect("echo")).await?;
+    s.write_all(b"ping over raw tcp").await?;
+    let mut buf = [0u8; 17];
+    s.read_exact(&mut buf).await?;
+    assert_eq!(&buf, b"ping over raw tcp");
+    drop(s);
+    agent.shutdown().await;
+    Ok(())
+}
+
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+async fn download_sha256(addr: std::net::SocketAddr, n: u64) -> anyhow::Result<(u64, String)> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(format!("/bytes?n={n}")).header("host", "localhost").body(http_body_util::Empty::<Bytes>::new())?;
+    let mut body = sender.send_request(req).await?.into_body();
+    let mut h = Sha256::new();
+    let mut len = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Some(d) = frame?.data_ref() {
+            len += d.len() as u64;
+            h.update(d);
+        }
+    }
+    Ok((len, hex::encode(h.finalize())))
+}
+
+async fn upload(addr: std::net::SocketAddr, n: u64) -> anyhow::Result<serde_json::Value> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let chunks = futures_util::stream::iter((0..n).step_by(64 * 1024)).map(move |i| {
+        let len = (n - i).min(64 * 1024);
+        let chunk: Vec<u8> = (i..i + len).map(touchgate_testkit::pattern_byte).collect();
+        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(chunk)))
+    });
+    let req = hyper::Request::post("/upload")
+        .header("host", "localhost")
+        .body(StreamBody::new(chunks))?;
+    let resp = sender.send_request(req).await?;
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(serde_json::from_slice(&body)?)
+}
+
+#[tokio::test]
+async fn large_bodies_cross_the_tunnel_byte_identical_in_bounded_memory() -> anyhow::Result<()> {
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let api = agent.local_addr("api").expect("api");
+
+    // Warm up every buffer and window with a smaller transfer, then measure the peak.
+    let small = 8 * 1024 * 1024;
+    assert_eq!(download_sha256(api, small).await?, (small, pattern_sha256(small)));
+    let before = peak_rss_kib();
+
+    let big: u64 = 64 * 1024 * 1024;
+    let (len, sha) = download_sha256(api, big).await?;
+    assert_eq!(len, big);
+    assert_eq!(sha, pattern_sha256(big));
+    let up = upload(api, big).await?;
+    assert_eq!(up["len"], big);
+    assert_eq!(up["sha256"], pattern_sha256(big));
+
+    // Client, agent, gateway and upstream share this process: had any of them buffered a
+    // body, the peak would have grown by at least 64 MiB.
+    if let (Some(b), Some(a)) = (before, peak_rss_kib()) {
+        let growth_mib = a.saturating_sub(b) / 1024;
+        assert!(growth_mib < 48, "peak RSS grew by {growth_mib} MiB for 64 MiB bodies");
+    }
+    agent.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_local_connections_are_each_answered() -> anyhow::Result<()> {
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let api = agent.local_addr("api").expect("api");
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(200));
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(api).await?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            // All 200 connections are open before any request is sent.
+            barrier.wait().await;
+            let req = hyper::Request::get(format!("/item/{i}"))
+                .header("host", "localhost")
+                .body(http_body_util::Empty::<Bytes>::new())?;
+            let resp = sender.send_request(req).await?;
+            let status = resp.status().as_u16();
+            let body: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
+            anyhow::ensure!(status == 200, "request {i}: HTTP {status}");
+            anyhow::ensure!(body["path"] == format!("/item/{i}"), "request {i} got {body}");
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    assert_eq!(lab.audit_events("stream_opened").len(), 200);
+    agent.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn websocket_style_upgrade_passes_through() -> anyhow::Result<()> {
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let stream = tokio::net::TcpStream::connect(agent.local_addr("api").expect("api")).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn.with_upgrades());
+    let req = hyper::Request::get("/ws")
+        .header("host", "localhost")
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .body(http_body_util::Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    assert_eq!(resp.status(), 101);
+    let mut io = TokioIo::new(hyper::upgrade::on(resp).await?);
+    io.write_all(b"hello through the upgrade").await?;
+    let mut buf = [0u8; 25];
+    tokio::time::timeout(Duration::from_secs(10), io.read_exact(&mut buf)).await??;
+    assert_eq!(&buf, b"hello through the upgrade");
+    agent.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn agent_reconnects_after_gateway_restart_without_a_new_touch() -> anyhow::Result<()> {
+    let mut lab = Lab::start(LabOptions::default()).await?;
+    let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let api = agent.local_addr("api").expect("api");
+    assert_eq!(get(api, "/before", &[]).await?.status, 200);
+    let old = agent.connection().expect("connected").stable_id();
+    let mut state = agent.state();
+    state.borrow_and_update();
+
+    lab.restart_gateway().await?;
+
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            state.changed().await?;
+            if matches!(*state.borrow_and_update(), AgentState::Connected { .. })
+                && agent.connection().is_some_and(|c| c.stable_id() != old)
+            {
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+    })
+    .await??;
+    let after = get(api, "/after", &[]).await?;
+    assert_eq!(after.status, 200);
+    assert_eq!(lab.audit_events("session_resumed").len(), 1);
+    assert_eq!(lab.audit_events("challenge_issued").len(), 1, "no second touch");
+    agent.shutdown().await;
+    Ok(())
+}
