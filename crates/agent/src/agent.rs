@@ -63,7 +63,9 @@ pub enum AgentState {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// A local port could not be bound.
-    #[error("cannot listen on 127.0.0.1:{port} for service {service}: {source} (is another program using the port? change local_port in the agent config)")]
+    #[error(
+        "cannot listen on 127.0.0.1:{port} for service {service}: {source} (is another program using the port? change local_port in the agent config)"
+    )]
     Bind {
         /// The service.
         service: String,
@@ -136,7 +138,8 @@ impl RunningAgent {
             listeners.push((name.clone(), addr));
             let rx = conn_rx.clone();
             tasks.push(tokio::spawn(
-                serve_local(l, name.clone(), rx).instrument(tracing::info_span!("service", name = %name)),
+                serve_local(l, name.clone(), rx)
+                    .instrument(tracing::info_span!("service", name = %name)),
             ));
         }
         let s = shared.clone();
@@ -159,7 +162,10 @@ impl RunningAgent {
 
     /// The local address of `service`.
     pub fn local_addr(&self, service: &str) -> Option<SocketAddr> {
-        self.listeners.iter().find(|(n, _)| n == service).map(|(_, a)| *a)
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == service)
+            .map(|(_, a)| *a)
     }
 
     /// Watches the agent's state.
@@ -169,7 +175,10 @@ impl RunningAgent {
 
     /// The current session, if any.
     pub fn session(&self) -> Option<SessionInfo> {
-        self.session.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The current QUIC connection, if any.
@@ -190,9 +199,17 @@ impl RunningAgent {
 impl Shared {
     async fn sign_in(&self) -> Result<(), TunnelError> {
         let tunnel = Tunnel::connect(&self.endpoint, &self.cfg).await?;
-        let describe = self.authn.lock().unwrap_or_else(|e| e.into_inner()).describe();
-        self.state.send_replace(AgentState::WaitingForTouch { authenticator: describe });
-        let session = tunnel.login(&self.authn, &self.cfg.user, self.cfg.origin.as_deref()).await?;
+        let describe = self
+            .authn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .describe();
+        self.state.send_replace(AgentState::WaitingForTouch {
+            authenticator: describe,
+        });
+        let session = tunnel
+            .login(&self.authn, &self.cfg.user, self.cfg.origin.as_deref())
+            .await?;
         self.live(tunnel, session).await;
         Ok(())
     }
@@ -263,25 +280,41 @@ impl Shared {
                 Err(TunnelError::Refused(r))
                     if matches!(
                         r.code,
-                        RefusalCode::SessionExpired | RefusalCode::InvalidToken | RefusalCode::WrongSessionKey
+                        RefusalCode::SessionExpired
+                            | RefusalCode::InvalidToken
+                            | RefusalCode::WrongSessionKey
                     ) =>
                 {
                     tracing::warn!(reason = %r, "the session ended; signing in again");
                     *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                    self.state.send_replace(AgentState::SignedOut { reason: r.message.clone() });
+                    self.state.send_replace(AgentState::SignedOut {
+                        reason: r.message.clone(),
+                    });
                 }
                 Err(e) => return Err(e),
             }
         }
-        let describe = self.authn.lock().unwrap_or_else(|e| e.into_inner()).describe();
-        self.state.send_replace(AgentState::WaitingForTouch { authenticator: describe });
-        let session = tunnel.login(&self.authn, &self.cfg.user, self.cfg.origin.as_deref()).await?;
+        let describe = self
+            .authn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .describe();
+        self.state.send_replace(AgentState::WaitingForTouch {
+            authenticator: describe,
+        });
+        let session = tunnel
+            .login(&self.authn, &self.cfg.user, self.cfg.origin.as_deref())
+            .await?;
         self.live(tunnel, session).await;
         Ok(())
     }
 }
 
-async fn serve_local(listener: TcpListener, service: String, conn: watch::Receiver<Option<quinn::Connection>>) {
+async fn serve_local(
+    listener: TcpListener,
+    service: String,
+    conn: watch::Receiver<Option<quinn::Connection>>,
+) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -301,7 +334,11 @@ async fn serve_local(listener: TcpListener, service: String, conn: watch::Receiv
     }
 }
 
-async fn handle_local(mut tcp: tokio::net::TcpStream, service: &str, mut conn: watch::Receiver<Option<quinn::Connection>>) {
+async fn handle_local(
+    mut tcp: tokio::net::TcpStream,
+    service: &str,
+    mut conn: watch::Receiver<Option<quinn::Connection>>,
+) {
     let deadline = tokio::time::Instant::now() + LOCAL_WAIT;
     loop {
         let current = conn.borrow_and_update().clone();
@@ -311,7 +348,9 @@ async fn handle_local(mut tcp: tokio::net::TcpStream, service: &str, mut conn: w
                     let mut remote = tokio::io::join(recv, send);
                     match tokio::io::copy_bidirectional(&mut tcp, &mut remote).await {
                         Ok((up, down)) => tracing::debug!(up, down, "local connection closed"),
-                        Err(e) => tracing::debug!(error = %e, "local connection ended with an error"),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "local connection ended with an error")
+                        }
                     }
                     return;
                 }
@@ -325,7 +364,10 @@ async fn handle_local(mut tcp: tokio::net::TcpStream, service: &str, mut conn: w
                 Err(_) => break,
             }
         }
-        if tokio::time::timeout_at(deadline, conn.changed()).await.is_err() {
+        if tokio::time::timeout_at(deadline, conn.changed())
+            .await
+            .is_err()
+        {
             break;
         }
     }

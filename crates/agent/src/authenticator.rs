@@ -71,7 +71,10 @@ pub trait Authenticator: Send {
 
 /// Opens the configured authenticator. A software key is created on first use when
 /// `create_soft` is set (enrolment), and must exist otherwise.
-pub fn open(choice: &AuthenticatorChoice, create_soft: bool) -> Result<Box<dyn Authenticator>, AuthnError> {
+pub fn open(
+    choice: &AuthenticatorChoice,
+    create_soft: bool,
+) -> Result<Box<dyn Authenticator>, AuthnError> {
     match choice {
         AuthenticatorChoice::Hid => Ok(Box::new(hid::HidKey::open()?)),
         AuthenticatorChoice::Soft(path) => {
@@ -95,7 +98,12 @@ pub enum Ceremony {
 
 /// Builds `clientDataJSON` with the challenge, the origin, and this connection's channel binding
 /// (a TLS exporter of the QUIC connection) under [`CLIENT_DATA_BINDING_KEY`].
-pub fn client_data_json(ceremony: Ceremony, challenge: &[u8], origin: &str, binding: &[u8]) -> Vec<u8> {
+pub fn client_data_json(
+    ceremony: Ceremony,
+    challenge: &[u8],
+    origin: &str,
+    binding: &[u8],
+) -> Vec<u8> {
     let ty = match ceremony {
         Ceremony::Create => "webauthn.create",
         Ceremony::Get => "webauthn.get",
@@ -123,6 +131,9 @@ mod tests {
         assert_eq!(v["challenge"], URL_SAFE_NO_PAD.encode(b"chal"));
         assert_eq!(v["origin"], "https://gw.test");
         assert_eq!(v["crossOrigin"], false);
-        assert_eq!(v[CLIENT_DATA_BINDING_KEY], URL_SAFE_NO_PAD.encode([1, 2, 3]));
+        assert_eq!(
+            v[CLIENT_DATA_BINDING_KEY],
+            URL_SAFE_NO_PAD.encode([1, 2, 3])
+        );
     }
 }

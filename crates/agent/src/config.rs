@@ -121,7 +121,11 @@ impl AgentConfig {
     /// Checks what serde cannot, reporting every problem at once.
     pub fn check(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        if self.gateway.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
+        if self
+            .gateway
+            .rsplit_once(':')
+            .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+        {
             problems.push(format!("gateway {:?} must be host:port", self.gateway));
         }
         if self.gateway_cert_sha256.is_none() && self.gateway_ca.is_none() {
@@ -133,7 +137,9 @@ impl AgentConfig {
         }
         if let Some(pin) = &self.gateway_cert_sha256
             && (normalise_fingerprint(pin).len() != 64
-                || !normalise_fingerprint(pin).chars().all(|c| c.is_ascii_hexdigit()))
+                || !normalise_fingerprint(pin)
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit()))
         {
             problems.push("gateway_cert_sha256 must be 64 hex digits".into());
         }
@@ -157,7 +163,9 @@ impl AgentConfig {
     pub fn authenticator_choice(&self) -> Result<AuthenticatorChoice, String> {
         match self.authenticator.as_str() {
             "hid" => Ok(AuthenticatorChoice::Hid),
-            s if s.starts_with("soft:") && s.len() > 5 => Ok(AuthenticatorChoice::Soft(PathBuf::from(&s[5..]))),
+            s if s.starts_with("soft:") && s.len() > 5 => {
+                Ok(AuthenticatorChoice::Soft(PathBuf::from(&s[5..])))
+            }
             other => Err(format!(
                 "authenticator {other:?} is not known: use \"hid\" or \"soft:PATH\""
             )),
@@ -167,8 +175,14 @@ impl AgentConfig {
     /// The TLS server name of the gateway.
     pub fn server_name(&self) -> String {
         self.server_name.clone().unwrap_or_else(|| {
-            let host = self.gateway.rsplit_once(':').map(|(h, _)| h).unwrap_or(&self.gateway);
-            host.trim_start_matches('[').trim_end_matches(']').to_owned()
+            let host = self
+                .gateway
+                .rsplit_once(':')
+                .map(|(h, _)| h)
+                .unwrap_or(&self.gateway);
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned()
         })
     }
 

@@ -21,15 +21,24 @@ pub fn shared_authenticator(
     let choice = cfg
         .authenticator_choice()
         .map_err(authenticator::AuthnError::Device)?;
-    Ok(Arc::new(Mutex::new(authenticator::open(&choice, create_soft)?)))
+    Ok(Arc::new(Mutex::new(authenticator::open(
+        &choice,
+        create_soft,
+    )?)))
 }
 
 /// Enrols the configured authenticator with an invite code, on a fresh connection.
-pub async fn enroll(cfg: &AgentConfig, authn: &SharedAuthn, code: &str) -> Result<String, tunnel::TunnelError> {
+pub async fn enroll(
+    cfg: &AgentConfig,
+    authn: &SharedAuthn,
+    code: &str,
+) -> Result<String, tunnel::TunnelError> {
     let key = tunnel::SessionKey::generate()?;
     let endpoint = tunnel::client_endpoint(cfg, &key)?;
     let t = tunnel::Tunnel::connect(&endpoint, cfg).await?;
-    let id = t.enroll(authn, &cfg.user, code, cfg.origin.as_deref()).await;
+    let id = t
+        .enroll(authn, &cfg.user, code, cfg.origin.as_deref())
+        .await;
     t.connection().close(0u32.into(), b"done");
     endpoint.wait_idle().await;
     id

@@ -31,13 +31,19 @@ pub async fn serve(
         if tokio::net::UnixStream::connect(&path).await.is_ok() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
-                format!("another agent is running (status socket {})", path.display()),
+                format!(
+                    "another agent is running (status socket {})",
+                    path.display()
+                ),
             ));
         }
         std::fs::remove_file(&path)?;
     }
     let listener = tokio::net::UnixListener::bind(&path)?;
-    let services: Vec<(String, String)> = services.into_iter().map(|(n, a)| (n, a.to_string())).collect();
+    let services: Vec<(String, String)> = services
+        .into_iter()
+        .map(|(n, a)| (n, a.to_string()))
+        .collect();
     loop {
         let (mut s, _) = listener.accept().await?;
         let report = StatusReport {
@@ -56,7 +62,12 @@ pub async fn query(path: &Path) -> std::io::Result<Option<StatusReport>> {
     use tokio::io::AsyncReadExt;
     let mut s = match tokio::net::UnixStream::connect(path).await {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
             return Ok(None);
         }
         Err(e) => return Err(e),

@@ -7,12 +7,15 @@ use rustls::{
     DigitallySignedStruct, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::WebPkiSupportedAlgorithms,
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime, pem::PemObject},
+    pki_types::{
+        CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime, pem::PemObject,
+    },
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use touchgate_proto::{
-    ClientMsg, EXPORTER_LABEL, EXPORTER_LEN, Refusal, ServerMsg, SessionInfo, StreamOpen, StreamReply,
+    ClientMsg, EXPORTER_LABEL, EXPORTER_LEN, Refusal, ServerMsg, SessionInfo, StreamOpen,
+    StreamReply,
 };
 use webauthn_rs_proto::{CreationChallengeResponse, RequestChallengeResponse};
 
@@ -82,7 +85,9 @@ impl SessionKey {
             .map_err(|e| TunnelError::Tls(e.to_string()))?;
         let params = rcgen::CertificateParams::new(vec!["touchgate-session".to_owned()])
             .map_err(|e| TunnelError::Tls(e.to_string()))?;
-        let cert = params.self_signed(&kp).map_err(|e| TunnelError::Tls(e.to_string()))?;
+        let cert = params
+            .self_signed(&kp)
+            .map_err(|e| TunnelError::Tls(e.to_string()))?;
         Ok(Self {
             cert: cert.der().clone(),
             key_pkcs8: kp.serialize_der(),
@@ -98,38 +103,50 @@ impl SessionKey {
 
 /// Builds a QUIC client endpoint whose connections present `key` and verify the gateway as the
 /// config says (pinned fingerprint or CA).
-pub fn client_endpoint(cfg: &AgentConfig, key: &SessionKey) -> Result<quinn::Endpoint, TunnelError> {
+pub fn client_endpoint(
+    cfg: &AgentConfig,
+    key: &SessionKey,
+) -> Result<quinn::Endpoint, TunnelError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TunnelError::Tls(e.to_string()))?;
     let builder = if let Some(pin) = &cfg.gateway_cert_sha256 {
-        builder.dangerous().with_custom_certificate_verifier(Arc::new(PinnedCert {
-            sha256: normalise_fingerprint(pin),
-            algs: provider.signature_verification_algorithms,
-        }))
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCert {
+                sha256: normalise_fingerprint(pin),
+                algs: provider.signature_verification_algorithms,
+            }))
     } else if let Some(ca) = &cfg.gateway_ca {
         let mut roots = rustls::RootCertStore::empty();
-        let certs = CertificateDer::pem_file_iter(ca)
-            .map_err(|e| TunnelError::Tls(format!("cannot read gateway_ca {}: {e}", ca.display())))?;
+        let certs = CertificateDer::pem_file_iter(ca).map_err(|e| {
+            TunnelError::Tls(format!("cannot read gateway_ca {}: {e}", ca.display()))
+        })?;
         for c in certs {
-            let c = c.map_err(|e| TunnelError::Tls(format!("bad certificate in {}: {e}", ca.display())))?;
+            let c = c.map_err(|e| {
+                TunnelError::Tls(format!("bad certificate in {}: {e}", ca.display()))
+            })?;
             roots.add(c).map_err(|e| TunnelError::Tls(e.to_string()))?;
         }
         builder.with_root_certificates(roots)
     } else {
-        return Err(TunnelError::Tls("no gateway_cert_sha256 or gateway_ca configured".into()));
+        return Err(TunnelError::Tls(
+            "no gateway_cert_sha256 or gateway_ca configured".into(),
+        ));
     };
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.key_pkcs8.clone()));
     let mut tls = builder
         .with_client_auth_cert(vec![key.cert.clone()], key_der)
         .map_err(|e| TunnelError::Tls(e.to_string()))?;
     tls.alpn_protocols = vec![touchgate_proto::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TunnelError::Tls(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TunnelError::Tls(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(Arc::new(transport_config()));
     let bind: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| TunnelError::Tls(format!("cannot open a UDP socket: {e}")))?;
+    let mut endpoint = quinn::Endpoint::client(bind)
+        .map_err(|e| TunnelError::Tls(format!("cannot open a UDP socket: {e}")))?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }
@@ -182,7 +199,9 @@ impl ServerCertVerifier for PinnedCert {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -213,7 +232,10 @@ pub struct Tunnel {
 
 impl Tunnel {
     /// Resolves and connects to the gateway, and opens the control stream.
-    pub async fn connect(endpoint: &quinn::Endpoint, cfg: &AgentConfig) -> Result<Self, TunnelError> {
+    pub async fn connect(
+        endpoint: &quinn::Endpoint,
+        cfg: &AgentConfig,
+    ) -> Result<Self, TunnelError> {
         let err = |reason: String| TunnelError::Connect {
             addr: cfg.gateway.clone(),
             reason,
@@ -254,11 +276,15 @@ impl Tunnel {
     /// Sends one control message and waits for the answer.
     pub async fn request(&self, msg: &ClientMsg) -> Result<ServerMsg, TunnelError> {
         let mut c = self.control.lock().await;
-        write_frame(&mut c.send, msg).await.map_err(|e| TunnelError::Lost(e.to_string()))?;
+        write_frame(&mut c.send, msg)
+            .await
+            .map_err(|e| TunnelError::Lost(e.to_string()))?;
         match read_frame::<ServerMsg, _>(&mut c.recv).await? {
             Some(ServerMsg::Error(r)) => Err(TunnelError::Refused(r)),
             Some(m) => Ok(m),
-            None => Err(TunnelError::Lost("the gateway closed the control stream".into())),
+            None => Err(TunnelError::Lost(
+                "the gateway closed the control stream".into(),
+            )),
         }
     }
 
@@ -279,20 +305,34 @@ impl Tunnel {
             })
             .await?;
         let ServerMsg::EnrollChallenge { options, origin } = reply else {
-            return Err(TunnelError::Protocol(format!("expected an enrolment challenge, got {reply:?}")));
+            return Err(TunnelError::Protocol(format!(
+                "expected an enrolment challenge, got {reply:?}"
+            )));
         };
-        let ccr: CreationChallengeResponse =
-            serde_json::from_value(options).map_err(|e| TunnelError::Protocol(format!("bad creation options: {e}")))?;
+        let ccr: CreationChallengeResponse = serde_json::from_value(options)
+            .map_err(|e| TunnelError::Protocol(format!("bad creation options: {e}")))?;
         let origin = origin_override.map(str::to_owned).unwrap_or(origin);
-        let cdj = client_data_json(Ceremony::Create, ccr.public_key.challenge.as_ref(), &origin, &self.binding);
+        let cdj = client_data_json(
+            Ceremony::Create,
+            ccr.public_key.challenge.as_ref(),
+            &origin,
+            &self.binding,
+        );
         let authn = authn.clone();
-        let cred = tokio::task::spawn_blocking(move || lock(&authn).register(&ccr.public_key, &cdj))
-            .await
-            .map_err(|e| TunnelError::Protocol(e.to_string()))??;
-        let credential = serde_json::to_value(&cred).map_err(|e| TunnelError::Protocol(e.to_string()))?;
-        match self.request(&ClientMsg::EnrollFinish { credential }).await? {
+        let cred =
+            tokio::task::spawn_blocking(move || lock(&authn).register(&ccr.public_key, &cdj))
+                .await
+                .map_err(|e| TunnelError::Protocol(e.to_string()))??;
+        let credential =
+            serde_json::to_value(&cred).map_err(|e| TunnelError::Protocol(e.to_string()))?;
+        match self
+            .request(&ClientMsg::EnrollFinish { credential })
+            .await?
+        {
             ServerMsg::Enrolled { credential_id } => Ok(credential_id),
-            other => Err(TunnelError::Protocol(format!("expected enrolment result, got {other:?}"))),
+            other => Err(TunnelError::Protocol(format!(
+                "expected enrolment result, got {other:?}"
+            ))),
         }
     }
 
@@ -304,26 +344,43 @@ impl Tunnel {
         user: &str,
         origin_override: Option<&str>,
     ) -> Result<serde_json::Value, TunnelError> {
-        let reply = self.request(&ClientMsg::LoginBegin { user: user.to_owned() }).await?;
+        let reply = self
+            .request(&ClientMsg::LoginBegin {
+                user: user.to_owned(),
+            })
+            .await?;
         let ServerMsg::LoginChallenge { options, origin } = reply else {
-            return Err(TunnelError::Protocol(format!("expected a sign-in challenge, got {reply:?}")));
+            return Err(TunnelError::Protocol(format!(
+                "expected a sign-in challenge, got {reply:?}"
+            )));
         };
-        let rcr: RequestChallengeResponse =
-            serde_json::from_value(options).map_err(|e| TunnelError::Protocol(format!("bad request options: {e}")))?;
+        let rcr: RequestChallengeResponse = serde_json::from_value(options)
+            .map_err(|e| TunnelError::Protocol(format!("bad request options: {e}")))?;
         let origin = origin_override.map(str::to_owned).unwrap_or(origin);
-        let cdj = client_data_json(Ceremony::Get, rcr.public_key.challenge.as_ref(), &origin, &self.binding);
+        let cdj = client_data_json(
+            Ceremony::Get,
+            rcr.public_key.challenge.as_ref(),
+            &origin,
+            &self.binding,
+        );
         let authn = authn.clone();
-        let cred = tokio::task::spawn_blocking(move || lock(&authn).authenticate(&rcr.public_key, &cdj))
-            .await
-            .map_err(|e| TunnelError::Protocol(e.to_string()))??;
+        let cred =
+            tokio::task::spawn_blocking(move || lock(&authn).authenticate(&rcr.public_key, &cdj))
+                .await
+                .map_err(|e| TunnelError::Protocol(e.to_string()))??;
         serde_json::to_value(&cred).map_err(|e| TunnelError::Protocol(e.to_string()))
     }
 
     /// Sends an assertion; on success the session is live on this connection.
-    pub async fn finish_login(&self, credential: serde_json::Value) -> Result<SessionInfo, TunnelError> {
+    pub async fn finish_login(
+        &self,
+        credential: serde_json::Value,
+    ) -> Result<SessionInfo, TunnelError> {
         match self.request(&ClientMsg::LoginFinish { credential }).await? {
             ServerMsg::Session(s) => Ok(s),
-            other => Err(TunnelError::Protocol(format!("expected a session, got {other:?}"))),
+            other => Err(TunnelError::Protocol(format!(
+                "expected a session, got {other:?}"
+            ))),
         }
     }
 
@@ -340,14 +397,24 @@ impl Tunnel {
 
     /// Resumes a session with its token (no touch).
     pub async fn resume(&self, token: &str) -> Result<SessionInfo, TunnelError> {
-        match self.request(&ClientMsg::Resume { token: token.to_owned() }).await? {
+        match self
+            .request(&ClientMsg::Resume {
+                token: token.to_owned(),
+            })
+            .await?
+        {
             ServerMsg::Session(s) => Ok(s),
-            other => Err(TunnelError::Protocol(format!("expected a session, got {other:?}"))),
+            other => Err(TunnelError::Protocol(format!(
+                "expected a session, got {other:?}"
+            ))),
         }
     }
 
     /// Opens a data stream to `service`; after `Ok` the streams carry the application's bytes.
-    pub async fn open_stream(&self, service: &str) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
+    pub async fn open_stream(
+        &self,
+        service: &str,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
         open_stream(&self.conn, service).await
     }
 }
@@ -357,10 +424,18 @@ pub async fn open_stream(
     conn: &quinn::Connection,
     service: &str,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| TunnelError::Lost(e.to_string()))?;
-    write_frame(&mut send, &StreamOpen { service: service.to_owned() })
+    let (mut send, mut recv) = conn
+        .open_bi()
         .await
         .map_err(|e| TunnelError::Lost(e.to_string()))?;
+    write_frame(
+        &mut send,
+        &StreamOpen {
+            service: service.to_owned(),
+        },
+    )
+    .await
+    .map_err(|e| TunnelError::Lost(e.to_string()))?;
     match read_frame::<StreamReply, _>(&mut recv).await? {
         Some(StreamReply::Accepted) => Ok((send, recv)),
         Some(StreamReply::Refused(r)) => Err(TunnelError::Refused(r)),

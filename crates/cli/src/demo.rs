@@ -15,15 +15,32 @@ use touchgate_testkit::lab::{Lab, LabOptions};
 const DEMO_USER: &str = "demo@touchgate.dev";
 
 pub async fn run(once: bool, port: u16) -> anyhow::Result<std::process::ExitCode> {
-    println!("touchgate demo: gateway, Cloud-Run-like service, software key and agent, all on this machine\n");
-    let lab = Lab::start(LabOptions::default()).await.context("cannot start the demo gateway")?;
-    println!("  gateway      QUIC on udp/{} (self-signed certificate, SHA-256 {}…)", lab.quic_addr, &lab.fingerprint[..16]);
+    println!(
+        "touchgate demo: gateway, Cloud-Run-like service, software key and agent, all on this machine\n"
+    );
+    let lab = Lab::start(LabOptions::default())
+        .await
+        .context("cannot start the demo gateway")?;
+    println!(
+        "  gateway      QUIC on udp/{} (self-signed certificate, SHA-256 {}…)",
+        lab.quic_addr,
+        &lab.fingerprint[..16]
+    );
     println!("               admin http://{}/metrics", lab.admin_addr);
-    println!("  metadata     {} (mints Google-style ID tokens)", lab.metadata.url());
-    println!("  service api  {} (like Cloud Run: refuses calls without an ID token)", lab.upstream.url());
+    println!(
+        "  metadata     {} (mints Google-style ID tokens)",
+        lab.metadata.url()
+    );
+    println!(
+        "  service api  {} (like Cloud Run: refuses calls without an ID token)",
+        lab.upstream.url()
+    );
 
     let direct = get(&format!("{}/hello", lab.upstream.url())).await?;
-    println!("               a direct call without a token gets: HTTP {}", direct.0);
+    println!(
+        "               a direct call without a token gets: HTTP {}",
+        direct.0
+    );
 
     let code = lab.invite(DEMO_USER)?;
     let key_path = lab.dir.path().join("demo-soft-key.json");
@@ -33,14 +50,24 @@ pub async fn run(once: bool, port: u16) -> anyhow::Result<std::process::ExitCode
     cfg.control_socket = Some(lab.dir.path().join("agent.sock"));
     let key = SoftKey::open_or_create(&key_path)?;
     let authn: touchgate_agent::SharedAuthn = Arc::new(Mutex::new(Box::new(key)));
-    let cred = touchgate_agent::enroll(&cfg, &authn, &code).await.context("enrolment failed")?;
-    println!("\n  enrolled     a software key for {DEMO_USER} with a one-time invite (credential {}…)", &cred[..12.min(cred.len())]);
+    let cred = touchgate_agent::enroll(&cfg, &authn, &code)
+        .await
+        .context("enrolment failed")?;
+    println!(
+        "\n  enrolled     a software key for {DEMO_USER} with a one-time invite (credential {}…)",
+        &cred[..12.min(cred.len())]
+    );
 
     let agent = start_agent(cfg, authn).await?;
-    let addr = agent.local_addr("api").context("no local listener for api")?;
+    let addr = agent
+        .local_addr("api")
+        .context("no local listener for api")?;
     if let Some(s) = agent.session() {
         let left = s.expires_at.saturating_sub(now());
-        println!("  signed in    one touch, session bound to this agent's in-memory key for {}", humantime(left));
+        println!(
+            "  signed in    one touch, session bound to this agent's in-memory key for {}",
+            humantime(left)
+        );
     }
     println!("\n  service api on http://{addr}\n");
     println!("  try it:  curl -s http://{addr}/hello\n");
@@ -49,11 +76,21 @@ pub async fn run(once: bool, port: u16) -> anyhow::Result<std::process::ExitCode
     let ok = status == 200;
     println!("  request through the tunnel: HTTP {status}");
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
-        println!("    upstream saw user      {}", v["headers"]["x-touchgate-user"].as_str().unwrap_or("?"));
-        println!("    upstream saw ID token  aud {} from {}", v["id_token"]["aud"].as_str().unwrap_or("?"), v["id_token"]["email"].as_str().unwrap_or("?"));
+        println!(
+            "    upstream saw user      {}",
+            v["headers"]["x-touchgate-user"].as_str().unwrap_or("?")
+        );
+        println!(
+            "    upstream saw ID token  aud {} from {}",
+            v["id_token"]["aud"].as_str().unwrap_or("?"),
+            v["id_token"]["email"].as_str().unwrap_or("?")
+        );
         println!(
             "    identity assertion     {} bytes, verifiable with http://{}/.well-known/jwks.json",
-            v["headers"]["x-touchgate-assertion"].as_str().map(str::len).unwrap_or(0),
+            v["headers"]["x-touchgate-assertion"]
+                .as_str()
+                .map(str::len)
+                .unwrap_or(0),
             lab.admin_addr
         );
     } else {
@@ -61,7 +98,11 @@ pub async fn run(once: bool, port: u16) -> anyhow::Result<std::process::ExitCode
     }
     if once {
         agent.shutdown().await;
-        return Ok(if ok { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE });
+        return Ok(if ok {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::FAILURE
+        });
     }
     println!("\nServing until Ctrl-C.");
     let _ = tokio::signal::ctrl_c().await;
@@ -69,8 +110,13 @@ pub async fn run(once: bool, port: u16) -> anyhow::Result<std::process::ExitCode
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-async fn start_agent(cfg: AgentConfig, authn: touchgate_agent::SharedAuthn) -> anyhow::Result<RunningAgent> {
-    RunningAgent::start(cfg, authn).await.context("sign-in failed")
+async fn start_agent(
+    cfg: AgentConfig,
+    authn: touchgate_agent::SharedAuthn,
+) -> anyhow::Result<RunningAgent> {
+    RunningAgent::start(cfg, authn)
+        .await
+        .context("sign-in failed")
 }
 
 async fn pick_port(port: u16) -> u16 {

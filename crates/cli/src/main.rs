@@ -7,7 +7,9 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use touchgate_agent::{AgentConfig, AgentState, RunningAgent, config::AuthenticatorChoice, shared_authenticator};
+use touchgate_agent::{
+    AgentConfig, AgentState, RunningAgent, config::AuthenticatorChoice, shared_authenticator,
+};
 
 /// Reach private Cloud Run services from localhost with one touch of a security key.
 #[derive(Parser)]
@@ -59,7 +61,10 @@ fn main() -> std::process::ExitCode {
         _ => "info",
     };
     init_logging(default_level);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("touchgate: cannot start the async runtime: {e}");
@@ -101,11 +106,19 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let cfg = load_config(config)?;
             match touchgate_agent::status::query(&cfg.control_socket()).await? {
                 None => {
-                    println!("not running (no agent answers on {})", cfg.control_socket().display());
+                    println!(
+                        "not running (no agent answers on {})",
+                        cfg.control_socket().display()
+                    );
                     Ok(std::process::ExitCode::from(3))
                 }
                 Some(report) => {
-                    println!("{}", describe_state(&serde_json::from_value(report.state.clone()).unwrap_or(report.state)));
+                    println!(
+                        "{}",
+                        describe_state(
+                            &serde_json::from_value(report.state.clone()).unwrap_or(report.state)
+                        )
+                    );
                     for (name, addr) in report.services {
                         println!("service {name} on {addr}");
                     }
@@ -124,9 +137,15 @@ async fn up(cfg: AgentConfig) -> anyhow::Result<std::process::ExitCode> {
         eprintln!("Touch your security key ({what}) to sign in…");
     }
     let socket = cfg.control_socket();
-    let agent = RunningAgent::start(cfg, authn).await.context("sign-in failed")?;
+    let agent = RunningAgent::start(cfg, authn)
+        .await
+        .context("sign-in failed")?;
     if let Some(s) = agent.session() {
-        eprintln!("signed in as {} until {}", s.user, format_time(s.expires_at));
+        eprintln!(
+            "signed in as {} until {}",
+            s.user,
+            format_time(s.expires_at)
+        );
     }
     for (name, addr) in agent.listeners() {
         println!("service {name} on {addr}");
@@ -146,7 +165,10 @@ async fn up(cfg: AgentConfig) -> anyhow::Result<std::process::ExitCode> {
     let printer = tokio::spawn(async move {
         while state.changed().await.is_ok() {
             let s = state.borrow_and_update().clone();
-            eprintln!("{}", describe_state(&serde_json::to_value(&s).unwrap_or_default()));
+            eprintln!(
+                "{}",
+                describe_state(&serde_json::to_value(&s).unwrap_or_default())
+            );
         }
     });
     shutdown_signal().await;
@@ -167,13 +189,21 @@ fn describe_state(v: &serde_json::Value) -> String {
     };
     match s {
         AgentState::Starting => "starting".into(),
-        AgentState::WaitingForTouch { authenticator } => format!("waiting for a touch on {authenticator}"),
-        AgentState::Connected { user, expires_at, services } => format!(
+        AgentState::WaitingForTouch { authenticator } => {
+            format!("waiting for a touch on {authenticator}")
+        }
+        AgentState::Connected {
+            user,
+            expires_at,
+            services,
+        } => format!(
             "connected as {user}, session until {}, services: {}",
             format_time(expires_at),
             services.join(", ")
         ),
-        AgentState::Reconnecting { attempt, reason } => format!("reconnecting (attempt {attempt}): {reason}"),
+        AgentState::Reconnecting { attempt, reason } => {
+            format!("reconnecting (attempt {attempt}): {reason}")
+        }
         AgentState::SignedOut { reason } => format!("signed out: {reason}"),
     }
 }

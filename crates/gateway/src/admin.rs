@@ -34,7 +34,11 @@ impl Gateway {
 
     fn admin(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let (status, ctype, body) = match req.uri().path() {
-            "/healthz" => (StatusCode::OK, "text/plain; charset=utf-8", "ok\n".to_owned()),
+            "/healthz" => (
+                StatusCode::OK,
+                "text/plain; charset=utf-8",
+                "ok\n".to_owned(),
+            ),
             "/metrics" => (
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

@@ -202,12 +202,12 @@ impl ServiceConfig {
 
     /// The ID token audience for this service.
     pub fn audience(&self) -> String {
-        self.audience.clone().unwrap_or_else(|| {
-            match url::Url::parse(&self.upstream) {
+        self.audience
+            .clone()
+            .unwrap_or_else(|| match url::Url::parse(&self.upstream) {
                 Ok(u) => u.origin().ascii_serialization(),
                 Err(_) => self.upstream.clone(),
-            }
-        })
+            })
     }
 }
 
@@ -218,10 +218,11 @@ impl GatewayConfig {
             path: path.to_owned(),
             source,
         })?;
-        let mut cfg: GatewayConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })?;
+        let mut cfg: GatewayConfig =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source: Box::new(source),
+            })?;
         let base = path.parent().unwrap_or(std::path::Path::new("."));
         cfg.resolve_paths(base);
         cfg.check()?;
@@ -276,7 +277,10 @@ impl GatewayConfig {
                     }
                 }
                 ServiceKind::Tcp => {
-                    if s.upstream.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
+                    if s.upstream
+                        .rsplit_once(':')
+                        .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+                    {
                         problems.push(format!(
                             "service {:?}: upstream {:?} is not host:port",
                             s.name, s.upstream
@@ -289,8 +293,7 @@ impl GatewayConfig {
         match url::Url::parse(&origin) {
             Ok(u) if u.host_str() == Some(self.rp_id.as_str()) => {}
             Ok(u)
-                if u
-                    .host_str()
+                if u.host_str()
                     .is_some_and(|h| h.ends_with(&format!(".{}", self.rp_id))) => {}
             _ => problems.push(format!(
                 "origin {origin:?} must be a URL whose host is rp_id {:?} or a subdomain of it",

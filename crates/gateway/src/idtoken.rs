@@ -9,7 +9,9 @@ use std::{
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::{client::legacy::Client, client::legacy::connect::HttpConnector, rt::TokioExecutor};
+use hyper_util::{
+    client::legacy::Client, client::legacy::connect::HttpConnector, rt::TokioExecutor,
+};
 
 use crate::{
     config::{IdTokenConfig, IdTokenSource},
@@ -31,7 +33,9 @@ pub enum IdTokenError {
         reason: String,
     },
     /// The metadata server answered with an error.
-    #[error("the metadata server refused an ID token for audience {audience}: HTTP {status}: {body}")]
+    #[error(
+        "the metadata server refused an ID token for audience {audience}: HTTP {status}: {body}"
+    )]
     Refused {
         /// The audience asked for.
         audience: String,
@@ -128,7 +132,8 @@ impl IdTokens {
                 body: text.chars().take(200).collect(),
             });
         }
-        let exp = jwt_exp(&text).ok_or_else(|| IdTokenError::Malformed("no readable exp claim".into()))?;
+        let exp = jwt_exp(&text)
+            .ok_or_else(|| IdTokenError::Malformed("no readable exp claim".into()))?;
         Ok(Cached {
             token: text.into(),
             exp,
@@ -170,7 +175,10 @@ mod tests {
             source: IdTokenSource::Metadata,
             metadata_url: "http://127.0.0.1:1".into(),
         });
-        let err = t.get("https://svc").await.expect_err("nothing listens on port 1");
+        let err = t
+            .get("https://svc")
+            .await
+            .expect_err("nothing listens on port 1");
         assert!(err.to_string().contains("unreachable"), "{err}");
     }
 }

@@ -88,13 +88,19 @@ impl Gateway {
         })?;
         let signer = tokens::TokenSigner::load(&store, &cfg.origin())?;
         let rp = rp::RelyingParty::new(&cfg)?;
-        let audit = audit::AuditLog::open(cfg.audit_log.as_deref()).map_err(|source| GatewayError::Audit {
-            path: cfg.audit_log.clone().unwrap_or_default(),
-            source,
+        let audit = audit::AuditLog::open(cfg.audit_log.as_deref()).map_err(|source| {
+            GatewayError::Audit {
+                path: cfg.audit_log.clone().unwrap_or_default(),
+                source,
+            }
         })?;
         let metrics = Arc::new(metrics::Metrics::default());
         let id_tokens = Arc::new(idtoken::IdTokens::new(&cfg.id_tokens));
-        let proxy = Arc::new(proxy::Proxy::new(id_tokens, signer.clone(), metrics.clone())?);
+        let proxy = Arc::new(proxy::Proxy::new(
+            id_tokens,
+            signer.clone(),
+            metrics.clone(),
+        )?);
         Ok(Arc::new(Self {
             cfg: Arc::new(cfg),
             store: Arc::new(store),
@@ -127,13 +133,21 @@ impl Gateway {
         let certs = tls::load_certs(&self.cfg.tls.cert)?;
         let key = tls::load_key(&self.cfg.tls.key)?;
         let server = tls::quic_server_config(certs, key)?;
-        let addr = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let addr = socket
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let runtime = quinn::default_runtime().ok_or_else(|| GatewayError::Listen {
             addr: addr.clone(),
             source: std::io::Error::other("no async runtime"),
         })?;
-        quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
-            .map_err(|source| GatewayError::Listen { addr, source })
+        quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )
+        .map_err(|source| GatewayError::Listen { addr, source })
     }
 
     /// Creates a one-time invite for `user` and returns its code (stored only as a hash).
@@ -201,7 +215,10 @@ mod tests {
     fn invite_codes_are_long_and_readable() {
         let code = data_encoding_code(&[0xffu8; 20]);
         assert_eq!(code.chars().filter(|c| *c != '-').count(), 32);
-        assert!(code.chars().all(|c| c == '-' || c.is_ascii_lowercase() || c.is_ascii_digit()));
+        assert!(
+            code.chars()
+                .all(|c| c == '-' || c.is_ascii_lowercase() || c.is_ascii_digit())
+        );
         assert_ne!(data_encoding_code(&[1u8; 20]), code);
     }
 }

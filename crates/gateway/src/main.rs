@@ -60,7 +60,10 @@ enum Cmd {
 fn main() -> std::process::ExitCode {
     init_logging();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("touchgate-gateway: cannot start the async runtime: {e}");
@@ -104,7 +107,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = GatewayConfig::load(&config)?;
             let store = Store::open(&cfg.database)
                 .with_context(|| format!("cannot open the database {}", cfg.database.display()))?;
-            let audit = AuditLog::open(cfg.audit_log.as_deref()).context("cannot open the audit log")?;
+            let audit =
+                AuditLog::open(cfg.audit_log.as_deref()).context("cannot open the audit log")?;
             let ttl = ttl.unwrap_or(cfg.invite.ttl);
             let code = touchgate_gateway::create_invite(&store, &audit, &user, ttl)
                 .context("cannot store the invite")?;
@@ -118,7 +122,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::GenCert { name, out } => {
             let cert = tls::generate_dev_cert(&name)?;
             tls::write_dev_cert(&out, &cert)?;
-            println!("wrote {} and {}", out.join("cert.pem").display(), out.join("key.pem").display());
+            println!(
+                "wrote {} and {}",
+                out.join("cert.pem").display(),
+                out.join("key.pem").display()
+            );
             println!("SHA-256 fingerprint (use as gateway_cert_sha256 in agent configs):");
             println!("{}", cert.fingerprint);
             Ok(())

@@ -35,22 +35,85 @@ impl Metrics {
     /// Renders every metric in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let rows: [(&str, &str, &str, &AtomicU64); 12] = [
-            ("touchgate_connections_total", "counter", "QUIC connections accepted", &self.connections_total),
-            ("touchgate_connections_open", "gauge", "QUIC connections open", &self.connections_open),
-            ("touchgate_sessions_issued_total", "counter", "sessions issued after a verified assertion", &self.sessions_issued_total),
-            ("touchgate_sessions_resumed_total", "counter", "sessions resumed with a token", &self.sessions_resumed_total),
-            ("touchgate_auth_refused_total", "counter", "sign-in, enrolment or resume attempts refused", &self.auth_refused_total),
-            ("touchgate_enrolments_total", "counter", "credentials enrolled", &self.enrolments_total),
-            ("touchgate_streams_total", "counter", "data streams accepted", &self.streams_total),
-            ("touchgate_streams_open", "gauge", "data streams open", &self.streams_open),
-            ("touchgate_streams_refused_total", "counter", "data streams refused", &self.streams_refused_total),
-            ("touchgate_bytes_up_total", "counter", "bytes from agents to services", &self.bytes_up_total),
-            ("touchgate_bytes_down_total", "counter", "bytes from services to agents", &self.bytes_down_total),
-            ("touchgate_upstream_errors_total", "counter", "upstream requests that failed", &self.upstream_errors_total),
+            (
+                "touchgate_connections_total",
+                "counter",
+                "QUIC connections accepted",
+                &self.connections_total,
+            ),
+            (
+                "touchgate_connections_open",
+                "gauge",
+                "QUIC connections open",
+                &self.connections_open,
+            ),
+            (
+                "touchgate_sessions_issued_total",
+                "counter",
+                "sessions issued after a verified assertion",
+                &self.sessions_issued_total,
+            ),
+            (
+                "touchgate_sessions_resumed_total",
+                "counter",
+                "sessions resumed with a token",
+                &self.sessions_resumed_total,
+            ),
+            (
+                "touchgate_auth_refused_total",
+                "counter",
+                "sign-in, enrolment or resume attempts refused",
+                &self.auth_refused_total,
+            ),
+            (
+                "touchgate_enrolments_total",
+                "counter",
+                "credentials enrolled",
+                &self.enrolments_total,
+            ),
+            (
+                "touchgate_streams_total",
+                "counter",
+                "data streams accepted",
+                &self.streams_total,
+            ),
+            (
+                "touchgate_streams_open",
+                "gauge",
+                "data streams open",
+                &self.streams_open,
+            ),
+            (
+                "touchgate_streams_refused_total",
+                "counter",
+                "data streams refused",
+                &self.streams_refused_total,
+            ),
+            (
+                "touchgate_bytes_up_total",
+                "counter",
+                "bytes from agents to services",
+                &self.bytes_up_total,
+            ),
+            (
+                "touchgate_bytes_down_total",
+                "counter",
+                "bytes from services to agents",
+                &self.bytes_down_total,
+            ),
+            (
+                "touchgate_upstream_errors_total",
+                "counter",
+                "upstream requests that failed",
+                &self.upstream_errors_total,
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, v) in rows {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}\n", v.load(Relaxed)));
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}\n",
+                v.load(Relaxed)
+            ));
         }
         out
     }
@@ -76,7 +139,9 @@ mod tests {
         Metrics::inc(&m.streams_total);
         Metrics::inc(&m.streams_total);
         let text = m.render();
-        assert!(text.contains("# TYPE touchgate_streams_total counter\ntouchgate_streams_total 2\n"));
+        assert!(
+            text.contains("# TYPE touchgate_streams_total counter\ntouchgate_streams_total 2\n")
+        );
         assert!(text.lines().filter(|l| l.starts_with("# HELP")).count() == 12);
     }
 }

@@ -87,12 +87,19 @@ impl Proxy {
             async move { Ok::<_, std::convert::Infallible>(proxy.forward(req, &ctx).await) }
         });
         let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).await {
+        if let Err(e) = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), svc)
+            .await
+        {
             tracing::debug!(error = %e, "tunnel HTTP connection ended with an error");
         }
     }
 
-    async fn forward(&self, mut req: Request<Incoming>, ctx: &StreamContext) -> Response<ProxyBody> {
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        ctx: &StreamContext,
+    ) -> Response<ProxyBody> {
         let svc = &ctx.service;
         let upgrade = wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -108,13 +115,24 @@ impl Proxy {
                 tracing::warn!(service = %svc.name, error = %e, "no ID token for upstream");
                 return plain(
                     StatusCode::BAD_GATEWAY,
-                    &format!("touchgate: cannot get an ID token for service {}: {e}", svc.name),
+                    &format!(
+                        "touchgate: cannot get an ID token for service {}: {e}",
+                        svc.name
+                    ),
                 );
             }
         };
-        let assertion = match self.signer.identity_assertion(&ctx.user, &svc.name, &audience) {
+        let assertion = match self
+            .signer
+            .identity_assertion(&ctx.user, &svc.name, &audience)
+        {
             Ok(a) => a,
-            Err(e) => return plain(StatusCode::INTERNAL_SERVER_ERROR, &format!("touchgate: {e}")),
+            Err(e) => {
+                return plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("touchgate: {e}"),
+                );
+            }
         };
         let (mut parts, body) = req.into_parts();
         sanitise_request_headers(&mut parts.headers, upgrade);
@@ -142,7 +160,9 @@ impl Proxy {
             Err(e) => {
                 Metrics::inc(&self.metrics.upstream_errors_total);
                 tracing::warn!(service = %svc.name, error = %e, "upstream request failed");
-                let detail = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+                let detail = std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| e.to_string());
                 return plain(
                     StatusCode::BAD_GATEWAY,
                     &format!("touchgate: service {} is unreachable: {detail}", svc.name),
@@ -174,7 +194,10 @@ fn wants_upgrade(h: &HeaderMap) -> bool {
     h.contains_key(header::UPGRADE)
         && h.get_all(header::CONNECTION).iter().any(|v| {
             v.to_str()
-                .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+                .map(|s| {
+                    s.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+                })
                 .unwrap_or(false)
         })
 }
@@ -193,7 +216,11 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(',').map(|t| t.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+        .flat_map(|s| {
+            s.split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for n in listed {
@@ -250,8 +277,10 @@ fn plain(status: StatusCode, msg: &str) -> Response<ProxyBody> {
             .boxed(),
     );
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -276,7 +305,11 @@ impl<T> Counted<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -286,7 +319,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
             self.written.fetch_add(n as u64, Relaxed);
@@ -310,14 +347,23 @@ mod tests {
     #[test]
     fn caller_cannot_set_identity_headers_but_keeps_authorization() {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer mine"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer mine"),
+        );
         h.insert(SERVERLESS_AUTH, HeaderValue::from_static("Bearer forged"));
         h.insert(USER_HEADER, HeaderValue::from_static("root"));
         h.insert("x-touchgate-assertion", HeaderValue::from_static("forged"));
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         sanitise_request_headers(&mut h, false);
-        assert_eq!(h.get(header::AUTHORIZATION).map(|v| v.as_bytes()), Some(&b"Bearer mine"[..]));
+        assert_eq!(
+            h.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
+            Some(&b"Bearer mine"[..])
+        );
         assert!(h.get(SERVERLESS_AUTH).is_none());
         assert!(h.get(USER_HEADER).is_none());
         assert!(h.get("x-touchgate-assertion").is_none());
@@ -327,8 +373,11 @@ mod tests {
 
     #[test]
     fn upstream_path_prefix_is_kept() {
-        let u = upstream_uri("https://svc.a.run.app/base/", &"/v1/items?x=1".parse().expect("uri"))
-            .expect("joined");
+        let u = upstream_uri(
+            "https://svc.a.run.app/base/",
+            &"/v1/items?x=1".parse().expect("uri"),
+        )
+        .expect("joined");
         assert_eq!(u.to_string(), "https://svc.a.run.app/base/v1/items?x=1");
         let u = upstream_uri("http://127.0.0.1:8080", &"/".parse().expect("uri")).expect("joined");
         assert_eq!(u.to_string(), "http://127.0.0.1:8080/");
@@ -338,10 +387,19 @@ mod tests {
     fn websocket_upgrade_is_detected() {
         let mut h = HeaderMap::new();
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
         assert!(wants_upgrade(&h));
         sanitise_request_headers(&mut h, true);
-        assert_eq!(h.get(header::UPGRADE).map(|v| v.as_bytes()), Some(&b"websocket"[..]));
-        assert_eq!(h.get(header::CONNECTION).map(|v| v.as_bytes()), Some(&b"upgrade"[..]));
+        assert_eq!(
+            h.get(header::UPGRADE).map(|v| v.as_bytes()),
+            Some(&b"websocket"[..])
+        );
+        assert_eq!(
+            h.get(header::CONNECTION).map(|v| v.as_bytes()),
+            Some(&b"upgrade"[..])
+        );
     }
 }

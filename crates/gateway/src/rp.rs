@@ -1,6 +1,9 @@
 //! The WebAuthn relying party (webauthn-rs), the attestation policy, and the channel binding.
 
-use std::{collections::BTreeMap, time::{Duration, Instant}};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use touchgate_proto::{CLIENT_DATA_BINDING_KEY, Refusal, RefusalCode};
@@ -97,7 +100,10 @@ impl RelyingParty {
                 path: t.ca.display().to_string(),
                 reason: e.to_string(),
             })?;
-            let desc = t.description.clone().unwrap_or_else(|| t.ca.display().to_string());
+            let desc = t
+                .description
+                .clone()
+                .unwrap_or_else(|| t.ca.display().to_string());
             roots.push((pem, t.aaguids.clone(), desc));
         }
         Ok(Self {
@@ -161,7 +167,7 @@ impl RelyingParty {
         let exclude = if existing.is_empty() {
             None
         } else {
-            Some(existing.into_iter().map(Into::into).collect())
+            Some(existing.into_iter().collect())
         };
         let (ccr, state) = self
             .webauthn
@@ -187,7 +193,10 @@ impl RelyingParty {
     ) -> Result<Enrolled, Refusal> {
         self.check_fresh(pending.issued)?;
         let reg: RegisterPublicKeyCredential = serde_json::from_value(credential).map_err(|e| {
-            Refusal::new(RefusalCode::BadRequest, format!("malformed registration response: {e}"))
+            Refusal::new(
+                RefusalCode::BadRequest,
+                format!("malformed registration response: {e}"),
+            )
         })?;
         check_binding(&reg.response.client_data_json, binding)?;
         let aaguid = attestation_aaguid(&reg.response.attestation_object);
@@ -226,7 +235,9 @@ impl RelyingParty {
                 };
                 Refusal::new(
                     RefusalCode::AttestationRefused,
-                    format!("{model} is not on this gateway's list of trusted security keys ({e:?})"),
+                    format!(
+                        "{model} is not on this gateway's list of trusted security keys ({e:?})"
+                    ),
                 )
             }
             other => verification_refusal(other),
@@ -332,7 +343,10 @@ fn verification_refusal(e: WebauthnError) -> Refusal {
             RefusalCode::VerificationFailed,
             "the key used a credential that is not enrolled for this user".to_owned(),
         ),
-        _ => (RefusalCode::VerificationFailed, format!("the WebAuthn response did not verify ({e:?})")),
+        _ => (
+            RefusalCode::VerificationFailed,
+            format!("the WebAuthn response did not verify ({e:?})"),
+        ),
     };
     Refusal::new(code, msg)
 }
@@ -340,7 +354,10 @@ fn verification_refusal(e: WebauthnError) -> Refusal {
 /// Checks that `clientDataJSON` carries this connection's channel-binding value.
 pub fn check_binding(client_data_json: &[u8], binding: &[u8]) -> Result<(), Refusal> {
     let v: serde_json::Value = serde_json::from_slice(client_data_json).map_err(|e| {
-        Refusal::new(RefusalCode::BadRequest, format!("clientDataJSON is not JSON: {e}"))
+        Refusal::new(
+            RefusalCode::BadRequest,
+            format!("clientDataJSON is not JSON: {e}"),
+        )
     })?;
     let expected = URL_SAFE_NO_PAD.encode(binding);
     match v.get(CLIENT_DATA_BINDING_KEY).and_then(|b| b.as_str()) {
@@ -360,7 +377,9 @@ pub fn check_binding(client_data_json: &[u8], binding: &[u8]) -> Result<(), Refu
 pub fn attestation_aaguid(attestation_object: &[u8]) -> Option<Uuid> {
     let v: ciborium::Value = ciborium::from_reader(attestation_object).ok()?;
     let auth_data = v.as_map()?.iter().find_map(|(k, v)| {
-        (k.as_text() == Some("authData")).then(|| v.as_bytes().cloned()).flatten()
+        (k.as_text() == Some("authData"))
+            .then(|| v.as_bytes().cloned())
+            .flatten()
     })?;
     // rpIdHash (32) | flags (1) | signCount (4) | AAGUID (16) | ...
     let bytes: [u8; 16] = auth_data.get(37..53)?.try_into().ok()?;
@@ -393,8 +412,14 @@ mod tests {
         auth_data.extend_from_slice(SOFTWARE_AAGUID.as_bytes());
         auth_data.extend_from_slice(&[0, 0]);
         let obj = ciborium::Value::Map(vec![
-            (ciborium::Value::Text("fmt".into()), ciborium::Value::Text("packed".into())),
-            (ciborium::Value::Text("authData".into()), ciborium::Value::Bytes(auth_data)),
+            (
+                ciborium::Value::Text("fmt".into()),
+                ciborium::Value::Text("packed".into()),
+            ),
+            (
+                ciborium::Value::Text("authData".into()),
+                ciborium::Value::Bytes(auth_data),
+            ),
         ]);
         let mut buf = Vec::new();
         ciborium::into_writer(&obj, &mut buf).expect("encode");

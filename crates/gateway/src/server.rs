@@ -13,8 +13,8 @@ use std::{
 
 use tokio::sync::watch;
 use touchgate_proto::{
-    ClientMsg, EXPORTER_LABEL, EXPORTER_LEN, Refusal, RefusalCode, ServerMsg, ServiceInfo, SessionInfo,
-    StreamOpen, StreamReply,
+    ClientMsg, EXPORTER_LABEL, EXPORTER_LEN, Refusal, RefusalCode, ServerMsg, ServiceInfo,
+    SessionInfo, StreamOpen, StreamReply,
 };
 use tracing::Instrument;
 
@@ -84,7 +84,10 @@ impl Gateway {
             return;
         };
         let mut binding = [0u8; EXPORTER_LEN];
-        if conn.export_keying_material(&mut binding, EXPORTER_LABEL, b"").is_err() {
+        if conn
+            .export_keying_material(&mut binding, EXPORTER_LABEL, b"")
+            .is_err()
+        {
             conn.close(1u32.into(), b"no keying material");
             return;
         }
@@ -251,7 +254,9 @@ impl ConnCtx {
                             outcome: Some("ok".into()),
                             ..self.event("invite_used")
                         });
-                        ServerMsg::Enrolled { credential_id: cred_id }
+                        ServerMsg::Enrolled {
+                            credential_id: cred_id,
+                        }
                     }
                     Err(r) => {
                         self.refused("enrol_refused", Some(&user), &r);
@@ -373,12 +378,19 @@ impl ConnCtx {
             .iter()
             .filter_map(|c| base64_decode(&c.cred_id))
             .collect();
-        let (ccr, p) = gw.rp.begin_enrol(user, user_id, code, existing, software_ca_pem)?;
-        let v = serde_json::to_value(&ccr).map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?;
+        let (ccr, p) = gw
+            .rp
+            .begin_enrol(user, user_id, code, existing, software_ca_pem)?;
+        let v = serde_json::to_value(&ccr)
+            .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?;
         Ok((v, p))
     }
 
-    fn enrol_finish(&self, p: PendingEnrol, credential: serde_json::Value) -> Result<String, Refusal> {
+    fn enrol_finish(
+        &self,
+        p: PendingEnrol,
+        credential: serde_json::Value,
+    ) -> Result<String, Refusal> {
         let gw = &self.gw;
         let user = p.user.clone();
         let code = p.invite_code.clone();
@@ -401,11 +413,14 @@ impl ConnCtx {
         if keys.is_empty() {
             return Err(Refusal::new(
                 RefusalCode::NotEnrolled,
-                format!("{user} has no enrolled security key on this gateway: ask your admin for an invite and run `touchgate enroll`"),
+                format!(
+                    "{user} has no enrolled security key on this gateway: ask your admin for an invite and run `touchgate enroll`"
+                ),
             ));
         }
         let (rcr, p) = gw.rp.begin_login(user, &keys)?;
-        let v = serde_json::to_value(&rcr).map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?;
+        let v = serde_json::to_value(&rcr)
+            .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?;
         Ok((v, p))
     }
 
@@ -422,11 +437,18 @@ impl ConnCtx {
         let mut updated = false;
         for c in &stored {
             let mut key: webauthn_rs::prelude::SecurityKey = serde_json::from_str(&c.key_json)
-                .map_err(|e| Refusal::new(RefusalCode::Internal, format!("stored credential unreadable: {e}")))?;
+                .map_err(|e| {
+                    Refusal::new(
+                        RefusalCode::Internal,
+                        format!("stored credential unreadable: {e}"),
+                    )
+                })?;
             if key.update_credential(&result).is_some() {
                 let json = serde_json::to_string(&key)
                     .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?;
-                gw.store.update_credential(&c.cred_id, &json).map_err(db_refusal)?;
+                gw.store
+                    .update_credential(&c.cred_id, &json)
+                    .map_err(db_refusal)?;
                 updated = true;
             }
         }
@@ -445,21 +467,24 @@ impl ConnCtx {
 
     fn resume(&self, token: &str) -> Result<SessionClaims, Refusal> {
         let gw = &self.gw;
-        let claims = gw.signer.verify_session(token, &self.thumb).map_err(|e| match e {
-            TokenError::Expired => Refusal::new(
-                RefusalCode::SessionExpired,
-                "your session has expired: touch your key to sign in again",
-            ),
-            TokenError::WrongKey => Refusal::new(
-                RefusalCode::WrongSessionKey,
-                "this session token belongs to another session key: a token is valid only from \
+        let claims = gw
+            .signer
+            .verify_session(token, &self.thumb)
+            .map_err(|e| match e {
+                TokenError::Expired => Refusal::new(
+                    RefusalCode::SessionExpired,
+                    "your session has expired: touch your key to sign in again",
+                ),
+                TokenError::WrongKey => Refusal::new(
+                    RefusalCode::WrongSessionKey,
+                    "this session token belongs to another session key: a token is valid only from \
                  the agent that signed in",
-            ),
-            TokenError::Invalid(why) => Refusal::new(
-                RefusalCode::InvalidToken,
-                format!("the session token is not valid ({why}): sign in again"),
-            ),
-        })?;
+                ),
+                TokenError::Invalid(why) => Refusal::new(
+                    RefusalCode::InvalidToken,
+                    format!("the session token is not valid ({why}): sign in again"),
+                ),
+            })?;
         if let Some(idle) = gw.activity.idle_for(&claims.jti)
             && idle > gw.cfg.session.idle_timeout
         {
@@ -481,75 +506,109 @@ impl ConnCtx {
         session: watch::Receiver<Option<Arc<SessionClaims>>>,
     ) {
         let gw = &self.gw;
-        let open = match tokio::time::timeout(STREAM_OPEN_TIMEOUT, read_frame::<StreamOpen, _>(&mut recv)).await
-        {
-            Ok(Ok(Some(o))) => o,
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => {
-                let r = Refusal::new(RefusalCode::BadRequest, format!("stream header: {e}"));
-                self.stream_refused(&mut send, None, None, r).await;
-                return;
-            }
-            Err(_) => {
-                let r = Refusal::new(RefusalCode::BadRequest, "no stream header within 10s");
-                self.stream_refused(&mut send, None, None, r).await;
-                return;
-            }
-        };
+        let open =
+            match tokio::time::timeout(STREAM_OPEN_TIMEOUT, read_frame::<StreamOpen, _>(&mut recv))
+                .await
+            {
+                Ok(Ok(Some(o))) => o,
+                Ok(Ok(None)) => return,
+                Ok(Err(e)) => {
+                    let r = Refusal::new(RefusalCode::BadRequest, format!("stream header: {e}"));
+                    self.stream_refused(&mut send, None, None, r).await;
+                    return;
+                }
+                Err(_) => {
+                    let r = Refusal::new(RefusalCode::BadRequest, "no stream header within 10s");
+                    self.stream_refused(&mut send, None, None, r).await;
+                    return;
+                }
+            };
         let claims = session.borrow().clone();
         let Some(claims) = claims else {
             let r = Refusal::new(
                 RefusalCode::Unauthenticated,
                 "sign in (or resume the session) on the control stream before opening streams",
             );
-            self.stream_refused(&mut send, None, Some(&open.service), r).await;
+            self.stream_refused(&mut send, None, Some(&open.service), r)
+                .await;
             return;
         };
         let user = claims.sub.as_str();
         if claims.exp <= now_secs() {
-            let r = Refusal::new(RefusalCode::SessionExpired, "your session has expired: touch your key to sign in again");
-            self.stream_refused(&mut send, Some(user), Some(&open.service), r).await;
+            let r = Refusal::new(
+                RefusalCode::SessionExpired,
+                "your session has expired: touch your key to sign in again",
+            );
+            self.stream_refused(&mut send, Some(user), Some(&open.service), r)
+                .await;
             return;
         }
         let Some(svc) = gw.cfg.service(&open.service) else {
             let r = Refusal::new(
                 RefusalCode::UnknownService,
-                format!("this gateway has no service named {:?}: check the service names in your agent config", open.service),
+                format!(
+                    "this gateway has no service named {:?}: check the service names in your agent config",
+                    open.service
+                ),
             );
-            self.stream_refused(&mut send, Some(user), Some(&open.service), r).await;
+            self.stream_refused(&mut send, Some(user), Some(&open.service), r)
+                .await;
             return;
         };
         if !svc.allows(user) {
             let r = Refusal::new(
                 RefusalCode::Forbidden,
-                format!("{user} may not use service {:?}: ask your admin for access", svc.name),
+                format!(
+                    "{user} may not use service {:?}: ask your admin for access",
+                    svc.name
+                ),
             );
-            self.stream_refused(&mut send, Some(user), Some(&open.service), r).await;
+            self.stream_refused(&mut send, Some(user), Some(&open.service), r)
+                .await;
             return;
         }
         let svc = Arc::new(svc.clone());
         let tcp = match svc.kind {
             touchgate_proto::ServiceKind::Tcp => {
-                match tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(&svc.upstream)).await {
+                match tokio::time::timeout(
+                    Duration::from_secs(10),
+                    tokio::net::TcpStream::connect(&svc.upstream),
+                )
+                .await
+                {
                     Ok(Ok(s)) => {
                         let _ = s.set_nodelay(true);
                         Some(s)
                     }
                     Ok(Err(e)) => {
-                        let r = Refusal::new(RefusalCode::UpstreamUnavailable, format!("service {} is unreachable: {e}", svc.name));
-                        self.stream_refused(&mut send, Some(user), Some(&svc.name), r).await;
+                        let r = Refusal::new(
+                            RefusalCode::UpstreamUnavailable,
+                            format!("service {} is unreachable: {e}", svc.name),
+                        );
+                        self.stream_refused(&mut send, Some(user), Some(&svc.name), r)
+                            .await;
                         return;
                     }
                     Err(_) => {
-                        let r = Refusal::new(RefusalCode::UpstreamUnavailable, format!("service {} did not accept a connection within 10s", svc.name));
-                        self.stream_refused(&mut send, Some(user), Some(&svc.name), r).await;
+                        let r = Refusal::new(
+                            RefusalCode::UpstreamUnavailable,
+                            format!(
+                                "service {} did not accept a connection within 10s",
+                                svc.name
+                            ),
+                        );
+                        self.stream_refused(&mut send, Some(user), Some(&svc.name), r)
+                            .await;
                         return;
                     }
                 }
             }
             touchgate_proto::ServiceKind::Http => None,
         };
-        if write_frame(&mut send, &StreamReply::Accepted).await.is_err() {
+        if write_frame(&mut send, &StreamReply::Accepted)
+            .await
+            .is_err()
+        {
             return;
         }
         gw.activity.touch(&claims.jti);
@@ -638,22 +697,33 @@ fn invite_ok(r: Result<(), crate::store::InviteProblem>) -> Result<(), Refusal> 
 
 fn db_refusal(e: crate::store::StoreError) -> Refusal {
     tracing::error!(error = %e, "store failure");
-    Refusal::new(RefusalCode::Internal, "the gateway's database failed; try again later")
+    Refusal::new(
+        RefusalCode::Internal,
+        "the gateway's database failed; try again later",
+    )
 }
 
-fn load_keys(creds: &[StoredCredential]) -> Result<Vec<webauthn_rs::prelude::SecurityKey>, Refusal> {
+fn load_keys(
+    creds: &[StoredCredential],
+) -> Result<Vec<webauthn_rs::prelude::SecurityKey>, Refusal> {
     creds
         .iter()
         .map(|c| {
-            serde_json::from_str(&c.key_json)
-                .map_err(|e| Refusal::new(RefusalCode::Internal, format!("stored credential unreadable: {e}")))
+            serde_json::from_str(&c.key_json).map_err(|e| {
+                Refusal::new(
+                    RefusalCode::Internal,
+                    format!("stored credential unreadable: {e}"),
+                )
+            })
         })
         .collect()
 }
 
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
     use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .ok()
 }
 
 /// The snake_case name of a refusal code, as in the wire format and the audit log.

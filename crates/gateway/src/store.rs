@@ -145,7 +145,9 @@ impl Store {
     pub fn ensure_user(&self, name: &str) -> Result<uuid::Uuid, StoreError> {
         let conn = self.lock();
         let existing: Option<String> = conn
-            .query_row("SELECT uuid FROM users WHERE name = ?1", [name], |r| r.get(0))
+            .query_row("SELECT uuid FROM users WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
             .optional()?;
         if let Some(u) = existing {
             return uuid::Uuid::parse_str(&u).map_err(|e| StoreError::Corrupt(e.to_string()));
@@ -168,7 +170,11 @@ impl Store {
     }
 
     /// Checks an invite without using it up.
-    pub fn check_invite(&self, user: &str, code: &str) -> Result<Result<(), InviteProblem>, StoreError> {
+    pub fn check_invite(
+        &self,
+        user: &str,
+        code: &str,
+    ) -> Result<Result<(), InviteProblem>, StoreError> {
         let conn = self.lock();
         Self::invite_state(&conn, user, code)
     }
@@ -247,8 +253,8 @@ impl Store {
     /// Signing keys, newest first.
     pub fn signing_keys(&self) -> Result<Vec<StoredSigningKey>, StoreError> {
         let conn = self.lock();
-        let mut stmt =
-            conn.prepare("SELECT kid, pkcs8, created FROM signing_keys ORDER BY created DESC, kid")?;
+        let mut stmt = conn
+            .prepare("SELECT kid, pkcs8, created FROM signing_keys ORDER BY created DESC, kid")?;
         let rows = stmt.query_map([], |r| {
             Ok(StoredSigningKey {
                 kid: r.get(0)?,
@@ -292,7 +298,8 @@ mod tests {
     fn invite_is_single_use_and_stored_hashed() {
         let (dir, s) = store();
         s.ensure_user("alice").expect("user");
-        s.add_invite("alice", "secret-code", now_secs() + 60).expect("invite");
+        s.add_invite("alice", "secret-code", now_secs() + 60)
+            .expect("invite");
         assert_eq!(s.check_invite("alice", "secret-code").expect("db"), Ok(()));
         assert_eq!(s.enrol("secret-code", &cred("alice")).expect("db"), Ok(()));
         assert_eq!(
@@ -309,10 +316,20 @@ mod tests {
         let (_dir, s) = store();
         s.ensure_user("bob").expect("user");
         s.add_invite("bob", "old", now_secs() - 1).expect("invite");
-        assert_eq!(s.check_invite("bob", "old").expect("db"), Err(InviteProblem::Expired));
-        s.add_invite("bob", "bobs", now_secs() + 60).expect("invite");
-        assert_eq!(s.check_invite("mallory", "bobs").expect("db"), Err(InviteProblem::Unknown));
-        assert_eq!(s.check_invite("bob", "nope").expect("db"), Err(InviteProblem::Unknown));
+        assert_eq!(
+            s.check_invite("bob", "old").expect("db"),
+            Err(InviteProblem::Expired)
+        );
+        s.add_invite("bob", "bobs", now_secs() + 60)
+            .expect("invite");
+        assert_eq!(
+            s.check_invite("mallory", "bobs").expect("db"),
+            Err(InviteProblem::Unknown)
+        );
+        assert_eq!(
+            s.check_invite("bob", "nope").expect("db"),
+            Err(InviteProblem::Unknown)
+        );
     }
 
     #[test]

@@ -116,7 +116,10 @@ impl TokenSigner {
     /// when the newest is older than [`KEY_ROTATION_SECS`]. Older keys keep verifying.
     pub fn load(store: &Store, issuer: &str) -> Result<Self, KeyError> {
         let mut keys = store.signing_keys()?;
-        if keys.first().is_none_or(|k| now_secs().saturating_sub(k.created) > KEY_ROTATION_SECS) {
+        if keys
+            .first()
+            .is_none_or(|k| now_secs().saturating_sub(k.created) > KEY_ROTATION_SECS)
+        {
             let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
                 .map_err(|e| KeyError::Key(e.to_string()))?;
             let pkcs8 = kp.serialize_der();
@@ -135,7 +138,10 @@ impl TokenSigner {
                 .map_err(|e| KeyError::Key(e.to_string()))?;
             let raw = kp.public_key_raw();
             if raw.len() != 65 || raw[0] != 4 {
-                return Err(KeyError::Key(format!("key {} is not an uncompressed P-256 key", k.kid)));
+                return Err(KeyError::Key(format!(
+                    "key {} is not an uncompressed P-256 key",
+                    k.kid
+                )));
             }
             let x = URL_SAFE_NO_PAD.encode(&raw[1..33]);
             let y = URL_SAFE_NO_PAD.encode(&raw[33..]);
@@ -171,7 +177,8 @@ impl TokenSigner {
     fn sign<T: Serialize>(&self, claims: &T) -> Result<String, KeyError> {
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(self.current_kid.clone());
-        jsonwebtoken::encode(&header, claims, &self.current).map_err(|e| KeyError::Key(e.to_string()))
+        jsonwebtoken::encode(&header, claims, &self.current)
+            .map_err(|e| KeyError::Key(e.to_string()))
     }
 
     /// Issues a session token for `user`, bound to the certificate with `thumbprint`.
@@ -198,11 +205,18 @@ impl TokenSigner {
 
     /// Verifies a session token presented on a connection whose client certificate has
     /// `thumbprint`.
-    pub fn verify_session(&self, token: &str, thumbprint: &str) -> Result<SessionClaims, TokenError> {
+    pub fn verify_session(
+        &self,
+        token: &str,
+        thumbprint: &str,
+    ) -> Result<SessionClaims, TokenError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| TokenError::Invalid(e.to_string()))?;
         if header.alg != Algorithm::ES256 {
-            return Err(TokenError::Invalid(format!("algorithm {:?} is not accepted", header.alg)));
+            return Err(TokenError::Invalid(format!(
+                "algorithm {:?} is not accepted",
+                header.alg
+            )));
         }
         let kid = header
             .kid
@@ -216,12 +230,13 @@ impl TokenSigner {
         v.set_issuer(&[&self.issuer]);
         v.leeway = 0;
         v.set_required_spec_claims(&["exp", "iat", "aud", "iss", "sub"]);
-        let data = jsonwebtoken::decode::<SessionClaims>(token, &key.key, &v).map_err(|e| {
-            match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
-                _ => TokenError::Invalid(e.to_string()),
-            }
-        })?;
+        let data =
+            jsonwebtoken::decode::<SessionClaims>(token, &key.key, &v).map_err(|e| {
+                match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
+                    _ => TokenError::Invalid(e.to_string()),
+                }
+            })?;
         // jsonwebtoken compares `exp` with a leeway and at second granularity; be exact.
         if data.claims.exp <= now_secs() {
             return Err(TokenError::Expired);
@@ -233,7 +248,12 @@ impl TokenSigner {
     }
 
     /// Signs the identity assertion that tells an upstream who is calling.
-    pub fn identity_assertion(&self, user: &str, service: &str, audience: &str) -> Result<String, KeyError> {
+    pub fn identity_assertion(
+        &self,
+        user: &str,
+        service: &str,
+        audience: &str,
+    ) -> Result<String, KeyError> {
         let iat = now_secs();
         self.sign(&IdentityClaims {
             iss: self.issuer.clone(),
@@ -261,17 +281,24 @@ mod tests {
     fn session_token_verifies_only_with_its_key() {
         let (_d, _s, signer) = signer();
         let now = now_secs();
-        let (token, _) = signer.issue_session("alice", "thumb-a", now, now + 60).expect("issue");
+        let (token, _) = signer
+            .issue_session("alice", "thumb-a", now, now + 60)
+            .expect("issue");
         let claims = signer.verify_session(&token, "thumb-a").expect("valid");
         assert_eq!(claims.sub, "alice");
-        assert_eq!(signer.verify_session(&token, "thumb-b"), Err(TokenError::WrongKey));
+        assert_eq!(
+            signer.verify_session(&token, "thumb-b"),
+            Err(TokenError::WrongKey)
+        );
     }
 
     #[test]
     fn expired_session_token_is_refused() {
         let (_d, _s, signer) = signer();
         let now = now_secs();
-        let (token, _) = signer.issue_session("alice", "t", now - 20, now - 10).expect("issue");
+        let (token, _) = signer
+            .issue_session("alice", "t", now - 20, now - 10)
+            .expect("issue");
         assert_eq!(signer.verify_session(&token, "t"), Err(TokenError::Expired));
     }
 
@@ -279,14 +306,18 @@ mod tests {
     fn tampered_token_is_refused() {
         let (_d, _s, signer) = signer();
         let now = now_secs();
-        let (token, _) = signer.issue_session("alice", "t", now, now + 60).expect("issue");
+        let (token, _) = signer
+            .issue_session("alice", "t", now, now + 60)
+            .expect("issue");
         let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
         let forged = serde_json::json!({
             "iss": "https://gw.test", "sub": "root", "aud": SESSION_AUDIENCE,
             "iat": now, "exp": now + 60, "jti": "x", "cnf": {"x5t#S256": "t"}
         });
         parts[1] = URL_SAFE_NO_PAD.encode(forged.to_string());
-        let err = signer.verify_session(&parts.join("."), "t").expect_err("forged");
+        let err = signer
+            .verify_session(&parts.join("."), "t")
+            .expect_err("forged");
         assert!(matches!(err, TokenError::Invalid(_)), "{err:?}");
     }
 
@@ -294,10 +325,14 @@ mod tests {
     fn keys_survive_restart_and_are_published() {
         let (_d, store, signer) = signer();
         let now = now_secs();
-        let (token, _) = signer.issue_session("alice", "t", now, now + 60).expect("issue");
+        let (token, _) = signer
+            .issue_session("alice", "t", now, now + 60)
+            .expect("issue");
         let again = TokenSigner::load(&store, "https://gw.test").expect("reload");
         assert_eq!(again.current_kid(), signer.current_kid());
-        again.verify_session(&token, "t").expect("still valid after reload");
+        again
+            .verify_session(&token, "t")
+            .expect("still valid after reload");
         let jwks = again.jwks();
         assert_eq!(jwks["keys"][0]["kid"], signer.current_kid());
         assert_eq!(jwks["keys"][0]["alg"], "ES256");

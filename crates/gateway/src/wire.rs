@@ -32,6 +32,9 @@ pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
 }
 
 /// Writes one frame.
-pub async fn write_frame<T: Serialize, W: AsyncWrite + Unpin>(w: &mut W, msg: &T) -> std::io::Result<()> {
+pub async fn write_frame<T: Serialize, W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &T,
+) -> std::io::Result<()> {
     w.write_all(&encode(msg)).await
 }

@@ -236,7 +236,10 @@ allow = ["*"]
 
     /// Audit lines with `event`.
     pub fn audit_events(&self, event: &str) -> Vec<serde_json::Value> {
-        self.audit().into_iter().filter(|v| v["event"] == event).collect()
+        self.audit()
+            .into_iter()
+            .filter(|v| v["event"] == event)
+            .collect()
     }
 }
 
@@ -270,7 +273,8 @@ type Launched = (
 async fn launch(cfg: GatewayConfig, quic: Option<SocketAddr>) -> anyhow::Result<Launched> {
     let quic_bind = quic.unwrap_or(cfg.listen);
     let gateway = Gateway::new(cfg)?;
-    let socket = std::net::UdpSocket::bind(quic_bind).with_context(|| format!("cannot bind UDP {quic_bind}"))?;
+    let socket = std::net::UdpSocket::bind(quic_bind)
+        .with_context(|| format!("cannot bind UDP {quic_bind}"))?;
     let endpoint = gateway.endpoint(socket)?;
     let quic_addr = endpoint.local_addr()?;
     let admin = TcpListener::bind("127.0.0.1:0").await?;

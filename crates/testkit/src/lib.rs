@@ -126,12 +126,16 @@ where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
-    let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
     let requests = Arc::new(AtomicU64::new(0));
     let counter = requests.clone();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let handler = handler.clone();
             let counter = counter.clone();
             tokio::spawn(async move {
@@ -146,28 +150,40 @@ where
             });
         }
     });
-    FakeServer { addr, requests, task }
+    FakeServer {
+        addr,
+        requests,
+        task,
+    }
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body.into())).boxed());
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
 fn json(v: &serde_json::Value) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())).boxed());
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
 fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
     req.uri()
         .query()
-        .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -175,19 +191,33 @@ fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
 /// with `Metadata-Flavor: Google` answers a signed ID token for AUD.
 pub async fn start_metadata_server(listener: TcpListener) -> FakeServer {
     serve(listener, |req: Request<Incoming>| async move {
-        if req.headers().get("metadata-flavor").and_then(|v| v.to_str().ok()) != Some("Google") {
-            return text(StatusCode::FORBIDDEN, "Missing Metadata-Flavor:Google header.\n");
+        if req
+            .headers()
+            .get("metadata-flavor")
+            .and_then(|v| v.to_str().ok())
+            != Some("Google")
+        {
+            return text(
+                StatusCode::FORBIDDEN,
+                "Missing Metadata-Flavor:Google header.\n",
+            );
         }
         if req.uri().path() != "/computeMetadata/v1/instance/service-accounts/default/identity" {
             return text(StatusCode::NOT_FOUND, "Not found\n");
         }
         let Some((_, aud)) = query(&req).into_iter().find(|(k, _)| k == "audience") else {
-            return text(StatusCode::BAD_REQUEST, "non-empty audience parameter required\n");
+            return text(
+                StatusCode::BAD_REQUEST,
+                "non-empty audience parameter required\n",
+            );
         };
         match mint_id_token(&aud) {
             Ok(t) => {
                 let mut r = text(StatusCode::OK, t);
-                r.headers_mut().insert("metadata-flavor", header::HeaderValue::from_static("Google"));
+                r.headers_mut().insert(
+                    "metadata-flavor",
+                    header::HeaderValue::from_static("Google"),
+                );
                 r
             }
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -253,11 +283,17 @@ async fn cloud_run(mut req: Request<Incoming>, audience: &str) -> Response<Body>
         Err(e) => {
             return text(
                 StatusCode::FORBIDDEN,
-                format!("Your client does not have permission to get URL (ID token refused: {e}).\n"),
+                format!(
+                    "Your client does not have permission to get URL (ID token refused: {e}).\n"
+                ),
             );
         }
     };
-    let upgrade = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     if upgrade.as_deref() == Some("echo") {
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
@@ -268,8 +304,12 @@ async fn cloud_run(mut req: Request<Incoming>, audience: &str) -> Response<Body>
         });
         let mut r = Response::new(Full::new(Bytes::new()).boxed());
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        r.headers_mut().insert(header::UPGRADE, header::HeaderValue::from_static("echo"));
-        r.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("upgrade"));
+        r.headers_mut()
+            .insert(header::UPGRADE, header::HeaderValue::from_static("echo"));
+        r.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("upgrade"),
+        );
         return r;
     }
     match (req.method().as_str(), req.uri().path()) {
@@ -285,10 +325,14 @@ async fn cloud_run(mut req: Request<Incoming>, audience: &str) -> Response<Body>
                 }
                 let len = (n - i).min(64 * 1024);
                 let chunk: Vec<u8> = (i..i + len).map(pattern_byte).collect();
-                Some((Ok::<_, Infallible>(Frame::data(Bytes::from(chunk))), i + len))
+                Some((
+                    Ok::<_, Infallible>(Frame::data(Bytes::from(chunk))),
+                    i + len,
+                ))
             });
             let mut r = Response::new(StreamBody::new(stream).boxed());
-            r.headers_mut().insert(header::CONTENT_LENGTH, header::HeaderValue::from(n));
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, header::HeaderValue::from(n));
             r
         }
         ("POST", "/upload") => {
@@ -332,7 +376,12 @@ mod tests {
     #[test]
     fn minted_tokens_verify_for_their_audience_only() {
         let t = mint_id_token("https://svc.a.run.app").expect("mint");
-        assert_eq!(verify_id_token(&t, "https://svc.a.run.app").expect("valid").email, FAKE_SERVICE_ACCOUNT);
+        assert_eq!(
+            verify_id_token(&t, "https://svc.a.run.app")
+                .expect("valid")
+                .email,
+            FAKE_SERVICE_ACCOUNT
+        );
         assert!(verify_id_token(&t, "https://other.a.run.app").is_err());
     }
 

@@ -14,8 +14,15 @@ use touchgate_agent::{AgentConfig, SharedAuthn, authenticator::soft::SoftKey};
 use touchgate_testkit::lab::Lab;
 
 /// An agent config and software key for `user`, enrolled with a fresh invite.
-pub async fn enrolled(lab: &Lab, user: &str, extra: &[&str]) -> anyhow::Result<(AgentConfig, SharedAuthn, PathBuf)> {
-    let key_path = lab.dir.path().join(format!("{}.softkey", user.replace('@', "_")));
+pub async fn enrolled(
+    lab: &Lab,
+    user: &str,
+    extra: &[&str],
+) -> anyhow::Result<(AgentConfig, SharedAuthn, PathBuf)> {
+    let key_path = lab
+        .dir
+        .path()
+        .join(format!("{}.softkey", user.replace('@', "_")));
     let cfg = lab.agent_config(user, &key_path, extra)?;
     let authn = soft_authn(&key_path)?;
     let code = lab.invite(user)?;
@@ -25,7 +32,9 @@ pub async fn enrolled(lab: &Lab, user: &str, extra: &[&str]) -> anyhow::Result<(
 
 /// Opens (or creates) the software key at `path`.
 pub fn soft_authn(path: &std::path::Path) -> anyhow::Result<SharedAuthn> {
-    Ok(Arc::new(Mutex::new(Box::new(SoftKey::open_or_create(path)?))))
+    Ok(Arc::new(Mutex::new(Box::new(SoftKey::open_or_create(
+        path,
+    )?))))
 }
 
 /// A response, fully read.
@@ -52,7 +61,9 @@ pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> anyh
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = sender.send_request(req.body(Empty::<Bytes>::new())?).await?;
+    let resp = sender
+        .send_request(req.body(Empty::<Bytes>::new())?)
+        .await?;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();
     Ok(Answer { status, body })

@@ -20,7 +20,9 @@ fn refusal(r: Result<impl std::fmt::Debug, TunnelError>) -> touchgate_proto::Ref
     }
 }
 
-async fn tunnel(cfg: &touchgate_agent::AgentConfig) -> anyhow::Result<(quinn::Endpoint, Tunnel, SessionKey)> {
+async fn tunnel(
+    cfg: &touchgate_agent::AgentConfig,
+) -> anyhow::Result<(quinn::Endpoint, Tunnel, SessionKey)> {
     let key = SessionKey::generate()?;
     let endpoint = client_endpoint(cfg, &key)?;
     let t = Tunnel::connect(&endpoint, cfg).await?;
@@ -40,16 +42,33 @@ async fn unknown_and_forbidden_services_are_refused_on_their_stream_only() -> an
     let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
     let (_ep, t, _) = tunnel(&cfg).await?;
     let session = t.login(&authn, ALICE, None).await?;
-    assert!(session.services.iter().any(|s| s.name == "api" && s.kind == ServiceKind::Http));
-    assert!(!session.services.iter().any(|s| s.name == "billing"), "billing is not offered to alice");
+    assert!(
+        session
+            .services
+            .iter()
+            .any(|s| s.name == "api" && s.kind == ServiceKind::Http)
+    );
+    assert!(
+        !session.services.iter().any(|s| s.name == "billing"),
+        "billing is not offered to alice"
+    );
 
     let r = refusal(t.open_stream("nosuch").await);
     assert_eq!(r.code, RefusalCode::UnknownService);
-    assert!(r.message.contains("no service named \"nosuch\""), "{}", r.message);
+    assert!(
+        r.message.contains("no service named \"nosuch\""),
+        "{}",
+        r.message
+    );
 
     let r = refusal(t.open_stream("billing").await);
     assert_eq!(r.code, RefusalCode::Forbidden);
-    assert!(r.message.contains("alice@example.com may not use service \"billing\""), "{}", r.message);
+    assert!(
+        r.message
+            .contains("alice@example.com may not use service \"billing\""),
+        "{}",
+        r.message
+    );
 
     // The connection survives both refusals.
     t.open_stream("echo").await?;
@@ -70,7 +89,8 @@ async fn streams_before_sign_in_are_refused() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn replayed_assertion_is_refused_on_the_same_and_on_another_connection() -> anyhow::Result<()> {
+async fn replayed_assertion_is_refused_on_the_same_and_on_another_connection() -> anyhow::Result<()>
+{
     let lab = Lab::start(LabOptions::default()).await?;
     let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
     let (_ep, a, _) = tunnel(&cfg).await?;
@@ -141,7 +161,8 @@ async fn counter_that_does_not_rise_is_refused_as_a_possible_clone() -> anyhow::
 async fn expired_challenge_is_refused() -> anyhow::Result<()> {
     let mut lab = Lab::start(LabOptions::default()).await?;
     let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
-    lab.reconfigure("challenge_ttl = \"1m\"", "challenge_ttl = \"0s\"").await?;
+    lab.reconfigure("challenge_ttl = \"1m\"", "challenge_ttl = \"0s\"")
+        .await?;
     let (_ep, t, _) = tunnel(&cfg).await?;
     let r = refusal(t.login(&authn, ALICE, None).await);
     assert_eq!(r.code, RefusalCode::ChallengeExpired);
@@ -155,8 +176,13 @@ async fn expired_session_token_is_refused() -> anyhow::Result<()> {
     let lab = Lab::start(LabOptions::default()).await?;
     let (cfg, _, _) = enrolled(&lab, ALICE, &[]).await?;
     let (_ep, t, key) = tunnel(&cfg).await?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let (token, _) = lab.gateway.signer().issue_session(ALICE, &key.thumbprint(), now - 60, now - 1)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let (token, _) =
+        lab.gateway
+            .signer()
+            .issue_session(ALICE, &key.thumbprint(), now - 60, now - 1)?;
     let r = refusal(t.resume(&token).await);
     assert_eq!(r.code, RefusalCode::SessionExpired);
     assert!(r.message.contains("touch your key"), "{}", r.message);
@@ -211,11 +237,16 @@ async fn software_key_is_refused_unless_the_policy_allows_it() -> anyhow::Result
     let code = lab.invite(ALICE)?;
     let r = refusal(touchgate_agent::enroll(&cfg, &soft_authn(&key_path)?, &code).await);
     assert_eq!(r.code, RefusalCode::AttestationRefused);
-    assert!(r.message.contains("does not accept software keys"), "{}", r.message);
+    assert!(
+        r.message.contains("does not accept software keys"),
+        "{}",
+        r.message
+    );
     assert_eq!(audited(&lab, "enrol_refused", "attestation_refused"), 1);
     // Nothing was lost: the invite is still usable once the admin allows software keys.
     let mut lab = lab;
-    lab.reconfigure("allow_software = false", "allow_software = true").await?;
+    lab.reconfigure("allow_software = false", "allow_software = true")
+        .await?;
     touchgate_agent::enroll(&cfg, &soft_authn(&key_path)?, &code).await?;
     Ok(())
 }

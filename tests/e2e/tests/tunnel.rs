@@ -19,7 +19,8 @@ use touchgate_testkit::{
 const ALICE: &str = "alice@example.com";
 
 #[tokio::test]
-async fn request_reaches_cloud_run_with_id_token_and_gateway_identity_headers() -> anyhow::Result<()> {
+async fn request_reaches_cloud_run_with_id_token_and_gateway_identity_headers() -> anyhow::Result<()>
+{
     let lab = Lab::start(LabOptions::default()).await?;
     let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
     let agent = RunningAgent::start(cfg, authn).await?;
@@ -37,19 +38,34 @@ async fn request_reaches_cloud_run_with_id_token_and_gateway_identity_headers() 
     )
     .await?;
 
-    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
     let echo = answer.json()?;
     assert_eq!(echo["path"], "/v1/items");
     assert_eq!(echo["id_token"]["aud"], API_AUDIENCE);
     let h = &echo["headers"];
     assert_eq!(h["authorization"], "Bearer callers-own-token");
     assert_eq!(h["x-touchgate-user"], ALICE);
-    let id_token = h["x-serverless-authorization"].as_str().and_then(|v| v.strip_prefix("Bearer ")).expect("id token");
-    assert_eq!(verify_id_token(id_token, API_AUDIENCE).map_err(anyhow::Error::msg)?.aud, API_AUDIENCE);
+    let id_token = h["x-serverless-authorization"]
+        .as_str()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .expect("id token");
+    assert_eq!(
+        verify_id_token(id_token, API_AUDIENCE)
+            .map_err(anyhow::Error::msg)?
+            .aud,
+        API_AUDIENCE
+    );
 
     // The identity assertion verifies with the gateway's published keys, and names alice.
     let assertion = h["x-touchgate-assertion"].as_str().expect("assertion");
-    let jwks = get(lab.admin_addr, "/.well-known/jwks.json", &[]).await?.json()?;
+    let jwks = get(lab.admin_addr, "/.well-known/jwks.json", &[])
+        .await?
+        .json()?;
     let jwk = &jwks["keys"][0];
     let key = jsonwebtoken::DecodingKey::from_ec_components(
         jwk["x"].as_str().expect("x"),
@@ -67,7 +83,10 @@ async fn request_reaches_cloud_run_with_id_token_and_gateway_identity_headers() 
     let health = get(lab.admin_addr, "/healthz", &[]).await?;
     assert_eq!(health.status, 200);
     let metrics = String::from_utf8(get(lab.admin_addr, "/metrics", &[]).await?.body.to_vec())?;
-    assert!(metrics.contains("touchgate_sessions_issued_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("touchgate_sessions_issued_total 1"),
+        "{metrics}"
+    );
     agent.shutdown().await;
     Ok(())
 }
@@ -102,7 +121,9 @@ async fn download_sha256(addr: std::net::SocketAddr, n: u64) -> anyhow::Result<(
     let stream = tokio::net::TcpStream::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = hyper::Request::get(format!("/bytes?n={n}")).header("host", "localhost").body(http_body_util::Empty::<Bytes>::new())?;
+    let req = hyper::Request::get(format!("/bytes?n={n}"))
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<Bytes>::new())?;
     let mut body = sender.send_request(req).await?.into_body();
     let mut h = Sha256::new();
     let mut len = 0u64;
@@ -141,7 +162,10 @@ async fn large_bodies_cross_the_tunnel_byte_identical_in_bounded_memory() -> any
 
     // Warm up every buffer and window with a smaller transfer, then measure the peak.
     let small = 8 * 1024 * 1024;
-    assert_eq!(download_sha256(api, small).await?, (small, pattern_sha256(small)));
+    assert_eq!(
+        download_sha256(api, small).await?,
+        (small, pattern_sha256(small))
+    );
     let before = peak_rss_kib();
 
     let big: u64 = 64 * 1024 * 1024;
@@ -156,7 +180,10 @@ async fn large_bodies_cross_the_tunnel_byte_identical_in_bounded_memory() -> any
     // body, the peak would have grown by at least 64 MiB.
     if let (Some(b), Some(a)) = (before, peak_rss_kib()) {
         let growth_mib = a.saturating_sub(b) / 1024;
-        assert!(growth_mib < 48, "peak RSS grew by {growth_mib} MiB for 64 MiB bodies");
+        assert!(
+            growth_mib < 48,
+            "peak RSS grew by {growth_mib} MiB for 64 MiB bodies"
+        );
     }
     agent.shutdown().await;
     Ok(())
@@ -174,7 +201,8 @@ async fn two_hundred_concurrent_local_connections_are_each_answered() -> anyhow:
         let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
             let stream = tokio::net::TcpStream::connect(api).await?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             tokio::spawn(conn);
             // All 200 connections are open before any request is sent.
             barrier.wait().await;
@@ -183,9 +211,13 @@ async fn two_hundred_concurrent_local_connections_are_each_answered() -> anyhow:
                 .body(http_body_util::Empty::<Bytes>::new())?;
             let resp = sender.send_request(req).await?;
             let status = resp.status().as_u16();
-            let body: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
+            let body: serde_json::Value =
+                serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
             anyhow::ensure!(status == 200, "request {i}: HTTP {status}");
-            anyhow::ensure!(body["path"] == format!("/item/{i}"), "request {i} got {body}");
+            anyhow::ensure!(
+                body["path"] == format!("/item/{i}"),
+                "request {i} got {body}"
+            );
             Ok::<_, anyhow::Error>(())
         }));
     }
@@ -248,7 +280,11 @@ async fn agent_reconnects_after_gateway_restart_without_a_new_touch() -> anyhow:
     let after = get(api, "/after", &[]).await?;
     assert_eq!(after.status, 200);
     assert_eq!(lab.audit_events("session_resumed").len(), 1);
-    assert_eq!(lab.audit_events("challenge_issued").len(), 1, "no second touch");
+    assert_eq!(
+        lab.audit_events("challenge_issued").len(),
+        1,
+        "no second touch"
+    );
     agent.shutdown().await;
     Ok(())
 }

@@ -13,7 +13,8 @@ use ctap_hid_fido2::{
 };
 use webauthn_rs_proto::{
     AuthenticatorAssertionResponseRaw, AuthenticatorAttestationResponseRaw, PublicKeyCredential,
-    PublicKeyCredentialCreationOptions, PublicKeyCredentialRequestOptions, RegisterPublicKeyCredential,
+    PublicKeyCredentialCreationOptions, PublicKeyCredentialRequestOptions,
+    RegisterPublicKeyCredential,
 };
 
 use super::{Authenticator, AuthnError};
@@ -42,8 +43,11 @@ impl HidKey {
         // The library prints its own "touch the sensor" line to stdout; the agent prompts itself.
         cfg.enable_keep_alive_msg = false;
         cfg.keep_alive_msg = String::new();
-        let device = FidoKeyHidFactory::create(&cfg).map_err(|e| AuthnError::Device(e.to_string()))?;
-        let info = device.get_info().map_err(|e| AuthnError::Device(e.to_string()))?;
+        let device =
+            FidoKeyHidFactory::create(&cfg).map_err(|e| AuthnError::Device(e.to_string()))?;
+        let info = device
+            .get_info()
+            .map_err(|e| AuthnError::Device(e.to_string()))?;
         let builtin_uv = info.options.iter().any(|(k, v)| k == "uv" && *v);
         Ok(Self {
             device,
@@ -80,14 +84,20 @@ impl Authenticator for HidKey {
             .device
             .make_credential_with_args(&builder.build())
             .map_err(|e| AuthnError::Device(e.to_string()))?;
-        let object = attestation_object(&att.fmt, att.attstmt_alg, &att.attstmt_sig, &att.attstmt_x5c, &att.auth_data)?;
+        let object = attestation_object(
+            &att.fmt,
+            att.attstmt_alg,
+            &att.attstmt_sig,
+            &att.attstmt_x5c,
+            &att.auth_data,
+        )?;
         let id = att.credential_descriptor.id.clone();
         Ok(RegisterPublicKeyCredential {
             id: URL_SAFE_NO_PAD.encode(&id),
-            raw_id: id.into(),
+            raw_id: id,
             response: AuthenticatorAttestationResponseRaw {
-                attestation_object: object.into(),
-                client_data_json: client_data_json.to_vec().into(),
+                attestation_object: object,
+                client_data_json: client_data_json.to_vec(),
                 transports: None,
             },
             type_: "public-key".into(),
@@ -128,11 +138,11 @@ impl Authenticator for HidKey {
         };
         Ok(PublicKeyCredential {
             id: URL_SAFE_NO_PAD.encode(&id),
-            raw_id: id.into(),
+            raw_id: id,
             response: AuthenticatorAssertionResponseRaw {
-                authenticator_data: a.auth_data.into(),
-                client_data_json: client_data_json.to_vec().into(),
-                signature: a.signature.into(),
+                authenticator_data: a.auth_data,
+                client_data_json: client_data_json.to_vec(),
+                signature: a.signature,
                 user_handle: None,
             },
             extensions: Default::default(),
@@ -168,7 +178,10 @@ pub fn attestation_object(
     let obj = Value::Map(vec![
         (Value::Text("fmt".into()), Value::Text(fmt.into())),
         (Value::Text("attStmt".into()), att_stmt),
-        (Value::Text("authData".into()), Value::Bytes(auth_data.to_vec())),
+        (
+            Value::Text("authData".into()),
+            Value::Bytes(auth_data.to_vec()),
+        ),
     ]);
     let mut out = Vec::new();
     ciborium::into_writer(&obj, &mut out).map_err(|e| AuthnError::Encoding(e.to_string()))?;
@@ -181,12 +194,22 @@ mod tests {
 
     #[test]
     fn attestation_object_has_the_webauthn_shape() {
-        let obj = attestation_object("packed", -7, b"sig", &[b"cert".to_vec()], b"authdata").expect("encode");
+        let obj = attestation_object("packed", -7, b"sig", &[b"cert".to_vec()], b"authdata")
+            .expect("encode");
         let v: Value = ciborium::from_reader(obj.as_slice()).expect("cbor");
         let m = v.as_map().expect("map");
-        let get = |k: &str| m.iter().find(|(key, _)| key.as_text() == Some(k)).map(|(_, v)| v);
+        let get = |k: &str| {
+            m.iter()
+                .find(|(key, _)| key.as_text() == Some(k))
+                .map(|(_, v)| v)
+        };
         assert_eq!(get("fmt").and_then(|v| v.as_text()), Some("packed"));
-        assert_eq!(get("authData").and_then(|v| v.as_bytes()).map(|b| b.as_slice()), Some(&b"authdata"[..]));
+        assert_eq!(
+            get("authData")
+                .and_then(|v| v.as_bytes())
+                .map(|b| b.as_slice()),
+            Some(&b"authdata"[..])
+        );
         let stmt = get("attStmt").and_then(|v| v.as_map()).expect("attStmt");
         assert_eq!(stmt.len(), 3);
         let none = attestation_object("none", 0, b"", &[], b"a").expect("encode");

@@ -44,9 +44,13 @@ impl SoftKey {
             reason,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let file: SoftKeyFile = serde_json::from_str(&text).map_err(|e| err(format!("not a touchgate software key: {e}")))?;
-        let cbor = STANDARD.decode(&file.token).map_err(|e| err(e.to_string()))?;
-        let token = SoftToken::from_cbor(&cbor).map_err(|e| err(format!("corrupt key state: {e:?}")))?;
+        let file: SoftKeyFile = serde_json::from_str(&text)
+            .map_err(|e| err(format!("not a touchgate software key: {e}")))?;
+        let cbor = STANDARD
+            .decode(&file.token)
+            .map_err(|e| err(e.to_string()))?;
+        let token =
+            SoftToken::from_cbor(&cbor).map_err(|e| err(format!("corrupt key state: {e:?}")))?;
         Ok(Self {
             path: path.to_owned(),
             token,
@@ -59,7 +63,8 @@ impl SoftKey {
         if path.exists() {
             return Self::open(path);
         }
-        let (token, ca) = SoftToken::new(false).map_err(|e| AuthnError::Device(format!("{e:?}")))?;
+        let (token, ca) =
+            SoftToken::new(false).map_err(|e| AuthnError::Device(format!("{e:?}")))?;
         let ca_pem = ca
             .to_pem(LineEnding::LF)
             .map_err(|e| AuthnError::Encoding(e.to_string()))?;
@@ -129,7 +134,7 @@ impl Authenticator for SoftKey {
             .token
             .perform_register(hash, options.clone(), 60_000)
             .map_err(|e| AuthnError::Device(format!("{e:?}")))?;
-        cred.response.client_data_json = client_data_json.to_vec().into();
+        cred.response.client_data_json = client_data_json.to_vec();
         self.save()?;
         Ok(cred)
     }
@@ -144,7 +149,7 @@ impl Authenticator for SoftKey {
             .token
             .perform_auth(hash, options.clone(), 60_000)
             .map_err(|e| AuthnError::Device(format!("{e:?}")))?;
-        cred.response.client_data_json = client_data_json.to_vec().into();
+        cred.response.client_data_json = client_data_json.to_vec();
         // The counter moved: persist before the assertion leaves, so it is never reused.
         self.save()?;
         Ok(cred)
@@ -160,7 +165,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("keys").join("soft.tgk");
         let key = SoftKey::open_or_create(&path).expect("create");
-        assert!(key.software_ca_pem().is_some_and(|p| p.starts_with("-----BEGIN CERTIFICATE-----")));
+        assert!(
+            key.software_ca_pem()
+                .is_some_and(|p| p.starts_with("-----BEGIN CERTIFICATE-----"))
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -173,7 +181,9 @@ mod tests {
 
     #[test]
     fn missing_soft_key_says_to_enrol() {
-        let err = SoftKey::open(Path::new("/nonexistent/soft.tgk")).err().expect("missing");
+        let err = SoftKey::open(Path::new("/nonexistent/soft.tgk"))
+            .err()
+            .expect("missing");
         assert!(err.to_string().contains("touchgate enroll"), "{err}");
     }
 }

@@ -1,0 +1,86 @@
+//! The `touchgate-gateway` binary as admins run it.
+
+use std::process::Command;
+
+fn gateway() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_touchgate-gateway"))
+}
+
+fn last_line(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[test]
+fn gen_cert_writes_files_and_prints_the_fingerprint_last() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = gateway()
+        .args(["gen-cert", "--name", "gw.example.com", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("run gen-cert");
+    assert!(out.status.success());
+    let fp = last_line(&out);
+    assert_eq!(fp.len(), 64);
+    assert!(fp.chars().all(|c| c.is_ascii_hexdigit()));
+    let certs = touchgate_gateway::tls::load_certs(&dir.path().join("cert.pem")).expect("cert");
+    assert_eq!(touchgate_gateway::tls::fingerprint(&certs[0]), fp);
+}
+
+#[test]
+fn invite_prints_a_code_that_is_stored_only_hashed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\nrp_id = \"localhost\"\ndatabase = \"gw.db\"\naudit_log = \"audit.jsonl\"\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n",
+    )
+    .expect("write config");
+    let out = gateway()
+        .args(["invite", "alice@corp", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run invite");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let code = last_line(&out);
+    assert!(code.len() >= 32, "{code}");
+    let store = touchgate_gateway::store::Store::open(&dir.path().join("gw.db")).expect("db");
+    assert_eq!(store.check_invite("alice@corp", &code).expect("db"), Ok(()));
+    let db = std::fs::read(dir.path().join("gw.db")).expect("read db");
+    assert!(!db.windows(code.len()).any(|w| w == code.as_bytes()));
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).expect("audit");
+    assert!(audit.contains("\"invite_created\""));
+    assert!(
+        !audit.contains(&code),
+        "the audit log must not hold the code"
+    );
+}
+
+#[test]
+fn invalid_config_lists_every_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\nrp_id = \"localhost\"\norigin = \"https://evil.test\"\ndatabase = \"gw.db\"\n[tls]\ncert = \"c\"\nkey = \"k\"\n[[service]]\nname = \"db\"\nkind = \"tcp\"\nupstream = \"nope\"\n",
+    )
+    .expect("write config");
+    let out = gateway()
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not host:port") && err.contains("origin"),
+        "{err}"
+    );
+}
