@@ -199,6 +199,11 @@ impl RunningAgent {
 impl Shared {
     async fn sign_in(&self) -> Result<(), TunnelError> {
         let tunnel = Tunnel::connect(&self.endpoint, &self.cfg).await?;
+        self.login_on(tunnel).await
+    }
+
+    /// Asks for a touch and signs in on `tunnel`.
+    async fn login_on(&self, tunnel: Tunnel) -> Result<(), TunnelError> {
         let describe = self
             .authn
             .lock()
@@ -294,19 +299,7 @@ impl Shared {
                 Err(e) => return Err(e),
             }
         }
-        let describe = self
-            .authn
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .describe();
-        self.state.send_replace(AgentState::WaitingForTouch {
-            authenticator: describe,
-        });
-        let session = tunnel
-            .login(&self.authn, &self.cfg.user, self.cfg.origin.as_deref())
-            .await?;
-        self.live(tunnel, session).await;
-        Ok(())
+        self.login_on(tunnel).await
     }
 }
 

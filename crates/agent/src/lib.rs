@@ -6,7 +6,6 @@ pub mod authenticator;
 pub mod config;
 pub mod status;
 pub mod tunnel;
-pub mod wire;
 
 pub use agent::{AgentState, RunningAgent, SharedAuthn};
 pub use config::AgentConfig;

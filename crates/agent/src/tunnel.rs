@@ -22,8 +22,8 @@ use webauthn_rs_proto::{CreationChallengeResponse, RequestChallengeResponse};
 use crate::{
     authenticator::{Authenticator, AuthnError, Ceremony, client_data_json},
     config::{AgentConfig, normalise_fingerprint},
-    wire::{WireError, read_frame, write_frame},
 };
+use touchgate_common::wire::{WireError, read_frame, write_frame};
 
 /// Errors talking to the gateway.
 #[derive(Debug, thiserror::Error)]
@@ -143,27 +143,12 @@ pub fn client_endpoint(
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TunnelError::Tls(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(transport_config()));
+    client.transport_config(Arc::new(touchgate_common::transport_config(false)));
     let bind: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));
     let mut endpoint = quinn::Endpoint::client(bind)
         .map_err(|e| TunnelError::Tls(format!("cannot open a UDP socket: {e}")))?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
-}
-
-/// Transport settings: large stream windows for bulk transfers, many streams, keep-alives.
-pub fn transport_config() -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(0u32.into());
-    t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window((8u32 * 1024 * 1024).into());
-    t.receive_window((64u32 * 1024 * 1024).into());
-    t.send_window(64 * 1024 * 1024);
-    t.keep_alive_interval(Some(Duration::from_secs(10)));
-    if let Ok(idle) = Duration::from_secs(30).try_into() {
-        t.max_idle_timeout(Some(idle));
-    }
-    t
 }
 
 /// Verifies the gateway by the SHA-256 fingerprint of its certificate.

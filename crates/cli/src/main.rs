@@ -60,7 +60,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Demo { .. } => "warn",
         _ => "info",
     };
-    init_logging(default_level);
+    touchgate_common::init_logging(default_level);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -171,7 +171,7 @@ async fn up(cfg: AgentConfig) -> anyhow::Result<std::process::ExitCode> {
             );
         }
     });
-    shutdown_signal().await;
+    touchgate_common::shutdown_signal().await;
     eprintln!("closing tunnels…");
     printer.abort();
     #[cfg(unix)]
@@ -219,29 +219,4 @@ fn humantime_like(t: std::time::SystemTime) -> String {
         .unwrap_or_default();
     let secs = left.as_secs();
     format!("{}h{:02}m from now", secs / 3600, (secs % 3600) / 60)
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
-fn init_logging(default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TOUCHGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
 }

@@ -368,7 +368,7 @@ mod tests {
     #[test]
     fn every_problem_is_reported_at_once() {
         let cfg = parse(&format!(
-            "{BASE}\norigin = \"https://evil.test\"\n[[service]]\nname=\"a\"\nkind=\"http\"\nupstream=\"nope\"\n[[service]]\nname=\"a\"\nkind=\"tcp\"\nupstream=\"db\"\n"
+            "origin = \"https://evil.test\"\n{BASE}\n[[service]]\nname=\"a\"\nkind=\"http\"\nupstream=\"nope\"\n[[service]]\nname=\"a\"\nkind=\"tcp\"\nupstream=\"db\"\n"
         ));
         let msg = cfg.check().expect_err("invalid").to_string();
         assert!(msg.contains("defined twice"), "{msg}");

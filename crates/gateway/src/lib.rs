@@ -18,7 +18,6 @@ pub mod server;
 pub mod store;
 pub mod tls;
 pub mod tokens;
-pub mod wire;
 
 use std::sync::Arc;
 

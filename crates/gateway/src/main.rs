@@ -58,7 +58,7 @@ enum Cmd {
 }
 
 fn main() -> std::process::ExitCode {
-    init_logging();
+    touchgate_common::init_logging("info");
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -150,36 +150,11 @@ async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
     println!("touchgate-gateway listening: QUIC on udp/{quic_addr}, admin on http://{admin_addr}");
     let quic = tokio::spawn(gw.clone().serve_quic(endpoint.clone()));
     let admin_task = tokio::spawn(gw.clone().serve_admin(admin));
-    shutdown_signal().await;
+    touchgate_common::shutdown_signal().await;
     tracing::info!("shutting down");
     endpoint.close(0u32.into(), b"gateway shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
     quic.abort();
     admin_task.abort();
     Ok(())
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TOUCHGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
 }

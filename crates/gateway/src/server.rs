@@ -26,8 +26,8 @@ use crate::{
     rp::{PendingEnrol, PendingLogin},
     store::{StoredCredential, now_secs},
     tokens::{SessionClaims, TokenError, cert_thumbprint},
-    wire::{WireError, read_frame, write_frame},
 };
+use touchgate_common::wire::{WireError, read_frame, write_frame};
 
 /// How long an agent has to send the first frame of a data stream.
 const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,7 +1,7 @@
 //! TLS for the QUIC endpoint: the server certificate, client-certificate handling, and a
 //! development certificate generator.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc};
 
 use rustls::{
     DigitallySignedStruct, DistinguishedName, SignatureScheme,
@@ -89,25 +89,8 @@ pub fn quic_server_config(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config()));
+    cfg.transport_config(Arc::new(touchgate_common::transport_config(true)));
     Ok(cfg)
-}
-
-/// Transport settings shared by both ends: generous stream windows for bulk transfers, many
-/// concurrent streams (one per local TCP connection), and keep-alives well inside the idle
-/// timeout so quiet tunnels stay open.
-pub fn transport_config() -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(4096u32.into());
-    t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window((8u32 * 1024 * 1024).into());
-    t.receive_window((64u32 * 1024 * 1024).into());
-    t.send_window(64 * 1024 * 1024);
-    t.keep_alive_interval(Some(Duration::from_secs(10)));
-    if let Ok(idle) = Duration::from_secs(30).try_into() {
-        t.max_idle_timeout(Some(idle));
-    }
-    t
 }
 
 /// Accepts any client certificate whose handshake signature verifies.
