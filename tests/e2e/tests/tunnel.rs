@@ -225,6 +225,8 @@ async fn two_hundred_concurrent_local_connections_are_each_answered() -> anyhow:
         t.await??;
     }
     assert_eq!(lab.audit_events("stream_opened").len(), 200);
+    // 200 requests for one audience share one ID token fetch (single flight, then cached).
+    assert_eq!(lab.metadata.request_count(), 1);
     agent.shutdown().await;
     Ok(())
 }
