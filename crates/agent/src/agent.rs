@@ -22,6 +22,9 @@ use crate::{
 /// An authenticator shared between the agent's tasks (calls are serialised by the mutex).
 pub type SharedAuthn = Arc<Mutex<Box<dyn Authenticator>>>;
 
+/// How often the agent checks that the signing key is still plugged in.
+pub const KEY_POLL: Duration = Duration::from_secs(1);
+
 /// How long a local connection waits for the tunnel before it is closed.
 pub const LOCAL_WAIT: Duration = Duration::from_secs(10);
 
@@ -57,6 +60,8 @@ pub enum AgentState {
         /// Why.
         reason: String,
     },
+    /// The key that signed in was unplugged and `lock_on_key_removal` ended the session.
+    KeyRemoved,
 }
 
 /// Errors starting the agent.
@@ -97,6 +102,7 @@ struct Shared {
     conn: watch::Sender<Option<quinn::Connection>>,
     session: Arc<Mutex<Option<SessionInfo>>>,
     tunnel: tokio::sync::Mutex<Option<Arc<Tunnel>>>,
+    locked: std::sync::atomic::AtomicBool,
 }
 
 impl RunningAgent {
@@ -125,6 +131,7 @@ impl RunningAgent {
             conn: conn_tx,
             session: Arc::new(Mutex::new(None)),
             tunnel: tokio::sync::Mutex::new(None),
+            locked: std::sync::atomic::AtomicBool::new(false),
         });
         shared.sign_in().await?;
         let mut tasks = Vec::new();
@@ -144,6 +151,10 @@ impl RunningAgent {
         }
         let s = shared.clone();
         tasks.push(tokio::spawn(async move { s.supervise().await }));
+        if shared.cfg.lock_on_key_removal {
+            let s = shared.clone();
+            tasks.push(tokio::spawn(async move { s.watch_key().await }));
+        }
         let session = shared.session.clone();
         Ok(Self {
             listeners,
@@ -238,11 +249,39 @@ impl Shared {
 
     /// Waits for the connection to drop, then reconnects with jittered backoff, resuming the
     /// session; signs in again only when the gateway refuses the session.
+    /// Ends the session when the key that signed in is unplugged (`lock_on_key_removal`).
+    async fn watch_key(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(KEY_POLL).await;
+            let authn = self.authn.clone();
+            let present = tokio::task::spawn_blocking(move || {
+                authn.lock().unwrap_or_else(|e| e.into_inner()).present()
+            })
+            .await
+            .ok()
+            .flatten();
+            if present == Some(false) {
+                tracing::warn!("the security key was unplugged: ending the session");
+                self.locked.store(true, std::sync::atomic::Ordering::SeqCst);
+                *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                let conn = self.conn.send_replace(None);
+                if let Some(c) = conn {
+                    c.close(0u32.into(), b"security key removed");
+                }
+                self.state.send_replace(AgentState::KeyRemoved);
+                return;
+            }
+        }
+    }
+
     async fn supervise(self: Arc<Self>) {
         loop {
             let conn = self.conn.borrow().clone();
             let Some(conn) = conn else { return };
             let reason = conn.closed().await;
+            if self.locked.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             tracing::warn!(%reason, "connection to the gateway lost; reconnecting");
             let mut attempt = 0u32;
             let mut delay = Duration::from_millis(100);

@@ -4,6 +4,7 @@
 //! to the authenticator, which signs `authData ‖ SHA-256(clientDataJSON)` as WebAuthn defines.
 //! Calls block (a hardware key waits for a touch); the agent runs them on a blocking thread.
 
+pub mod device;
 pub mod hid;
 pub mod soft;
 
@@ -42,6 +43,42 @@ pub enum AuthnError {
     /// The key produced a response that could not be encoded.
     #[error("cannot encode the key's response: {0}")]
     Encoding(String),
+    /// Wrong PIN.
+    #[error("wrong PIN{}", match retries { Some(n) => format!(": {n} tries left before the key blocks its PIN"), None => String::new() })]
+    PinWrong {
+        /// Tries left, when the key says.
+        retries: Option<i32>,
+    },
+    /// The PIN is blocked.
+    #[error(
+        "the key's PIN is blocked after too many wrong tries: reset the key with its vendor's tool (this erases its credentials) and enrol it again"
+    )]
+    PinBlocked,
+    /// Three wrong PINs in a row.
+    #[error("three wrong PINs in a row: unplug the key, plug it back in, and try again")]
+    PinAuthBlocked,
+    /// User verification is required but the key has no PIN.
+    #[error(
+        "the gateway requires user verification and this key has no PIN: set one with the key vendor's tool (for a YubiKey: ykman fido access change-pin) and try again"
+    )]
+    PinNotSet,
+    /// User verification is required but the key cannot do it.
+    #[error(
+        "the gateway requires user verification (PIN or fingerprint), which this key does not support"
+    )]
+    UvUnsupported,
+    /// Nobody touched the key in time.
+    #[error("no touch within {0}s: try again, and touch the key when it blinks")]
+    Timeout(u64),
+    /// The user cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    /// The key was unplugged during the operation.
+    #[error("the security key was removed during the operation: plug it back in and try again")]
+    Removed,
+    /// The USB layer refused access.
+    #[error(transparent)]
+    List(#[from] device::ListError),
 }
 
 /// One authenticator. Implementations block; call them from a blocking thread.
@@ -67,6 +104,22 @@ pub trait Authenticator: Send {
         options: &PublicKeyCredentialRequestOptions,
         client_data_json: &[u8],
     ) -> Result<PublicKeyCredential, AuthnError>;
+
+    /// Whether the key that signed last is still plugged in (`None`: not a removable key).
+    fn present(&self) -> Option<bool> {
+        None
+    }
+}
+
+/// Settings of the hardware-key authenticator.
+#[derive(Clone)]
+pub struct HidOptions {
+    /// Config `device`: pick a key by a part of its path or product name.
+    pub device: Option<String>,
+    /// How long to wait for a touch.
+    pub touch_timeout: std::time::Duration,
+    /// Who asks the user for a touch or a PIN.
+    pub prompter: std::sync::Arc<dyn hid::Prompter>,
 }
 
 /// Opens the configured authenticator. A software key is created on first use when
@@ -74,9 +127,21 @@ pub trait Authenticator: Send {
 pub fn open(
     choice: &AuthenticatorChoice,
     create_soft: bool,
+    hid_options: HidOptions,
 ) -> Result<Box<dyn Authenticator>, AuthnError> {
     match choice {
-        AuthenticatorChoice::Hid => Ok(Box::new(hid::HidKey::open()?)),
+        AuthenticatorChoice::Hid => {
+            let devices = device::list_hid_devices()?
+                .into_iter()
+                .map(|d| d as std::sync::Arc<dyn device::FidoDevice>)
+                .collect();
+            Ok(Box::new(hid::HidAuthenticator::new(
+                devices,
+                hid_options.device,
+                hid_options.prompter,
+                hid_options.touch_timeout,
+            )?))
+        }
         AuthenticatorChoice::Soft(path) => {
             if create_soft {
                 Ok(Box::new(soft::SoftKey::open_or_create(path)?))

@@ -51,6 +51,16 @@ pub struct AgentConfig {
     /// `"hid"` for a USB security key, or `"soft:PATH"` for a software key stored at PATH.
     #[serde(default = "default_authenticator")]
     pub authenticator: String,
+    /// Which security key to use when several are plugged in: a part of its path or product
+    /// name (see `touchgate keys`). By default the one that holds a credential for this gateway.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// How long to wait for a touch on a security key.
+    #[serde(default = "default_touch_timeout", with = "humantime_serde")]
+    pub touch_timeout: std::time::Duration,
+    /// End the session when the key that signed in is unplugged.
+    #[serde(default)]
+    pub lock_on_key_removal: bool,
     /// WebAuthn origin override; by default the one the gateway names.
     #[serde(default)]
     pub origin: Option<String>,
@@ -79,6 +89,10 @@ pub enum AuthenticatorChoice {
     Hid,
     /// A software key in a file.
     Soft(PathBuf),
+}
+
+fn default_touch_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
 }
 
 fn default_authenticator() -> String {

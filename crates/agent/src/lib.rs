@@ -16,13 +16,20 @@ use std::sync::{Arc, Mutex};
 pub fn shared_authenticator(
     cfg: &AgentConfig,
     create_soft: bool,
+    prompter: Arc<dyn authenticator::hid::Prompter>,
 ) -> Result<SharedAuthn, authenticator::AuthnError> {
     let choice = cfg
         .authenticator_choice()
         .map_err(authenticator::AuthnError::Device)?;
+    let hid = authenticator::HidOptions {
+        device: cfg.device.clone(),
+        touch_timeout: cfg.touch_timeout,
+        prompter,
+    };
     Ok(Arc::new(Mutex::new(authenticator::open(
         &choice,
         create_soft,
+        hid,
     )?)))
 }
 

@@ -2,14 +2,13 @@
 //! ask a running agent for its status, or run the whole system on this machine (`demo`).
 
 mod demo;
+mod prompt;
 
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use touchgate_agent::{
-    AgentConfig, AgentState, RunningAgent, config::AuthenticatorChoice, shared_authenticator,
-};
+use touchgate_agent::{AgentConfig, AgentState, RunningAgent, shared_authenticator};
 
 /// Reach private Cloud Run services from localhost with one touch of a security key.
 #[derive(Parser)]
@@ -29,13 +28,19 @@ enum Cmd {
         /// The invite code from your admin.
         #[arg(long, env = "TOUCHGATE_INVITE_CODE")]
         code: String,
+        #[command(flatten)]
+        pin: PinArgs,
     },
     /// Sign in with one touch and serve every configured service on 127.0.0.1 until Ctrl-C.
     Up {
         /// The agent config file (default: the platform config folder's agent.toml).
         #[arg(long, env = "TOUCHGATE_CONFIG")]
         config: Option<PathBuf>,
+        #[command(flatten)]
+        pin: PinArgs,
     },
+    /// List the plugged-in security keys: name, AAGUID, PIN, built-in UV, PIN retries.
+    Keys,
     /// Say whether an agent is running and what its session is doing.
     Status {
         /// The agent config file (default: the platform config folder's agent.toml).
@@ -52,6 +57,26 @@ enum Cmd {
         #[arg(long, default_value_t = 8081, env = "TOUCHGATE_DEMO_PORT")]
         port: u16,
     },
+}
+
+/// Where a security key's PIN comes from when it needs one (default: asked on the terminal).
+#[derive(clap::Args)]
+struct PinArgs {
+    /// Read the PIN from the first line of this file, e.g. /dev/fd/3 (less safe than typing it).
+    #[arg(long, env = "TOUCHGATE_PIN_FILE")]
+    pin_file: Option<PathBuf>,
+}
+
+impl PinArgs {
+    fn prompter(&self) -> std::sync::Arc<dyn touchgate_agent::authenticator::hid::Prompter> {
+        // TOUCHGATE_PIN is read here, not through clap, so that it never shows in --help output.
+        let source = match (&self.pin_file, std::env::var("TOUCHGATE_PIN")) {
+            (Some(p), _) => prompt::PinSource::File(p.clone()),
+            (None, Ok(v)) if !v.is_empty() => prompt::PinSource::Value(v.into()),
+            _ => prompt::PinSource::Terminal,
+        };
+        std::sync::Arc::new(prompt::TerminalPrompter::new(source))
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -90,18 +115,16 @@ fn load_config(path: Option<PathBuf>) -> anyhow::Result<AgentConfig> {
 
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.cmd {
-        Cmd::Enroll { config, code } => {
+        Cmd::Enroll { config, code, pin } => {
             let cfg = load_config(config)?;
-            let authn = shared_authenticator(&cfg, true)?;
+            let authn = shared_authenticator(&cfg, true, pin.prompter())?;
             let what = authn.lock().map(|a| a.describe()).unwrap_or_default();
-            if cfg.authenticator_choice().ok() == Some(AuthenticatorChoice::Hid) {
-                eprintln!("Touch your security key ({what}) to enrol it…");
-            }
             let id = touchgate_agent::enroll(&cfg, &authn, &code).await?;
             println!("enrolled {what} for {} (credential {id})", cfg.user);
             Ok(std::process::ExitCode::SUCCESS)
         }
-        Cmd::Up { config } => up(load_config(config)?).await,
+        Cmd::Up { config, pin } => up(load_config(config)?, pin.prompter()).await,
+        Cmd::Keys => keys(),
         Cmd::Status { config } => {
             let cfg = load_config(config)?;
             match touchgate_agent::status::query(&cfg.control_socket()).await? {
@@ -130,12 +153,42 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     }
 }
 
-async fn up(cfg: AgentConfig) -> anyhow::Result<std::process::ExitCode> {
-    let authn = shared_authenticator(&cfg, false)?;
-    let what = authn.lock().map(|a| a.describe()).unwrap_or_default();
-    if cfg.authenticator_choice().ok() == Some(AuthenticatorChoice::Hid) {
-        eprintln!("Touch your security key ({what}) to sign in…");
+fn keys() -> anyhow::Result<std::process::ExitCode> {
+    use touchgate_agent::authenticator::device::{FidoDevice, list_hid_devices};
+    let devices = list_hid_devices()?;
+    if devices.is_empty() {
+        println!("no security key found: plug one in and try again");
+        return Ok(std::process::ExitCode::from(3));
     }
+    for d in devices {
+        match d.info() {
+            Ok(i) => {
+                let pin = match i.client_pin {
+                    Some(true) => "PIN set",
+                    Some(false) => "no PIN set",
+                    None => "no PIN support",
+                };
+                let retries = i
+                    .pin_retries
+                    .map(|r| format!(", {r} PIN retries left"))
+                    .unwrap_or_default();
+                let uv = if i.builtin_uv { ", built-in UV" } else { "" };
+                println!(
+                    "{}  {}  AAGUID {}  {pin}{uv}{retries}",
+                    i.product, i.path, i.aaguid
+                );
+            }
+            Err(e) => println!("a key that does not answer: {e}"),
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn up(
+    cfg: AgentConfig,
+    prompter: std::sync::Arc<dyn touchgate_agent::authenticator::hid::Prompter>,
+) -> anyhow::Result<std::process::ExitCode> {
+    let authn = shared_authenticator(&cfg, false, prompter)?;
     let socket = cfg.control_socket();
     let agent = RunningAgent::start(cfg, authn)
         .await
@@ -169,17 +222,26 @@ async fn up(cfg: AgentConfig) -> anyhow::Result<std::process::ExitCode> {
                 "{}",
                 describe_state(&serde_json::to_value(&s).unwrap_or_default())
             );
+            if matches!(s, AgentState::KeyRemoved) {
+                return true;
+            }
         }
+        false
     });
-    touchgate_common::shutdown_signal().await;
+    let key_removed = tokio::select! {
+        _ = touchgate_common::shutdown_signal() => false,
+        removed = printer => removed.unwrap_or(false),
+    };
     eprintln!("closing tunnels…");
-    printer.abort();
     #[cfg(unix)]
     {
         status_task.abort();
         let _ = std::fs::remove_file(&socket);
     }
     agent.shutdown().await;
+    if key_removed {
+        return Ok(std::process::ExitCode::from(4));
+    }
     Ok(std::process::ExitCode::SUCCESS)
 }
 
@@ -205,6 +267,7 @@ fn describe_state(v: &serde_json::Value) -> String {
             format!("reconnecting (attempt {attempt}): {reason}")
         }
         AgentState::SignedOut { reason } => format!("signed out: {reason}"),
+        AgentState::KeyRemoved => "the security key was unplugged, so the session ended: plug it back in and run `touchgate up` again".into(),
     }
 }
 

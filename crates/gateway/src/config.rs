@@ -88,6 +88,25 @@ pub struct AttestationConfig {
     /// Trusted attestation roots: each entry a PEM CA and the AAGUIDs it vouches for.
     #[serde(default, rename = "trusted")]
     pub trusted: Vec<TrustedRoot>,
+    /// If not empty, only these authenticator models may enrol, whatever their root.
+    #[serde(default)]
+    pub allowed_aaguids: Vec<uuid::Uuid>,
+    /// Whether sign-in needs user verification (PIN or biometrics) besides the touch.
+    #[serde(default)]
+    pub user_verification: UserVerification,
+}
+
+/// The user-verification policy, as WebAuthn names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UserVerification {
+    /// Every enrolment and sign-in must verify the user (PIN or built-in UV).
+    Required,
+    /// Verify the user when the key can (built-in UV, or a PIN that is set).
+    #[default]
+    Preferred,
+    /// Touch only.
+    Discouraged,
 }
 
 /// One trusted attestation CA.

@@ -13,7 +13,8 @@ use webauthn_rs::prelude::{
     SecurityKeyRegistration, Url, Uuid, Webauthn, WebauthnBuilder, WebauthnError,
 };
 
-use crate::config::GatewayConfig;
+use crate::config::{GatewayConfig, UserVerification};
+use webauthn_rs_proto::UserVerificationPolicy;
 
 /// AAGUID of touchgate's software key (the soft token of webauthn-authenticator-rs).
 pub const SOFTWARE_AAGUID: Uuid = Uuid::from_u128(0x0fb9bcbc_a0d4_4042_bbb0_559bc1631e28);
@@ -75,6 +76,8 @@ pub struct RelyingParty {
     origin: String,
     roots: Vec<(Vec<u8>, Vec<Uuid>, String)>,
     allow_software: bool,
+    allowed_aaguids: Vec<Uuid>,
+    user_verification: UserVerification,
     challenge_ttl: Duration,
 }
 
@@ -111,6 +114,8 @@ impl RelyingParty {
             origin,
             roots,
             allow_software: cfg.attestation.allow_software,
+            allowed_aaguids: cfg.attestation.allowed_aaguids.clone(),
+            user_verification: cfg.attestation.user_verification,
             challenge_ttl: cfg.session.challenge_ttl,
         })
     }
@@ -169,10 +174,15 @@ impl RelyingParty {
         } else {
             Some(existing.into_iter().collect())
         };
-        let (ccr, state) = self
+        let (mut ccr, state) = self
             .webauthn
             .start_securitykey_registration(user_id, user, user, exclude, Some(list.build()), None)
             .map_err(|e| internal(format!("cannot start registration: {e:?}")))?;
+        // The security-key ceremony leaves UV to the relying party: ask for what the policy
+        // says, and check the UV flag ourselves when it is required.
+        if let Some(sel) = ccr.public_key.authenticator_selection.as_mut() {
+            sel.user_verification = self.uv_policy();
+        }
         Ok((
             ccr,
             PendingEnrol {
@@ -207,6 +217,24 @@ impl RelyingParty {
         // Defence in depth: whatever webauthn-rs accepted, a software AAGUID needs the policy.
         if aaguid == Some(SOFTWARE_AAGUID) && !self.allow_software {
             return Err(software_refused());
+        }
+        let model = aaguid.unwrap_or_default();
+        if !self.allowed_aaguids.is_empty()
+            && model != SOFTWARE_AAGUID
+            && !self.allowed_aaguids.contains(&model)
+        {
+            return Err(Refusal::new(
+                RefusalCode::AttestationRefused,
+                format!(
+                    "authenticator model {model} is not on this gateway's list of allowed models \
+                     ([attestation] allowed_aaguids): ask your admin which security keys are accepted"
+                ),
+            ));
+        }
+        if self.user_verification == UserVerification::Required
+            && !auth_data_flag(&reg.response.attestation_object, FLAG_UV)
+        {
+            return Err(uv_missing());
         }
         let cred_id = URL_SAFE_NO_PAD.encode(key.cred_id().as_ref() as &[u8]);
         Ok(Enrolled {
@@ -250,10 +278,11 @@ impl RelyingParty {
         user: &str,
         keys: &[SecurityKey],
     ) -> Result<(RequestChallengeResponse, PendingLogin), Refusal> {
-        let (rcr, state) = self
+        let (mut rcr, state) = self
             .webauthn
             .start_securitykey_authentication(keys)
             .map_err(|e| internal(format!("cannot start sign-in: {e:?}")))?;
+        rcr.public_key.user_verification = self.uv_policy();
         Ok((
             rcr,
             PendingLogin {
@@ -276,9 +305,22 @@ impl RelyingParty {
             Refusal::new(RefusalCode::BadRequest, format!("malformed assertion: {e}"))
         })?;
         check_binding(&cred.response.client_data_json, binding)?;
-        self.webauthn
+        let result = self
+            .webauthn
             .finish_securitykey_authentication(&cred, &pending.state)
-            .map_err(verification_refusal)
+            .map_err(verification_refusal)?;
+        if self.user_verification == UserVerification::Required && !result.user_verified() {
+            return Err(uv_missing());
+        }
+        Ok(result)
+    }
+
+    fn uv_policy(&self) -> UserVerificationPolicy {
+        match self.user_verification {
+            UserVerification::Required => UserVerificationPolicy::Required,
+            UserVerification::Preferred => UserVerificationPolicy::Preferred,
+            UserVerification::Discouraged => UserVerificationPolicy::Discouraged_DO_NOT_USE,
+        }
     }
 
     fn check_fresh(&self, issued: Instant) -> Result<(), Refusal> {
@@ -293,6 +335,25 @@ impl RelyingParty {
         }
         Ok(())
     }
+}
+
+fn uv_missing() -> Refusal {
+    Refusal::new(
+        RefusalCode::VerificationFailed,
+        "this gateway requires user verification: the key must check your PIN or fingerprint \
+         (set a PIN on the key, e.g. with its vendor's tool, and try again)",
+    )
+}
+
+/// The user-present flag of authenticator data.
+pub const FLAG_UP: u8 = 0x01;
+/// The user-verified flag of authenticator data.
+pub const FLAG_UV: u8 = 0x04;
+
+fn auth_data_flag(attestation_object: &[u8], flag: u8) -> bool {
+    auth_data(attestation_object)
+        .and_then(|a| a.get(32).copied())
+        .is_some_and(|f| f & flag != 0)
 }
 
 fn software_refused() -> Refusal {
@@ -373,14 +434,18 @@ pub fn check_binding(client_data_json: &[u8], binding: &[u8]) -> Result<(), Refu
     }
 }
 
-/// The AAGUID inside an attestation object, if it parses.
-pub fn attestation_aaguid(attestation_object: &[u8]) -> Option<Uuid> {
+fn auth_data(attestation_object: &[u8]) -> Option<Vec<u8>> {
     let v: ciborium::Value = ciborium::from_reader(attestation_object).ok()?;
-    let auth_data = v.as_map()?.iter().find_map(|(k, v)| {
+    v.as_map()?.iter().find_map(|(k, v)| {
         (k.as_text() == Some("authData"))
             .then(|| v.as_bytes().cloned())
             .flatten()
-    })?;
+    })
+}
+
+/// The AAGUID inside an attestation object, if it parses.
+pub fn attestation_aaguid(attestation_object: &[u8]) -> Option<Uuid> {
+    let auth_data = auth_data(attestation_object)?;
     // rpIdHash (32) | flags (1) | signCount (4) | AAGUID (16) | ...
     let bytes: [u8; 16] = auth_data.get(37..53)?.try_into().ok()?;
     Some(Uuid::from_bytes(bytes))

@@ -22,6 +22,9 @@ pub struct LabOptions {
     pub challenge_ttl: Duration,
     /// Users allowed on the `api` service.
     pub api_users: Vec<String>,
+    /// Extra TOML lines for the `[attestation]` table (plain keys first, then any
+    /// `[[attestation.trusted]]` tables).
+    pub attestation: String,
 }
 
 impl Default for LabOptions {
@@ -31,6 +34,7 @@ impl Default for LabOptions {
             max_age: Duration::from_secs(3600),
             challenge_ttl: Duration::from_secs(60),
             api_users: vec!["*".into()],
+            attestation: String::new(),
         }
     }
 }
@@ -102,6 +106,7 @@ key = "key.pem"
 
 [attestation]
 allow_software = {allow_software}
+{attestation}
 
 [id_tokens]
 source = "metadata"
@@ -133,6 +138,7 @@ upstream = "{tcp_echo}"
 allow = ["*"]
 "#,
             allow_software = opts.allow_software,
+            attestation = opts.attestation,
             metadata = metadata.url(),
             max_age = humantime::format_duration(opts.max_age),
             challenge_ttl = humantime::format_duration(opts.challenge_ttl),
