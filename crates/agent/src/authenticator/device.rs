@@ -221,15 +221,25 @@ pub fn list_hid_devices() -> Result<Vec<Arc<HidDevice>>, ListError> {
     let mut out = Vec::new();
     for d in found {
         match FidoKeyHid::new(std::slice::from_ref(&d.param), &cfg) {
-            Ok(key) => out.push(Arc::new(HidDevice {
-                key,
-                param: d.param.clone(),
-                product: if d.product_string.is_empty() {
+            Ok(mut key) => {
+                // PIN/UV auth protocol 2 where the key offers it (the library defaults to 1).
+                if key
+                    .get_info()
+                    .is_ok_and(|i| i.pin_uv_auth_protocols.contains(&2))
+                {
+                    let _ = key.set_pin_uv_auth_protocol_two();
+                }
+                let product = if d.product_string.is_empty() {
                     "security key".into()
                 } else {
                     d.product_string.clone()
-                },
-            })),
+                };
+                out.push(Arc::new(HidDevice {
+                    key,
+                    param: d.param.clone(),
+                    product,
+                }));
+            }
             Err(e) => tracing::warn!(device = %d.info, error = %e, "cannot open a FIDO key"),
         }
     }
