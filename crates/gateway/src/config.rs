@@ -211,6 +211,9 @@ pub struct ServiceConfig {
     /// Users allowed to use it; `"*"` allows every enrolled user.
     #[serde(default)]
     pub allow: Vec<String>,
+    /// How long an HTTP upstream may take to start answering before the caller gets a 504.
+    #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 impl ServiceConfig {
@@ -335,6 +338,10 @@ impl GatewayConfig {
     }
 }
 
+fn default_upstream_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
 fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9090))
 }
@@ -403,6 +410,7 @@ mod tests {
             kind: ServiceKind::Http,
             upstream: "https://api-xyz.a.run.app/v1".into(),
             audience: None,
+            timeout: default_upstream_timeout(),
             allow: vec!["*".into()],
         };
         assert_eq!(s.audience(), "https://api-xyz.a.run.app");

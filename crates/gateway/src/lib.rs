@@ -99,6 +99,7 @@ impl Gateway {
             id_tokens,
             signer.clone(),
             metrics.clone(),
+            audit.clone(),
         )?);
         Ok(Arc::new(Self {
             cfg: Arc::new(cfg),

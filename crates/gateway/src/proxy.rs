@@ -21,7 +21,13 @@ use hyper_util::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::{config::ServiceConfig, idtoken::IdTokens, metrics::Metrics, tokens::TokenSigner};
+use crate::{
+    audit::{AuditEvent, AuditLog},
+    config::ServiceConfig,
+    idtoken::IdTokens,
+    metrics::Metrics,
+    tokens::TokenSigner,
+};
 
 /// Header carrying the Google ID token that Cloud Run checks.
 pub const SERVERLESS_AUTH: HeaderName = HeaderName::from_static("x-serverless-authorization");
@@ -47,6 +53,7 @@ pub struct Proxy {
     id_tokens: Arc<IdTokens>,
     signer: TokenSigner,
     metrics: Arc<Metrics>,
+    audit: AuditLog,
 }
 
 impl Proxy {
@@ -55,6 +62,7 @@ impl Proxy {
         id_tokens: Arc<IdTokens>,
         signer: TokenSigner,
         metrics: Arc<Metrics>,
+        audit: AuditLog,
     ) -> Result<Self, rustls::Error> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -73,6 +81,7 @@ impl Proxy {
             id_tokens,
             signer,
             metrics,
+            audit,
         })
     }
 
@@ -111,14 +120,10 @@ impl Proxy {
         let id_token = match self.id_tokens.get(&audience).await {
             Ok(t) => t,
             Err(e) => {
-                Metrics::inc(&self.metrics.upstream_errors_total);
-                tracing::warn!(service = %svc.name, error = %e, "no ID token for upstream");
-                return plain(
+                return self.failed(
+                    ctx,
                     StatusCode::BAD_GATEWAY,
-                    &format!(
-                        "touchgate: cannot get an ID token for service {}: {e}",
-                        svc.name
-                    ),
+                    format!("touchgate: cannot get an ID token for service {}: {e}", svc.name),
                 );
             }
         };
@@ -155,17 +160,27 @@ impl Proxy {
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
         let out = Request::from_parts(parts, body.boxed());
-        let mut resp = match self.client.request(out).await {
-            Ok(r) => r,
-            Err(e) => {
-                Metrics::inc(&self.metrics.upstream_errors_total);
-                tracing::warn!(service = %svc.name, error = %e, "upstream request failed");
+        let mut resp = match tokio::time::timeout(svc.timeout, self.client.request(out)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
                 let detail = std::error::Error::source(&e)
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| e.to_string());
-                return plain(
+                return self.failed(
+                    ctx,
                     StatusCode::BAD_GATEWAY,
-                    &format!("touchgate: service {} is unreachable: {detail}", svc.name),
+                    format!("touchgate: service {} is unreachable: {detail}", svc.name),
+                );
+            }
+            Err(_) => {
+                return self.failed(
+                    ctx,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "touchgate: service {} did not answer within {}",
+                        svc.name,
+                        humantime::format_duration(svc.timeout)
+                    ),
                 );
             }
         };
@@ -187,6 +202,23 @@ impl Proxy {
             strip_hop_by_hop(resp.headers_mut(), false);
         }
         resp.map(|b| b.boxed())
+    }
+}
+
+impl Proxy {
+    /// Answers the caller with a short plain-text reason, and counts, logs and audits it.
+    fn failed(&self, ctx: &StreamContext, status: StatusCode, msg: String) -> Response<ProxyBody> {
+        Metrics::inc(&self.metrics.upstream_errors_total);
+        tracing::warn!(service = %ctx.service.name, status = status.as_u16(), reason = %msg, "upstream failed");
+        self.audit.record(AuditEvent {
+            event: "upstream_error",
+            user: Some(ctx.user.clone()),
+            service: Some(ctx.service.name.clone()),
+            outcome: Some(status.as_u16().to_string()),
+            reason: Some(msg.clone()),
+            ..Default::default()
+        });
+        plain(status, &msg)
     }
 }
 

@@ -132,6 +132,26 @@ audience = "{API_AUDIENCE}"
 allow = ["finance@example.com"]
 
 [[service]]
+name = "slow"
+kind = "http"
+upstream = "{upstream}"
+audience = "{API_AUDIENCE}"
+allow = ["*"]
+timeout = "300ms"
+
+[[service]]
+name = "down"
+kind = "http"
+upstream = "http://127.0.0.1:1"
+allow = ["*"]
+
+[[service]]
+name = "down-tcp"
+kind = "tcp"
+upstream = "127.0.0.1:1"
+allow = ["*"]
+
+[[service]]
 name = "echo"
 kind = "tcp"
 upstream = "{tcp_echo}"

@@ -253,6 +253,7 @@ pub fn pattern_sha256(n: u64) -> String {
 /// or `Authorization` when that is absent) and passes `Authorization` to the app untouched.
 ///
 /// - `GET /bytes?n=N` streams N bytes of the bulk pattern;
+/// - `GET /slow?ms=N` answers after N milliseconds;
 /// - `POST /upload` streams the body in and answers its length and SHA-256;
 /// - a request with `Upgrade: echo` is switched to a raw echo of bytes;
 /// - anything else answers a JSON echo of method, path, headers and the token's claims.
@@ -314,6 +315,15 @@ async fn cloud_run(mut req: Request<Incoming>, audience: &str) -> Response<Body>
         return r;
     }
     match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/slow") => {
+            let ms: u64 = query(&req)
+                .into_iter()
+                .find(|(k, _)| k == "ms")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(1000);
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            text(StatusCode::OK, "finally\n")
+        }
         ("GET", "/bytes") => {
             let n: u64 = query(&req)
                 .into_iter()
