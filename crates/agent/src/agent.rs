@@ -325,6 +325,7 @@ impl Shared {
                     if matches!(
                         r.code,
                         RefusalCode::SessionExpired
+                            | RefusalCode::SessionRevoked
                             | RefusalCode::InvalidToken
                             | RefusalCode::WrongSessionKey
                     ) =>

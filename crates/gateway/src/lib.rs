@@ -76,6 +76,7 @@ pub struct Gateway {
     metrics: Arc<metrics::Metrics>,
     proxy: Arc<proxy::Proxy>,
     activity: server::Activity,
+    revocations: server::Revocations,
 }
 
 impl Gateway {
@@ -93,6 +94,11 @@ impl Gateway {
                 source,
             }
         })?;
+        let revocations = server::Revocations::default();
+        revocations.set_epochs(store.epochs().map_err(|source| GatewayError::Store {
+            path: cfg.database.display().to_string(),
+            source,
+        })?);
         let metrics = Arc::new(metrics::Metrics::default());
         let id_tokens = Arc::new(idtoken::IdTokens::new(&cfg.id_tokens));
         let proxy = Arc::new(proxy::Proxy::new(
@@ -110,6 +116,7 @@ impl Gateway {
             metrics,
             proxy,
             activity: server::Activity::default(),
+            revocations,
         }))
     }
 

@@ -45,6 +45,14 @@ enum Cmd {
         #[arg(long, env = "TOUCHGATE_INVITE_TTL", value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
     },
+    /// End every session of USER within seconds (the next sign-in needs a touch).
+    Revoke {
+        /// The user.
+        user: String,
+        /// The gateway config file.
+        #[arg(long, env = "TOUCHGATE_GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
     /// Write a self-signed certificate and key for development (DIR/cert.pem, DIR/key.pem);
     /// prints the SHA-256 fingerprint as the last line.
     GenCert {
@@ -118,6 +126,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             println!("{code}");
             Ok(())
+        }
+        Cmd::Revoke { user, config } => {
+            let cfg = GatewayConfig::load(&config)?;
+            let store = Store::open(&cfg.database)
+                .with_context(|| format!("cannot open the database {}", cfg.database.display()))?;
+            let audit =
+                AuditLog::open(cfg.audit_log.as_deref()).context("cannot open the audit log")?;
+            match store
+                .revoke_user(&user)
+                .context("cannot store the revocation")?
+            {
+                Some(epoch) => {
+                    audit.record(touchgate_gateway::audit::AuditEvent {
+                        event: "user_revoked",
+                        user: Some(user.clone()),
+                        reason: Some(format!("revocation epoch {epoch}")),
+                        ..Default::default()
+                    });
+                    println!(
+                        "revoked every session of {user}: running gateways on this database close them within {}s",
+                        touchgate_gateway::server::REVOCATION_POLL.as_secs()
+                    );
+                    Ok(())
+                }
+                None => {
+                    anyhow::bail!("no user {user:?} on this gateway (see the invites you made)")
+                }
+            }
         }
         Cmd::GenCert { name, out } => {
             let cert = tls::generate_dev_cert(&name)?;

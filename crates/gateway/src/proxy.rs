@@ -123,7 +123,10 @@ impl Proxy {
                 return self.failed(
                     ctx,
                     StatusCode::BAD_GATEWAY,
-                    format!("touchgate: cannot get an ID token for service {}: {e}", svc.name),
+                    format!(
+                        "touchgate: cannot get an ID token for service {}: {e}",
+                        svc.name
+                    ),
                 );
             }
         };

@@ -56,11 +56,108 @@ impl Activity {
     }
 }
 
+/// Revocation epochs (refreshed from the store, so a `revoke` run by another process takes
+/// effect within [`REVOCATION_POLL`]) and the live sessions they apply to.
+#[derive(Default)]
+pub(crate) struct Revocations {
+    epochs: std::sync::RwLock<HashMap<String, u64>>,
+    live: Mutex<HashMap<u64, (Arc<SessionClaims>, quinn::Connection)>>,
+}
+
+/// How often the gateway reloads revocation epochs.
+pub const REVOCATION_POLL: Duration = Duration::from_secs(1);
+
+impl Revocations {
+    pub(crate) fn set_epochs(&self, e: HashMap<String, u64>) {
+        *self.epochs.write().unwrap_or_else(|e| e.into_inner()) = e;
+    }
+
+    fn epoch(&self, user: &str) -> u64 {
+        self.epochs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(user)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn revoked(&self, c: &SessionClaims) -> bool {
+        c.epoch < self.epoch(&c.sub)
+    }
+
+    fn add(&self, conn_id: u64, claims: Arc<SessionClaims>, conn: quinn::Connection) {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(conn_id, (claims, conn));
+    }
+
+    fn remove(&self, conn_id: u64) {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&conn_id);
+    }
+
+    /// Takes out the live sessions that are now revoked.
+    fn take_revoked(&self) -> Vec<(u64, Arc<SessionClaims>, quinn::Connection)> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let ids: Vec<u64> = live
+            .iter()
+            .filter(|(_, (c, _))| self.revoked(c))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| live.remove(&id).map(|(c, conn)| (id, c, conn)))
+            .collect()
+    }
+}
+
+fn revoked_refusal() -> Refusal {
+    Refusal::new(
+        RefusalCode::SessionRevoked,
+        "an admin ended your sessions: touch your key to sign in again",
+    )
+}
+
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
 impl Gateway {
     /// Accepts QUIC connections on `endpoint` until it is closed.
     pub async fn serve_quic(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        let gw = self.clone();
+        let revocations = tokio::spawn(async move { gw.enforce_revocations().await });
+        self.accept_loop(endpoint).await;
+        revocations.abort();
+    }
+
+    /// Reloads revocation epochs and closes the connections of revoked sessions.
+    async fn enforce_revocations(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(REVOCATION_POLL).await;
+            match self.store.epochs() {
+                Ok(e) => self.revocations.set_epochs(e),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reload revocations");
+                    continue;
+                }
+            }
+            for (conn_id, claims, conn) in self.revocations.take_revoked() {
+                tracing::info!(user = %claims.sub, conn = conn_id, "session revoked; closing its connection");
+                conn.close(2u32.into(), b"session revoked by an admin");
+                self.audit.record(AuditEvent {
+                    event: "session_revoked",
+                    user: Some(claims.sub.clone()),
+                    session: Some(claims.jti.clone()),
+                    conn: Some(conn_id),
+                    peer: Some(conn.remote_address().to_string()),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, endpoint: quinn::Endpoint) {
         while let Some(incoming) = endpoint.accept().await {
             let gw = self.clone();
             let id = NEXT_CONN.fetch_add(1, Relaxed);
@@ -101,6 +198,7 @@ impl Gateway {
             peer,
             thumb,
             binding,
+            conn: conn.clone(),
         };
         let ctl = Arc::new(ctl);
         // The first bidirectional stream is the control stream.
@@ -137,6 +235,7 @@ impl Gateway {
         if let Some(s) = &*session_rx.borrow() {
             self.activity.touch(&s.jti);
         }
+        self.revocations.remove(id);
         Metrics::dec(&self.metrics.connections_open);
     }
 }
@@ -147,6 +246,7 @@ struct ConnCtx {
     peer: SocketAddr,
     thumb: String,
     binding: [u8; EXPORTER_LEN],
+    conn: quinn::Connection,
 }
 
 #[derive(Default)]
@@ -358,7 +458,10 @@ impl ConnCtx {
             expires_at: claims.exp,
             services,
         };
-        session.send_replace(Some(Arc::new(claims)));
+        let claims = Arc::new(claims);
+        gw.revocations
+            .add(self.id, claims.clone(), self.conn.clone());
+        session.send_replace(Some(claims));
         ServerMsg::Session(info)
     }
 
@@ -460,8 +563,9 @@ impl ConnCtx {
         }
         let now = now_secs();
         let exp = now + gw.cfg.session.max_age.as_secs();
+        let epoch = gw.revocations.epoch(&user);
         gw.signer
-            .issue_session(&user, &self.thumb, now, exp)
+            .issue_session_at_epoch(&user, &self.thumb, now, exp, epoch)
             .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))
     }
 
@@ -485,6 +589,9 @@ impl ConnCtx {
                     format!("the session token is not valid ({why}): sign in again"),
                 ),
             })?;
+        if gw.revocations.revoked(&claims) {
+            return Err(revoked_refusal());
+        }
         if let Some(idle) = gw.activity.idle_for(&claims.jti)
             && idle > gw.cfg.session.idle_timeout
         {
@@ -541,6 +648,16 @@ impl ConnCtx {
             );
             self.stream_refused(&mut send, Some(user), Some(&open.service), r)
                 .await;
+            return;
+        }
+        if gw.revocations.revoked(&claims) {
+            self.stream_refused(
+                &mut send,
+                Some(user),
+                Some(&open.service),
+                revoked_refusal(),
+            )
+            .await;
             return;
         }
         let Some(svc) = gw.cfg.service(&open.service) else {

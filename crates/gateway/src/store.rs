@@ -63,7 +63,8 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE users (
         name TEXT PRIMARY KEY,
         uuid TEXT NOT NULL,
@@ -90,7 +91,11 @@ const MIGRATIONS: &[&str] = &[r#"
         pkcs8 BLOB NOT NULL,
         created INTEGER NOT NULL
     );
-"#];
+"#,
+    r#"
+    ALTER TABLE users ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+"#,
+];
 
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {
@@ -250,6 +255,30 @@ impl Store {
         Ok(())
     }
 
+    /// Ends every session of `user`: bumps the user's revocation epoch, which every session
+    /// token carries. Returns the new epoch, or `None` when there is no such user.
+    pub fn revoke_user(&self, user: &str) -> Result<Option<u64>, StoreError> {
+        let conn = self.lock();
+        let n = conn.execute("UPDATE users SET epoch = epoch + 1 WHERE name = ?1", [user])?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let e: i64 = conn.query_row("SELECT epoch FROM users WHERE name = ?1", [user], |r| {
+            r.get(0)
+        })?;
+        Ok(Some(e as u64))
+    }
+
+    /// Every user's revocation epoch.
+    pub fn epochs(&self) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare("SELECT name, epoch FROM users")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Signing keys, newest first.
     pub fn signing_keys(&self) -> Result<Vec<StoredSigningKey>, StoreError> {
         let conn = self.lock();
@@ -330,6 +359,18 @@ mod tests {
             s.check_invite("bob", "nope").expect("db"),
             Err(InviteProblem::Unknown)
         );
+    }
+
+    #[test]
+    fn revoking_bumps_the_epoch_of_that_user_only() {
+        let (_dir, s) = store();
+        s.ensure_user("alice").expect("user");
+        s.ensure_user("bob").expect("user");
+        assert_eq!(s.revoke_user("alice").expect("db"), Some(1));
+        assert_eq!(s.revoke_user("alice").expect("db"), Some(2));
+        assert_eq!(s.revoke_user("nobody").expect("db"), None);
+        let e = s.epochs().expect("db");
+        assert_eq!((e["alice"], e["bob"]), (2, 0));
     }
 
     #[test]

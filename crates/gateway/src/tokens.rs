@@ -73,6 +73,9 @@ pub struct SessionClaims {
     pub jti: String,
     /// Binding to the session key.
     pub cnf: Confirmation,
+    /// The user's revocation epoch when the session began; a revoke bumps it.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// Claims of the identity assertion sent to upstreams.
@@ -189,7 +192,20 @@ impl TokenSigner {
         iat: u64,
         exp: u64,
     ) -> Result<(String, SessionClaims), KeyError> {
+        self.issue_session_at_epoch(user, thumbprint, iat, exp, 0)
+    }
+
+    /// Issues a session token that carries the user's revocation `epoch`.
+    pub fn issue_session_at_epoch(
+        &self,
+        user: &str,
+        thumbprint: &str,
+        iat: u64,
+        exp: u64,
+        epoch: u64,
+    ) -> Result<(String, SessionClaims), KeyError> {
         let claims = SessionClaims {
+            epoch,
             iss: self.issuer.clone(),
             sub: user.to_owned(),
             aud: SESSION_AUDIENCE.to_owned(),

@@ -84,3 +84,41 @@ fn invalid_config_lists_every_problem() {
         "{err}"
     );
 }
+
+#[test]
+fn revoke_bumps_the_users_epoch_and_refuses_unknown_users() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\nrp_id = \"localhost\"\ndatabase = \"gw.db\"\naudit_log = \"audit.jsonl\"\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n",
+    )
+    .expect("write config");
+    let out = gateway()
+        .args(["revoke", "nobody@corp", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run revoke");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no user \"nobody@corp\""));
+    let invite = gateway()
+        .args(["invite", "alice@corp", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("invite");
+    assert!(invite.status.success());
+    let out = gateway()
+        .args(["revoke", "alice@corp", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run revoke");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = touchgate_gateway::store::Store::open(&dir.path().join("gw.db")).expect("db");
+    assert_eq!(store.epochs().expect("epochs")["alice@corp"], 1);
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).expect("audit");
+    assert!(audit.contains("\"user_revoked\""));
+}

@@ -240,6 +240,8 @@ pub enum RefusalCode {
     SessionExpired,
     /// The session token belongs to another session key.
     WrongSessionKey,
+    /// An admin ended the user's sessions.
+    SessionRevoked,
     /// A data stream was opened before a session was established.
     Unauthenticated,
     /// The service is not configured on the gateway.

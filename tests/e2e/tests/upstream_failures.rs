@@ -17,21 +17,47 @@ async fn unreachable_slow_and_healthy_upstreams_each_get_the_right_answer() -> a
     let down = get(agent.local_addr("down").expect("down"), "/x", &[]).await?;
     assert_eq!(down.status, 502);
     let text = String::from_utf8_lossy(&down.body);
-    assert!(text.starts_with("touchgate: service down is unreachable"), "{text}");
+    assert!(
+        text.starts_with("touchgate: service down is unreachable"),
+        "{text}"
+    );
 
-    let slow = get(agent.local_addr("slow").expect("slow"), "/slow?ms=5000", &[]).await?;
+    let slow = get(
+        agent.local_addr("slow").expect("slow"),
+        "/slow?ms=5000",
+        &[],
+    )
+    .await?;
     assert_eq!(slow.status, 504);
     let text = String::from_utf8_lossy(&slow.body);
     assert!(text.contains("did not answer within 300ms"), "{text}");
 
     // The same upstream answers in time on a path that is not slow, and other services work.
-    assert_eq!(get(agent.local_addr("slow").expect("slow"), "/fast", &[]).await?.status, 200);
-    assert_eq!(get(agent.local_addr("api").expect("api"), "/ok", &[]).await?.status, 200);
+    assert_eq!(
+        get(agent.local_addr("slow").expect("slow"), "/fast", &[])
+            .await?
+            .status,
+        200
+    );
+    assert_eq!(
+        get(agent.local_addr("api").expect("api"), "/ok", &[])
+            .await?
+            .status,
+        200
+    );
 
     let errors = lab.audit_events("upstream_error");
     assert_eq!(errors.len(), 2, "{errors:?}");
-    assert!(errors.iter().any(|e| e["service"] == "down" && e["outcome"] == "502"));
-    assert!(errors.iter().any(|e| e["service"] == "slow" && e["outcome"] == "504"));
+    assert!(
+        errors
+            .iter()
+            .any(|e| e["service"] == "down" && e["outcome"] == "502")
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e["service"] == "slow" && e["outcome"] == "504")
+    );
     agent.shutdown().await;
     Ok(())
 }
@@ -47,7 +73,11 @@ async fn unreachable_tcp_upstream_is_refused_on_the_stream() -> anyhow::Result<(
     match t.open_stream("down-tcp").await {
         Err(touchgate_agent::tunnel::TunnelError::Refused(r)) => {
             assert_eq!(r.code, RefusalCode::UpstreamUnavailable);
-            assert!(r.message.contains("down-tcp is unreachable"), "{}", r.message);
+            assert!(
+                r.message.contains("down-tcp is unreachable"),
+                "{}",
+                r.message
+            );
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
