@@ -6,6 +6,17 @@ fn gateway() -> Command {
     Command::new(env!("CARGO_BIN_EXE_touchgate-gateway"))
 }
 
+/// A gateway config with only what `invite` and `revoke` need.
+fn minimal_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let cfg = dir.join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\nrp_id = \"localhost\"\ndatabase = \"gw.db\"\naudit_log = \"audit.jsonl\"\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n",
+    )
+    .expect("write config");
+    cfg
+}
+
 fn last_line(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -33,12 +44,7 @@ fn gen_cert_writes_files_and_prints_the_fingerprint_last() {
 #[test]
 fn invite_prints_a_code_that_is_stored_only_hashed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = dir.path().join("gateway.toml");
-    std::fs::write(
-        &cfg,
-        "listen = \"127.0.0.1:0\"\nrp_id = \"localhost\"\ndatabase = \"gw.db\"\naudit_log = \"audit.jsonl\"\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n",
-    )
-    .expect("write config");
+    let cfg = minimal_config(dir.path());
     let out = gateway()
         .args(["invite", "alice@corp", "--config"])
         .arg(&cfg)
@@ -88,12 +94,7 @@ fn invalid_config_lists_every_problem() {
 #[test]
 fn revoke_bumps_the_users_epoch_and_refuses_unknown_users() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = dir.path().join("gateway.toml");
-    std::fs::write(
-        &cfg,
-        "listen = \"127.0.0.1:0\"\nrp_id = \"localhost\"\ndatabase = \"gw.db\"\naudit_log = \"audit.jsonl\"\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n",
-    )
-    .expect("write config");
+    let cfg = minimal_config(dir.path());
     let out = gateway()
         .args(["revoke", "nobody@corp", "--config"])
         .arg(&cfg)
