@@ -62,6 +62,9 @@ pub struct GatewayConfig {
     /// Invites.
     #[serde(default)]
     pub invite: InviteConfig,
+    /// Size and rate limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// The services behind the gateway.
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
@@ -176,6 +179,48 @@ impl Default for SessionConfig {
             challenge_ttl: default_challenge_ttl(),
         }
     }
+}
+
+/// Size and rate limits against hostile or broken clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Time a client has to send a whole HTTP request head (slowloris defence).
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Largest HTTP request head, in bytes; larger ones get 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Sign-in and enrolment attempts per user, and per source address, each minute.
+    #[serde(default = "default_signin_per_minute")]
+    pub signin_attempts_per_minute: u32,
+    /// New QUIC connections per source address each minute.
+    #[serde(default = "default_connections_per_minute")]
+    pub connections_per_minute: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: default_header_read_timeout(),
+            max_header_bytes: default_max_header_bytes(),
+            signin_attempts_per_minute: default_signin_per_minute(),
+            connections_per_minute: default_connections_per_minute(),
+        }
+    }
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_signin_per_minute() -> u32 {
+    20
+}
+fn default_connections_per_minute() -> u32 {
+    600
 }
 
 /// Invite settings.

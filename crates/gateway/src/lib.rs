@@ -77,6 +77,7 @@ pub struct Gateway {
     proxy: Arc<proxy::Proxy>,
     activity: server::Activity,
     revocations: server::Revocations,
+    limiter: server::RateLimiter,
 }
 
 impl Gateway {
@@ -106,6 +107,7 @@ impl Gateway {
             signer.clone(),
             metrics.clone(),
             audit.clone(),
+            cfg.limits.clone(),
         )?);
         Ok(Arc::new(Self {
             cfg: Arc::new(cfg),
@@ -117,6 +119,7 @@ impl Gateway {
             proxy,
             activity: server::Activity::default(),
             revocations,
+            limiter: server::RateLimiter::default(),
         }))
     }
 

@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::{
     audit::{AuditEvent, AuditLog},
-    config::ServiceConfig,
+    config::{LimitsConfig, ServiceConfig},
     idtoken::IdTokens,
     metrics::Metrics,
     tokens::TokenSigner,
@@ -54,6 +54,7 @@ pub struct Proxy {
     signer: TokenSigner,
     metrics: Arc<Metrics>,
     audit: AuditLog,
+    limits: LimitsConfig,
 }
 
 impl Proxy {
@@ -63,6 +64,7 @@ impl Proxy {
         signer: TokenSigner,
         metrics: Arc<Metrics>,
         audit: AuditLog,
+        limits: LimitsConfig,
     ) -> Result<Self, rustls::Error> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -82,6 +84,7 @@ impl Proxy {
             signer,
             metrics,
             audit,
+            limits,
         })
     }
 
@@ -90,12 +93,22 @@ impl Proxy {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let limits = self.limits.clone();
         let svc = hyper::service::service_fn(move |req| {
             let proxy = self.clone();
             let ctx = ctx.clone();
             async move { Ok::<_, std::convert::Infallible>(proxy.forward(req, &ctx).await) }
         });
-        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .max_header_list_size(limits.max_header_bytes as u32);
         if let Err(e) = builder
             .serve_connection_with_upgrades(TokioIo::new(io), svc)
             .await
@@ -144,6 +157,11 @@ impl Proxy {
         };
         let (mut parts, body) = req.into_parts();
         sanitise_request_headers(&mut parts.headers, upgrade);
+        // The upstream request is framed by what hyper read, never by a header it did not use
+        // (hyper drops Content-Length when Transfer-Encoding is present, and re-frames).
+        if hyper::body::Body::size_hint(&body).exact().is_none() {
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
         if let Some(host) = uri.authority().map(|a| a.as_str().to_owned())
             && let Ok(v) = HeaderValue::from_str(&host)
         {

@@ -120,6 +120,29 @@ fn revoked_refusal() -> Refusal {
     )
 }
 
+/// Counts events per key in fixed one-minute windows.
+#[derive(Default)]
+pub(crate) struct RateLimiter {
+    windows: Mutex<HashMap<String, (Instant, u32)>>,
+}
+
+impl RateLimiter {
+    /// Counts one event for `key`; false when the key is over `per_minute` in this window.
+    fn allow(&self, key: &str, per_minute: u32) -> bool {
+        let mut w = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if w.len() > 100_000 {
+            w.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(60));
+        }
+        let entry = w.entry(key.to_owned()).or_insert((now, 0));
+        if now.duration_since(entry.0) >= Duration::from_secs(60) {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        entry.1 <= per_minute
+    }
+}
+
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
 impl Gateway {
@@ -159,6 +182,25 @@ impl Gateway {
 
     async fn accept_loop(self: Arc<Self>, endpoint: quinn::Endpoint) {
         while let Some(incoming) = endpoint.accept().await {
+            let ip = incoming.remote_address().ip();
+            if !self.limiter.allow(
+                &format!("conn:{ip}"),
+                self.cfg.limits.connections_per_minute,
+            ) {
+                Metrics::inc(&self.metrics.auth_refused_total);
+                self.audit.record(AuditEvent {
+                    event: "connection_refused",
+                    peer: Some(incoming.remote_address().to_string()),
+                    outcome: Some("rate_limited".into()),
+                    reason: Some(format!(
+                        "more than {} new connections a minute from {ip}",
+                        self.cfg.limits.connections_per_minute
+                    )),
+                    ..Default::default()
+                });
+                incoming.refuse();
+                continue;
+            }
             let gw = self.clone();
             let id = NEXT_CONN.fetch_add(1, Relaxed);
             let span = tracing::info_span!("conn", id, peer = %incoming.remote_address());
@@ -319,7 +361,10 @@ impl ConnCtx {
                 user,
                 invite_code,
                 software_ca_pem,
-            } => match self.enrol_begin(&user, &invite_code, software_ca_pem.as_deref()) {
+            } => match self
+                .rate_limit(&user)
+                .and_then(|()| self.enrol_begin(&user, &invite_code, software_ca_pem.as_deref()))
+            {
                 Ok((options, p)) => {
                     pending.enrol = Some(p);
                     gw.audit.record(AuditEvent {
@@ -364,7 +409,10 @@ impl ConnCtx {
                     }
                 }
             }
-            ClientMsg::LoginBegin { user } => match self.login_begin(&user) {
+            ClientMsg::LoginBegin { user } => match self
+                .rate_limit(&user)
+                .and_then(|()| self.login_begin(&user))
+            {
                 Ok((options, p)) => {
                     pending.login = Some(p);
                     gw.audit.record(AuditEvent {
@@ -463,6 +511,28 @@ impl ConnCtx {
             .add(self.id, claims.clone(), self.conn.clone());
         session.send_replace(Some(claims));
         ServerMsg::Session(info)
+    }
+
+    /// Sign-in and enrolment attempts, per user and per source address.
+    fn rate_limit(&self, user: &str) -> Result<(), Refusal> {
+        let gw = &self.gw;
+        let per = gw.cfg.limits.signin_attempts_per_minute;
+        let by_user = gw.limiter.allow(&format!("user:{user}"), per);
+        let by_ip = gw.limiter.allow(&format!("ip:{}", self.peer.ip()), per);
+        if by_user && by_ip {
+            return Ok(());
+        }
+        let who = if by_user {
+            format!("from {}", self.peer.ip())
+        } else {
+            format!("for {user}")
+        };
+        Err(Refusal::new(
+            RefusalCode::RateLimited,
+            format!(
+                "too many sign-in attempts {who} (more than {per} a minute): wait a minute and try again"
+            ),
+        ))
     }
 
     fn enrol_begin(

@@ -242,6 +242,8 @@ pub enum RefusalCode {
     WrongSessionKey,
     /// An admin ended the user's sessions.
     SessionRevoked,
+    /// Too many attempts; wait and try again.
+    RateLimited,
     /// A data stream was opened before a session was established.
     Unauthenticated,
     /// The service is not configured on the gateway.

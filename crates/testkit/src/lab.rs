@@ -25,6 +25,8 @@ pub struct LabOptions {
     /// Extra TOML lines for the `[attestation]` table (plain keys first, then any
     /// `[[attestation.trusted]]` tables).
     pub attestation: String,
+    /// TOML lines for the `[limits]` table.
+    pub limits: String,
 }
 
 impl Default for LabOptions {
@@ -35,6 +37,7 @@ impl Default for LabOptions {
             challenge_ttl: Duration::from_secs(60),
             api_users: vec!["*".into()],
             attestation: String::new(),
+            limits: "header_read_timeout = \"2s\"".into(),
         }
     }
 }
@@ -112,6 +115,9 @@ allow_software = {allow_software}
 source = "metadata"
 metadata_url = "{metadata}"
 
+[limits]
+{limits}
+
 [session]
 max_age = "{max_age}"
 idle_timeout = "1h"
@@ -159,6 +165,7 @@ allow = ["*"]
 "#,
             allow_software = opts.allow_software,
             attestation = opts.attestation,
+            limits = opts.limits,
             metadata = metadata.url(),
             max_age = humantime::format_duration(opts.max_age),
             challenge_ttl = humantime::format_duration(opts.challenge_ttl),
