@@ -197,6 +197,12 @@ impl RunningAgent {
         self.conn.borrow().clone()
     }
 
+    /// Moves the tunnel to a new UDP socket (a network change); the QUIC connection migrates
+    /// and open streams carry on.
+    pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
+        self.endpoint.rebind(socket)
+    }
+
     /// Closes the tunnel cleanly and stops every task.
     pub async fn shutdown(self) {
         for t in &self.tasks {

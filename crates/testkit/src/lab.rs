@@ -219,6 +219,12 @@ allow = ["*"]
     /// Stops the gateway (closing connections) and starts a new one on the same UDP port with
     /// the same database and keys, as a deploy or restart would.
     pub async fn restart_gateway(&mut self) -> anyhow::Result<()> {
+        self.stop_gateway().await;
+        self.start_gateway().await
+    }
+
+    /// Stops the gateway, closing its connections (as a deploy or a crash would).
+    pub async fn stop_gateway(&mut self) {
         if let Some(old) = self.endpoint.take() {
             old.close(0u32.into(), b"gateway restarting");
             old.wait_idle().await;
@@ -227,6 +233,10 @@ allow = ["*"]
             t.abort();
             let _ = t.await;
         }
+    }
+
+    /// Starts the gateway again on its old UDP port, with the same database and keys.
+    pub async fn start_gateway(&mut self) -> anyhow::Result<()> {
         let cfg = GatewayConfig::load(&self.gateway_config_path)?;
         // The old endpoint's socket closes once its connection tasks have seen the close; give
         // them a moment, as a restarting process would wait for its old port.

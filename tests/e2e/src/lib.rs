@@ -68,3 +68,15 @@ pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> anyh
     let body = resp.into_body().collect().await?.to_bytes();
     Ok(Answer { status, body })
 }
+
+/// Starts `GET /bytes?n=N` (the upstream's bulk pattern) on a new connection to `addr` and
+/// returns the streaming response body.
+pub async fn bulk_download(addr: SocketAddr, n: u64) -> anyhow::Result<hyper::body::Incoming> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(format!("/bytes?n={n}"))
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())?;
+    Ok(sender.send_request(req).await?.into_body())
+}

@@ -28,13 +28,7 @@ fn peak_rss_kib() -> Option<u64> {
 }
 
 async fn download_sha256(addr: std::net::SocketAddr, n: u64) -> anyhow::Result<(u64, String)> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get(format!("/bytes?n={n}"))
-        .header("host", "localhost")
-        .body(http_body_util::Empty::<Bytes>::new())?;
-    let mut body = sender.send_request(req).await?.into_body();
+    let mut body = touchgate_e2e::bulk_download(addr, n).await?;
     let mut h = Sha256::new();
     let mut len = 0u64;
     while let Some(frame) = body.frame().await {
