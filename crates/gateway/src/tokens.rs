@@ -257,6 +257,13 @@ impl TokenSigner {
         if data.claims.exp <= now_secs() {
             return Err(TokenError::Expired);
         }
+        // Clocks of replicas may differ a little; a token from further in the future is forged
+        // or from a broken clock.
+        if data.claims.iat > now_secs() + 60 {
+            return Err(TokenError::Invalid(
+                "issued in the future (not yet valid)".into(),
+            ));
+        }
         if data.claims.cnf.x5t_s256 != thumbprint {
             return Err(TokenError::WrongKey);
         }
@@ -335,6 +342,89 @@ mod tests {
             .verify_session(&parts.join("."), "t")
             .expect_err("forged");
         assert!(matches!(err, TokenError::Invalid(_)), "{err:?}");
+    }
+
+    fn header_and_claims(token: &str) -> (serde_json::Value, String, String) {
+        let parts: Vec<&str> = token.split('.').collect();
+        let header: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).expect("b64")).expect("json");
+        (header, parts[1].to_owned(), parts[2].to_owned())
+    }
+
+    #[test]
+    fn unknown_kid_is_refused() {
+        let (_d, _s, signer) = signer();
+        let now = now_secs();
+        let (token, _) = signer
+            .issue_session("alice", "t", now, now + 60)
+            .expect("issue");
+        let (mut header, claims, sig) = header_and_claims(&token);
+        header["kid"] = "someone-elses-key".into();
+        let forged = format!(
+            "{}.{claims}.{sig}",
+            URL_SAFE_NO_PAD.encode(header.to_string())
+        );
+        let err = signer
+            .verify_session(&forged, "t")
+            .expect_err("unknown kid");
+        assert_eq!(
+            err,
+            TokenError::Invalid("signed by an unknown or retired key".into())
+        );
+    }
+
+    #[test]
+    fn alg_confusion_with_hmac_over_the_public_key_is_refused() {
+        let (_d, _s, signer) = signer();
+        let now = now_secs();
+        let claims = serde_json::json!({
+            "iss": "https://gw.test", "sub": "root", "aud": SESSION_AUDIENCE,
+            "iat": now, "exp": now + 60, "jti": "x", "cnf": {"x5t#S256": "t"}
+        });
+        let public = signer.jwks().to_string();
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(signer.current_kid().to_owned());
+        let forged = jsonwebtoken::encode(
+            &header,
+            &claims,
+            &EncodingKey::from_secret(public.as_bytes()),
+        )
+        .expect("hmac token");
+        let err = signer
+            .verify_session(&forged, "t")
+            .expect_err("alg confusion");
+        assert!(
+            matches!(err, TokenError::Invalid(ref m) if m.contains("not accepted")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn token_of_a_key_rotated_out_is_refused() {
+        let (_d1, _s1, old) = signer();
+        let (_d2, _s2, new) = signer();
+        let now = now_secs();
+        let (token, _) = old
+            .issue_session("alice", "t", now, now + 60)
+            .expect("issue");
+        assert!(matches!(
+            new.verify_session(&token, "t"),
+            Err(TokenError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn token_not_yet_valid_is_refused() {
+        let (_d, _s, signer) = signer();
+        let now = now_secs();
+        let (token, _) = signer
+            .issue_session("alice", "t", now + 3600, now + 7200)
+            .expect("issue");
+        let err = signer.verify_session(&token, "t").expect_err("future");
+        assert!(
+            matches!(err, TokenError::Invalid(ref m) if m.contains("not yet valid")),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -87,8 +87,26 @@ impl Vendor {
             counter: AtomicU32::new(0),
             plugged: AtomicBool::new(true),
             drop_uv: AtomicBool::new(false),
+            tamper: Mutex::new(Tamper::None),
         })
     }
+}
+
+/// Ways a broken or hostile key can get an assertion wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tamper {
+    /// An honest key.
+    None,
+    /// Sign for another relying party id.
+    OtherRpId,
+    /// Leave the user-present flag clear.
+    NoUserPresence,
+    /// Sign other data than `authData ‖ clientDataHash`.
+    SignOtherData,
+    /// Send authenticator data cut short.
+    TruncateAuthData,
+    /// Answer with the newest credential on the key, whatever the allow list says.
+    UseNewestCredential,
 }
 
 /// A fake hardware key (see the module docs).
@@ -102,9 +120,17 @@ pub struct FakeHardwareKey {
     counter: AtomicU32,
     plugged: AtomicBool,
     drop_uv: AtomicBool,
+    tamper: Mutex<Tamper>,
 }
 
 impl FakeHardwareKey {
+    /// Makes the key get its next assertions wrong in the given way.
+    pub fn set_tamper(&self, t: Tamper) {
+        if let Ok(mut g) = self.tamper.lock() {
+            *g = t;
+        }
+    }
+
     /// Makes the key check the PIN but leave the UV flag clear, as a broken or hostile key might.
     pub fn set_drop_uv(&self, drop: bool) {
         self.drop_uv.store(drop, Relaxed);
@@ -210,31 +236,51 @@ impl FidoDevice for FakeHardwareKey {
 
     fn get_assertion(&self, req: &GetAssertion<'_>) -> Result<Asserted, DeviceError> {
         self.check_plugged()?;
+        let tamper = self.tamper.lock().map(|t| *t).unwrap_or(Tamper::None);
         let creds = self
             .creds
             .lock()
             .map_err(|_| DeviceError::Other("poisoned".into()))?;
-        let Some((id, key)) = creds.iter().find(|(id, _)| req.allow.contains(id)) else {
+        let found = if tamper == Tamper::UseNewestCredential {
+            creds.last()
+        } else {
+            creds.iter().find(|(id, _)| req.allow.contains(id))
+        };
+        let Some((id, key)) = found else {
             return Err(DeviceError::NoCredentials);
         };
         let mut flags = self.flags(req.uv, req.pin)?;
-        if !req.up {
+        if !req.up || tamper == Tamper::NoUserPresence {
             flags &= !0x01;
         }
         let counter = self.counter.fetch_add(1, Relaxed) + 1;
-        let mut auth_data = Sha256::digest(req.rp_id.as_bytes()).to_vec();
+        let rp_id = if tamper == Tamper::OtherRpId {
+            "evil.example"
+        } else {
+            req.rp_id
+        };
+        let mut auth_data = Sha256::digest(rp_id.as_bytes()).to_vec();
         auth_data.push(flags);
         auth_data.extend_from_slice(&counter.to_be_bytes());
-        let signature = sign(key, &auth_data, req.client_data_json)?;
+        let signed: &[u8] = if tamper == Tamper::SignOtherData {
+            b"something else"
+        } else {
+            req.client_data_json
+        };
+        let signature = sign(key, &auth_data, signed)?;
+        if tamper == Tamper::TruncateAuthData {
+            auth_data.truncate(20);
+        }
+        // Like real keys with a one-entry allow list, leave the id out.
+        let credential_id = if req.allow.len() == 1 && tamper != Tamper::UseNewestCredential {
+            Vec::new()
+        } else {
+            id.clone()
+        };
         Ok(Asserted {
             auth_data,
             signature,
-            // Like real keys with a one-entry allow list, leave the id out.
-            credential_id: if req.allow.len() == 1 {
-                Vec::new()
-            } else {
-                id.clone()
-            },
+            credential_id,
         })
     }
 
