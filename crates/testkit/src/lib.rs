@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 
 pub mod hardware;
 pub mod lab;
+pub mod relay;
 
 /// Issuer of Google ID tokens.
 pub const GOOGLE_ISSUER: &str = "https://accounts.google.com";

@@ -63,3 +63,39 @@ async fn local_connections_during_an_outage_fail_in_bounded_time_then_work_again
     agent.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn agent_notices_a_silently_dead_gateway_and_resumes_on_its_successor() -> anyhow::Result<()> {
+    let mut lab = Lab::start(LabOptions::default()).await?;
+    let (mut cfg, authn, _) = enrolled(&lab, "alice@example.com", &[]).await?;
+    let relay = touchgate_testkit::relay::UdpRelay::start(lab.quic_addr).await?;
+    cfg.gateway = relay.addr.to_string();
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let api = agent.local_addr("api").expect("api");
+    let old = agent.connection().expect("connected");
+
+    // The gateway dies without a word (its CONNECTION_CLOSE is lost) and a new one starts.
+    relay.blackhole(true);
+    lab.restart_gateway().await?;
+    relay.blackhole(false);
+    // The agent's keep-alives reach a gateway that does not know the connection, so the agent
+    // finds out by its idle timeout (or a stateless reset), then resumes.
+    let reason = tokio::time::timeout(Duration::from_secs(60), old.closed()).await?;
+    tracing::info!(%reason, "old connection ended");
+    let mut state = agent.state();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let connected = matches!(*state.borrow_and_update(), AgentState::Connected { .. });
+            if connected && agent.connection().is_some_and(|c| c.stable_id() != old.stable_id()) {
+                return Ok::<_, anyhow::Error>(());
+            }
+            state.changed().await?;
+        }
+    })
+    .await??;
+    assert_eq!(get(api, "/after-crash", &[]).await?.status, 200);
+    assert_eq!(lab.audit_events("session_resumed").len(), 1);
+    assert_eq!(lab.audit_events("challenge_issued").len(), 1, "no new touch");
+    agent.shutdown().await;
+    Ok(())
+}
