@@ -17,8 +17,8 @@ pub fn transport_config(accept_streams: bool) -> quinn::TransportConfig {
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window((64u32 * 1024 * 1024).into());
     t.send_window(64 * 1024 * 1024);
-    t.keep_alive_interval(Some(Duration::from_secs(10)));
-    if let Ok(idle) = Duration::from_secs(30).try_into() {
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    if let Ok(idle) = Duration::from_secs(15).try_into() {
         t.max_idle_timeout(Some(idle));
     }
     t

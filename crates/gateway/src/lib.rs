@@ -78,6 +78,7 @@ pub struct Gateway {
     activity: server::Activity,
     revocations: server::Revocations,
     limiter: server::RateLimiter,
+    reset_key: Vec<u8>,
 }
 
 impl Gateway {
@@ -95,6 +96,14 @@ impl Gateway {
                 source,
             }
         })?;
+        let reset_key = store
+            .secret("quic_stateless_reset_key", || {
+                rand::rng().random::<[u8; 32]>().to_vec()
+            })
+            .map_err(|source| GatewayError::Store {
+                path: cfg.database.display().to_string(),
+                source,
+            })?;
         let revocations = server::Revocations::default();
         revocations.set_epochs(store.epochs().map_err(|source| GatewayError::Store {
             path: cfg.database.display().to_string(),
@@ -120,6 +129,7 @@ impl Gateway {
             activity: server::Activity::default(),
             revocations,
             limiter: server::RateLimiter::default(),
+            reset_key,
         }))
     }
 
@@ -151,8 +161,12 @@ impl Gateway {
             addr: addr.clone(),
             source: std::io::Error::other("no async runtime"),
         })?;
+        // Stateless resets use a key kept in the database: a restarted (or killed and
+        // restarted) gateway can then tell agents at once that their old connection is gone,
+        // instead of leaving them to wait for their idle timeout.
+        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.reset_key);
         quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            quinn::EndpointConfig::new(Arc::new(reset_key)),
             Some(server),
             socket,
             runtime,

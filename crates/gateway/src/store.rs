@@ -95,6 +95,12 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE users ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+    CREATE TABLE secrets (
+        name TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    );
+"#,
 ];
 
 /// Seconds since the Unix epoch.
@@ -277,6 +283,29 @@ impl Store {
             Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The secret called `name`, made with `make` and stored the first time it is asked for.
+    pub fn secret(
+        &self,
+        name: &str,
+        make: impl FnOnce() -> Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
+        let conn = self.lock();
+        let existing: Option<Vec<u8>> = conn
+            .query_row("SELECT value FROM secrets WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if let Some(v) = existing {
+            return Ok(v);
+        }
+        let v = make();
+        conn.execute(
+            "INSERT INTO secrets (name, value) VALUES (?1, ?2)",
+            params![name, v],
+        )?;
+        Ok(v)
     }
 
     /// Signing keys, newest first.

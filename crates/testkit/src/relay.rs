@@ -29,7 +29,12 @@ impl UdpRelay {
         let addr = front.local_addr()?;
         let blackhole = Arc::new(AtomicBool::new(false));
         let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
-        let (f, b, hole, c) = (front.clone(), back.clone(), blackhole.clone(), client.clone());
+        let (f, b, hole, c) = (
+            front.clone(),
+            back.clone(),
+            blackhole.clone(),
+            client.clone(),
+        );
         let up = async move {
             let mut buf = vec![0u8; 65536];
             while let Ok((n, from)) = f.recv_from(&mut buf).await {
@@ -56,7 +61,11 @@ impl UdpRelay {
         let task = tokio::spawn(async move {
             tokio::join!(up, down);
         });
-        Ok(Self { addr, blackhole, task })
+        Ok(Self {
+            addr,
+            blackhole,
+            task,
+        })
     }
 
     /// Drops (`true`) or passes (`false`) every datagram, both ways.

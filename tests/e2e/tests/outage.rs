@@ -65,7 +65,8 @@ async fn local_connections_during_an_outage_fail_in_bounded_time_then_work_again
 }
 
 #[tokio::test]
-async fn agent_notices_a_silently_dead_gateway_and_resumes_on_its_successor() -> anyhow::Result<()> {
+async fn agent_notices_a_silently_dead_gateway_and_resumes_on_its_successor() -> anyhow::Result<()>
+{
     let mut lab = Lab::start(LabOptions::default()).await?;
     let (mut cfg, authn, _) = enrolled(&lab, "alice@example.com", &[]).await?;
     let relay = touchgate_testkit::relay::UdpRelay::start(lab.quic_addr).await?;
@@ -86,7 +87,11 @@ async fn agent_notices_a_silently_dead_gateway_and_resumes_on_its_successor() ->
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             let connected = matches!(*state.borrow_and_update(), AgentState::Connected { .. });
-            if connected && agent.connection().is_some_and(|c| c.stable_id() != old.stable_id()) {
+            if connected
+                && agent
+                    .connection()
+                    .is_some_and(|c| c.stable_id() != old.stable_id())
+            {
                 return Ok::<_, anyhow::Error>(());
             }
             state.changed().await?;
@@ -95,7 +100,11 @@ async fn agent_notices_a_silently_dead_gateway_and_resumes_on_its_successor() ->
     .await??;
     assert_eq!(get(api, "/after-crash", &[]).await?.status, 200);
     assert_eq!(lab.audit_events("session_resumed").len(), 1);
-    assert_eq!(lab.audit_events("challenge_issued").len(), 1, "no new touch");
+    assert_eq!(
+        lab.audit_events("challenge_issued").len(),
+        1,
+        "no new touch"
+    );
     agent.shutdown().await;
     Ok(())
 }
