@@ -236,7 +236,17 @@ impl Tunnel {
         let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
             .await
             .map_err(|_| err("no answer within 10s (is UDP to the gateway blocked?)".into()))?
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("refused to accept a new connection") {
+                    err(format!(
+                        "{text} (the gateway is refusing new connections from this address for now, \
+                         e.g. too many in a minute: try again shortly)"
+                    ))
+                } else {
+                    err(text)
+                }
+            })?;
         let mut binding = [0u8; EXPORTER_LEN];
         conn.export_keying_material(&mut binding, EXPORTER_LABEL, b"")
             .map_err(|_| err("no TLS exporter".into()))?;

@@ -137,3 +137,28 @@ async fn sign_in_attempts_are_rate_limited_per_user() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn new_connections_are_rate_limited_per_source_address() -> anyhow::Result<()> {
+    let lab = Lab::start(LabOptions {
+        limits: "connections_per_minute = 3".into(),
+        ..Default::default()
+    })
+    .await?;
+    let cfg = lab.agent_config(ALICE, &lab.dir.path().join("k"), &[])?;
+    let key = touchgate_agent::tunnel::SessionKey::generate()?;
+    let endpoint = touchgate_agent::tunnel::client_endpoint(&cfg, &key)?;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(touchgate_agent::tunnel::Tunnel::connect(&endpoint, &cfg).await?);
+    }
+    let err = touchgate_agent::tunnel::Tunnel::connect(&endpoint, &cfg)
+        .await
+        .err()
+        .expect("the fourth connection in a minute is refused");
+    assert!(err.to_string().contains("refused"), "{err}");
+    let refused = lab.audit_events("connection_refused");
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0]["outcome"], "rate_limited");
+    Ok(())
+}

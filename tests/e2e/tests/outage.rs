@@ -108,3 +108,26 @@ async fn agent_notices_a_silently_dead_gateway_and_resumes_on_its_successor() ->
     agent.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn keep_alives_hold_a_silent_tunnel_open_past_the_idle_timeout() -> anyhow::Result<()> {
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (cfg, authn, _) = enrolled(&lab, "alice@example.com", &[]).await?;
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let conn = agent.connection().expect("connected");
+    // Silence for longer than the 15 s QUIC idle timeout: only keep-alives cross the tunnel.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+    assert_eq!(
+        agent.connection().map(|c| c.stable_id()),
+        Some(conn.stable_id())
+    );
+    assert_eq!(
+        get(agent.local_addr("api").expect("api"), "/after-silence", &[])
+            .await?
+            .status,
+        200
+    );
+    agent.shutdown().await;
+    Ok(())
+}
