@@ -80,13 +80,26 @@ impl Lab {
         let upstream = start_cloud_run(TcpListener::bind("127.0.0.1:0").await?, API_AUDIENCE).await;
         let echo = TcpListener::bind("127.0.0.1:0").await?;
         let tcp_echo = echo.local_addr()?;
+        // An upstream that accepts and resets every connection at once.
+        let resetter = TcpListener::bind("127.0.0.1:0").await?;
+        let reset_addr = resetter.local_addr()?;
         let echo_task = tokio::spawn(async move {
-            while let Ok((s, _)) = echo.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.into_split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
+            let echoes = async {
+                while let Ok((s, _)) = echo.accept().await {
+                    tokio::spawn(async move {
+                        let (mut r, mut w) = s.into_split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    });
+                }
+            };
+            let resets = async {
+                while let Ok((s, _)) = resetter.accept().await {
+                    // Linger 0 turns the close into a TCP RST.
+                    let _ = s.set_zero_linger();
+                    drop(s);
+                }
+            };
+            tokio::join!(echoes, resets);
         });
         let users = opts
             .api_users
@@ -152,6 +165,12 @@ upstream = "http://127.0.0.1:1"
 allow = ["*"]
 
 [[service]]
+name = "reset"
+kind = "http"
+upstream = "http://{reset_addr}"
+allow = ["*"]
+
+[[service]]
 name = "down-tcp"
 kind = "tcp"
 upstream = "127.0.0.1:1"
@@ -165,6 +184,7 @@ allow = ["*"]
 "#,
             allow_software = opts.allow_software,
             attestation = opts.attestation,
+            reset_addr = reset_addr,
             limits = opts.limits,
             metadata = metadata.url(),
             max_age = humantime::format_duration(opts.max_age),

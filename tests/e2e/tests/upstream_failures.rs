@@ -11,8 +11,16 @@ const ALICE: &str = "alice@example.com";
 #[tokio::test]
 async fn unreachable_slow_and_healthy_upstreams_each_get_the_right_answer() -> anyhow::Result<()> {
     let lab = Lab::start(LabOptions::default()).await?;
-    let (cfg, authn, _) = enrolled(&lab, ALICE, &["down", "slow"]).await?;
+    let (cfg, authn, _) = enrolled(&lab, ALICE, &["down", "slow", "reset"]).await?;
     let agent = RunningAgent::start(cfg, authn).await?;
+
+    let reset = get(agent.local_addr("reset").expect("reset"), "/x", &[]).await?;
+    assert_eq!(reset.status, 502);
+    let text = String::from_utf8_lossy(&reset.body);
+    assert!(
+        text.starts_with("touchgate: service reset is unreachable"),
+        "{text}"
+    );
 
     let down = get(agent.local_addr("down").expect("down"), "/x", &[]).await?;
     assert_eq!(down.status, 502);
@@ -47,7 +55,12 @@ async fn unreachable_slow_and_healthy_upstreams_each_get_the_right_answer() -> a
     );
 
     let errors = lab.audit_events("upstream_error");
-    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e["service"] == "reset" && e["outcome"] == "502")
+    );
     assert!(
         errors
             .iter()
