@@ -250,3 +250,52 @@ async fn software_key_is_refused_unless_the_policy_allows_it() -> anyhow::Result
     touchgate_agent::enroll(&cfg, &soft_authn(&key_path)?, &code).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn every_step_of_a_run_is_audited_exactly_once() -> anyhow::Result<()> {
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    let (_ep, t, key) = tunnel(&cfg).await?;
+    let assertion = t.make_assertion(&authn, ALICE, None).await?;
+    let session = t.finish_login(assertion.clone()).await?;
+    let _ = refusal(t.finish_login(assertion).await);
+    let _ = refusal(t.open_stream("nosuch").await);
+    let _ = refusal(t.open_stream("billing").await);
+    let (_ep2, t2, _) = tunnel(&cfg).await?;
+    let _ = refusal(t2.resume(&session.token).await);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let (expired, _) =
+        lab.gateway
+            .signer()
+            .issue_session(ALICE, &key.thumbprint(), now - 9, now - 1)?;
+    let _ = refusal(t.resume(&expired).await);
+    t.open_stream("echo").await?;
+
+    let count = |event: &str| lab.audit_events(event).len();
+    let expected = [
+        ("invite_created", 1),
+        ("enrol_challenge_issued", 1),
+        ("invite_used", 1),
+        ("challenge_issued", 1),
+        ("challenge_verified", 1),
+        ("session_issued", 1),
+        ("challenge_refused", 1),
+        ("stream_refused", 2),
+        ("session_refused", 2),
+        ("stream_opened", 1),
+    ];
+    for (event, n) in expected {
+        assert_eq!(count(event), n, "{event}");
+    }
+    // Every refusal carries its reason and outcome.
+    for e in lab.audit() {
+        let event = e["event"].as_str().unwrap_or_default();
+        if event.ends_with("_refused") {
+            assert!(e["reason"].as_str().is_some_and(|r| !r.is_empty()), "{e}");
+            assert!(e["outcome"].as_str().is_some_and(|o| o != "ok"), "{e}");
+        }
+    }
+    Ok(())
+}
