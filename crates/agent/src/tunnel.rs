@@ -143,7 +143,7 @@ pub fn client_endpoint(
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TunnelError::Tls(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(touchgate_common::transport_config(false)));
+    client.transport_config(Arc::new(touchgate_common::transport_config(0)));
     let bind: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));
     let mut endpoint = quinn::Endpoint::client(bind)
         .map_err(|e| TunnelError::Tls(format!("cannot open a UDP socket: {e}")))?;

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 /// Transport settings for both ends of the tunnel: large stream windows for bulk transfers,
 /// many concurrent streams (one per local TCP connection), and keep-alives well inside the
-/// idle timeout so quiet tunnels stay open. `accept_streams` says whether the peer may open
-/// bidirectional streams towards this end (the gateway accepts them; the agent does not).
-pub fn transport_config(accept_streams: bool) -> quinn::TransportConfig {
+/// idle timeout so quiet tunnels stay open. `max_streams` is how many bidirectional streams the
+/// peer may have open towards this end at once (the gateway accepts many; the agent none).
+pub fn transport_config(max_streams: u32) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(if accept_streams { 4096u32 } else { 0 }.into());
+    t.max_concurrent_bidi_streams(max_streams.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window((64u32 * 1024 * 1024).into());

@@ -197,6 +197,9 @@ pub struct LimitsConfig {
     /// New QUIC connections per source address each minute.
     #[serde(default = "default_connections_per_minute")]
     pub connections_per_minute: u32,
+    /// Streams (local TCP connections) one agent may have open at once; more wait for a slot.
+    #[serde(default = "default_max_streams")]
+    pub max_streams_per_connection: u32,
 }
 
 impl Default for LimitsConfig {
@@ -206,6 +209,7 @@ impl Default for LimitsConfig {
             max_header_bytes: default_max_header_bytes(),
             signin_attempts_per_minute: default_signin_per_minute(),
             connections_per_minute: default_connections_per_minute(),
+            max_streams_per_connection: default_max_streams(),
         }
     }
 }
@@ -221,6 +225,9 @@ fn default_signin_per_minute() -> u32 {
 }
 fn default_connections_per_minute() -> u32 {
     600
+}
+fn default_max_streams() -> u32 {
+    4096
 }
 
 /// Invite settings.

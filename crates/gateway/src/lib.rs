@@ -152,7 +152,8 @@ impl Gateway {
     pub fn endpoint(&self, socket: std::net::UdpSocket) -> Result<quinn::Endpoint, GatewayError> {
         let certs = tls::load_certs(&self.cfg.tls.cert)?;
         let key = tls::load_key(&self.cfg.tls.key)?;
-        let server = tls::quic_server_config(certs, key)?;
+        let server =
+            tls::quic_server_config(certs, key, self.cfg.limits.max_streams_per_connection)?;
         let addr = socket
             .local_addr()
             .map(|a| a.to_string())

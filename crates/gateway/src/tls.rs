@@ -75,6 +75,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 pub fn quic_server_config(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    max_streams: u32,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(SessionKeyCertVerifier {
@@ -89,7 +90,7 @@ pub fn quic_server_config(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(touchgate_common::transport_config(true)));
+    cfg.transport_config(Arc::new(touchgate_common::transport_config(max_streams)));
     Ok(cfg)
 }
 
@@ -218,8 +219,12 @@ mod tests {
         assert_eq!(fingerprint(&certs[0]), cert.fingerprint);
         assert_eq!(cert.fingerprint.len(), 64);
         load_key(&dir.path().join("key.pem")).expect("load key");
-        quic_server_config(certs, load_key(&dir.path().join("key.pem")).expect("key"))
-            .expect("server config");
+        quic_server_config(
+            certs,
+            load_key(&dir.path().join("key.pem")).expect("key"),
+            16,
+        )
+        .expect("server config");
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -1,0 +1,414 @@
+//! Benchmark tools for `scripts/bench`: a fast local upstream, HTTP figures measured against any
+//! base URL (so direct, `ssh -L` and touchgate are measured the same way), and figures only
+//! touchgate has (assertion verifications per second, gateway memory per open stream). Every
+//! figure is printed as one JSON object on stdout.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::BoxBody};
+use hyper::body::Frame;
+use hyper_util::rt::TokioIo;
+
+#[derive(Parser)]
+#[command(about = "touchgate benchmark tools")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print a free TCP port on 127.0.0.1.
+    FreePort,
+    /// Serve `/small` (13 bytes) and `/bulk?n=N` (N bytes) over HTTP/1.1.
+    Upstream {
+        /// Where to listen.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Bulk download throughput: `conns` parallel downloads of `bytes` each.
+    Bulk {
+        /// Base URL (http://host:port).
+        #[arg(long)]
+        url: String,
+        /// Parallel connections.
+        #[arg(long, default_value_t = 1)]
+        conns: usize,
+        /// Bytes per download.
+        #[arg(long, default_value_t = 512 * 1024 * 1024)]
+        bytes: u64,
+    },
+    /// Latency of `/small` at a fixed request rate, measured from each request's scheduled time.
+    Latency {
+        /// Base URL.
+        #[arg(long)]
+        url: String,
+        /// Requests per second in all.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Keep-alive connections sharing the rate.
+        #[arg(long, default_value_t = 8)]
+        conns: u64,
+        /// How long.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+    /// New connection to first byte of `/small`, sequentially.
+    Connect {
+        /// Base URL.
+        #[arg(long)]
+        url: String,
+        /// How many connections.
+        #[arg(long, default_value_t = 300)]
+        count: usize,
+    },
+    /// Sign-in assertions verified per second by the gateway's relying party (soft key).
+    Verify {
+        /// Assertions to verify.
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+    },
+    /// Gateway memory per open stream: opens `count` streams on one connection and reads the
+    /// gateway's RSS before and after.
+    Streams {
+        /// Agent config (soft key, enrolled).
+        #[arg(long)]
+        config: PathBuf,
+        /// Service to open streams to.
+        #[arg(long)]
+        service: String,
+        /// Streams to hold open.
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        /// The gateway's process id.
+        #[arg(long)]
+        gateway_pid: u32,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::FreePort => {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            println!("{}", l.local_addr()?.port());
+            Ok(())
+        }
+        Cmd::Upstream { listen } => upstream(listen).await,
+        Cmd::Bulk { url, conns, bytes } => bulk(&url, conns, bytes).await,
+        Cmd::Latency {
+            url,
+            rate,
+            conns,
+            duration,
+        } => latency(&url, rate, conns, duration).await,
+        Cmd::Connect { url, count } => connect(&url, count).await,
+        Cmd::Verify { count } => verify(count).await,
+        Cmd::Streams {
+            config,
+            service,
+            count,
+            gateway_pid,
+        } => streams(&config, &service, count, gateway_pid).await,
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+async fn upstream(listen: SocketAddr) -> anyhow::Result<()> {
+    let l = tokio::net::TcpListener::bind(listen).await?;
+    let chunk = Bytes::from(vec![0x5au8; 256 * 1024]);
+    loop {
+        let (s, _) = l.accept().await?;
+        let _ = s.set_nodelay(true);
+        let chunk = chunk.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let chunk = chunk.clone();
+                    async move {
+                        let resp: hyper::Response<Body> = if req.uri().path() == "/bulk" {
+                            let n: u64 = req
+                                .uri()
+                                .query()
+                                .and_then(|q| q.strip_prefix("n="))
+                                .and_then(|v| v.parse().ok())
+                                .unwrap_or(0);
+                            let stream = futures_util::stream::unfold(0u64, move |sent| {
+                                let chunk = chunk.clone();
+                                async move {
+                                    if sent >= n {
+                                        return None;
+                                    }
+                                    let len = (n - sent).min(chunk.len() as u64) as usize;
+                                    Some((
+                                        Ok::<_, Infallible>(Frame::data(chunk.slice(..len))),
+                                        sent + len as u64,
+                                    ))
+                                }
+                            });
+                            let mut r = hyper::Response::new(StreamBody::new(stream).boxed());
+                            r.headers_mut()
+                                .insert(hyper::header::CONTENT_LENGTH, n.into());
+                            r
+                        } else {
+                            hyper::Response::new(
+                                Full::new(Bytes::from_static(b"hello, world\n")).boxed(),
+                            )
+                        };
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        });
+    }
+}
+
+fn addr_of(url: &str) -> anyhow::Result<String> {
+    let u: hyper::Uri = url.parse()?;
+    let a = u.authority().context("URL has no host:port")?;
+    Ok(a.to_string())
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn open(addr: &str) -> anyhow::Result<Sender> {
+    let s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn get_all(sender: &mut Sender, path: &str) -> anyhow::Result<u64> {
+    sender.ready().await?;
+    let req = hyper::Request::get(path)
+        .header("host", "bench")
+        .body(Empty::new())?;
+    let mut body = sender.send_request(req).await?.into_body();
+    let mut n = 0u64;
+    while let Some(f) = body.frame().await {
+        if let Some(d) = f?.data_ref() {
+            n += d.len() as u64;
+        }
+    }
+    Ok(n)
+}
+
+async fn bulk(url: &str, conns: usize, bytes: u64) -> anyhow::Result<()> {
+    let addr = addr_of(url)?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let addr = addr.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = open(&addr).await?;
+            get_all(&mut s, &format!("/bulk?n={bytes}")).await
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        total == bytes * conns as u64,
+        "short download: {total} bytes"
+    );
+    println!(
+        "{}",
+        serde_json::json!({ "gbit_s": total as f64 * 8.0 / secs / 1e9, "bytes": total, "seconds": secs })
+    );
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn latency(url: &str, rate: u64, conns: u64, duration: Duration) -> anyhow::Result<()> {
+    let addr = addr_of(url)?;
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let per_conn = Duration::from_secs_f64(conns as f64 / rate as f64);
+    let start = Instant::now() + Duration::from_millis(100);
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let addr = addr.clone();
+        let samples = samples.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = open(&addr).await?;
+            let offset = per_conn.mul_f64(c as f64 / conns as f64);
+            let mut k = 0u32;
+            loop {
+                let scheduled = start + offset + per_conn * k;
+                if scheduled > start + duration {
+                    break;
+                }
+                tokio::time::sleep_until(scheduled.into()).await;
+                get_all(&mut s, "/small").await?;
+                let ms = scheduled.elapsed().as_secs_f64() * 1000.0;
+                samples
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .push(ms);
+                k += 1;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let mut v = samples
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    v.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{}",
+        serde_json::json!({ "p50_ms": percentile(&v, 0.5), "p99_ms": percentile(&v, 0.99), "requests": v.len() })
+    );
+    Ok(())
+}
+
+async fn connect(url: &str, count: usize) -> anyhow::Result<()> {
+    let addr = addr_of(url)?;
+    let mut v = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        let mut s = open(&addr).await?;
+        s.ready().await?;
+        let req = hyper::Request::get("/small")
+            .header("host", "bench")
+            .body(Empty::new())?;
+        let resp = s.send_request(req).await?;
+        v.push(t.elapsed().as_secs_f64() * 1000.0);
+        let _ = resp.into_body().collect().await;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{}",
+        serde_json::json!({ "p50_ms": percentile(&v, 0.5), "p99_ms": percentile(&v, 0.99), "connections": v.len() })
+    );
+    Ok(())
+}
+
+async fn verify(count: usize) -> anyhow::Result<()> {
+    use touchgate_agent::authenticator::{
+        Authenticator, Ceremony, client_data_json, soft::SoftKey,
+    };
+    use touchgate_gateway::rp::RelyingParty;
+    let dir = tempfile::tempdir()?;
+    let cfg: touchgate_gateway::GatewayConfig = toml::from_str(
+        "listen = \"127.0.0.1:0\"\nrp_id = \"localhost\"\ndatabase = \"x\"\n[tls]\ncert = \"c\"\nkey = \"k\"\n[attestation]\nallow_software = true\nuser_verification = \"discouraged\"\n",
+    )?;
+    let rp = RelyingParty::new(&cfg)?;
+    let mut key = SoftKey::open_or_create(&dir.path().join("bench.softkey"))?;
+    let binding = [7u8; 32];
+    let ca = key.software_ca_pem();
+    let (ccr, pending) = rp
+        .begin_enrol("bench", uuid::Uuid::new_v4(), "code", vec![], ca.as_deref())
+        .map_err(|r| anyhow::anyhow!("{r}"))?;
+    let cdj = client_data_json(
+        Ceremony::Create,
+        &ccr.public_key.challenge,
+        rp.origin(),
+        &binding,
+    );
+    let reg = key.register(&ccr.public_key, &cdj)?;
+    let enrolled = rp
+        .finish_enrol(pending, serde_json::to_value(&reg)?, &binding)
+        .map_err(|r| anyhow::anyhow!("{r}"))?;
+    let mut work = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (rcr, pending) = rp
+            .begin_login("bench", std::slice::from_ref(&enrolled.key))
+            .map_err(|r| anyhow::anyhow!("{r}"))?;
+        let cdj = client_data_json(
+            Ceremony::Get,
+            &rcr.public_key.challenge,
+            rp.origin(),
+            &binding,
+        );
+        let cred = key.authenticate(&rcr.public_key, &cdj)?;
+        work.push((pending, serde_json::to_value(&cred)?));
+    }
+    let started = Instant::now();
+    let mut ok = 0;
+    for (pending, cred) in work {
+        if rp.finish_login(pending, cred, &binding).is_ok() {
+            ok += 1;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(ok == count, "only {ok} of {count} verified");
+    println!(
+        "{}",
+        serde_json::json!({ "verifications_per_s": count as f64 / secs, "count": count })
+    );
+    Ok(())
+}
+
+fn rss_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {field} for process {pid}"))
+}
+
+async fn streams(
+    config: &std::path::Path,
+    service: &str,
+    count: usize,
+    gateway_pid: u32,
+) -> anyhow::Result<()> {
+    use touchgate_agent::tunnel::{SessionKey, Tunnel, client_endpoint};
+    let cfg = touchgate_agent::AgentConfig::load(config)?;
+    let authn = touchgate_agent::shared_authenticator(
+        &cfg,
+        false,
+        Arc::new(touchgate_agent::authenticator::hid::NoPrompt),
+    )?;
+    let key = SessionKey::generate()?;
+    let endpoint = client_endpoint(&cfg, &key)?;
+    let t = Tunnel::connect(&endpoint, &cfg).await?;
+    t.login(&authn, &cfg.user, None).await?;
+    // Let the gateway settle after the sign-in before the baseline.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(gateway_pid, "VmRSS:")?;
+    let mut open = Vec::with_capacity(count);
+    for _ in 0..count {
+        open.push(t.open_stream(service).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(gateway_pid, "VmRSS:")?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "streams": open.len(),
+            "gateway_rss_before_kib": before,
+            "gateway_rss_after_kib": after,
+            "kib_per_stream": (after.saturating_sub(before)) as f64 / count as f64,
+        })
+    );
+    drop(open);
+    Ok(())
+}
