@@ -145,13 +145,22 @@ impl RateLimiter {
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl Gateway {
     /// Accepts QUIC connections on `endpoint` until it is closed.
     pub async fn serve_quic(self: Arc<Self>, endpoint: quinn::Endpoint) {
         let gw = self.clone();
-        let revocations = tokio::spawn(async move { gw.enforce_revocations().await });
+        // Aborted when serving ends or the serving task itself is aborted.
+        let _revocations = AbortOnDrop(tokio::spawn(async move { gw.enforce_revocations().await }));
         self.accept_loop(endpoint).await;
-        revocations.abort();
     }
 
     /// Reloads revocation epochs and closes the connections of revoked sessions.
