@@ -165,14 +165,19 @@ impl Gateway {
         // Stateless resets use a key kept in the database: a restarted (or killed and
         // restarted) gateway can then tell agents at once that their old connection is gone,
         // instead of leaving them to wait for their idle timeout.
+        // Connection IDs carry a check value under a key that must survive the restart too,
+        // or the new gateway drops the old connection's packets as invalid instead of
+        // resetting them.
         let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.reset_key);
-        quinn::Endpoint::new(
-            quinn::EndpointConfig::new(Arc::new(reset_key)),
-            Some(server),
-            socket,
-            runtime,
-        )
-        .map_err(|source| GatewayError::Listen { addr, source })
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        let mut cid_key = [0u8; 8];
+        cid_key.copy_from_slice(&self.reset_key[..8]);
+        let cid_key = u64::from_le_bytes(cid_key);
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime)
+            .map_err(|source| GatewayError::Listen { addr, source })
     }
 
     /// Creates a one-time invite for `user` and returns its code (stored only as a hash).
