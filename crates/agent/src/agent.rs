@@ -25,6 +25,10 @@ pub type SharedAuthn = Arc<Mutex<Box<dyn Authenticator>>>;
 /// How often the agent checks that the signing key is still plugged in.
 pub const KEY_POLL: Duration = Duration::from_secs(1);
 
+/// Copy buffer per direction of a local connection: large enough that a bulk transfer moves in
+/// few, big writes into the QUIC stream (tokio's default is 8 KiB).
+const COPY_BUF: usize = 256 * 1024;
+
 /// How long a local connection waits for the tunnel before it is closed.
 pub const LOCAL_WAIT: Duration = Duration::from_secs(10);
 
@@ -385,7 +389,14 @@ async fn handle_local(
             match tokio::time::timeout_at(deadline, open_stream(&c, service)).await {
                 Ok(Ok((send, recv))) => {
                     let mut remote = tokio::io::join(recv, send);
-                    match tokio::io::copy_bidirectional(&mut tcp, &mut remote).await {
+                    match tokio::io::copy_bidirectional_with_sizes(
+                        &mut tcp,
+                        &mut remote,
+                        COPY_BUF,
+                        COPY_BUF,
+                    )
+                    .await
+                    {
                         Ok((up, down)) => tracing::debug!(up, down, "local connection closed"),
                         Err(e) => {
                             tracing::debug!(error = %e, "local connection ended with an error")

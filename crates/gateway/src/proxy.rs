@@ -55,6 +55,7 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     audit: AuditLog,
     limits: LimitsConfig,
+    assertions: std::sync::Mutex<std::collections::HashMap<(String, String), (HeaderValue, u64)>>,
 }
 
 impl Proxy {
@@ -85,6 +86,7 @@ impl Proxy {
             metrics,
             audit,
             limits,
+            assertions: Default::default(),
         })
     }
 
@@ -143,10 +145,7 @@ impl Proxy {
                 );
             }
         };
-        let assertion = match self
-            .signer
-            .identity_assertion(&ctx.user, &svc.name, &audience)
-        {
+        let assertion = match self.assertion(&ctx.user, &svc.name, &audience) {
             Ok(a) => a,
             Err(e) => {
                 return plain(
@@ -175,9 +174,7 @@ impl Proxy {
         if let Ok(v) = HeaderValue::from_str(&ctx.user) {
             parts.headers.insert(USER_HEADER, v);
         }
-        if let Ok(v) = HeaderValue::from_str(&assertion) {
-            parts.headers.insert(ASSERTION_HEADER, v);
-        }
+        parts.headers.insert(ASSERTION_HEADER, assertion);
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
         let out = Request::from_parts(parts, body.boxed());
@@ -227,6 +224,31 @@ impl Proxy {
 }
 
 impl Proxy {
+    /// The identity assertion for `user` on `service`, signed once and reused until a minute
+    /// before it expires: signing per request would cost more than the rest of the proxying.
+    fn assertion(&self, user: &str, service: &str, audience: &str) -> Result<HeaderValue, String> {
+        let now = crate::store::now_secs();
+        let key = (user.to_owned(), service.to_owned());
+        if let Ok(cache) = self.assertions.lock()
+            && let Some((v, exp)) = cache.get(&key)
+            && *exp > now + 60
+        {
+            return Ok(v.clone());
+        }
+        let jwt = self
+            .signer
+            .identity_assertion(user, service, audience)
+            .map_err(|e| e.to_string())?;
+        let v = HeaderValue::from_str(&jwt).map_err(|e| e.to_string())?;
+        if let Ok(mut cache) = self.assertions.lock() {
+            if cache.len() > 10_000 {
+                cache.clear();
+            }
+            cache.insert(key, (v.clone(), now + crate::tokens::ASSERTION_TTL_SECS));
+        }
+        Ok(v)
+    }
+
     /// Answers the caller with a short plain-text reason, and counts, logs and audits it.
     fn failed(&self, ctx: &StreamContext, status: StatusCode, msg: String) -> Response<ProxyBody> {
         Metrics::inc(&self.metrics.upstream_errors_total);

@@ -822,7 +822,14 @@ impl ConnCtx {
         let outcome = match tcp {
             Some(mut upstream) => {
                 let mut io = io;
-                match tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
+                match tokio::io::copy_bidirectional_with_sizes(
+                    &mut io,
+                    &mut upstream,
+                    256 * 1024,
+                    256 * 1024,
+                )
+                .await
+                {
                     Ok(_) => "ok".to_owned(),
                     Err(e) => format!("error: {e}"),
                 }
