@@ -13,10 +13,13 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use touchgate_proto::{RefusalCode, SessionInfo};
 use tracing::Instrument;
 
+use touchgate_common::wire::{read_frame, write_frame};
+use touchgate_proto::{StreamOpen, StreamReply};
+
 use crate::{
     authenticator::Authenticator,
     config::AgentConfig,
-    tunnel::{SessionKey, Tunnel, TunnelError, client_endpoint, open_stream},
+    tunnel::{SessionKey, Tunnel, TunnelError, client_endpoint},
 };
 
 /// An authenticator shared between the agent's tasks (calls are serialised by the mutex).
@@ -27,7 +30,7 @@ pub const KEY_POLL: Duration = Duration::from_secs(1);
 
 /// Copy buffer per direction of a local connection: large enough that a bulk transfer moves in
 /// few, big writes into the QUIC stream (tokio's default is 8 KiB).
-const COPY_BUF: usize = 256 * 1024;
+const COPY_BUF: usize = 64 * 1024;
 
 /// How long a local connection waits for the tunnel before it is closed.
 pub const LOCAL_WAIT: Duration = Duration::from_secs(10);
@@ -378,7 +381,7 @@ async fn serve_local(
 }
 
 async fn handle_local(
-    mut tcp: tokio::net::TcpStream,
+    tcp: tokio::net::TcpStream,
     service: &str,
     mut conn: watch::Receiver<Option<quinn::Connection>>,
 ) {
@@ -386,27 +389,16 @@ async fn handle_local(
     loop {
         let current = conn.borrow_and_update().clone();
         if let Some(c) = current.filter(|c| c.close_reason().is_none()) {
-            match tokio::time::timeout_at(deadline, open_stream(&c, service)).await {
-                Ok(Ok((send, recv))) => {
-                    let mut remote = tokio::io::join(recv, send);
-                    match tokio::io::copy_bidirectional_with_sizes(
-                        &mut tcp,
-                        &mut remote,
-                        COPY_BUF,
-                        COPY_BUF,
-                    )
-                    .await
-                    {
-                        Ok((up, down)) => tracing::debug!(up, down, "local connection closed"),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "local connection ended with an error")
-                        }
+            match tokio::time::timeout_at(deadline, c.open_bi()).await {
+                Ok(Ok((mut send, recv))) => {
+                    let open = StreamOpen {
+                        service: service.to_owned(),
+                    };
+                    if write_frame(&mut send, &open).await.is_ok() {
+                        pipe(tcp, send, recv, service).await;
+                        return;
                     }
-                    return;
-                }
-                Ok(Err(TunnelError::Refused(r))) => {
-                    tracing::warn!(code = ?r.code, "service {service}: {r}");
-                    return;
+                    tracing::debug!("stream failed; waiting for the tunnel");
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "stream failed; waiting for the tunnel");
@@ -425,4 +417,64 @@ async fn handle_local(
         "service {service}: no connection to the gateway within {}s; closing the local connection",
         LOCAL_WAIT.as_secs()
     );
+}
+
+/// Carries a local connection over a freshly opened stream. The application's first bytes go
+/// out right behind the `StreamOpen` frame, without waiting for the gateway's answer (which
+/// saves a round trip on every new connection); the answer is read before any byte is passed
+/// back, and a refusal closes the local connection.
+async fn pipe(
+    tcp: tokio::net::TcpStream,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    service: &str,
+) {
+    use tokio::io::AsyncWriteExt;
+    let (tr, mut tw) = tcp.into_split();
+    let up = async move {
+        let mut tr = tokio::io::BufReader::with_capacity(COPY_BUF, tr);
+        let n = tokio::io::copy_buf(&mut tr, &mut send).await;
+        let _ = send.finish();
+        n
+    };
+    let down = async move {
+        match tokio::time::timeout(LOCAL_WAIT, read_frame::<StreamReply, _>(&mut recv)).await {
+            Ok(Ok(Some(StreamReply::Accepted))) => {
+                let mut recv = tokio::io::BufReader::with_capacity(COPY_BUF, recv);
+                let n = tokio::io::copy_buf(&mut recv, &mut tw).await;
+                let _ = tw.shutdown().await;
+                Ok(n)
+            }
+            Ok(Ok(Some(StreamReply::Refused(r)))) => Err(format!("{r} ({:?})", r.code)),
+            Ok(Ok(None)) => Err("the gateway closed the stream".to_owned()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "the gateway did not answer within {}s",
+                LOCAL_WAIT.as_secs()
+            )),
+        }
+    };
+    tokio::pin!(up);
+    tokio::pin!(down);
+    let mut up_done = false;
+    loop {
+        tokio::select! {
+            d = &mut down => {
+                match d {
+                    Ok(down) => {
+                        // The gateway has finished; let the local side finish too.
+                        if !up_done {
+                            let _ = (&mut up).await;
+                        }
+                        tracing::debug!(?down, "local connection closed");
+                    }
+                    // Refused or lost: whatever the local side still sends goes nowhere.
+                    Err(reason) => tracing::warn!("service {service}: {reason}"),
+                }
+                return;
+            }
+            // The local side finished sending (half-close); the answer may still be coming.
+            _ = &mut up, if !up_done => up_done = true,
+        }
+    }
 }
