@@ -6,7 +6,7 @@ use std::{
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use touchgate_proto::{CLIENT_DATA_BINDING_KEY, Refusal, RefusalCode};
+use touchgate_proto::{Refusal, RefusalCode};
 use webauthn_rs::prelude::{
     AttestationCaListBuilder, AuthenticationResult, CreationChallengeResponse, PublicKeyCredential,
     RegisterPublicKeyCredential, RequestChallengeResponse, SecurityKey, SecurityKeyAuthentication,
@@ -414,14 +414,21 @@ fn verification_refusal(e: WebauthnError) -> Refusal {
 
 /// Checks that `clientDataJSON` carries this connection's channel-binding value.
 pub fn check_binding(client_data_json: &[u8], binding: &[u8]) -> Result<(), Refusal> {
-    let v: serde_json::Value = serde_json::from_slice(client_data_json).map_err(|e| {
+    // Only the binding member is read here (webauthn-rs parses the rest); a typed parse skips
+    // the other members instead of building a map of them.
+    #[derive(serde::Deserialize)]
+    struct BindingOnly<'a> {
+        #[serde(rename = "touchgateBinding", borrow, default)]
+        binding: Option<std::borrow::Cow<'a, str>>,
+    }
+    let v: BindingOnly<'_> = serde_json::from_slice(client_data_json).map_err(|e| {
         Refusal::new(
             RefusalCode::BadRequest,
-            format!("clientDataJSON is not JSON: {e}"),
+            format!("clientDataJSON is not a JSON object: {e}"),
         )
     })?;
     let expected = URL_SAFE_NO_PAD.encode(binding);
-    match v.get(CLIENT_DATA_BINDING_KEY).and_then(|b| b.as_str()) {
+    match v.binding.as_deref() {
         Some(b) if b == expected => Ok(()),
         Some(_) => Err(Refusal::new(
             RefusalCode::BindingMismatch,
@@ -454,6 +461,12 @@ pub fn attestation_aaguid(attestation_object: &[u8]) -> Option<Uuid> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use touchgate_proto::CLIENT_DATA_BINDING_KEY;
+
+    #[test]
+    fn the_binding_member_name_is_the_protocols() {
+        assert_eq!(CLIENT_DATA_BINDING_KEY, "touchgateBinding");
+    }
 
     #[test]
     fn binding_must_match_this_connection() {

@@ -825,8 +825,8 @@ impl ConnCtx {
                 match tokio::io::copy_bidirectional_with_sizes(
                     &mut io,
                     &mut upstream,
-                    256 * 1024,
-                    256 * 1024,
+                    64 * 1024,
+                    64 * 1024,
                 )
                 .await
                 {
