@@ -38,13 +38,34 @@ pub const ASSERTION_HEADER: HeaderName = HeaderName::from_static("x-touchgate-as
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
-/// Who is calling which service on one stream.
+/// Who is calling which service on one stream, with what every request on it needs worked out
+/// once when the stream opens.
 #[derive(Clone)]
 pub struct StreamContext {
     /// The signed-in user.
     pub user: String,
     /// The service.
     pub service: Arc<ServiceConfig>,
+    audience: Arc<str>,
+    upstream: Result<Uri, String>,
+}
+
+impl StreamContext {
+    /// The context of a stream of `user` to `service`.
+    pub fn new(user: &str, service: Arc<ServiceConfig>) -> Self {
+        let upstream = service.upstream.parse::<Uri>().map_err(|e| {
+            format!(
+                "touchgate: service upstream {:?} is not a URL: {e}",
+                service.upstream
+            )
+        });
+        Self {
+            user: user.to_owned(),
+            audience: service.audience().into(),
+            upstream,
+            service,
+        }
+    }
 }
 
 /// The HTTP proxy shared by all streams.
@@ -127,12 +148,16 @@ impl Proxy {
         let svc = &ctx.service;
         let upgrade = wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let uri = match upstream_uri(&svc.upstream, req.uri()) {
+        let joined = match &ctx.upstream {
+            Ok(base) => upstream_uri(base, req.uri()),
+            Err(msg) => Err(msg.clone()),
+        };
+        let uri = match joined {
             Ok(u) => u,
             Err(msg) => return plain(StatusCode::BAD_GATEWAY, &msg),
         };
-        let audience = svc.audience();
-        let id_token = match self.id_tokens.get(&audience).await {
+        let audience = &*ctx.audience;
+        let id_token = match self.id_tokens.get(audience).await {
             Ok(t) => t,
             Err(e) => {
                 return self.failed(
@@ -145,7 +170,7 @@ impl Proxy {
                 );
             }
         };
-        let assertion = match self.assertion(&ctx.user, &svc.name, &audience) {
+        let assertion = match self.assertion(&ctx.user, &svc.name, audience) {
             Ok(a) => a,
             Err(e) => {
                 return plain(
@@ -329,15 +354,13 @@ fn sanitise_request_headers(h: &mut HeaderMap, upgrade: bool) {
 }
 
 /// Joins the upstream base URL and the request's path and query.
-fn upstream_uri(upstream: &str, req: &Uri) -> Result<Uri, String> {
-    let base: Uri = upstream
-        .parse()
-        .map_err(|e| format!("touchgate: service upstream {upstream:?} is not a URL: {e}"))?;
-    let prefix = base.path().trim_end_matches('/').to_owned();
+fn upstream_uri(base: &Uri, req: &Uri) -> Result<Uri, String> {
+    let prefix = base.path().trim_end_matches('/');
     let pq = req.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let mut parts = base.into_parts();
+    let joined = format!("{prefix}{pq}");
+    let mut parts = base.clone().into_parts();
     parts.path_and_query = Some(
-        format!("{prefix}{pq}")
+        joined
             .parse()
             .map_err(|e| format!("touchgate: bad request path: {e}"))?,
     );
@@ -449,12 +472,16 @@ mod tests {
     #[test]
     fn upstream_path_prefix_is_kept() {
         let u = upstream_uri(
-            "https://svc.a.run.app/base/",
+            &"https://svc.a.run.app/base/".parse().expect("uri"),
             &"/v1/items?x=1".parse().expect("uri"),
         )
         .expect("joined");
         assert_eq!(u.to_string(), "https://svc.a.run.app/base/v1/items?x=1");
-        let u = upstream_uri("http://127.0.0.1:8080", &"/".parse().expect("uri")).expect("joined");
+        let u = upstream_uri(
+            &"http://127.0.0.1:8080".parse().expect("uri"),
+            &"/".parse().expect("uri"),
+        )
+        .expect("joined");
         assert_eq!(u.to_string(), "http://127.0.0.1:8080/");
     }
 

@@ -835,10 +835,7 @@ impl ConnCtx {
                 }
             }
             None => {
-                let ctx = StreamContext {
-                    user: user.to_owned(),
-                    service: svc.clone(),
-                };
+                let ctx = StreamContext::new(user, svc.clone());
                 gw.proxy.clone().serve_http(io, ctx).await;
                 "ok".to_owned()
             }
