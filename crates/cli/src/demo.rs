@@ -63,10 +63,9 @@ pub async fn run(once: bool, port: u16) -> anyhow::Result<std::process::ExitCode
         .local_addr("api")
         .context("no local listener for api")?;
     if let Some(s) = agent.session() {
-        let left = s.expires_at.saturating_sub(now());
         println!(
             "  signed in    one touch, session bound to this agent's in-memory key for {}",
-            humantime(left)
+            crate::time_left(s.expires_at)
         );
     }
     println!("\n  service api on http://{addr}\n");
@@ -139,15 +138,4 @@ async fn get(url: &str) -> anyhow::Result<(u16, Bytes)> {
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();
     Ok((status, body))
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn humantime(secs: u64) -> String {
-    format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60)
 }

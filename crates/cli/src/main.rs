@@ -4,7 +4,7 @@
 mod demo;
 mod prompt;
 
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -136,12 +136,10 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     Ok(std::process::ExitCode::from(3))
                 }
                 Some(report) => {
-                    println!(
-                        "{}",
-                        describe_state(
-                            &serde_json::from_value(report.state.clone()).unwrap_or(report.state)
-                        )
-                    );
+                    match serde_json::from_value::<AgentState>(report.state.clone()) {
+                        Ok(state) => println!("{}", describe_state(&state)),
+                        Err(_) => println!("{}", report.state),
+                    }
                     for (name, addr) in report.services {
                         println!("service {name} on {addr}");
                     }
@@ -218,10 +216,7 @@ async fn up(
     let printer = tokio::spawn(async move {
         while state.changed().await.is_ok() {
             let s = state.borrow_and_update().clone();
-            eprintln!(
-                "{}",
-                describe_state(&serde_json::to_value(&s).unwrap_or_default())
-            );
+            eprintln!("{}", describe_state(&s));
             if matches!(s, AgentState::KeyRemoved) {
                 return true;
             }
@@ -245,10 +240,7 @@ async fn up(
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-fn describe_state(v: &serde_json::Value) -> String {
-    let Ok(s) = serde_json::from_value::<AgentState>(v.clone()) else {
-        return v.to_string();
-    };
+fn describe_state(s: &AgentState) -> String {
     match s {
         AgentState::Starting => "starting".into(),
         AgentState::WaitingForTouch { authenticator } => {
@@ -260,7 +252,7 @@ fn describe_state(v: &serde_json::Value) -> String {
             services,
         } => format!(
             "connected as {user}, session until {}, services: {}",
-            format_time(expires_at),
+            format_time(*expires_at),
             services.join(", ")
         ),
         AgentState::Reconnecting { attempt, reason } => {
@@ -271,15 +263,16 @@ fn describe_state(v: &serde_json::Value) -> String {
     }
 }
 
-fn format_time(secs: u64) -> String {
-    humantime_like(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+fn format_time(expires_at: u64) -> String {
+    format!("{} from now", time_left(expires_at))
 }
 
-fn humantime_like(t: std::time::SystemTime) -> String {
-    let left = t
-        .duration_since(std::time::SystemTime::now())
-        .map(|d| Duration::from_secs(d.as_secs()))
-        .unwrap_or_default();
-    let secs = left.as_secs();
-    format!("{}h{:02}m from now", secs / 3600, (secs % 3600) / 60)
+/// Time from now until `expires_at` (seconds since the epoch), as `3h07m`.
+fn time_left(expires_at: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let secs = expires_at.saturating_sub(now);
+    format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60)
 }
