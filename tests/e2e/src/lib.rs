@@ -80,3 +80,33 @@ pub async fn bulk_download(addr: SocketAddr, n: u64) -> anyhow::Result<hyper::bo
         .body(Empty::<Bytes>::new())?;
     Ok(sender.send_request(req).await?.into_body())
 }
+
+/// Waits (at most `within`) until the agent's state satisfies `done`; the current state counts.
+/// The state channel keeps only the newest value, so wait for a lasting state, not a step.
+pub async fn wait_for_state(
+    agent: &touchgate_agent::RunningAgent,
+    within: std::time::Duration,
+    mut done: impl FnMut(&touchgate_agent::AgentState) -> bool,
+) -> anyhow::Result<()> {
+    let mut state = agent.state();
+    tokio::time::timeout(within, async {
+        loop {
+            if done(&state.borrow_and_update()) {
+                return Ok(());
+            }
+            state.changed().await?;
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("the agent did not reach the expected state within {within:?}"))?
+}
+
+/// True when the agent is connected on another QUIC connection than `old` (a stable id).
+pub fn connected_anew(
+    agent: &touchgate_agent::RunningAgent,
+    state: &touchgate_agent::AgentState,
+    old: usize,
+) -> bool {
+    matches!(state, touchgate_agent::AgentState::Connected { .. })
+        && agent.connection().is_some_and(|c| c.stable_id() != old)
+}

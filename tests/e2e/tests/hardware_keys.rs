@@ -16,7 +16,7 @@ use touchgate_agent::{
     },
     tunnel::TunnelError,
 };
-use touchgate_e2e::get;
+use touchgate_e2e::{get, wait_for_state};
 use touchgate_proto::RefusalCode;
 use touchgate_testkit::{
     hardware::{FakeHardwareKey, Vendor},
@@ -173,17 +173,11 @@ async fn unplugging_the_key_ends_the_session_when_the_policy_asks() -> anyhow::R
     let authn = hid(&key, Arc::new(NoPrompt))?;
     touchgate_agent::enroll(&cfg, &authn, &lab.invite(ALICE)?).await?;
     let agent = RunningAgent::start(cfg, authn).await?;
-    let mut state = agent.state();
     key.set_plugged(false);
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            state.changed().await?;
-            if matches!(*state.borrow_and_update(), AgentState::KeyRemoved) {
-                return Ok::<_, anyhow::Error>(());
-            }
-        }
+    wait_for_state(&agent, Duration::from_secs(10), |s| {
+        matches!(s, AgentState::KeyRemoved)
     })
-    .await??;
+    .await?;
     assert!(agent.session().is_none());
     assert!(agent.connection().is_none());
     agent.shutdown().await;

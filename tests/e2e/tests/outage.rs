@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 use touchgate_agent::{AgentState, RunningAgent, agent::LOCAL_WAIT};
-use touchgate_e2e::{enrolled, get};
+use touchgate_e2e::{connected_anew, enrolled, get, wait_for_state};
 use touchgate_testkit::lab::{Lab, LabOptions};
 
 #[tokio::test]
@@ -16,18 +16,12 @@ async fn local_connections_during_an_outage_fail_in_bounded_time_then_work_again
     let (cfg, authn, _) = enrolled(&lab, "alice@example.com", &[]).await?;
     let agent = RunningAgent::start(cfg, authn).await?;
     let api = agent.local_addr("api").expect("api");
-    let mut state = agent.state();
 
     lab.stop_gateway().await;
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            state.changed().await?;
-            if matches!(*state.borrow_and_update(), AgentState::Reconnecting { .. }) {
-                return Ok::<_, anyhow::Error>(());
-            }
-        }
+    wait_for_state(&agent, Duration::from_secs(30), |s| {
+        matches!(s, AgentState::Reconnecting { .. })
     })
-    .await??;
+    .await?;
 
     let started = Instant::now();
     let mut local = tokio::net::TcpStream::connect(api).await?;
@@ -45,15 +39,10 @@ async fn local_connections_during_an_outage_fail_in_bounded_time_then_work_again
     );
 
     lab.start_gateway().await?;
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if matches!(*state.borrow_and_update(), AgentState::Connected { .. }) {
-                return Ok::<_, anyhow::Error>(());
-            }
-            state.changed().await?;
-        }
+    wait_for_state(&agent, Duration::from_secs(30), |s| {
+        matches!(s, AgentState::Connected { .. })
     })
-    .await??;
+    .await?;
     assert_eq!(get(api, "/back", &[]).await?.status, 200);
     assert_eq!(
         lab.audit_events("challenge_issued").len(),
@@ -84,21 +73,10 @@ async fn agent_notices_a_silently_dead_gateway_and_resumes_on_its_successor() ->
     // connection at once instead of leaving the agent to its idle timeout.
     let reason = tokio::time::timeout(Duration::from_secs(60), old.closed()).await?;
     assert_eq!(reason, quinn::ConnectionError::Reset, "{reason}");
-    let mut state = agent.state();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let connected = matches!(*state.borrow_and_update(), AgentState::Connected { .. });
-            if connected
-                && agent
-                    .connection()
-                    .is_some_and(|c| c.stable_id() != old.stable_id())
-            {
-                return Ok::<_, anyhow::Error>(());
-            }
-            state.changed().await?;
-        }
+    wait_for_state(&agent, Duration::from_secs(30), |s| {
+        connected_anew(&agent, s, old.stable_id())
     })
-    .await??;
+    .await?;
     assert_eq!(get(api, "/after-crash", &[]).await?.status, 200);
     assert_eq!(lab.audit_events("session_resumed").len(), 1);
     assert_eq!(

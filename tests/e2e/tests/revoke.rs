@@ -8,7 +8,7 @@ use touchgate_agent::{
     AgentState, RunningAgent,
     tunnel::{SessionKey, Tunnel, TunnelError, client_endpoint},
 };
-use touchgate_e2e::{enrolled, get};
+use touchgate_e2e::{enrolled, get, wait_for_state};
 use touchgate_gateway::store::Store;
 use touchgate_proto::RefusalCode;
 use touchgate_testkit::lab::{Lab, LabOptions};
@@ -24,8 +24,6 @@ async fn revoking_a_user_closes_their_sessions_and_refuses_their_tokens() -> any
     let bob = RunningAgent::start(bob_cfg, bob_authn).await?;
     let old_token = agent.session().expect("session").token;
     let old_conn = agent.connection().expect("connected");
-    let mut state = agent.state();
-    state.borrow_and_update();
 
     // As the `revoke` command does: another handle on the same database.
     let store = Store::open(&lab.dir.path().join("gateway.db"))?;
@@ -36,16 +34,11 @@ async fn revoking_a_user_closes_their_sessions_and_refuses_their_tokens() -> any
     // The agent's stored token is refused, so it signs in again with the key (a soft key here).
     // The state channel keeps only the newest value, so wait for a connected state with a new
     // session rather than for each step.
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            state.changed().await?;
-            let connected = matches!(*state.borrow_and_update(), AgentState::Connected { .. });
-            if connected && agent.session().is_some_and(|s| s.token != old_token) {
-                return Ok::<_, anyhow::Error>(());
-            }
-        }
+    wait_for_state(&agent, Duration::from_secs(20), |s| {
+        matches!(s, AgentState::Connected { .. })
+            && agent.session().is_some_and(|s| s.token != old_token)
     })
-    .await??;
+    .await?;
     assert_ne!(agent.session().expect("new session").token, old_token);
     assert_eq!(
         get(agent.local_addr("api").expect("api"), "/again", &[])

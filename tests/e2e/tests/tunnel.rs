@@ -6,8 +6,8 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use touchgate_agent::{AgentState, RunningAgent};
-use touchgate_e2e::{enrolled, get};
+use touchgate_agent::RunningAgent;
+use touchgate_e2e::{connected_anew, enrolled, get, wait_for_state};
 use touchgate_testkit::{
     lab::{API_AUDIENCE, Lab, LabOptions},
     verify_id_token,
@@ -177,22 +177,13 @@ async fn agent_reconnects_after_gateway_restart_without_a_new_touch() -> anyhow:
     let api = agent.local_addr("api").expect("api");
     assert_eq!(get(api, "/before", &[]).await?.status, 200);
     let old = agent.connection().expect("connected").stable_id();
-    let mut state = agent.state();
-    state.borrow_and_update();
 
     lab.restart_gateway().await?;
 
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            state.changed().await?;
-            if matches!(*state.borrow_and_update(), AgentState::Connected { .. })
-                && agent.connection().is_some_and(|c| c.stable_id() != old)
-            {
-                return Ok::<_, anyhow::Error>(());
-            }
-        }
+    wait_for_state(&agent, Duration::from_secs(30), |s| {
+        connected_anew(&agent, s, old)
     })
-    .await??;
+    .await?;
     let after = get(api, "/after", &[]).await?;
     assert_eq!(after.status, 200);
     assert_eq!(lab.audit_events("session_resumed").len(), 1);
