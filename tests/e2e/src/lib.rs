@@ -52,11 +52,24 @@ impl Answer {
     }
 }
 
+/// A new HTTP/1.1 client connection to `addr` (driven by a background task).
+pub async fn http1<B>(
+    addr: SocketAddr,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<B>>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
 /// One HTTP/1.1 request on a new TCP connection to `addr`, with extra headers.
 pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<Answer> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let mut sender = http1(addr).await?;
     let mut req = hyper::Request::get(path).header("host", "localhost");
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -72,9 +85,7 @@ pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> anyh
 /// Starts `GET /bytes?n=N` (the upstream's bulk pattern) on a new connection to `addr` and
 /// returns the streaming response body.
 pub async fn bulk_download(addr: SocketAddr, n: u64) -> anyhow::Result<hyper::body::Incoming> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let mut sender = http1(addr).await?;
     let req = hyper::Request::get(format!("/bytes?n={n}"))
         .header("host", "localhost")
         .body(Empty::<Bytes>::new())?;

@@ -5,7 +5,6 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use touchgate_agent::RunningAgent;
 use touchgate_e2e::enrolled;
@@ -41,9 +40,7 @@ async fn download_sha256(addr: std::net::SocketAddr, n: u64) -> anyhow::Result<(
 }
 
 async fn upload(addr: std::net::SocketAddr, n: u64) -> anyhow::Result<serde_json::Value> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let mut sender = touchgate_e2e::http1(addr).await?;
     let chunks = futures_util::stream::iter((0..n).step_by(64 * 1024)).map(move |i| {
         let len = (n - i).min(64 * 1024);
         let chunk: Vec<u8> = (i..i + len).map(touchgate_testkit::pattern_byte).collect();

@@ -114,10 +114,7 @@ async fn two_hundred_concurrent_local_connections_are_each_answered() -> anyhow:
     for i in 0..200 {
         let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
-            let stream = tokio::net::TcpStream::connect(api).await?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
+            let mut sender = touchgate_e2e::http1(api).await?;
             // All 200 connections are open before any request is sent.
             barrier.wait().await;
             let req = hyper::Request::get(format!("/item/{i}"))
