@@ -57,7 +57,7 @@ pub enum AgentState {
     },
     /// The connection dropped; reconnecting with the same session.
     Reconnecting {
-        /// Attempt number.
+        /// Attempt number (0: just lost, no attempt yet).
         attempt: u32,
         /// Why the last attempt failed.
         reason: String,
@@ -91,13 +91,21 @@ pub enum AgentError {
     Tunnel(#[from] TunnelError),
 }
 
+/// What the agent does when the gateway ends its session (expired, revoked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnSessionEnd {
+    /// Ask for a touch and sign in again (the CLI: the terminal says so).
+    SignInAgain,
+    /// Stop in [`AgentState::SignedOut`] and let the front end ask the user (the tray app).
+    Stop,
+}
+
 /// A running agent.
 pub struct RunningAgent {
     listeners: Vec<(String, SocketAddr)>,
     state: watch::Receiver<AgentState>,
-    session: Arc<Mutex<Option<SessionInfo>>>,
     conn: watch::Receiver<Option<quinn::Connection>>,
-    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -110,11 +118,22 @@ struct Shared {
     session: Arc<Mutex<Option<SessionInfo>>>,
     tunnel: tokio::sync::Mutex<Option<Arc<Tunnel>>>,
     locked: std::sync::atomic::AtomicBool,
+    on_session_end: OnSessionEnd,
 }
 
 impl RunningAgent {
-    /// Binds the local ports, signs in (one touch), and starts serving.
+    /// Binds the local ports, signs in (one touch), and starts serving; signs in again when
+    /// the gateway ends the session.
     pub async fn start(cfg: AgentConfig, authn: SharedAuthn) -> Result<Self, AgentError> {
+        Self::start_with(cfg, authn, OnSessionEnd::SignInAgain).await
+    }
+
+    /// [`RunningAgent::start`], choosing what happens when the gateway ends the session.
+    pub async fn start_with(
+        cfg: AgentConfig,
+        authn: SharedAuthn,
+        on_session_end: OnSessionEnd,
+    ) -> Result<Self, AgentError> {
         let key = SessionKey::generate()?;
         let endpoint = client_endpoint(&cfg, &key)?;
         let mut bound = Vec::new();
@@ -139,6 +158,7 @@ impl RunningAgent {
             session: Arc::new(Mutex::new(None)),
             tunnel: tokio::sync::Mutex::new(None),
             locked: std::sync::atomic::AtomicBool::new(false),
+            on_session_end,
         });
         shared.sign_in().await?;
         let mut tasks = Vec::new();
@@ -162,13 +182,11 @@ impl RunningAgent {
             let s = shared.clone();
             tasks.push(tokio::spawn(async move { s.watch_key().await }));
         }
-        let session = shared.session.clone();
         Ok(Self {
             listeners,
             state: state_rx,
-            session,
             conn: conn_rx,
-            endpoint,
+            shared,
             tasks,
         })
     }
@@ -193,7 +211,8 @@ impl RunningAgent {
 
     /// The current session, if any.
     pub fn session(&self) -> Option<SessionInfo> {
-        self.session
+        self.shared
+            .session
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -207,16 +226,28 @@ impl RunningAgent {
     /// Moves the tunnel to a new UDP socket (a network change); the QUIC connection migrates
     /// and open streams carry on.
     pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
-        self.endpoint.rebind(socket)
+        self.shared.endpoint.rebind(socket)
+    }
+
+    /// The name of the key that signed in ("YubiKey 5 NFC", "software key PATH").
+    pub fn key_name(&self) -> String {
+        self.shared.key_name()
+    }
+
+    /// Renews the session on the live connection with a new touch: a fresh session with a
+    /// fresh expiry, while open streams carry on. On failure the current session stays.
+    pub async fn renew(&self) -> Result<SessionInfo, TunnelError> {
+        self.shared.renew().await
     }
 
     /// Closes the tunnel cleanly and stops every task.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(&self) {
         for t in &self.tasks {
             t.abort();
         }
-        self.endpoint.close(0u32.into(), b"agent quitting");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let endpoint = &self.shared.endpoint;
+        endpoint.close(0u32.into(), b"agent quitting");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     }
 }
 
@@ -226,16 +257,22 @@ impl Shared {
         self.login_on(tunnel).await
     }
 
-    /// Asks for a touch and signs in on `tunnel`.
-    async fn login_on(&self, tunnel: Tunnel) -> Result<(), TunnelError> {
-        let describe = self
-            .authn
+    fn key_name(&self) -> String {
+        self.authn
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .describe();
+            .describe()
+    }
+
+    fn waiting_for_touch(&self) {
         self.state.send_replace(AgentState::WaitingForTouch {
-            authenticator: describe,
+            authenticator: self.key_name(),
         });
+    }
+
+    /// Asks for a touch and signs in on `tunnel`.
+    async fn login_on(&self, tunnel: Tunnel) -> Result<(), TunnelError> {
+        self.waiting_for_touch();
         let session = tunnel
             .login(&self.authn, &self.cfg.user, self.cfg.origin.as_deref())
             .await?;
@@ -243,18 +280,38 @@ impl Shared {
         Ok(())
     }
 
+    async fn renew(&self) -> Result<SessionInfo, TunnelError> {
+        let tunnel = self.tunnel.lock().await.clone();
+        let current = self.state.borrow().clone();
+        let Some(tunnel) = tunnel.filter(|t| t.connection().close_reason().is_none()) else {
+            return Err(TunnelError::Protocol(
+                "not connected to the gateway: wait for the connection to come back, or sign in again".into(),
+            ));
+        };
+        self.waiting_for_touch();
+        match tunnel
+            .login(&self.authn, &self.cfg.user, self.cfg.origin.as_deref())
+            .await
+        {
+            Ok(session) => {
+                self.state.send_replace(connected_state(&session));
+                *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.clone());
+                Ok(session)
+            }
+            Err(e) => {
+                self.state.send_replace(current);
+                Err(e)
+            }
+        }
+    }
+
     async fn live(&self, tunnel: Tunnel, session: SessionInfo) {
-        let offered: Vec<String> = session.services.iter().map(|s| s.name.clone()).collect();
         for s in &self.cfg.services {
-            if !offered.contains(&s.name) {
+            if !session.services.iter().any(|o| o.name == s.name) {
                 tracing::warn!(service = %s.name, "the gateway does not offer this service to you (unknown, or not allowed): connections to it will be refused");
             }
         }
-        self.state.send_replace(AgentState::Connected {
-            user: session.user.clone(),
-            expires_at: session.expires_at,
-            services: offered,
-        });
+        self.state.send_replace(connected_state(&session));
         *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(session);
         self.conn.send_replace(Some(tunnel.connection().clone()));
         *self.tunnel.lock().await = Some(Arc::new(tunnel));
@@ -296,6 +353,10 @@ impl Shared {
                 return;
             }
             tracing::warn!(%reason, "connection to the gateway lost; reconnecting");
+            self.state.send_replace(AgentState::Reconnecting {
+                attempt: 0,
+                reason: format!("connection lost: {reason}"),
+            });
             let mut attempt = 0u32;
             let mut delay = Duration::from_millis(100);
             loop {
@@ -343,16 +404,31 @@ impl Shared {
                             | RefusalCode::WrongSessionKey
                     ) =>
                 {
-                    tracing::warn!(reason = %r, "the session ended; signing in again");
                     *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     self.state.send_replace(AgentState::SignedOut {
                         reason: r.message.clone(),
                     });
+                    if self.on_session_end == OnSessionEnd::Stop {
+                        tracing::warn!(reason = %r, "the session ended");
+                        self.locked.store(true, std::sync::atomic::Ordering::SeqCst);
+                        self.conn.send_replace(None);
+                        tunnel.connection().close(0u32.into(), b"session ended");
+                        return Ok(());
+                    }
+                    tracing::warn!(reason = %r, "the session ended; signing in again");
                 }
                 Err(e) => return Err(e),
             }
         }
         self.login_on(tunnel).await
+    }
+}
+
+fn connected_state(session: &SessionInfo) -> AgentState {
+    AgentState::Connected {
+        user: session.user.clone(),
+        expires_at: session.expires_at,
+        services: session.services.iter().map(|s| s.name.clone()).collect(),
     }
 }
 

@@ -70,6 +70,15 @@ pub struct AgentConfig {
     /// Services to expose on localhost.
     #[serde(default, rename = "service")]
     pub services: Vec<LocalService>,
+    /// How long before the session ends the front ends warn and offer to renew it.
+    #[serde(default = "default_renew_reminder", with = "humantime_serde")]
+    pub renew_reminder: std::time::Duration,
+    /// Tray app: start when the user logs in.
+    #[serde(default)]
+    pub autostart: bool,
+    /// Tray app: ask for a touch as soon as it starts, instead of waiting for "Sign in…".
+    #[serde(default)]
+    pub sign_in_on_launch: bool,
 }
 
 /// One service exposed on localhost.
@@ -95,6 +104,10 @@ fn default_touch_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(30)
 }
 
+fn default_renew_reminder() -> std::time::Duration {
+    std::time::Duration::from_secs(10 * 60)
+}
+
 fn default_authenticator() -> String {
     "hid".into()
 }
@@ -106,23 +119,23 @@ impl AgentConfig {
             path: path.to_owned(),
             source,
         })?;
-        let mut cfg: AgentConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source: Box::new(source),
+            })?;
+        resolve_relative_paths(&mut table, path.parent().unwrap_or(Path::new(".")));
+        let cfg = Self::from_table(table).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source: Box::new(source),
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        if let Ok(AuthenticatorChoice::Soft(p)) = cfg.authenticator_choice()
-            && p.is_relative()
-        {
-            cfg.authenticator = format!("soft:{}", base.join(p).display());
-        }
-        if let Some(ca) = &cfg.gateway_ca
-            && ca.is_relative()
-        {
-            cfg.gateway_ca = Some(base.join(ca));
-        }
         cfg.check()?;
         Ok(cfg)
+    }
+
+    /// Builds a config from a parsed TOML table (paths already absolute).
+    pub fn from_table(table: toml::Table) -> Result<Self, toml::de::Error> {
+        toml::Value::Table(table).try_into()
     }
 
     /// The default config path: `<platform config dir>/agent.toml`.
@@ -212,6 +225,23 @@ impl AgentConfig {
             .or_else(|| dirs.as_ref().map(|d| d.cache_dir().to_owned()))
             .unwrap_or_else(std::env::temp_dir);
         dir.join("agent.sock")
+    }
+}
+
+/// Makes the file paths in a config table (a soft key, a CA file) absolute, taken from `base`,
+/// the folder of the file they were written in.
+pub fn resolve_relative_paths(table: &mut toml::Table, base: &Path) {
+    if let Some(toml::Value::String(a)) = table.get_mut("authenticator")
+        && let Some(p) = a.strip_prefix("soft:")
+        && !p.is_empty()
+        && Path::new(p).is_relative()
+    {
+        *a = format!("soft:{}", base.join(p).display());
+    }
+    if let Some(toml::Value::String(ca)) = table.get_mut("gateway_ca")
+        && Path::new(ca.as_str()).is_relative()
+    {
+        *ca = base.join(&*ca).display().to_string();
     }
 }
 

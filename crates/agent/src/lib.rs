@@ -4,6 +4,8 @@
 pub mod agent;
 pub mod authenticator;
 pub mod config;
+pub mod controller;
+pub mod settings;
 pub mod status;
 pub mod tunnel;
 

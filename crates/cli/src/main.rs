@@ -255,6 +255,7 @@ fn describe_state(s: &AgentState) -> String {
             format_time(*expires_at),
             services.join(", ")
         ),
+        AgentState::Reconnecting { attempt: 0, reason } => format!("{reason}; reconnecting"),
         AgentState::Reconnecting { attempt, reason } => {
             format!("reconnecting (attempt {attempt}): {reason}")
         }

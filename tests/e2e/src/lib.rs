@@ -10,8 +10,21 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use touchgate_agent::{AgentConfig, SharedAuthn, authenticator::soft::SoftKey};
-use touchgate_testkit::lab::Lab;
+use std::time::Duration;
+
+use touchgate_agent::{
+    AgentConfig, SharedAuthn,
+    authenticator::{
+        device::FidoDevice,
+        hid::{HidAuthenticator, Prompter},
+        soft::SoftKey,
+    },
+    controller::{Notice, Ui, View},
+};
+use touchgate_testkit::{
+    hardware::{FakeHardwareKey, Vendor},
+    lab::{Lab, LabOptions},
+};
 
 /// An agent config and software key for `user`, enrolled with a fresh invite.
 pub async fn enrolled(
@@ -120,4 +133,140 @@ pub fn connected_anew(
 ) -> bool {
     matches!(state, touchgate_agent::AgentState::Connected { .. })
         && agent.connection().is_some_and(|c| c.stable_id() != old)
+}
+
+/// A HID authenticator over one fake hardware key.
+pub fn hid(key: &Arc<FakeHardwareKey>, prompter: Arc<dyn Prompter>) -> anyhow::Result<SharedAuthn> {
+    let dev: Arc<dyn FidoDevice> = key.clone();
+    let a = HidAuthenticator::new(vec![dev], None, prompter, Duration::from_secs(10))?;
+    Ok(Arc::new(Mutex::new(Box::new(a))))
+}
+
+/// A lab whose gateway trusts `vendor`'s root for the models `aaguids` (software keys refused);
+/// `extra` goes into the `[attestation]` table.
+pub async fn lab_trusting(
+    vendor: &Vendor,
+    aaguids: &[[u8; 16]],
+    extra: &str,
+) -> anyhow::Result<(tempfile::TempDir, Lab)> {
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("vendor-root.pem");
+    std::fs::write(&ca, vendor.ca_pem())?;
+    let list = aaguids
+        .iter()
+        .map(|a| {
+            format!(
+                "{:?}",
+                touchgate_agent::authenticator::device::format_aaguid(a)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let lab = Lab::start(LabOptions {
+        allow_software: false,
+        attestation: format!(
+            "{extra}\n[[attestation.trusted]]\nca = {:?}\naaguids = [{list}]\ndescription = \"Test Vendor\"\n",
+            ca.display().to_string()
+        ),
+        ..Default::default()
+    })
+    .await?;
+    Ok((dir, lab))
+}
+
+/// A front end that records every view and notice, for controller tests.
+pub struct FakeUi {
+    views: Mutex<Vec<View>>,
+    notices: Mutex<Vec<Notice>>,
+    changed: tokio::sync::watch::Sender<usize>,
+}
+
+impl Default for FakeUi {
+    fn default() -> Self {
+        Self {
+            views: Mutex::new(Vec::new()),
+            notices: Mutex::new(Vec::new()),
+            changed: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+impl Ui for FakeUi {
+    fn show(&self, view: &View) {
+        self.views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(view.clone());
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    fn notify(&self, notice: &Notice) {
+        self.notices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(notice.clone());
+        self.changed.send_modify(|n| *n += 1);
+    }
+}
+
+impl FakeUi {
+    /// The phases shown so far, by kind (`"connected"`), repeats folded; a touch or PIN prompt
+    /// carries its purpose (`"waiting_for_touch:renew"`).
+    pub fn phases(&self) -> Vec<String> {
+        let views = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<String> = Vec::new();
+        for v in views.iter() {
+            let j = serde_json::to_value(&v.phase).unwrap_or_default();
+            let mut kind = j["kind"].as_str().unwrap_or("?").to_owned();
+            if let Some(p) = j["purpose"].as_str() {
+                kind = format!("{kind}:{p}");
+            }
+            if out.last() != Some(&kind) {
+                out.push(kind);
+            }
+        }
+        out
+    }
+
+    /// The notices so far.
+    pub fn notices(&self) -> Vec<Notice> {
+        self.notices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The last view shown.
+    pub fn last(&self) -> Option<View> {
+        self.views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last()
+            .cloned()
+    }
+
+    /// Waits until the last view satisfies `done`.
+    pub async fn wait_for(
+        &self,
+        within: Duration,
+        what: &str,
+        done: impl Fn(&View) -> bool,
+    ) -> anyhow::Result<View> {
+        let mut rx = self.changed.subscribe();
+        tokio::time::timeout(within, async {
+            loop {
+                if let Some(v) = self.last().filter(|v| done(v)) {
+                    return Ok(v);
+                }
+                rx.changed().await?;
+            }
+        })
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the controller did not show {what} within {within:?}; phases: {:?}",
+                self.phases()
+            )
+        })?
+    }
 }

@@ -2,26 +2,17 @@
 //! encoding) against the real relying party and its attestation policy, with fake keys that
 //! make real packed attestations under test vendor CAs.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use secrecy::SecretString;
 use touchgate_agent::{
-    AgentState, RunningAgent, SharedAuthn,
-    authenticator::{
-        device::FidoDevice,
-        hid::{HidAuthenticator, NoPrompt, Prompter},
-    },
+    AgentState, RunningAgent,
+    authenticator::hid::{NoPrompt, Prompter},
     tunnel::TunnelError,
 };
-use touchgate_e2e::{get, wait_for_state};
+use touchgate_e2e::{get, hid, lab_trusting, wait_for_state};
 use touchgate_proto::RefusalCode;
-use touchgate_testkit::{
-    hardware::{FakeHardwareKey, Vendor},
-    lab::{Lab, LabOptions},
-};
+use touchgate_testkit::hardware::Vendor;
 
 const ALICE: &str = "alice@example.com";
 const MODEL_A: [u8; 16] = *b"touchgate-modelA";
@@ -38,37 +29,6 @@ impl Prompter for Pin {
     fn pin(&self, _key: &str, _retries: Option<i32>) -> Option<SecretString> {
         Some(SecretString::from(self.0))
     }
-}
-
-fn hid(key: &Arc<FakeHardwareKey>, prompter: Arc<dyn Prompter>) -> anyhow::Result<SharedAuthn> {
-    let dev: Arc<dyn FidoDevice> = key.clone();
-    let a = HidAuthenticator::new(vec![dev], None, prompter, Duration::from_secs(10))?;
-    Ok(Arc::new(Mutex::new(Box::new(a))))
-}
-
-async fn lab_trusting(
-    vendor: &Vendor,
-    aaguids: &[[u8; 16]],
-    extra: &str,
-) -> anyhow::Result<(tempfile::TempDir, Lab)> {
-    let dir = tempfile::tempdir()?;
-    let ca = dir.path().join("vendor-root.pem");
-    std::fs::write(&ca, vendor.ca_pem())?;
-    let list = aaguids
-        .iter()
-        .map(|a| format!("{:?}", uuid(*a)))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let lab = Lab::start(LabOptions {
-        allow_software: false,
-        attestation: format!(
-            "{extra}\n[[attestation.trusted]]\nca = {:?}\naaguids = [{list}]\ndescription = \"Test Vendor\"\n",
-            ca.display().to_string()
-        ),
-        ..Default::default()
-    })
-    .await?;
-    Ok((dir, lab))
 }
 
 fn refusal<T: std::fmt::Debug>(r: Result<T, TunnelError>) -> touchgate_proto::Refusal {

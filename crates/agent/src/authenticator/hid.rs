@@ -36,6 +36,10 @@ pub trait Prompter: Send + Sync {
     /// The key needs its PIN; `retries` says how many tries the key has left, when known.
     /// `None` means the user cancelled.
     fn pin(&self, key: &str, retries: Option<i32>) -> Option<SecretString>;
+    /// Whether the user asked to stop waiting (a Cancel button); polled while the key blinks.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// A prompter for programs with nobody to ask: it never gives a PIN.
@@ -159,11 +163,12 @@ impl HidAuthenticator {
                 );
             }
             self.prompter.touch(name);
-            match with_timeout(device, self.timeout, || {
+            match with_timeout(device, self.timeout, &*self.prompter, || {
                 op(pin.as_ref().map(|p| p.expose_secret()))
             }) {
                 Ok(v) => return Ok(v),
                 Err(Waited::TimedOut) => return Err(AuthnError::Timeout(self.timeout.as_secs())),
+                Err(Waited::Cancelled) => return Err(AuthnError::Cancelled),
                 Err(Waited::Failed(DeviceError::PinInvalid)) => {
                     retries = device.info().ok().and_then(|i| i.pin_retries);
                     if attempt + 1 == PIN_ATTEMPTS || retries == Some(0) {
@@ -202,35 +207,55 @@ pub fn decide_uv(policy: &UserVerificationPolicy, info: &KeyInfo) -> Result<UvMe
 
 enum Waited {
     TimedOut,
+    Cancelled,
     Failed(DeviceError),
 }
 
-/// Runs a blocking device call; after `timeout` a watchdog sends CTAPHID_CANCEL, so the call
-/// returns instead of hanging.
+/// How often the watchdog looks at the prompter's cancel flag.
+const CANCEL_POLL: Duration = Duration::from_millis(100);
+
+/// Runs a blocking device call; after `timeout`, or when the user cancels, a watchdog sends
+/// CTAPHID_CANCEL, so the call returns instead of hanging.
 fn with_timeout<T>(
     device: &Arc<dyn FidoDevice>,
     timeout: Duration,
+    prompter: &dyn Prompter,
     op: impl FnOnce() -> Result<T, DeviceError>,
 ) -> Result<T, Waited> {
     let (done_tx, done_rx) = mpsc::channel::<()>();
-    let (fired_tx, fired_rx) = mpsc::channel::<()>();
+    let (fired_tx, fired_rx) = mpsc::channel::<bool>();
     let d = device.clone();
-    let watchdog = std::thread::spawn(move || {
-        if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(timeout) {
-            let _ = fired_tx.send(());
-            d.cancel();
+    std::thread::scope(|scope| {
+        let watchdog = scope.spawn(move || {
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                match done_rx.recv_timeout(left.min(CANCEL_POLL)) {
+                    Err(mpsc::RecvTimeoutError::Timeout) if left.is_zero() => {
+                        let _ = fired_tx.send(false);
+                        d.cancel();
+                        return;
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) if prompter.cancelled() => {
+                        let _ = fired_tx.send(true);
+                        d.cancel();
+                        return;
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+            }
+        });
+        let res = op();
+        let _ = done_tx.send(());
+        let _ = watchdog.join();
+        match (res, fired_rx.try_recv().ok()) {
+            (Ok(v), _) => Ok(v),
+            (Err(_), Some(true)) => Err(Waited::Cancelled),
+            (Err(_), Some(false)) | (Err(DeviceError::Timeout), None) => Err(Waited::TimedOut),
+            (Err(e), None) => Err(Waited::Failed(e)),
         }
-    });
-    let res = op();
-    let _ = done_tx.send(());
-    let _ = watchdog.join();
-    let fired = fired_rx.try_recv().is_ok();
-    match res {
-        Ok(v) => Ok(v),
-        Err(_) if fired => Err(Waited::TimedOut),
-        Err(DeviceError::Timeout) => Err(Waited::TimedOut),
-        Err(e) => Err(Waited::Failed(e)),
-    }
+    })
 }
 
 fn user_error_simple(e: DeviceError) -> AuthnError {

@@ -1,0 +1,215 @@
+// Generated from the Rust types in crates/agent (controller and settings): do not edit.
+// Regenerate with: TOUCHGATE_BLESS=1 cargo test -p touchgate-agent bindings
+
+export type Request = { "kind": "sign_in" } | { "kind": "renew" } | { "kind": "sign_out" } | { "kind": "cancel" } | { "kind": "submit_pin", 
+/**
+ * The PIN (never logged).
+ */
+pin: string, } | { "kind": "enrol", 
+/**
+ * The code from the admin.
+ */
+code: string, } | { "kind": "set_service_port", 
+/**
+ * The service.
+ */
+service: string, 
+/**
+ * The new port on 127.0.0.1.
+ */
+port: number, } | { "kind": "save_settings", 
+/**
+ * The new values.
+ */
+settings: Settings, };
+
+export type Purpose = "sign_in" | "renew" | "enrol";
+
+export type Phase = { "kind": "not_configured", 
+/**
+ * What is missing, in words.
+ */
+problem: string, } | { "kind": "signed_out", 
+/**
+ * Why the last session ended, when it did not end by the user's choice.
+ */
+reason: string | null, } | { "kind": "connecting", 
+/**
+ * What for.
+ */
+purpose: Purpose, } | { "kind": "waiting_for_touch", 
+/**
+ * The key's name.
+ */
+key: string, 
+/**
+ * What for.
+ */
+purpose: Purpose, } | { "kind": "pin_needed", 
+/**
+ * The key's name.
+ */
+key: string, 
+/**
+ * Tries left before the key blocks its PIN, when it says.
+ */
+retries: number | null, 
+/**
+ * What for.
+ */
+purpose: Purpose, } | { "kind": "connected" } | { "kind": "expiring_soon" } | { "kind": "reconnecting", 
+/**
+ * Attempt number.
+ */
+attempt: number, 
+/**
+ * Why the last attempt failed.
+ */
+reason: string, } | { "kind": "key_removed" } | { "kind": "error", 
+/**
+ * Why, in words.
+ */
+message: string, };
+
+export type SessionView = { 
+/**
+ * The user.
+ */
+user: string, 
+/**
+ * When it ends, seconds since the epoch.
+ */
+expires_at: number, };
+
+export type ServiceView = { 
+/**
+ * The gateway's name for it.
+ */
+name: string, 
+/**
+ * Its port on 127.0.0.1 (0: a free port is picked at sign-in).
+ */
+local_port: number, 
+/**
+ * `http://127.0.0.1:PORT`.
+ */
+url: string, 
+/**
+ * Whether it answers now (signed in, and offered by the gateway).
+ */
+live: boolean, };
+
+export type View = { 
+/**
+ * Where the agent is.
+ */
+phase: Phase, 
+/**
+ * The live session, if any.
+ */
+session: SessionView | null, 
+/**
+ * The configured services.
+ */
+services: Array<ServiceView>, 
+/**
+ * The gateway address.
+ */
+gateway: string, 
+/**
+ * The configured user.
+ */
+user: string, 
+/**
+ * The last request that failed while a session stayed up (a failed renewal), in words.
+ */
+error: string | null, };
+
+export type Notice = { "kind": "expiring_soon", 
+/**
+ * Minutes left.
+ */
+minutes_left: number, } | { "kind": "session_ended", 
+/**
+ * Why.
+ */
+reason: string, } | { "kind": "connection_lost", 
+/**
+ * Why.
+ */
+reason: string, } | { "kind": "connection_restored" } | { "kind": "enrolled", 
+/**
+ * Which.
+ */
+key: string, };
+
+export type ServiceSetting = { 
+/**
+ * The gateway's name for the service.
+ */
+name: string, 
+/**
+ * The port on 127.0.0.1 (0 picks a free one at each sign-in).
+ */
+local_port: number, };
+
+export type Settings = { 
+/**
+ * Gateway address, `host:port`.
+ */
+gateway: string, 
+/**
+ * The gateway certificate's SHA-256 fingerprint (empty: none, a CA file is used).
+ */
+gateway_cert_sha256: string, 
+/**
+ * The user, as enrolled.
+ */
+user: string, 
+/**
+ * `hid`, or `soft:PATH`.
+ */
+authenticator: string, 
+/**
+ * End the session when the key is unplugged.
+ */
+lock_on_key_removal: boolean, 
+/**
+ * Start the tray app at login.
+ */
+autostart: boolean, 
+/**
+ * Ask for a touch as soon as the tray app starts.
+ */
+sign_in_on_launch: boolean, 
+/**
+ * Minutes before the session ends that the warning comes.
+ */
+renew_reminder_minutes: number, 
+/**
+ * Services and their local ports.
+ */
+services: Array<ServiceSetting>, };
+
+export type SettingsView = { 
+/**
+ * The merged values.
+ */
+values: Settings, 
+/**
+ * Keys set by the managed config: field names of [`Settings`], `service.NAME` for a
+ * managed service, and `services` when users may not add their own.
+ */
+locked: Array<string>, 
+/**
+ * The managed file in force, if any.
+ */
+managed_file: string | null, 
+/**
+ * The user's config file.
+ */
+user_file: string, 
+/**
+ * Why the merged config cannot be used yet (first start, a missing value), in words.
+ */
+problem: string | null, };
