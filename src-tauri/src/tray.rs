@@ -1,0 +1,451 @@
+//! What the tray shows for a view: the icon, the tooltip and the menu, as plain data. The
+//! Tauri side turns it into a real tray (see `shell.rs`); the rules live here and are tested
+//! without a window.
+
+use touchgate_agent::controller::{Phase, View};
+
+/// The five tray icons (each drawn for light and dark panels, in `icons/tray`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Icon {
+    /// No session.
+    SignedOut,
+    /// The key is blinking, or wants its PIN.
+    Waiting,
+    /// Services are live.
+    Connected,
+    /// The connection dropped; coming back.
+    Reconnecting,
+    /// Sign-in failed, or the key was unplugged.
+    Error,
+}
+
+impl Icon {
+    /// The PNG for a light or a dark panel.
+    pub fn png(self, dark_panel: bool) -> &'static [u8] {
+        macro_rules! pair {
+            ($name:literal) => {
+                if dark_panel {
+                    include_bytes!(concat!("../../icons/tray/", $name, "-dark.png")).as_slice()
+                } else {
+                    include_bytes!(concat!("../../icons/tray/", $name, "-light.png")).as_slice()
+                }
+            };
+        }
+        match self {
+            Self::SignedOut => pair!("signed-out"),
+            Self::Waiting => pair!("waiting"),
+            Self::Connected => pair!("connected"),
+            Self::Reconnecting => pair!("reconnecting"),
+            Self::Error => pair!("error"),
+        }
+    }
+}
+
+/// A menu action, as the id of its menu item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Open the sign-in window and ask for a touch.
+    SignIn,
+    /// Renew the session with a touch.
+    Renew,
+    /// Sign out.
+    SignOut,
+    /// Stop waiting for the key.
+    Cancel,
+    /// Copy a service's URL.
+    CopyUrl(String),
+    /// Open a service's URL in the browser.
+    OpenUrl(String),
+    /// Open the enrolment window.
+    Enrol,
+    /// Open the settings window.
+    Settings,
+    /// Open the status window.
+    Status,
+    /// Open the log file.
+    OpenLog,
+    /// Close the tunnels and quit.
+    Quit,
+}
+
+impl Action {
+    /// The menu item id.
+    pub fn id(&self) -> String {
+        match self {
+            Self::SignIn => "sign-in".into(),
+            Self::Renew => "renew".into(),
+            Self::SignOut => "sign-out".into(),
+            Self::Cancel => "cancel".into(),
+            Self::CopyUrl(s) => format!("copy-url:{s}"),
+            Self::OpenUrl(s) => format!("open-url:{s}"),
+            Self::Enrol => "enrol".into(),
+            Self::Settings => "settings".into(),
+            Self::Status => "status".into(),
+            Self::OpenLog => "open-log".into(),
+            Self::Quit => "quit".into(),
+        }
+    }
+
+    /// The action of a menu item id.
+    pub fn from_id(id: &str) -> Option<Self> {
+        Some(match id {
+            "sign-in" => Self::SignIn,
+            "renew" => Self::Renew,
+            "sign-out" => Self::SignOut,
+            "cancel" => Self::Cancel,
+            "enrol" => Self::Enrol,
+            "settings" => Self::Settings,
+            "status" => Self::Status,
+            "open-log" => Self::OpenLog,
+            "quit" => Self::Quit,
+            other => {
+                if let Some(s) = other.strip_prefix("copy-url:") {
+                    Self::CopyUrl(s.to_owned())
+                } else if let Some(s) = other.strip_prefix("open-url:") {
+                    Self::OpenUrl(s.to_owned())
+                } else {
+                    return None;
+                }
+            }
+        })
+    }
+}
+
+/// One entry of the tray menu.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// A line of text that does nothing (the state).
+    Label(String),
+    /// A clickable entry.
+    Action {
+        /// What it says.
+        text: String,
+        /// What it does.
+        action: Action,
+        /// Whether it can be clicked now.
+        enabled: bool,
+    },
+    /// A service, with its own submenu.
+    Service {
+        /// `api — http://127.0.0.1:8081`.
+        text: String,
+        /// Copy URL and Open in browser.
+        items: Vec<Item>,
+    },
+    /// A line between groups.
+    Separator,
+}
+
+/// The whole tray.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tray {
+    /// The icon.
+    pub icon: Icon,
+    /// The state in words (tooltip, and the first menu line).
+    pub tooltip: String,
+    /// The menu.
+    pub items: Vec<Item>,
+}
+
+fn action(text: &str, action: Action) -> Item {
+    Item::Action {
+        text: text.into(),
+        action,
+        enabled: true,
+    }
+}
+
+/// "2 h 05 min", "4 min", "less than a minute".
+pub fn time_left(expires_at: u64, now: u64) -> String {
+    let left = expires_at.saturating_sub(now);
+    if left < 60 {
+        return "less than a minute".into();
+    }
+    let (h, m) = (left / 3600, (left % 3600) / 60);
+    if h > 0 {
+        format!("{h} h {m:02} min")
+    } else {
+        format!("{m} min")
+    }
+}
+
+/// The tray for `view` at `now` (seconds since the epoch).
+pub fn tray(view: &View, now: u64) -> Tray {
+    let left = view
+        .session
+        .as_ref()
+        .map(|s| time_left(s.expires_at, now))
+        .unwrap_or_default();
+    let user = view.session.as_ref().map(|s| s.user.as_str()).unwrap_or("");
+    let (icon, state) = match &view.phase {
+        Phase::NotConfigured { .. } => (Icon::Error, "Not set up yet: open Settings".to_owned()),
+        Phase::SignedOut { reason: None } => (Icon::SignedOut, "Signed out".to_owned()),
+        Phase::SignedOut { reason: Some(r) } => (Icon::SignedOut, format!("Signed out: {r}")),
+        Phase::Connecting { .. } => (Icon::Waiting, "Connecting to the gateway…".to_owned()),
+        Phase::WaitingForTouch { key, .. } => {
+            (Icon::Waiting, format!("Touch your security key ({key})"))
+        }
+        Phase::PinNeeded { .. } => (Icon::Waiting, "Enter your key's PIN".to_owned()),
+        Phase::Connected => (
+            Icon::Connected,
+            format!("Connected as {user} — {left} left"),
+        ),
+        Phase::ExpiringSoon => (Icon::Connected, format!("Session ends in {left}: renew it")),
+        Phase::Reconnecting { .. } => (
+            Icon::Reconnecting,
+            "Connection lost — reconnecting…".to_owned(),
+        ),
+        Phase::KeyRemoved => (
+            Icon::Error,
+            "Signed out: the security key was unplugged".to_owned(),
+        ),
+        Phase::Error { message } => (Icon::Error, format!("Sign-in failed: {message}")),
+    };
+    let mut items = vec![Item::Label(state.clone()), Item::Separator];
+    match &view.phase {
+        Phase::Connected | Phase::ExpiringSoon | Phase::Reconnecting { .. } => {
+            items.push(action("Renew session", Action::Renew));
+            items.push(action("Sign out", Action::SignOut));
+        }
+        Phase::Connecting { .. } | Phase::WaitingForTouch { .. } | Phase::PinNeeded { .. } => {
+            items.push(action("Cancel", Action::Cancel));
+        }
+        Phase::NotConfigured { .. } => items.push(Item::Action {
+            text: "Sign in…".into(),
+            action: Action::SignIn,
+            enabled: false,
+        }),
+        Phase::SignedOut { .. } | Phase::KeyRemoved | Phase::Error { .. } => {
+            items.push(action("Sign in…", Action::SignIn));
+        }
+    }
+    if !view.services.is_empty() {
+        items.push(Item::Separator);
+    }
+    for s in &view.services {
+        let where_ = if s.url.is_empty() {
+            "a free port at sign-in".to_owned()
+        } else {
+            s.url.clone()
+        };
+        let text = if s.live {
+            format!("{} — {where_}", s.name)
+        } else {
+            format!("{} — {where_} (not live)", s.name)
+        };
+        items.push(Item::Service {
+            text,
+            items: vec![
+                Item::Action {
+                    text: "Copy URL".into(),
+                    action: Action::CopyUrl(s.name.clone()),
+                    enabled: s.live,
+                },
+                Item::Action {
+                    text: "Open in browser".into(),
+                    action: Action::OpenUrl(s.name.clone()),
+                    enabled: s.live,
+                },
+            ],
+        });
+    }
+    items.extend([
+        Item::Separator,
+        action("Enrol a key…", Action::Enrol),
+        action("Settings…", Action::Settings),
+        action("Status…", Action::Status),
+        action("Open log", Action::OpenLog),
+        Item::Separator,
+        action("Quit touchgate", Action::Quit),
+    ]);
+    Tray {
+        icon,
+        tooltip: format!("touchgate: {state}"),
+        items,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use touchgate_agent::controller::{Purpose, ServiceView, SessionView};
+
+    fn view(phase: Phase, live: bool) -> View {
+        View {
+            phase,
+            session: live.then(|| SessionView {
+                user: "alice@example.com".into(),
+                expires_at: 10_000 + 3 * 3600 + 7 * 60,
+            }),
+            services: vec![ServiceView {
+                name: "api".into(),
+                local_port: 8081,
+                url: "http://127.0.0.1:8081".into(),
+                live,
+            }],
+            gateway: "gw:4433".into(),
+            user: "alice@example.com".into(),
+            error: None,
+        }
+    }
+
+    fn texts(t: &Tray) -> Vec<String> {
+        t.items
+            .iter()
+            .map(|i| match i {
+                Item::Label(s) => format!("[{s}]"),
+                Item::Action { text, enabled, .. } => {
+                    format!("{text}{}", if *enabled { "" } else { " (disabled)" })
+                }
+                Item::Service { text, .. } => format!("> {text}"),
+                Item::Separator => "---".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn connected_shows_time_left_services_renew_and_sign_out() {
+        let t = tray(&view(Phase::Connected, true), 10_000);
+        assert_eq!(t.icon, Icon::Connected);
+        assert_eq!(
+            t.tooltip,
+            "touchgate: Connected as alice@example.com — 3 h 07 min left"
+        );
+        assert_eq!(
+            texts(&t),
+            [
+                "[Connected as alice@example.com — 3 h 07 min left]",
+                "---",
+                "Renew session",
+                "Sign out",
+                "---",
+                "> api — http://127.0.0.1:8081",
+                "---",
+                "Enrol a key…",
+                "Settings…",
+                "Status…",
+                "Open log",
+                "---",
+                "Quit touchgate",
+            ]
+        );
+        let Item::Service { items, .. } = &t.items[5] else {
+            panic!("service item")
+        };
+        assert_eq!(
+            items,
+            &[
+                Item::Action {
+                    text: "Copy URL".into(),
+                    action: Action::CopyUrl("api".into()),
+                    enabled: true
+                },
+                Item::Action {
+                    text: "Open in browser".into(),
+                    action: Action::OpenUrl("api".into()),
+                    enabled: true
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn every_state_has_its_own_icon_and_words() {
+        let cases = [
+            (
+                Phase::SignedOut { reason: None },
+                Icon::SignedOut,
+                "Signed out",
+                "Sign in…",
+            ),
+            (
+                Phase::WaitingForTouch {
+                    key: "YubiKey 5".into(),
+                    purpose: Purpose::SignIn,
+                },
+                Icon::Waiting,
+                "Touch your security key (YubiKey 5)",
+                "Cancel",
+            ),
+            (
+                Phase::Reconnecting {
+                    attempt: 2,
+                    reason: "timed out".into(),
+                },
+                Icon::Reconnecting,
+                "Connection lost — reconnecting…",
+                "Renew session",
+            ),
+            (
+                Phase::Error {
+                    message: "no touch within 30s".into(),
+                },
+                Icon::Error,
+                "Sign-in failed: no touch within 30s",
+                "Sign in…",
+            ),
+            (
+                Phase::NotConfigured {
+                    problem: "no gateway".into(),
+                },
+                Icon::Error,
+                "Not set up yet: open Settings",
+                "Sign in… (disabled)",
+            ),
+        ];
+        for (phase, icon, words, first_action) in cases {
+            let t = tray(&view(phase.clone(), false), 10_000);
+            assert_eq!(t.icon, icon, "{phase:?}");
+            assert_eq!(t.tooltip, format!("touchgate: {words}"));
+            assert_eq!(texts(&t)[2], first_action, "{phase:?}");
+            assert!(
+                texts(&t).contains(&"> api — http://127.0.0.1:8081 (not live)".to_owned()),
+                "{phase:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn expiring_soon_says_how_long_is_left() {
+        let mut v = view(Phase::ExpiringSoon, true);
+        v.session.as_mut().expect("session").expires_at = 10_000 + 299;
+        let t = tray(&v, 10_000);
+        assert_eq!(t.tooltip, "touchgate: Session ends in 4 min: renew it");
+    }
+
+    #[test]
+    fn menu_ids_round_trip() {
+        for a in [
+            Action::SignIn,
+            Action::Renew,
+            Action::SignOut,
+            Action::Cancel,
+            Action::CopyUrl("api".into()),
+            Action::OpenUrl("billing-v2".into()),
+            Action::Enrol,
+            Action::Settings,
+            Action::Status,
+            Action::OpenLog,
+            Action::Quit,
+        ] {
+            assert_eq!(Action::from_id(&a.id()), Some(a));
+        }
+        assert_eq!(Action::from_id("nonsense"), None);
+    }
+
+    #[test]
+    fn every_icon_is_a_png() {
+        for i in [
+            Icon::SignedOut,
+            Icon::Waiting,
+            Icon::Connected,
+            Icon::Reconnecting,
+            Icon::Error,
+        ] {
+            for dark in [false, true] {
+                assert!(i.png(dark).starts_with(b"\x89PNG"), "{i:?}");
+            }
+        }
+        assert_ne!(Icon::Connected.png(true), Icon::Connected.png(false));
+    }
+}

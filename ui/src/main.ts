@@ -1,0 +1,467 @@
+// The touchgate window: sign-in, enrolment, settings and status views over one controller.
+import type { Phase, Purpose, ServiceSetting, ServiceView, Settings } from "./bindings";
+import { alertBox, clock, h, note, timeLeft } from "./dom";
+import {
+  ROUTES,
+  copyText,
+  getAppInfo,
+  getSettings,
+  getView,
+  onNavigate,
+  onNotice,
+  onView,
+  openLog,
+  openUrl,
+  request,
+  words,
+  type AppInfo,
+  type Notice,
+  type Route,
+  type SettingsView,
+  type View,
+} from "./ipc";
+
+interface State {
+  route: Route;
+  view: View | null;
+  settings: SettingsView | null;
+  info: AppInfo | null;
+  /** The outcome of the last action on each route, in words. */
+  flash: Partial<Record<Route, { text: string; ok: boolean }>>;
+}
+
+const state: State = {
+  route: routeOf(location.hash),
+  view: null,
+  settings: null,
+  info: null,
+  flash: {},
+};
+
+function routeOf(hash: string): Route {
+  const r = hash.replace(/^#\/?/, "") as Route;
+  return ROUTES.includes(r) ? r : "signin";
+}
+
+const app = document.getElementById("app") as HTMLElement;
+
+// ---- actions -------------------------------------------------------------------------------
+
+async function act(route: Route, f: () => Promise<void>, ok?: string) {
+  delete state.flash[route];
+  try {
+    await f();
+    if (ok) state.flash[route] = { text: ok, ok: true };
+  } catch (e) {
+    const text = words(e);
+    if (text !== "cancelled") state.flash[route] = { text, ok: false };
+  }
+  render();
+}
+
+const signIn = () => act("signin", () => request({ kind: "sign_in" }));
+const renew = () => act("signin", () => request({ kind: "renew" }), "Session renewed.");
+const signOut = () => act("signin", () => request({ kind: "sign_out" }));
+const cancel = () => request({ kind: "cancel" }).catch(() => undefined);
+
+// ---- pieces ------------------------------------------------------------------------------
+
+/** The touch and PIN prompts, for the purposes this view shows. */
+function prompt(phase: Phase, purposes: Purpose[]): HTMLElement | null {
+  if (phase.kind === "connecting" && purposes.includes(phase.purpose)) {
+    return h("div", { class: "flow", "data-testid": "connecting" }, h("p", {}, "Reaching the gateway…"));
+  }
+  if (phase.kind === "waiting_for_touch" && purposes.includes(phase.purpose)) {
+    return h(
+      "div",
+      { class: "flow touch", "data-testid": "touch" },
+      h("div", { class: "pulse", "aria-hidden": "true" }),
+      h("h2", {}, "Touch your security key"),
+      h("p", { class: "key" }, phase.key),
+      h("p", { class: "hint" }, "Its light blinks while it waits."),
+      h("button", { type: "button", class: "secondary", onclick: cancel }, "Cancel"),
+    );
+  }
+  if (phase.kind === "pin_needed" && purposes.includes(phase.purpose)) {
+    const input = h("input", {
+      type: "password",
+      id: "pin",
+      name: "pin",
+      autocomplete: "off",
+      inputmode: "numeric",
+      required: true,
+      minlength: 4,
+      "aria-describedby": "pin-hint",
+    });
+    const form = h(
+      "form",
+      {
+        class: "flow pin",
+        "data-testid": "pin",
+        onsubmit: (e: Event) => {
+          e.preventDefault();
+          const pin = input.value;
+          input.value = "";
+          void act(purposeRoute(phase.purpose), () => request({ kind: "submit_pin", pin }));
+        },
+      },
+      h("h2", {}, "Enter your key's PIN"),
+      h("label", { for: "pin" }, `PIN for ${phase.key}`),
+      input,
+      h(
+        "p",
+        { id: "pin-hint", class: phase.retries !== null && phase.retries <= 3 ? "warn" : "hint" },
+        phase.retries === null
+          ? "The key blocks its PIN after too many wrong tries."
+          : `${phase.retries} ${phase.retries === 1 ? "try" : "tries"} left before the key blocks its PIN.`,
+      ),
+      h(
+        "div",
+        { class: "buttons" },
+        h("button", { type: "submit" }, "Continue"),
+        h("button", { type: "button", class: "secondary", onclick: cancel }, "Cancel"),
+      ),
+    );
+    queueMicrotask(() => input.focus());
+    return form;
+  }
+  return null;
+}
+
+function purposeRoute(p: Purpose): Route {
+  return p === "enrol" ? "enrol" : "signin";
+}
+
+function flash(route: Route): HTMLElement | null {
+  const f = state.flash[route];
+  if (!f) return null;
+  return f.ok ? h("p", { class: "ok", role: "status" }, f.text) : alertBox(f.text);
+}
+
+function serviceList(services: ServiceView[]): HTMLElement {
+  if (services.length === 0) {
+    return note("No services configured: add them in Settings.");
+  }
+  return h(
+    "ul",
+    { class: "services", "aria-label": "Services" },
+    services.map((s) =>
+      h(
+        "li",
+        { "data-service": s.name, class: s.live ? "live" : "idle" },
+        h("span", { class: "dot", "aria-hidden": "true" }),
+        h("span", { class: "name" }, s.name),
+        h("span", { class: "url" }, s.url || "a free port at sign-in"),
+        s.live && s.url
+          ? [
+              h("button", { type: "button", class: "small", onclick: () => void copyText(s.url) }, "Copy URL"),
+              h("button", { type: "button", class: "small", onclick: () => void openUrl(s.url) }, "Open in browser"),
+            ]
+          : h("span", { class: "muted" }, "not live"),
+      ),
+    ),
+  );
+}
+
+/** The state in words, as the tray tooltip says it. */
+export function stateWords(v: View): string {
+  const p = v.phase;
+  switch (p.kind) {
+    case "not_configured":
+      return "Not set up yet";
+    case "signed_out":
+      return p.reason ? `Signed out: ${p.reason}` : "Signed out";
+    case "connecting":
+      return "Connecting…";
+    case "waiting_for_touch":
+      return "Waiting for a touch on your key";
+    case "pin_needed":
+      return "Waiting for your key's PIN";
+    case "connected":
+      return v.session ? `Connected as ${v.session.user}, ${timeLeft(v.session.expires_at)} left` : "Connected";
+    case "expiring_soon":
+      return v.session ? `Session ends in ${timeLeft(v.session.expires_at)}` : "Session ending soon";
+    case "reconnecting":
+      return `Reconnecting: ${p.reason}`;
+    case "key_removed":
+      return "Signed out: the key was unplugged";
+    case "error":
+      return `Sign-in failed: ${p.message}`;
+  }
+}
+
+// ---- views -------------------------------------------------------------------------------
+
+function signInView(v: View): HTMLElement {
+  const p = v.phase;
+  const body: (HTMLElement | null)[] = [];
+  const flow = prompt(p, ["sign_in", "renew"]);
+  if (flow) {
+    body.push(flow);
+  } else if (p.kind === "not_configured") {
+    body.push(
+      alertBox(`touchgate is not set up yet: ${p.problem}`),
+      h("button", { type: "button", onclick: () => navigate("settings") }, "Open settings"),
+    );
+  } else if (p.kind === "connected" || p.kind === "expiring_soon") {
+    const s = v.session;
+    body.push(
+      h(
+        "p",
+        { class: "session", "data-testid": "session" },
+        s ? `Signed in as ${s.user}. Your session ends at ${clock(s.expires_at)} (${timeLeft(s.expires_at)} left).` : "Signed in.",
+      ),
+      p.kind === "expiring_soon" && s
+        ? h("p", { class: "warn", role: "status" }, `Your session ends in ${timeLeft(s.expires_at)}: renew it with one touch.`)
+        : null,
+      serviceList(v.services),
+      h(
+        "div",
+        { class: "buttons" },
+        h("button", { type: "button", onclick: renew }, "Renew session"),
+        h("button", { type: "button", class: "secondary", onclick: signOut }, "Sign out"),
+      ),
+    );
+  } else if (p.kind === "reconnecting") {
+    body.push(
+      h("p", { class: "warn", role: "status" }, `The connection to the gateway dropped. Reconnecting with the same session, no touch needed (${p.reason}).`),
+      serviceList(v.services),
+      h("button", { type: "button", class: "secondary", onclick: signOut }, "Sign out"),
+    );
+  } else {
+    if (p.kind === "error") body.push(alertBox(p.message));
+    if (p.kind === "key_removed") body.push(note("The security key was unplugged, which ended your session. Plug it back in to sign in again.", "warn"));
+    if (p.kind === "signed_out" && p.reason) body.push(note(p.reason, "warn"));
+    body.push(
+      h("p", {}, v.user && v.gateway ? `Sign in as ${v.user} on ${v.gateway} with one touch of your security key.` : "Sign in with one touch of your security key."),
+      serviceList(v.services),
+      h("button", { type: "button", class: "primary", onclick: signIn }, p.kind === "error" ? "Try again" : "Sign in"),
+    );
+  }
+  if (v.error) body.push(alertBox(v.error));
+  return h("section", { "aria-labelledby": "t-signin" }, h("h1", { id: "t-signin" }, "Sign in"), flash("signin"), ...body);
+}
+
+function enrolView(v: View): HTMLElement {
+  const flow = prompt(v.phase, ["enrol"]);
+  const code = h("input", { id: "code", name: "code", autocomplete: "off", spellcheck: "false", required: true, placeholder: "the code your admin sent you" });
+  const form = h(
+    "form",
+    {
+      "data-testid": "enrol-form",
+      onsubmit: (e: Event) => {
+        e.preventDefault();
+        const c = code.value.trim();
+        void act("enrol", () => request({ kind: "enrol", code: c }));
+      },
+    },
+    h("label", { for: "code" }, "Invite code"),
+    code,
+    h("button", { type: "submit" }, "Enrol key"),
+  );
+  return h(
+    "section",
+    { "aria-labelledby": "t-enrol" },
+    h("h1", { id: "t-enrol" }, "Enrol a security key"),
+    h("p", {}, v.user ? `Your admin sends you a one-time invite code. Enrolling registers your key for ${v.user}.` : "Your admin sends you a one-time invite code."),
+    flash("enrol"),
+    flow ?? form,
+  );
+}
+
+function settingsView(): HTMLElement {
+  const sv = state.settings;
+  if (!sv) return h("section", {}, h("h1", {}, "Settings"), note("Loading…"));
+  const locked = new Set(sv.locked);
+  const values: Settings = structuredClone(sv.values);
+  const lockNote = (key: string) => (locked.has(key) ? h("span", { class: "lock", title: "Set by your organisation" }, "set by your organisation") : null);
+  const text = (key: "gateway" | "gateway_cert_sha256" | "user" | "authenticator", label: string, hint?: string) =>
+    h(
+      "div",
+      { class: "field" },
+      h("label", { for: `f-${key}` }, label, lockNote(key)),
+      h("input", {
+        id: `f-${key}`,
+        name: key,
+        value: values[key],
+        disabled: locked.has(key),
+        spellcheck: "false",
+        oninput: (e: Event) => {
+          values[key] = (e.target as HTMLInputElement).value;
+        },
+      }),
+      hint ? h("p", { class: "hint" }, hint) : null,
+    );
+  const check = (key: "lock_on_key_removal" | "autostart" | "sign_in_on_launch", label: string) =>
+    h(
+      "div",
+      { class: "field check" },
+      h("input", {
+        type: "checkbox",
+        id: `f-${key}`,
+        name: key,
+        checked: values[key],
+        disabled: locked.has(key),
+        onchange: (e: Event) => {
+          values[key] = (e.target as HTMLInputElement).checked;
+        },
+      }),
+      h("label", { for: `f-${key}` }, label, lockNote(key)),
+    );
+  const listLocked = locked.has("services");
+  const rows = h("tbody", {});
+  const drawRows = () => {
+    rows.replaceChildren(
+      ...values.services.map((s: ServiceSetting, i: number) => {
+        const managed = locked.has(`service.${s.name}`);
+        return h(
+          "tr",
+          { "data-service": s.name },
+          h("td", {}, h("input", { "aria-label": "Service name", value: s.name, disabled: managed || i < sv.values.services.length, oninput: (e: Event) => { s.name = (e.target as HTMLInputElement).value; } })),
+          h("td", {}, h("input", { "aria-label": `Local port of ${s.name}`, type: "number", min: 0, max: 65535, value: s.local_port, disabled: managed, oninput: (e: Event) => { s.local_port = Number((e.target as HTMLInputElement).value); } })),
+          h(
+            "td",
+            {},
+            managed
+              ? h("span", { class: "lock" }, "set by your organisation")
+              : listLocked
+                ? null
+                : h("button", { type: "button", class: "small secondary", onclick: () => { values.services.splice(i, 1); drawRows(); } }, "Remove"),
+          ),
+        );
+      }),
+    );
+  };
+  drawRows();
+  const form = h(
+    "form",
+    {
+      "data-testid": "settings-form",
+      onsubmit: (e: Event) => {
+        e.preventDefault();
+        void act(
+          "settings",
+          async () => {
+            await request({ kind: "save_settings", settings: values });
+            state.settings = await getSettings();
+          },
+          state.view?.session ? "Saved. The changes apply the next time you sign in." : "Saved.",
+        );
+      },
+    },
+    sv.managed_file ? note(`Some settings are set by your organisation (${sv.managed_file}) and cannot be changed here.`, "managed") : null,
+    sv.problem ? alertBox(`Not usable yet: ${sv.problem}`) : null,
+    h("fieldset", {}, h("legend", {}, "Gateway"), text("gateway", "Gateway address", "host:port, as your admin gave it"), text("gateway_cert_sha256", "Gateway certificate fingerprint (SHA-256)"), text("user", "Your user name"), text("authenticator", "Key", "hid for a USB security key")),
+    h(
+      "fieldset",
+      {},
+      h("legend", {}, "Services"),
+      h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Service"), h("th", {}, "Port on 127.0.0.1"), h("th", {}))), rows),
+      listLocked
+        ? note("Your organisation chooses the services.")
+        : h("button", { type: "button", class: "small secondary", onclick: () => { values.services.push({ name: "", local_port: 0 }); drawRows(); } }, "Add a service"),
+    ),
+    h(
+      "fieldset",
+      {},
+      h("legend", {}, "Session"),
+      h(
+        "div",
+        { class: "field" },
+        h("label", { for: "f-renew" }, "Warn before the session ends (minutes)", lockNote("renew_reminder")),
+        h("input", { id: "f-renew", type: "number", min: 1, max: 720, value: values.renew_reminder_minutes, disabled: locked.has("renew_reminder"), oninput: (e: Event) => { values.renew_reminder_minutes = Number((e.target as HTMLInputElement).value); } }),
+      ),
+      check("lock_on_key_removal", "End the session when the key is unplugged"),
+      check("sign_in_on_launch", "Ask for a touch when touchgate starts"),
+      check("autostart", "Start touchgate when I log in"),
+    ),
+    h("div", { class: "buttons" }, h("button", { type: "submit" }, "Save")),
+    h("p", { class: "hint" }, `Your settings file: ${sv.user_file}`),
+  );
+  return h("section", { "aria-labelledby": "t-settings" }, h("h1", { id: "t-settings" }, "Settings"), flash("settings"), form);
+}
+
+function statusView(v: View): HTMLElement {
+  const info = state.info;
+  return h(
+    "section",
+    { "aria-labelledby": "t-status" },
+    h("h1", { id: "t-status" }, "Status"),
+    h("p", { class: `state state-${v.phase.kind}`, "data-testid": "state" }, stateWords(v)),
+    h(
+      "dl",
+      {},
+      h("dt", {}, "Gateway"),
+      h("dd", {}, v.gateway || "not set"),
+      h("dt", {}, "User"),
+      h("dd", {}, v.user || "not set"),
+      v.session ? [h("dt", {}, "Session ends"), h("dd", {}, `${clock(v.session.expires_at)} (${timeLeft(v.session.expires_at)} left)`)] : null,
+      info ? [h("dt", {}, "Version"), h("dd", {}, info.version), h("dt", {}, "Log"), h("dd", {}, info.log_file)] : null,
+    ),
+    serviceList(v.services),
+    h("div", { class: "buttons" }, h("button", { type: "button", class: "secondary", onclick: () => void openLog() }, "Open log")),
+  );
+}
+
+// ---- wiring ------------------------------------------------------------------------------
+
+function navigate(r: Route) {
+  if (location.hash !== `#${r}`) location.hash = r;
+  else {
+    state.route = r;
+    render();
+  }
+}
+
+let lastKey = "";
+
+function render(force = false) {
+  const v = state.view;
+  for (const a of document.querySelectorAll<HTMLAnchorElement>("nav a")) {
+    if (a.dataset.route === state.route) a.setAttribute("aria-current", "page");
+    else a.removeAttribute("aria-current");
+  }
+  if (!v) return;
+  // Forms keep what the user typed: a view is drawn again only when what it shows changed.
+  const key =
+    state.route === "settings"
+      ? JSON.stringify(["settings", state.settings, state.flash.settings])
+      : JSON.stringify([state.route, v, state.flash[state.route], state.info]);
+  if (!force && key === lastKey) return;
+  lastKey = key;
+  const view =
+    state.route === "enrol" ? enrolView(v) : state.route === "settings" ? settingsView() : state.route === "status" ? statusView(v) : signInView(v);
+  app.replaceChildren(view);
+}
+
+function onNoticeShown(n: Notice) {
+  if (n.kind === "enrolled") {
+    state.flash.enrol = { text: `${n.key} is enrolled: you can sign in with it now.`, ok: true };
+    render();
+  }
+}
+
+async function start() {
+  window.addEventListener("hashchange", () => {
+    state.route = routeOf(location.hash);
+    if (state.route === "settings") void getSettings().then((s) => { state.settings = s; render(); }).catch(showFatal);
+    render(true);
+  });
+  await onView((v) => {
+    state.view = v;
+    render();
+  });
+  await onNotice(onNoticeShown);
+  await onNavigate(navigate);
+  state.view = await getView();
+  state.info = await getAppInfo().catch(() => null);
+  if (state.info && ROUTES.includes(state.info.route) && !location.hash) state.route = state.info.route;
+  if (state.route === "settings") state.settings = await getSettings();
+  render(true);
+}
+
+function showFatal(e: unknown) {
+  app.replaceChildren(alertBox(`touchgate cannot talk to its agent: ${words(e)}`));
+}
+
+start().catch(showFatal);

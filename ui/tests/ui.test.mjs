@@ -1,0 +1,250 @@
+// The tray app's windows in a real browser (Debian's Chromium through playwright-core), against
+// the built UI with Tauri's IPC mocked: every view renders, PIN entry and enrolment send the
+// right requests, locked settings cannot be edited, and errors are shown in words.
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { createServer } from "node:http";
+import { mkdirSync, readFileSync } from "node:fs";
+import { extname, join, normalize } from "node:path";
+import { fileURLToPath } from "node:url";
+import { build } from "esbuild";
+import { chromium } from "playwright-core";
+
+const here = fileURLToPath(new URL(".", import.meta.url));
+const dist = join(here, "..", "dist");
+const shots = join(here, "..", "test-results");
+const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
+
+const types = { ".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".png": "image/png" };
+
+let server, base, browser, harness;
+
+before(async () => {
+  mkdirSync(shots, { recursive: true });
+  const out = await build({
+    entryPoints: [join(here, "harness.ts")],
+    bundle: true,
+    write: false,
+    format: "iife",
+    target: "es2022",
+  });
+  harness = out.outputFiles[0].text;
+  server = createServer((req, res) => {
+    const path = normalize(decodeURIComponent(new URL(req.url, "http://x").pathname)).replace(/^(\.\.[/\\])+/, "");
+    const file = join(dist, path === "/" ? "index.html" : path);
+    try {
+      const body = readFileSync(file);
+      res.writeHead(200, { "content-type": types[extname(file)] ?? "application/octet-stream" });
+      res.end(body);
+    } catch {
+      res.writeHead(404).end();
+    }
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  base = `http://127.0.0.1:${server.address().port}`;
+  // launch() gives the browser a fresh, empty profile of its own.
+  browser = await chromium.launch({
+    executablePath: chromiumPath,
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+      "--no-first-run",
+    ],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  server?.close();
+});
+
+const services = (live) => [
+  { name: "api", local_port: 8081, url: "http://127.0.0.1:8081", live },
+  { name: "billing", local_port: 8082, url: "http://127.0.0.1:8082", live },
+];
+const view = (phase, extra = {}) => ({
+  phase,
+  session: null,
+  services: services(false),
+  gateway: "gw.example.com:4433",
+  user: "alice@example.com",
+  error: null,
+  ...extra,
+});
+const connected = () =>
+  view({ kind: "connected" }, {
+    session: { user: "alice@example.com", expires_at: Math.floor(Date.now() / 1000) + 3 * 3600 + 600 },
+    services: services(true),
+  });
+const settings = (locked = [], managed = null) => ({
+  values: {
+    gateway: "gw.example.com:4433",
+    gateway_cert_sha256: "ab".repeat(32),
+    user: "alice@example.com",
+    authenticator: "hid",
+    lock_on_key_removal: false,
+    autostart: false,
+    sign_in_on_launch: false,
+    renew_reminder_minutes: 10,
+    services: [
+      { name: "api", local_port: 8081 },
+      { name: "billing", local_port: 8082 },
+    ],
+  },
+  locked,
+  managed_file: managed,
+  user_file: "/home/dev/.config/touchgate/agent.toml",
+  problem: null,
+});
+
+async function open(route, scenario) {
+  const context = await browser.newContext({ viewport: { width: 580, height: 680 } });
+  const page = await context.newPage();
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(e.message));
+  await page.addInitScript((s) => {
+    window.__scenario = s;
+  }, scenario);
+  await page.addInitScript({ content: harness });
+  await page.goto(`${base}/index.html#${route}`);
+  await page.waitForSelector("main section");
+  return { page, context, errors, calls: () => page.evaluate(() => window.__calls) };
+}
+
+const requests = async (w) => (await w.calls()).filter((c) => c.cmd === "request").map((c) => c.args.request);
+
+describe("touchgate windows", () => {
+  test("every view renders", async () => {
+    for (const [route, scenario, heading, text] of [
+      ["signin", { view: view({ kind: "signed_out", reason: null }) }, "Sign in", "Sign in as alice@example.com on gw.example.com:4433"],
+      ["signin", { view: connected() }, "Sign in", "Signed in as alice@example.com"],
+      ["enrol", { view: view({ kind: "signed_out", reason: null }) }, "Enrol a security key", "one-time invite code"],
+      ["settings", { view: view({ kind: "signed_out", reason: null }), settings: settings() }, "Settings", "Your settings file"],
+      ["status", { view: connected() }, "Status", "Connected as alice@example.com"],
+    ]) {
+      const w = await open(route, scenario);
+      assert.equal(await w.page.locator("main h1").innerText(), heading);
+      assert.match(await w.page.locator("main").innerText(), new RegExp(text));
+      await w.page.screenshot({ path: join(shots, `${route}-${scenario.view.phase.kind}.png`) });
+      assert.deepEqual(w.errors, []);
+      await w.context.close();
+    }
+  });
+
+  test("sign in, renew and sign out send their requests", async () => {
+    const w = await open("signin", { view: view({ kind: "signed_out", reason: null }) });
+    await w.page.getByRole("button", { name: "Sign in" }).click();
+    await w.page.evaluate(() => window.__emit("touchgate://view", {
+      phase: { kind: "waiting_for_touch", key: "YubiKey 5 NFC", purpose: "sign_in" },
+      session: null, services: [], gateway: "gw", user: "alice", error: null,
+    }));
+    await w.page.getByText("Touch your security key").waitFor();
+    assert.match(await w.page.locator("[data-testid=touch]").innerText(), /YubiKey 5 NFC/);
+    await w.page.getByRole("button", { name: "Cancel" }).click();
+    const c = connected();
+    await w.page.evaluate((v) => window.__emit("touchgate://view", v), c);
+    await w.page.getByRole("button", { name: "Renew session" }).click();
+    await w.page.getByRole("button", { name: "Sign out" }).click();
+    assert.deepEqual((await requests(w)).map((r) => r.kind), ["sign_in", "cancel", "renew", "sign_out"]);
+    await w.context.close();
+  });
+
+  test("PIN entry submits the PIN once and clears the field", async () => {
+    const w = await open("signin", {
+      view: view({ kind: "pin_needed", key: "YubiKey 5 NFC", retries: 2, purpose: "sign_in" }),
+    });
+    assert.match(await w.page.locator("[data-testid=pin]").innerText(), /2 tries left before the key blocks its PIN/);
+    await w.page.getByLabel("PIN for YubiKey 5 NFC").fill("482916");
+    await w.page.getByRole("button", { name: "Continue" }).click();
+    assert.deepEqual(await requests(w), [{ kind: "submit_pin", pin: "482916" }]);
+    assert.equal(await w.page.getByLabel("PIN for YubiKey 5 NFC").inputValue(), "");
+    await w.page.screenshot({ path: join(shots, "pin.png") });
+    await w.context.close();
+  });
+
+  test("enrolment submits the invite code and says when it worked", async () => {
+    const w = await open("enrol", { view: view({ kind: "signed_out", reason: null }) });
+    await w.page.getByLabel("Invite code").fill("  K7Q2-MX4P-9RTA  ");
+    await w.page.getByRole("button", { name: "Enrol key" }).click();
+    assert.deepEqual(await requests(w), [{ kind: "enrol", code: "K7Q2-MX4P-9RTA" }]);
+    await w.page.evaluate(() => window.__emit("touchgate://notice", { kind: "enrolled", key: "YubiKey 5 NFC" }));
+    await w.page.getByText("YubiKey 5 NFC is enrolled: you can sign in with it now.").waitFor();
+    await w.context.close();
+  });
+
+  test("settings set by the organisation are locked and a save leaves them as they are", async () => {
+    const w = await open("settings", {
+      view: view({ kind: "signed_out", reason: null }),
+      settings: settings(["gateway", "gateway_cert_sha256", "service.api"], "/etc/touchgate/managed.toml"),
+    });
+    const main = w.page.locator("main");
+    assert.match(await main.innerText(), /set by your organisation \(\/etc\/touchgate\/managed.toml\)/);
+    assert.equal(await w.page.locator("#f-gateway").isDisabled(), true);
+    assert.equal(await w.page.locator("#f-gateway_cert_sha256").isDisabled(), true);
+    assert.equal(await w.page.locator("#f-user").isDisabled(), false);
+    assert.equal(await w.page.getByLabel("Local port of api").isDisabled(), true);
+    assert.equal(await w.page.getByLabel("Local port of billing").isDisabled(), false);
+    assert.equal(await w.page.locator("tr[data-service=api] button").count(), 0);
+    await w.page.getByLabel("Local port of billing").fill("9090");
+    await w.page.locator("#f-autostart").check();
+    await w.page.screenshot({ path: join(shots, "settings-locked.png"), fullPage: true });
+    await w.page.getByRole("button", { name: "Save" }).click();
+    const [save] = await requests(w);
+    assert.equal(save.kind, "save_settings");
+    assert.equal(save.settings.gateway, "gw.example.com:4433");
+    assert.deepEqual(save.settings.services, [
+      { name: "api", local_port: 8081 },
+      { name: "billing", local_port: 9090 },
+    ]);
+    assert.equal(save.settings.autostart, true);
+    await w.context.close();
+  });
+
+  test("errors are shown in words", async () => {
+    const w = await open("signin", {
+      view: view({ kind: "signed_out", reason: null }),
+      fail: { sign_in: "no touch within 30s: try again, and touch the key when it blinks" },
+    });
+    await w.page.getByRole("button", { name: "Sign in" }).click();
+    await w.page.getByRole("alert").waitFor();
+    assert.equal(await w.page.getByRole("alert").innerText(), "no touch within 30s: try again, and touch the key when it blinks");
+    await w.page.evaluate(() => window.__emit("touchgate://view", {
+      phase: { kind: "error", message: "the gateway refused: this key is not enrolled for alice" },
+      session: null, services: [], gateway: "gw", user: "alice", error: null,
+    }));
+    await w.page.getByText("the gateway refused: this key is not enrolled for alice").waitFor();
+    assert.equal(await w.page.getByRole("button", { name: "Try again" }).count(), 1);
+    await w.page.screenshot({ path: join(shots, "error.png") });
+    await w.context.close();
+
+    const s = await open("settings", {
+      view: view({ kind: "signed_out", reason: null }),
+      settings: settings(["gateway"], "/etc/touchgate/managed.toml"),
+      fail: { save_settings: "gateway is set by your organisation and cannot be changed here" },
+    });
+    await s.page.getByRole("button", { name: "Save" }).click();
+    await s.page.getByRole("alert").waitFor();
+    assert.equal(await s.page.getByRole("alert").innerText(), "gateway is set by your organisation and cannot be changed here");
+    await s.context.close();
+
+    const n = await open("signin", { view: view({ kind: "not_configured", problem: "agent config is invalid: gateway \"x\" must be host:port" }) });
+    assert.match(await n.page.getByRole("alert").innerText(), /touchgate is not set up yet: agent config is invalid/);
+    await n.page.getByRole("button", { name: "Open settings" }).click();
+    await n.page.waitForFunction(() => location.hash === "#settings");
+    await n.context.close();
+  });
+
+  test("the tray's navigate event switches the view", async () => {
+    const w = await open("status", { view: connected(), settings: settings() });
+    await w.page.evaluate(() => window.__emit("touchgate://navigate", "enrol"));
+    await w.page.locator("h1", { hasText: "Enrol a security key" }).waitFor();
+    await w.page.evaluate(() => window.__emit("touchgate://navigate", "settings"));
+    await w.page.locator("h1", { hasText: "Settings" }).waitFor();
+    await w.page.locator("#f-gateway").waitFor();
+    assert.deepEqual(w.errors, []);
+    await w.context.close();
+  });
+});
