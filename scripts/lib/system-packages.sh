@@ -1,18 +1,47 @@
 # Sourced by the scripts: makes sure the system packages a build needs are there, installing
 # them with apt when run as root, or saying what to install otherwise.
+
+# install_packages PKG… — installs what is listed (as root), or says what to run and stops.
+install_packages() {
+  (($#)) || return 0
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing system packages: $*" >&2
+    apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >&2
+  else
+    echo "missing system packages: $*; install them with: sudo apt-get install $*" >&2
+    exit 1
+  fi
+}
+
+# The agent, the gateway and the CLI.
 ensure_build_packages() {
   local need=()
   command -v cc >/dev/null 2>&1 || need+=(build-essential)
   command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
   if ! pkg-config --exists libudev 2>/dev/null; then need+=(libudev-dev); fi
-  if ((${#need[@]})); then
-    if [ "$(id -u)" = 0 ]; then
-      echo "installing system packages: ${need[*]}" >&2
-      apt-get update -q >&2
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >&2
-    else
-      echo "missing system packages: ${need[*]}; install them with: sudo apt-get install ${need[*]}" >&2
-      exit 1
-    fi
-  fi
+  install_packages "${need[@]}"
+}
+
+# The tray app (Tauri on WebKitGTK), its web front end, and its tests: Node.js for the UI build,
+# Chromium for the UI tests, and Xvfb, a D-Bus session, a tray host and X tools for the smoke
+# test and its screenshots.
+ensure_desktop_packages() {
+  ensure_build_packages
+  local need=()
+  pkg-config --exists webkit2gtk-4.1 2>/dev/null || need+=(libwebkit2gtk-4.1-dev)
+  pkg-config --exists ayatana-appindicator3-0.1 2>/dev/null || need+=(libayatana-appindicator3-dev)
+  pkg-config --exists librsvg-2.0 2>/dev/null || need+=(librsvg2-dev)
+  [ -e /usr/include/xdo.h ] || need+=(libxdo-dev)
+  command -v node >/dev/null 2>&1 || need+=(nodejs)
+  command -v npm >/dev/null 2>&1 || need+=(npm)
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  command -v Xvfb >/dev/null 2>&1 || need+=(xvfb xauth)
+  command -v dbus-daemon >/dev/null 2>&1 || need+=(dbus-daemon)
+  command -v dbus-launch >/dev/null 2>&1 || need+=(dbus-x11)
+  command -v trayer >/dev/null 2>&1 || need+=(trayer)
+  command -v xwininfo >/dev/null 2>&1 || need+=(x11-utils)
+  command -v xdotool >/dev/null 2>&1 || need+=(xdotool)
+  command -v import >/dev/null 2>&1 || need+=(imagemagick)
+  install_packages "${need[@]}"
 }
