@@ -2,7 +2,7 @@
 //! Tauri side turns it into a real tray (see `shell.rs`); the rules live here and are tested
 //! without a window.
 
-use touchgate_agent::controller::{Phase, View};
+use touchgate_agent::controller::{Phase, View, describe};
 
 /// The five tray icons (each drawn for light and dark panels, in `icons/tray`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,51 +155,17 @@ fn action(text: &str, action: Action) -> Item {
     }
 }
 
-/// "2 h 05 min", "4 min", "less than a minute".
-pub fn time_left(expires_at: u64, now: u64) -> String {
-    let left = expires_at.saturating_sub(now);
-    if left < 60 {
-        return "less than a minute".into();
-    }
-    let (h, m) = (left / 3600, (left % 3600) / 60);
-    if h > 0 {
-        format!("{h} h {m:02} min")
-    } else {
-        format!("{m} min")
-    }
-}
-
 /// The tray for `view` at `now` (seconds since the epoch).
 pub fn tray(view: &View, now: u64) -> Tray {
-    let left = view
-        .session
-        .as_ref()
-        .map(|s| time_left(s.expires_at, now))
-        .unwrap_or_default();
-    let user = view.session.as_ref().map(|s| s.user.as_str()).unwrap_or("");
-    let (icon, state) = match &view.phase {
-        Phase::NotConfigured { .. } => (Icon::Error, "Not set up yet: open Settings".to_owned()),
-        Phase::SignedOut { reason: None } => (Icon::SignedOut, "Signed out".to_owned()),
-        Phase::SignedOut { reason: Some(r) } => (Icon::SignedOut, format!("Signed out: {r}")),
-        Phase::Connecting { .. } => (Icon::Waiting, "Connecting to the gateway…".to_owned()),
-        Phase::WaitingForTouch { key, .. } => {
-            (Icon::Waiting, format!("Touch your security key ({key})"))
+    let state = describe(view, now);
+    let icon = match &view.phase {
+        Phase::SignedOut { .. } => Icon::SignedOut,
+        Phase::Connecting { .. } | Phase::WaitingForTouch { .. } | Phase::PinNeeded { .. } => {
+            Icon::Waiting
         }
-        Phase::PinNeeded { .. } => (Icon::Waiting, "Enter your key's PIN".to_owned()),
-        Phase::Connected => (
-            Icon::Connected,
-            format!("Connected as {user} — {left} left"),
-        ),
-        Phase::ExpiringSoon => (Icon::Connected, format!("Session ends in {left}: renew it")),
-        Phase::Reconnecting { .. } => (
-            Icon::Reconnecting,
-            "Connection lost — reconnecting…".to_owned(),
-        ),
-        Phase::KeyRemoved => (
-            Icon::Error,
-            "Signed out: the security key was unplugged".to_owned(),
-        ),
-        Phase::Error { message } => (Icon::Error, format!("Sign-in failed: {message}")),
+        Phase::Connected | Phase::ExpiringSoon => Icon::Connected,
+        Phase::Reconnecting { .. } => Icon::Reconnecting,
+        Phase::NotConfigured { .. } | Phase::KeyRemoved | Phase::Error { .. } => Icon::Error,
     };
     let mut items = vec![Item::Label(state.clone()), Item::Separator];
     match &view.phase {

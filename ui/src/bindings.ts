@@ -197,8 +197,8 @@ export type SettingsView = {
  */
 values: Settings, 
 /**
- * Keys set by the managed config: field names of [`Settings`], `service.NAME` for a
- * managed service, and `services` when users may not add their own.
+ * Keys set by the managed config: config keys (`gateway`, `renew_reminder`, …),
+ * `service.NAME` for a managed service, and `services` when users may not add their own.
  */
 locked: Array<string>, 
 /**

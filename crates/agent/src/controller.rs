@@ -238,6 +238,43 @@ impl Notice {
     }
 }
 
+/// "2 h 05 min", "4 min", "less than a minute" from `now` until `at` (seconds since the epoch).
+pub fn time_left(at: u64, now: u64) -> String {
+    let left = at.saturating_sub(now);
+    if left < 60 {
+        return "less than a minute".into();
+    }
+    let (h, m) = (left / 3600, (left % 3600) / 60);
+    if h > 0 {
+        format!("{h} h {m:02} min")
+    } else {
+        format!("{m} min")
+    }
+}
+
+/// The state in words, as every front end says it (tray tooltip, `touchgate status`).
+pub fn describe(view: &View, now: u64) -> String {
+    let left = view
+        .session
+        .as_ref()
+        .map(|s| time_left(s.expires_at, now))
+        .unwrap_or_default();
+    let user = view.session.as_ref().map(|s| s.user.as_str()).unwrap_or("");
+    match &view.phase {
+        Phase::NotConfigured { .. } => "Not set up yet: open Settings".to_owned(),
+        Phase::SignedOut { reason: None } => "Signed out".to_owned(),
+        Phase::SignedOut { reason: Some(r) } => format!("Signed out: {r}"),
+        Phase::Connecting { .. } => "Connecting to the gateway…".to_owned(),
+        Phase::WaitingForTouch { key, .. } => format!("Touch your security key ({key})"),
+        Phase::PinNeeded { .. } => "Enter your key's PIN".to_owned(),
+        Phase::Connected => format!("Connected as {user} — {left} left"),
+        Phase::ExpiringSoon => format!("Session ends in {left}: renew it"),
+        Phase::Reconnecting { .. } => "Connection lost — reconnecting…".to_owned(),
+        Phase::KeyRemoved => "Signed out: the security key was unplugged".to_owned(),
+        Phase::Error { message } => format!("Sign-in failed: {message}"),
+    }
+}
+
 /// Opens the configured authenticator: `(config, create_soft_key, prompter)`. The default is
 /// [`crate::shared_authenticator`]; tests put fake hardware keys behind it.
 pub type Opener = Arc<
@@ -558,7 +595,7 @@ impl Controller {
         });
         let result = async {
             let authn = self.open_authenticator(&cfg, false).await?;
-            let key = describe(&authn);
+            let key = key_name(&authn);
             self.inner.board.update(|v| {
                 v.phase = Phase::WaitingForTouch {
                     key,
@@ -665,7 +702,7 @@ impl Controller {
         });
         let result = async {
             let authn = self.open_authenticator(&cfg, true).await?;
-            let key = describe(&authn);
+            let key = key_name(&authn);
             self.inner.board.update(|v| {
                 v.phase = Phase::WaitingForTouch {
                     key: key.clone(),
@@ -736,7 +773,7 @@ fn failure(e: TunnelError) -> Failure {
     }
 }
 
-fn describe(authn: &SharedAuthn) -> String {
+fn key_name(authn: &SharedAuthn) -> String {
     authn.lock().unwrap_or_else(|e| e.into_inner()).describe()
 }
 

@@ -103,8 +103,8 @@ pub struct Settings {
 pub struct SettingsView {
     /// The merged values.
     pub values: Settings,
-    /// Keys set by the managed config: field names of [`Settings`], `service.NAME` for a
-    /// managed service, and `services` when users may not add their own.
+    /// Keys set by the managed config: config keys (`gateway`, `renew_reminder`, …),
+    /// `service.NAME` for a managed service, and `services` when users may not add their own.
     pub locked: Vec<String>,
     /// The managed file in force, if any.
     pub managed_file: Option<String>,

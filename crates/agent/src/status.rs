@@ -4,24 +4,21 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::agent::AgentState;
+use crate::controller::View;
 
-/// What the status socket answers.
+/// What the status socket answers: the controller's view.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusReport {
-    /// The agent's state, as JSON.
-    pub state: serde_json::Value,
-    /// Local addresses per service.
-    pub services: Vec<(String, String)>,
+    /// What the front ends draw.
+    pub view: View,
 }
 
-/// Serves status reports on a Unix socket at `path` until the task is dropped. A stale socket
-/// file from a dead agent is replaced.
+/// Serves status reports (`report()` at each connection) on a Unix socket at `path` until the
+/// task is dropped. A stale socket file from a dead agent is replaced.
 #[cfg(unix)]
 pub async fn serve(
     path: PathBuf,
-    state: tokio::sync::watch::Receiver<AgentState>,
-    services: Vec<(String, std::net::SocketAddr)>,
+    report: impl Fn() -> StatusReport + Send + Sync + 'static,
 ) -> std::io::Result<()> {
     use tokio::io::AsyncWriteExt;
     if let Some(dir) = path.parent() {
@@ -40,17 +37,9 @@ pub async fn serve(
         std::fs::remove_file(&path)?;
     }
     let listener = tokio::net::UnixListener::bind(&path)?;
-    let services: Vec<(String, String)> = services
-        .into_iter()
-        .map(|(n, a)| (n, a.to_string()))
-        .collect();
     loop {
         let (mut s, _) = listener.accept().await?;
-        let report = StatusReport {
-            state: serde_json::to_value(&*state.borrow()).unwrap_or_default(),
-            services: services.clone(),
-        };
-        let mut line = serde_json::to_vec(&report).unwrap_or_default();
+        let mut line = serde_json::to_vec(&report()).unwrap_or_default();
         line.push(b'\n');
         let _ = s.write_all(&line).await;
     }

@@ -8,7 +8,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use touchgate_agent::{AgentConfig, AgentState, RunningAgent, shared_authenticator};
+use touchgate_agent::{
+    AgentConfig,
+    controller::{Controller, Notice, Phase, Request, Ui, View, describe},
+    settings::{ConfigPaths, Layered},
+    shared_authenticator,
+};
 
 /// Reach private Cloud Run services from localhost with one touch of a security key.
 #[derive(Parser)]
@@ -47,6 +52,14 @@ enum Cmd {
         #[arg(long, env = "TOUCHGATE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Show the settings in force, and which ones your organisation set.
+    Config {
+        /// The agent config file (default: the platform config folder's agent.toml).
+        #[arg(long, env = "TOUCHGATE_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: Option<ConfigCmd>,
+    },
     /// Run gateway, Cloud-Run-like service, software key and agent on this machine, make one
     /// request through the tunnel, and keep serving until Ctrl-C.
     Demo {
@@ -55,6 +68,19 @@ enum Cmd {
         once: bool,
         /// Local port for the demo service (falls back to a free port when taken).
         #[arg(long, default_value_t = 8081, env = "TOUCHGATE_DEMO_PORT")]
+        port: u16,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print the merged settings (the default).
+    Show,
+    /// Change the local port of one service in your config file.
+    SetPort {
+        /// The service.
+        service: String,
+        /// The new port on 127.0.0.1 (0: a free one at each sign-in).
         port: u16,
     },
 }
@@ -105,12 +131,17 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The config layers: the user's file (given or the platform default) under the admin's
+/// managed file.
+fn config_paths(path: Option<PathBuf>) -> anyhow::Result<ConfigPaths> {
+    Ok(match path {
+        Some(p) => ConfigPaths::with_user(p),
+        None => ConfigPaths::platform()?,
+    })
+}
+
 fn load_config(path: Option<PathBuf>) -> anyhow::Result<AgentConfig> {
-    let path = match path {
-        Some(p) => p,
-        None => AgentConfig::default_path()?,
-    };
-    Ok(AgentConfig::load(&path)?)
+    Ok(Layered::load(&config_paths(path)?)?.config()?)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
@@ -123,7 +154,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             println!("enrolled {what} for {} (credential {id})", cfg.user);
             Ok(std::process::ExitCode::SUCCESS)
         }
-        Cmd::Up { config, pin } => up(load_config(config)?, pin.prompter()).await,
+        Cmd::Up { config, pin } => up(config_paths(config)?, pin.prompter()).await,
+        Cmd::Config { config, cmd } => config_cmd(config_paths(config)?, cmd),
         Cmd::Keys => keys(),
         Cmd::Status { config } => {
             let cfg = load_config(config)?;
@@ -136,13 +168,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     Ok(std::process::ExitCode::from(3))
                 }
                 Some(report) => {
-                    match serde_json::from_value::<AgentState>(report.state.clone()) {
-                        Ok(state) => println!("{}", describe_state(&state)),
-                        Err(_) => println!("{}", report.state),
-                    }
-                    for (name, addr) in report.services {
-                        println!("service {name} on {addr}");
-                    }
+                    println!("{}", describe(&report.view, now_secs()));
+                    print_services(&report.view);
                     Ok(std::process::ExitCode::SUCCESS)
                 }
             }
@@ -182,50 +209,119 @@ fn keys() -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// The terminal as the controller's UI: views and notices go to the main loop of `up`.
+struct TerminalUi(tokio::sync::mpsc::UnboundedSender<Shown>);
+
+enum Shown {
+    View(Box<View>),
+    Notice(Notice),
+}
+
+impl Ui for TerminalUi {
+    fn show(&self, view: &View) {
+        let _ = self.0.send(Shown::View(Box::new(view.clone())));
+    }
+    fn notify(&self, notice: &Notice) {
+        let _ = self.0.send(Shown::Notice(notice.clone()));
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn print_services(view: &View) {
+    for s in &view.services {
+        if s.live {
+            println!("service {} on 127.0.0.1:{}", s.name, s.local_port);
+        } else {
+            println!(
+                "service {} on 127.0.0.1:{} (not live)",
+                s.name, s.local_port
+            );
+        }
+    }
+}
+
+/// `touchgate up`: the controller with terminal prompts; signs in again with a touch when the
+/// gateway ends the session, and stops when the key is unplugged (exit 4).
 async fn up(
-    cfg: AgentConfig,
+    paths: ConfigPaths,
     prompter: std::sync::Arc<dyn touchgate_agent::authenticator::hid::Prompter>,
 ) -> anyhow::Result<std::process::ExitCode> {
-    let authn = shared_authenticator(&cfg, false, prompter)?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let controller = Controller::with_opener(
+        paths,
+        std::sync::Arc::new(TerminalUi(tx)),
+        std::sync::Arc::new(move |cfg, create, _controller_prompter| {
+            shared_authenticator(cfg, create, prompter.clone())
+        }),
+    );
+    let cfg = controller.config()?;
     let socket = cfg.control_socket();
-    let agent = RunningAgent::start(cfg, authn)
+    controller
+        .handle(Request::SignIn)
         .await
         .context("sign-in failed")?;
-    if let Some(s) = agent.session() {
+    let view = controller.view();
+    if let Some(s) = &view.session {
         eprintln!(
-            "signed in as {} until {}",
+            "signed in as {} until {} from now",
             s.user,
-            format_time(s.expires_at)
+            touchgate_agent::controller::time_left(s.expires_at, now_secs())
         );
     }
-    for (name, addr) in agent.listeners() {
-        println!("service {name} on {addr}");
-    }
+    print_services(&view);
     #[cfg(unix)]
     let status_task = {
-        let state = agent.state();
-        let listeners = agent.listeners().to_vec();
+        let c = controller.clone();
         let socket = socket.clone();
         tokio::spawn(async move {
-            if let Err(e) = touchgate_agent::status::serve(socket, state, listeners).await {
+            let report = move || touchgate_agent::status::StatusReport { view: c.view() };
+            if let Err(e) = touchgate_agent::status::serve(socket, report).await {
                 tracing::warn!(error = %e, "status socket unavailable");
             }
         })
     };
-    let mut state = agent.state();
-    let printer = tokio::spawn(async move {
-        while state.changed().await.is_ok() {
-            let s = state.borrow_and_update().clone();
-            eprintln!("{}", describe_state(&s));
-            if matches!(s, AgentState::KeyRemoved) {
-                return true;
+    let mut last_phase = std::mem::discriminant(&view.phase);
+    let code = loop {
+        let shown = tokio::select! {
+            _ = touchgate_common::shutdown_signal() => break 0,
+            shown = rx.recv() => shown,
+        };
+        match shown {
+            None => break 0,
+            Some(Shown::View(v)) => {
+                if matches!(v.phase, Phase::KeyRemoved) {
+                    eprintln!(
+                        "the security key was unplugged, so the session ended: plug it back in and run `touchgate up` again"
+                    );
+                    break 4;
+                }
+                // Changes of state, not every change of the time left.
+                let phase = std::mem::discriminant(&v.phase);
+                if phase != last_phase {
+                    eprintln!("{}", describe(&v, now_secs()));
+                    last_phase = phase;
+                }
             }
+            Some(Shown::Notice(Notice::ExpiringSoon { minutes_left })) => eprintln!(
+                "your session ends in {minutes_left} min; then touchgate asks for a touch to sign in again"
+            ),
+            Some(Shown::Notice(Notice::SessionEnded { reason })) => {
+                eprintln!("{reason} Touch your key to sign in again.");
+                let c = controller.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = c.handle(Request::SignIn).await {
+                        eprintln!("sign-in failed: {e}");
+                    }
+                });
+            }
+            Some(Shown::Notice(n)) => eprintln!("{}", n.body()),
         }
-        false
-    });
-    let key_removed = tokio::select! {
-        _ = touchgate_common::shutdown_signal() => false,
-        removed = printer => removed.unwrap_or(false),
     };
     eprintln!("closing tunnels…");
     #[cfg(unix)]
@@ -233,47 +329,158 @@ async fn up(
         status_task.abort();
         let _ = std::fs::remove_file(&socket);
     }
-    agent.shutdown().await;
-    if key_removed {
-        return Ok(std::process::ExitCode::from(4));
-    }
-    Ok(std::process::ExitCode::SUCCESS)
+    controller.shutdown().await;
+    Ok(std::process::ExitCode::from(code))
 }
 
-fn describe_state(s: &AgentState) -> String {
-    match s {
-        AgentState::Starting => "starting".into(),
-        AgentState::WaitingForTouch { authenticator } => {
-            format!("waiting for a touch on {authenticator}")
+/// `touchgate config`: the merged settings, with what the organisation set marked; `set-port`
+/// changes the user's file unless the organisation fixed that service.
+fn config_cmd(
+    paths: ConfigPaths,
+    cmd: Option<ConfigCmd>,
+) -> anyhow::Result<std::process::ExitCode> {
+    let layers = Layered::load(&paths)?;
+    match cmd.unwrap_or(ConfigCmd::Show) {
+        ConfigCmd::Show => {
+            print!("{}", show_settings(&layers));
+            Ok(std::process::ExitCode::SUCCESS)
         }
-        AgentState::Connected {
-            user,
-            expires_at,
-            services,
-        } => format!(
-            "connected as {user}, session until {}, services: {}",
-            format_time(*expires_at),
-            services.join(", ")
+        ConfigCmd::SetPort { service, port } => {
+            let mut values = layers.view().values;
+            let Some(s) = values.services.iter_mut().find(|s| s.name == service) else {
+                anyhow::bail!("there is no service named {service:?} in your settings");
+            };
+            s.local_port = port;
+            match layers.save(&values) {
+                Ok(_) => {
+                    println!(
+                        "service {service} now uses 127.0.0.1:{port} (from the next `touchgate up`)"
+                    );
+                    Ok(std::process::ExitCode::SUCCESS)
+                }
+                Err(touchgate_agent::settings::SaveError::Locked(what)) => {
+                    eprintln!(
+                        "touchgate: {what} is set by your organisation and cannot be changed"
+                    );
+                    Ok(std::process::ExitCode::from(2))
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
+}
+
+/// The settings as `touchgate config` prints them.
+fn show_settings(layers: &Layered) -> String {
+    let v = layers.view();
+    let mark = |key: &str| {
+        if layers.is_locked(key) {
+            "  (set by your organisation)"
+        } else {
+            ""
+        }
+    };
+    let s = &v.values;
+    let mut out = String::new();
+    for (k, val) in [
+        ("gateway", s.gateway.clone()),
+        ("gateway_cert_sha256", s.gateway_cert_sha256.clone()),
+        ("user", s.user.clone()),
+        ("authenticator", s.authenticator.clone()),
+        ("lock_on_key_removal", s.lock_on_key_removal.to_string()),
+        (
+            "renew_reminder",
+            format!("{} min", s.renew_reminder_minutes),
         ),
-        AgentState::Reconnecting { attempt: 0, reason } => format!("{reason}; reconnecting"),
-        AgentState::Reconnecting { attempt, reason } => {
-            format!("reconnecting (attempt {attempt}): {reason}")
-        }
-        AgentState::SignedOut { reason } => format!("signed out: {reason}"),
-        AgentState::KeyRemoved => "the security key was unplugged, so the session ended: plug it back in and run `touchgate up` again".into(),
+        ("autostart", s.autostart.to_string()),
+        ("sign_in_on_launch", s.sign_in_on_launch.to_string()),
+    ] {
+        out.push_str(&format!("{k:<22}{val}{}\n", mark(k)));
     }
+    for svc in &s.services {
+        out.push_str(&format!(
+            "service {:<14}127.0.0.1:{}{}\n",
+            svc.name,
+            svc.local_port,
+            mark(&format!("service.{}", svc.name))
+        ));
+    }
+    if layers.is_locked(touchgate_agent::settings::SERVICES_LOCK) {
+        out.push_str("(your organisation chooses the services)\n");
+    }
+    out.push_str(&format!("your file: {}\n", v.user_file));
+    if let Some(m) = &v.managed_file {
+        out.push_str(&format!("organisation's file: {m}\n"));
+    }
+    if let Some(p) = &v.problem {
+        out.push_str(&format!("not usable yet: {p}\n"));
+    }
+    out
 }
 
-fn format_time(expires_at: u64) -> String {
-    format!("{} from now", time_left(expires_at))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Time from now until `expires_at` (seconds since the epoch), as `3h07m`.
-fn time_left(expires_at: u64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let secs = expires_at.saturating_sub(now);
-    format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60)
+    #[test]
+    fn config_marks_what_the_organisation_set_and_refuses_to_change_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = ConfigPaths {
+            user: dir.path().join("agent.toml"),
+            managed: Some(dir.path().join("managed.toml")),
+        };
+        std::fs::write(
+            &paths.user,
+            "user = \"alice\"\n[[service]]\nname = \"mine\"\nlocal_port = 7000\n",
+        )
+        .expect("user");
+        std::fs::write(
+            paths.managed.as_ref().expect("managed"),
+            format!(
+                "gateway = \"gw.corp.example:4433\"\ngateway_cert_sha256 = \"{}\"\n[[service]]\nname = \"api\"\nlocal_port = 8081\n",
+                "ab".repeat(32)
+            ),
+        )
+        .expect("managed");
+        let layers = Layered::load(&paths).expect("load");
+        let shown = show_settings(&layers);
+        assert!(
+            shown.contains(
+                "gateway               gw.corp.example:4433  (set by your organisation)\n"
+            ),
+            "{shown}"
+        );
+        assert!(shown.contains("user                  alice\n"), "{shown}");
+        assert!(
+            shown.contains("service api           127.0.0.1:8081  (set by your organisation)\n"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("service mine          127.0.0.1:7000\n"),
+            "{shown}"
+        );
+        let code = config_cmd(
+            paths.clone(),
+            Some(ConfigCmd::SetPort {
+                service: "api".into(),
+                port: 9000,
+            }),
+        )
+        .expect("runs");
+        assert_eq!(code, std::process::ExitCode::from(2));
+        let code = config_cmd(
+            paths.clone(),
+            Some(ConfigCmd::SetPort {
+                service: "mine".into(),
+                port: 7001,
+            }),
+        )
+        .expect("runs");
+        assert_eq!(code, std::process::ExitCode::SUCCESS);
+        let text = std::fs::read_to_string(&paths.user).expect("read");
+        assert!(
+            text.contains("local_port = 7001") && !text.contains("8081"),
+            "{text}"
+        );
+    }
 }

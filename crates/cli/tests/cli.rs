@@ -66,3 +66,117 @@ fn a_bad_config_is_explained() {
     assert!(err.contains("must be host:port"), "{err}");
     assert!(err.contains("gateway_cert_sha256"), "{err}");
 }
+
+/// `touchgate enroll`, `up`, `status` and `config set-port` as a user runs them, against a
+/// gateway on loopback with a software key.
+#[tokio::test(flavor = "multi_thread")]
+async fn up_serves_the_services_and_status_tells_what_it_does() {
+    use std::io::BufRead;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let lab = touchgate_testkit::lab::Lab::start(Default::default())
+        .await
+        .expect("lab");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("agent.toml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    std::fs::write(
+        &cfg,
+        format!(
+            "# my settings\ngateway = \"{}\"\nserver_name = \"localhost\"\ngateway_cert_sha256 = \"{}\"\nuser = \"bob@example.com\"\n\
+             authenticator = \"soft:bob.softkey\"\ncontrol_socket = \"{}\"\n\n[[service]]\nname = \"api\"\nlocal_port = {port}\n",
+            lab.quic_addr,
+            lab.fingerprint,
+            dir.path().join("agent.sock").display()
+        ),
+    )
+    .expect("write config");
+    let bin = env!("CARGO_BIN_EXE_touchgate");
+    let out = Command::new(bin)
+        .args(["enroll", "--config"])
+        .arg(&cfg)
+        .args(["--code", &lab.invite("bob@example.com").expect("invite")])
+        .output()
+        .expect("enroll");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("enrolled software key"));
+
+    let mut up = Command::new(bin)
+        .args(["up", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("up");
+    let mut lines = std::io::BufReader::new(up.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a line").expect("utf-8");
+    assert_eq!(first, format!("service api on 127.0.0.1:{port}"));
+
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    tcp.write_all(b"GET /from-the-cli HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.expect("read");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("bob@example.com"), "{answer}");
+
+    let status = Command::new(bin)
+        .args(["status", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}");
+    assert!(
+        text.starts_with("Connected as bob@example.com — 0 h 59 min left")
+            || text.starts_with("Connected as bob@example.com — 1 h 00 min left"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("service api on 127.0.0.1:{port}\n")),
+        "{text}"
+    );
+
+    // A port change goes to the user's file, comments kept.
+    let set = Command::new(bin)
+        .args(["config", "--config"])
+        .arg(&cfg)
+        .args(["set-port", "api", "0"])
+        .output()
+        .expect("config set-port");
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let file = std::fs::read_to_string(&cfg).expect("read config");
+    assert!(
+        file.starts_with("# my settings\n") && file.contains("local_port = 0"),
+        "{file}"
+    );
+
+    Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status()
+        .expect("kill");
+    let code = up.wait().expect("wait");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut up.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(code.success(), "{code}: {err}");
+    assert!(err.contains("signed in as bob@example.com until"), "{err}");
+    assert!(err.contains("closing tunnels…"), "{err}");
+    assert!(
+        !dir.path().join("agent.sock").exists(),
+        "the status socket is removed"
+    );
+}
