@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use tauri::{Manager, RunEvent, WindowEvent};
 use touchgate_agent::{
-    controller::{Controller, Request},
+    controller::{ChannelUi, Controller, Request},
     settings::ConfigPaths,
 };
 
@@ -72,8 +72,8 @@ fn run(paths: ConfigPaths, log_file: std::path::PathBuf, minimized: bool) -> tau
             shell::open_log,
         ])
         .setup(move |app| {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let controller = Controller::new(paths.clone(), Arc::new(shell::TauriUi(tx)));
+            let (ui, rx) = ChannelUi::new();
+            let controller = Controller::new(paths.clone(), ui);
             app.manage(Arc::new(shell::Desk {
                 controller: controller.clone(),
                 log_file: log_file.clone(),

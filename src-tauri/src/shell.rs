@@ -17,7 +17,7 @@ use tauri_plugin_notification::NotificationExt as _;
 use tauri_plugin_opener::OpenerExt as _;
 use tokio::sync::mpsc;
 use touchgate_agent::{
-    controller::{Controller, Notice, Request, Ui, View},
+    controller::{Controller, Request, Shown, View},
     settings::SettingsView,
 };
 
@@ -42,28 +42,6 @@ pub struct Desk {
     /// The view the window was last asked to show (read by the window when it loads, in case
     /// it missed the event).
     pub route: std::sync::Mutex<String>,
-}
-
-/// Messages from the controller to the app's main loop.
-pub enum UiMsg {
-    /// A new view.
-    View(Box<View>),
-    /// A notice.
-    Notice(Notice),
-}
-
-/// The controller's UI: it hands everything to a channel, so the controller never waits for
-/// the window or the tray.
-pub struct TauriUi(pub mpsc::UnboundedSender<UiMsg>);
-
-impl Ui for TauriUi {
-    fn show(&self, view: &View) {
-        let _ = self.0.send(UiMsg::View(Box::new(view.clone())));
-    }
-
-    fn notify(&self, notice: &Notice) {
-        let _ = self.0.send(UiMsg::Notice(notice.clone()));
-    }
 }
 
 fn now_secs() -> u64 {
@@ -162,7 +140,7 @@ fn draw_tray<R: Runtime>(app: &AppHandle<R>, view: &View, last: &mut Option<tray
 
 /// The app's main loop for the UI: views go to the window and the tray, notices become
 /// desktop notifications; the tray's time left is refreshed every 30 s.
-pub async fn run_ui<R: Runtime>(app: AppHandle<R>, mut rx: mpsc::UnboundedReceiver<UiMsg>) {
+pub async fn run_ui<R: Runtime>(app: AppHandle<R>, mut rx: mpsc::UnboundedReceiver<Shown>) {
     let mut last_view: Option<View> = None;
     let mut last_tray = None;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
@@ -170,12 +148,12 @@ pub async fn run_ui<R: Runtime>(app: AppHandle<R>, mut rx: mpsc::UnboundedReceiv
         tokio::select! {
             msg = rx.recv() => match msg {
                 None => return,
-                Some(UiMsg::View(view)) => {
+                Some(Shown::View(view)) => {
                     let _ = app.emit(VIEW_EVENT, &*view);
                     draw_tray(&app, &view, &mut last_tray);
                     last_view = Some(*view);
                 }
-                Some(UiMsg::Notice(notice)) => {
+                Some(Shown::Notice(notice)) => {
                     let _ = app.emit(NOTICE_EVENT, &notice);
                     // Desktop notifications on Linux and Windows have no action buttons here:
                     // the body says to choose Renew session, which is the tray's second entry.

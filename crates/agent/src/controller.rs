@@ -289,6 +289,37 @@ pub trait Ui: Send + Sync + 'static {
     fn notify(&self, notice: &Notice);
 }
 
+/// What a [`ChannelUi`] hands on.
+#[derive(Debug, Clone)]
+pub enum Shown {
+    /// A new view.
+    View(Box<View>),
+    /// A notice.
+    Notice(Notice),
+}
+
+/// A UI that hands every view and notice to a channel, so the controller never waits for a
+/// window or a terminal; the front end's main loop reads the other end.
+pub struct ChannelUi(tokio::sync::mpsc::UnboundedSender<Shown>);
+
+impl ChannelUi {
+    /// The UI and the receiving end of its channel.
+    pub fn new() -> (Arc<Self>, tokio::sync::mpsc::UnboundedReceiver<Shown>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Arc::new(Self(tx)), rx)
+    }
+}
+
+impl Ui for ChannelUi {
+    fn show(&self, view: &View) {
+        let _ = self.0.send(Shown::View(Box::new(view.clone())));
+    }
+
+    fn notify(&self, notice: &Notice) {
+        let _ = self.0.send(Shown::Notice(notice.clone()));
+    }
+}
+
 /// A request that failed, in words for the user.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use touchgate_agent::{
     AgentConfig,
-    controller::{Controller, Notice, Phase, Request, Ui, View, describe},
+    controller::{ChannelUi, Controller, Notice, Phase, Request, Shown, View, describe},
     settings::{ConfigPaths, Layered},
     shared_authenticator,
 };
@@ -209,23 +209,6 @@ fn keys() -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// The terminal as the controller's UI: views and notices go to the main loop of `up`.
-struct TerminalUi(tokio::sync::mpsc::UnboundedSender<Shown>);
-
-enum Shown {
-    View(Box<View>),
-    Notice(Notice),
-}
-
-impl Ui for TerminalUi {
-    fn show(&self, view: &View) {
-        let _ = self.0.send(Shown::View(Box::new(view.clone())));
-    }
-    fn notify(&self, notice: &Notice) {
-        let _ = self.0.send(Shown::Notice(notice.clone()));
-    }
-}
-
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -252,10 +235,10 @@ async fn up(
     paths: ConfigPaths,
     prompter: std::sync::Arc<dyn touchgate_agent::authenticator::hid::Prompter>,
 ) -> anyhow::Result<std::process::ExitCode> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (ui, mut rx) = ChannelUi::new();
     let controller = Controller::with_opener(
         paths,
-        std::sync::Arc::new(TerminalUi(tx)),
+        ui,
         std::sync::Arc::new(move |cfg, create, _controller_prompter| {
             shared_authenticator(cfg, create, prompter.clone())
         }),
