@@ -26,6 +26,7 @@ pub fn init() -> std::io::Result<PathBuf> {
     let _ = tracing_subscriber::registry()
         .with(
             fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
                 .with_filter(filter()),
         )

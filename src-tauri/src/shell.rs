@@ -271,10 +271,18 @@ pub fn quit<R: Runtime>(app: &AppHandle<R>) {
 /// Turns autostart on or off as the settings say.
 pub fn apply_autostart<R: Runtime>(app: &AppHandle<R>, want: bool) {
     let launcher = app.autolaunch();
-    let result = match (want, launcher.is_enabled()) {
-        (true, Ok(false)) => launcher.enable(),
-        (false, Ok(true)) => launcher.disable(),
-        (_, Err(e)) => Err(e),
+    // Without an autostart folder yet, asking fails: that is "not enabled".
+    let result = match (want, launcher.is_enabled().unwrap_or(false)) {
+        (true, false) => {
+            // The autostart library makes only the last folder of ~/.config/autostart.
+            if cfg!(target_os = "linux")
+                && let Some(home) = directories::BaseDirs::new().map(|b| b.home_dir().to_owned())
+            {
+                let _ = std::fs::create_dir_all(home.join(".config"));
+            }
+            launcher.enable()
+        }
+        (false, true) => launcher.disable(),
         _ => Ok(()),
     };
     if let Err(e) = result {

@@ -155,7 +155,7 @@ async fn the_tray_app_signs_in_and_serves_a_request() -> anyhow::Result<()> {
         &config,
         format!(
             "gateway = \"{}\"\nserver_name = \"localhost\"\ngateway_cert_sha256 = \"{}\"\nuser = \"{ALICE}\"\n\
-             authenticator = \"soft:{}\"\nsign_in_on_launch = true\n\n[[service]]\nname = \"api\"\nlocal_port = {port}\n",
+             authenticator = \"soft:{}\"\nsign_in_on_launch = true\nautostart = true\n\n[[service]]\nname = \"api\"\nlocal_port = {port}\n",
             lab.quic_addr,
             lab.fingerprint,
             key.display()
@@ -308,6 +308,41 @@ async fn the_tray_app_signs_in_and_serves_a_request() -> anyhow::Result<()> {
         .env("DISPLAY", &display)
         .args(["key", "Escape"])
         .status()?;
+
+    // A second launch hands over to the first (which shows its window) and exits at once.
+    let mut second = Command::new(env!("CARGO_BIN_EXE_touchgate-desktop"));
+    second
+        .env("TOUCHGATE_CONFIG", &config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    env(&mut second);
+    let mut second = second.spawn()?;
+    let end = Instant::now() + Duration::from_secs(20);
+    let second_status = loop {
+        if let Some(s) = second.try_wait()? {
+            break s;
+        }
+        assert!(
+            Instant::now() < end,
+            "a second launch did not hand over to the first"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(second_status.success(), "second launch: {second_status}");
+    assert_eq!(
+        touchgate_e2e::get(([127, 0, 0, 1], port).into(), "/still-one-app", &[])
+            .await?
+            .status,
+        200
+    );
+
+    // Autostart (on in the config) is a login entry that starts in the tray only; the log is in
+    // the platform data folder.
+    let entry = std::fs::read_to_string(home.path().join(".config/autostart/touchgate.desktop"))
+        .map_err(|e| anyhow::anyhow!("autostart entry: {e}; log:\n{}", log_text()))?;
+    assert!(entry.contains("--minimized"), "{entry}");
+    let file_log = std::fs::read_to_string(home.path().join("data/touchgate/logs/desktop.log"))?;
+    assert!(file_log.contains("touchgate-desktop started"), "{file_log}");
 
     // SIGTERM: tunnels closed, exit 0.
     let (_, mut child) = procs.0.pop().expect("the app is the last process");
