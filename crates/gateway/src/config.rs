@@ -288,6 +288,13 @@ impl ServiceConfig {
 impl GatewayConfig {
     /// Reads and checks a config file; relative paths in it are taken from the file's folder.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let cfg = Self::parse(path)?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Reads a config file without checking it (see [`GatewayConfig::problems`]).
+    pub fn parse(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -299,7 +306,6 @@ impl GatewayConfig {
             })?;
         let base = path.parent().unwrap_or(std::path::Path::new("."));
         cfg.resolve_paths(base);
-        cfg.check()?;
         Ok(cfg)
     }
 
@@ -332,6 +338,16 @@ impl GatewayConfig {
 
     /// Checks what serde cannot: every problem is reported at once.
     pub fn check(&self) -> Result<(), ConfigError> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("; ")))
+        }
+    }
+
+    /// Everything wrong with the config's values, each in words.
+    pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for s in &self.services {
@@ -377,11 +393,72 @@ impl GatewayConfig {
         if self.session.max_age.is_zero() {
             problems.push("session.max_age must be more than zero".into());
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(problems.join("; ")))
+        problems
+    }
+
+    /// What [`GatewayConfig::problems`] cannot see without the files: the TLS certificate and
+    /// key, the attestation CAs, and the folders of the database and the audit log.
+    pub fn file_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        match crate::tls::load_certs(&self.tls.cert) {
+            Ok(c) if c.is_empty() => problems.push(format!(
+                "tls.cert {}: no certificate in the file",
+                self.tls.cert.display()
+            )),
+            Ok(_) => {}
+            Err(e) => problems.push(format!("tls.cert: {e}")),
         }
+        if let Err(e) = crate::tls::load_key(&self.tls.key) {
+            problems.push(format!("tls.key: {e}"));
+        }
+        for t in &self.attestation.trusted {
+            match crate::tls::load_certs(&t.ca) {
+                Ok(c) if !c.is_empty() => {}
+                Ok(_) => problems.push(format!(
+                    "attestation.trusted ca {}: no certificate in the file",
+                    t.ca.display()
+                )),
+                Err(e) => problems.push(format!("attestation.trusted ca: {e}")),
+            }
+        }
+        let folder_of = |what: &str, p: &std::path::Path, problems: &mut Vec<String>| {
+            let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+            if let Some(dir) = dir
+                && !dir.is_dir()
+            {
+                problems.push(format!(
+                    "{what} {}: the folder {} does not exist",
+                    p.display(),
+                    dir.display()
+                ));
+            }
+        };
+        folder_of("database", &self.database, &mut problems);
+        if let Some(a) = self.audit_log.as_deref().filter(|a| *a != "-") {
+            folder_of("audit_log", std::path::Path::new(a), &mut problems);
+        }
+        problems
+    }
+
+    /// Settings that weaken the defaults: allowed, but said out loud.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.attestation.allow_software {
+            w.push(
+                "attestation.allow_software = true: software keys can enrol; for development and demos only"
+                    .to_owned(),
+            );
+        }
+        if !self.admin_listen.ip().is_loopback() {
+            w.push(format!(
+                "admin_listen {} is not on loopback: /metrics and /healthz are reachable from the network",
+                self.admin_listen
+            ));
+        }
+        if self.services.is_empty() {
+            w.push("no [[service]] is defined: signed-in users can reach nothing".to_owned());
+        }
+        w
     }
 
     /// The service called `name`.

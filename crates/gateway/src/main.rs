@@ -34,6 +34,12 @@ enum Cmd {
         #[arg(long, env = "TOUCHGATE_GATEWAY_AUDIT_LOG")]
         audit_log: Option<String>,
     },
+    /// Check a config file and the files it names; prints every problem at once (exit 1 if any).
+    Check {
+        /// The gateway config file.
+        #[arg(long, env = "TOUCHGATE_GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
     /// Create a one-time invite for USER; prints the code as the last line.
     Invite {
         /// The user (usually an email address).
@@ -68,6 +74,9 @@ enum Cmd {
 fn main() -> std::process::ExitCode {
     touchgate_common::init_logging("info");
     let cli = Cli::parse();
+    if let Cmd::Check { config } = &cli.cmd {
+        return check(config);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -87,8 +96,48 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `check`: every problem of the config and of the files it names, one per line.
+fn check(path: &std::path::Path) -> std::process::ExitCode {
+    let cfg = match GatewayConfig::parse(path) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("problem: {e}");
+            println!("{}: 1 problem", path.display());
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let mut problems = cfg.problems();
+    problems.extend(cfg.file_problems());
+    for p in &problems {
+        println!("problem: {p}");
+    }
+    for w in cfg.warnings() {
+        println!("warning: {w}");
+    }
+    if problems.is_empty() {
+        println!(
+            "{}: OK ({} service{}, rp_id {}, QUIC on {})",
+            path.display(),
+            cfg.services.len(),
+            if cfg.services.len() == 1 { "" } else { "s" },
+            cfg.rp_id,
+            cfg.listen
+        );
+        std::process::ExitCode::SUCCESS
+    } else {
+        println!(
+            "{}: {} problem{}",
+            path.display(),
+            problems.len(),
+            if problems.len() == 1 { "" } else { "s" }
+        );
+        std::process::ExitCode::FAILURE
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        Cmd::Check { .. } => unreachable!("handled before the runtime starts"),
         Cmd::Serve {
             config,
             listen,

@@ -123,3 +123,77 @@ fn revoke_bumps_the_users_epoch_and_refuses_unknown_users() {
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).expect("audit");
     assert!(audit.contains("\"user_revoked\""));
 }
+
+#[test]
+fn check_prints_every_problem_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"0.0.0.0:4433\"\nadmin_listen = \"0.0.0.0:9090\"\nrp_id = \"gw.example.com\"\norigin = \"https://evil.example.net\"\n\
+         database = \"state/gw.db\"\n[tls]\ncert = \"missing-cert.pem\"\nkey = \"missing-key.pem\"\n\
+         [attestation]\nallow_software = true\n\
+         [[service]]\nname = \"api\"\nkind = \"http\"\nupstream = \"ftp://api\"\n[[service]]\nname = \"api\"\nkind = \"http\"\nupstream = \"https://api-xyz.a.run.app\"\n",
+    )
+    .expect("write config");
+    let out = gateway()
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for want in [
+        "problem: service \"api\" is defined twice",
+        "problem: service \"api\": upstream \"ftp://api\" is not an http(s) URL",
+        "problem: origin \"https://evil.example.net\" must be a URL whose host is rp_id",
+        "problem: tls.cert: ",
+        "problem: tls.key: ",
+        "does not exist",
+        "warning: attestation.allow_software = true",
+        "warning: admin_listen 0.0.0.0:9090 is not on loopback",
+        ": 6 problems",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+
+    // Fixed, it passes and says what it found.
+    let out = gateway()
+        .args(["gen-cert", "--name", "gw.example.com", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("gen-cert");
+    assert!(out.status.success());
+    std::fs::write(
+        &cfg,
+        "listen = \"0.0.0.0:4433\"\nrp_id = \"gw.example.com\"\ndatabase = \"gw.db\"\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
+         [[service]]\nname = \"api\"\nkind = \"http\"\nupstream = \"https://api-xyz.a.run.app\"\n",
+    )
+    .expect("write config");
+    let out = gateway()
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.trim_end()
+            .ends_with(": OK (1 service, rp_id gw.example.com, QUIC on 0.0.0.0:4433)"),
+        "{text}"
+    );
+
+    // Not TOML of the right shape: the parse error, and exit 1.
+    std::fs::write(&cfg, "listen = 4433\n").expect("write config");
+    let out = gateway()
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run check");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("problem: gateway config"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
