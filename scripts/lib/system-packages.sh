@@ -23,11 +23,17 @@ ensure_build_packages() {
   install_packages "${need[@]}"
 }
 
+# What the tests of the deployment files use (systemd-analyze verify).
+ensure_packaging_packages() {
+  command -v systemd-analyze >/dev/null 2>&1 || install_packages systemd
+}
+
 # The tray app (Tauri on WebKitGTK), its web front end, and its tests: Node.js for the UI build,
 # Chromium for the UI tests, and Xvfb, a D-Bus session, a tray host and X tools for the smoke
 # test and its screenshots.
 ensure_desktop_packages() {
   ensure_build_packages
+  ensure_packaging_packages
   local need=()
   pkg-config --exists webkit2gtk-4.1 2>/dev/null || need+=(libwebkit2gtk-4.1-dev)
   pkg-config --exists ayatana-appindicator3-0.1 2>/dev/null || need+=(libayatana-appindicator3-dev)
