@@ -366,6 +366,30 @@ impl Layered {
     }
 }
 
+/// Checks an admin's managed file the way the agent reads it, before it is shipped: it must
+/// parse, hold only keys the agent knows, and make a working config with any user's name.
+/// Returns the keys it locks.
+pub fn check_managed(path: &Path) -> Result<Vec<String>, ConfigError> {
+    let text = read_optional(path)?.ok_or_else(|| ConfigError::Read {
+        path: path.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+    })?;
+    let mut user = toml::Table::new();
+    user.insert(
+        "user".into(),
+        toml::Value::String("someone@example.com".into()),
+    );
+    let mut managed = parse(path, &text)?;
+    resolve_relative_paths(&mut managed, parent(path));
+    let (merged, locked) = merge(user, Some(managed));
+    let cfg = AgentConfig::from_table(merged).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })?;
+    cfg.check()?;
+    Ok(locked.into_iter().collect())
+}
+
 fn parent(p: &Path) -> &Path {
     p.parent().unwrap_or(Path::new("."))
 }
@@ -595,6 +619,68 @@ mod tests {
                 .starts_with("the list of services is set by your organisation"),
             "{e}"
         );
+    }
+
+    fn repo(file: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(file)
+    }
+
+    #[test]
+    fn the_shipped_managed_example_checks_and_locks_what_it_sets() {
+        let locked = check_managed(&repo("packaging/managed/org.example.toml")).expect("example");
+        for key in [
+            "gateway",
+            "gateway_cert_sha256",
+            "autostart",
+            "renew_reminder",
+            "services",
+            "service.api",
+            "service.billing",
+        ] {
+            assert!(
+                locked.iter().any(|l| l == key),
+                "{key} not locked: {locked:?}"
+            );
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "gateway = \"gw:4433\"\ngatway_cert_sha256 = \"ab\"\n")
+            .expect("write");
+        let e = check_managed(&bad).expect_err("unknown key").to_string();
+        assert!(e.contains("unknown field `gatway_cert_sha256`"), "{e}");
+    }
+
+    /// The JSON Schema shipped for admins names exactly the keys the agent reads from a managed
+    /// file, with example values the agent accepts.
+    #[test]
+    fn the_managed_schema_matches_what_the_agent_reads() {
+        let schema: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(repo("packaging/managed/managed.schema.json"))
+                .expect("schema"),
+        )
+        .expect("json");
+        let props = schema["properties"].as_object().expect("properties");
+        let mut managed = toml::Table::new();
+        for (key, p) in props {
+            let example = &p["examples"][0];
+            let value: toml::Value = serde_json::from_value(example.clone()).expect("toml value");
+            managed.insert(key.clone(), value);
+        }
+        // The fingerprint and the CA are alternatives; the example has both, which the agent allows.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("managed.toml");
+        std::fs::write(&file, toml::to_string(&managed).expect("toml")).expect("write");
+        let locked = check_managed(&file).expect("every schema key is accepted");
+        assert!(locked.len() >= props.len() - 1, "{locked:?}");
+        let example: toml::Table = toml::from_str(
+            &std::fs::read_to_string(repo("packaging/managed/org.example.toml")).expect("example"),
+        )
+        .expect("toml");
+        for key in example.keys() {
+            assert!(props.contains_key(key), "the schema lacks {key}");
+        }
     }
 
     #[test]

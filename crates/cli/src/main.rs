@@ -83,6 +83,11 @@ enum ConfigCmd {
         /// The new port on 127.0.0.1 (0: a free one at each sign-in).
         port: u16,
     },
+    /// Check an organisation's managed file before shipping it (exit 1 on a problem).
+    CheckManaged {
+        /// The managed TOML file.
+        file: PathBuf,
+    },
 }
 
 /// Where a security key's PIN comes from when it needs one (default: asked on the terminal).
@@ -322,8 +327,25 @@ fn config_cmd(
     paths: ConfigPaths,
     cmd: Option<ConfigCmd>,
 ) -> anyhow::Result<std::process::ExitCode> {
+    if let Some(ConfigCmd::CheckManaged { file }) = &cmd {
+        return match touchgate_agent::settings::check_managed(file) {
+            Ok(locked) => {
+                println!(
+                    "{}: OK; sets and locks: {}",
+                    file.display(),
+                    locked.join(", ")
+                );
+                Ok(std::process::ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                println!("{}: {e}", file.display());
+                Ok(std::process::ExitCode::FAILURE)
+            }
+        };
+    }
     let layers = Layered::load(&paths)?;
     match cmd.unwrap_or(ConfigCmd::Show) {
+        ConfigCmd::CheckManaged { .. } => unreachable!("handled above"),
         ConfigCmd::Show => {
             print!("{}", show_settings(&layers));
             Ok(std::process::ExitCode::SUCCESS)
