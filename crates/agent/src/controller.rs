@@ -387,6 +387,12 @@ impl Prompts {
         self.cancel.store(false, Ordering::SeqCst);
     }
 
+    /// Stops any wait for the key: the watchdog sees the flag, a pending PIN prompt gets none.
+    fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        self.answer(None);
+    }
+
     fn purpose(&self) -> Purpose {
         *self.purpose.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -517,14 +523,12 @@ impl Controller {
             Request::SignIn => self.sign_in().await,
             Request::Renew => self.renew().await,
             Request::SignOut => {
-                self.inner.prompts.cancel.store(true, Ordering::SeqCst);
-                self.inner.prompts.answer(None);
+                self.inner.prompts.cancel();
                 self.stop(None).await;
                 Ok(())
             }
             Request::Cancel => {
-                self.inner.prompts.cancel.store(true, Ordering::SeqCst);
-                self.inner.prompts.answer(None);
+                self.inner.prompts.cancel();
                 Ok(())
             }
             Request::SubmitPin { pin } => {
@@ -553,8 +557,7 @@ impl Controller {
 
     /// Signs out and stops every task (Quit).
     pub async fn shutdown(&self) {
-        self.inner.prompts.cancel.store(true, Ordering::SeqCst);
-        self.inner.prompts.answer(None);
+        self.inner.prompts.cancel();
         self.stop(None).await;
     }
 
@@ -569,12 +572,14 @@ impl Controller {
 
     /// Shows the configured services and user while signed out; `first` also sets the phase.
     fn show_configured(&self, first: bool) {
-        let layers = self.layers();
-        let problem = match &layers {
-            Ok(l) => l.config().err().map(|e| e.to_string()),
-            Err(e) => Some(e.0.clone()),
+        // One view of the layers gives both the values and the problem (one config check).
+        let (problem, values) = match self.layers() {
+            Ok(l) => {
+                let view = l.view();
+                (view.problem, Some(view.values))
+            }
+            Err(e) => (Some(e.0), None),
         };
-        let values = layers.ok().map(|l| l.view().values);
         self.inner.board.update(|v| {
             if let Some(values) = &values {
                 v.gateway = values.gateway.clone();
