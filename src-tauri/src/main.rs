@@ -39,6 +39,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Err(e) = start_runtime() {
+        eprintln!("touchgate: cannot start the async runtime: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     match run(paths, log_file, minimized) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -47,6 +51,22 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Runs the tunnels, and Tauri's own async work, on one thread of their own, as the CLI does:
+/// a tunnel is one QUIC connection driven by one task, so more threads only add wake-ups
+/// between them, and on one thread the connection driver sends what several local
+/// connections wrote in one datagram. (Key and PIN prompts run on the blocking pool.)
+fn start_runtime() -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("tunnels".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+    tauri::async_runtime::set(handle);
+    Ok(())
 }
 
 fn run(paths: ConfigPaths, log_file: std::path::PathBuf, minimized: bool) -> tauri::Result<()> {

@@ -117,7 +117,11 @@ fn main() -> std::process::ExitCode {
         _ => "info",
     };
     touchgate_common::init_logging(default_level);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: a tunnel is one QUIC connection, driven by one task, so more threads only
+    // add wake-ups between them; and on one thread the connection driver runs after the local
+    // connections that woke it, and sends what they wrote in one datagram instead of one each.
+    // (Key and PIN prompts run on the blocking pool.)
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -8,6 +8,7 @@ use std::{
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use bytes::Bytes;
+use http::HeaderValue;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::{
     client::legacy::Client, client::legacy::connect::HttpConnector, rt::TokioExecutor,
@@ -49,10 +50,19 @@ pub enum IdTokenError {
     Malformed(String),
 }
 
+/// A token as the header value that carries it (`Bearer …`, marked sensitive), built once per
+/// token rather than per request.
 #[derive(Clone)]
 struct Cached {
-    token: Arc<str>,
+    bearer: HeaderValue,
     exp: u64,
+}
+
+/// One audience's token, and the lock that makes concurrent refreshes one fetch.
+#[derive(Default)]
+struct Slot {
+    current: Option<Cached>,
+    refresh: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Fetches and caches ID tokens.
@@ -60,7 +70,7 @@ pub struct IdTokens {
     source: IdTokenSource,
     metadata_url: String,
     client: Client<HttpConnector, Empty<Bytes>>,
-    cache: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
+    cache: Mutex<HashMap<String, Slot>>,
 }
 
 impl IdTokens {
@@ -77,26 +87,48 @@ impl IdTokens {
         }
     }
 
-    /// An ID token for `audience`, or `None` when the source is `none`. Concurrent callers for
-    /// one audience share one fetch.
-    pub async fn get(&self, audience: &str) -> Result<Option<Arc<str>>, IdTokenError> {
+    /// The `Authorization`-style value (`Bearer <ID token>`) for `audience`, or `None` when
+    /// the source is `none`. A fresh cached token costs one uncontended lock; concurrent
+    /// callers for one audience share one fetch.
+    pub async fn bearer(&self, audience: &str) -> Result<Option<HeaderValue>, IdTokenError> {
         if self.source == IdTokenSource::None {
             return Ok(None);
         }
-        let slot = {
-            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            cache.entry(audience.to_owned()).or_default().clone()
+        let refresh = match self.fresh(audience) {
+            Ok(bearer) => return Ok(Some(bearer)),
+            Err(refresh) => refresh,
         };
-        let mut slot = slot.lock().await;
-        if let Some(c) = &*slot
-            && c.exp > now_secs() + REFRESH_MARGIN_SECS
-        {
-            return Ok(Some(c.token.clone()));
+        let _refreshing = refresh.lock().await;
+        // Another caller may have fetched it while this one waited.
+        if let Ok(bearer) = self.fresh(audience) {
+            return Ok(Some(bearer));
         }
         let fresh = self.fetch(audience).await?;
-        let token = fresh.token.clone();
-        *slot = Some(fresh);
-        Ok(Some(token))
+        let bearer = fresh.bearer.clone();
+        self.lock().entry(audience.to_owned()).or_default().current = Some(fresh);
+        Ok(Some(bearer))
+    }
+
+    /// The cached value if it is fresh, else the lock to refresh it under.
+    fn fresh(&self, audience: &str) -> Result<HeaderValue, Arc<tokio::sync::Mutex<()>>> {
+        let mut cache = self.lock();
+        if let Some(slot) = cache.get(audience) {
+            if let Some(c) = &slot.current
+                && c.exp > now_secs() + REFRESH_MARGIN_SECS
+            {
+                return Ok(c.bearer.clone());
+            }
+            return Err(slot.refresh.clone());
+        }
+        Err(cache
+            .entry(audience.to_owned())
+            .or_default()
+            .refresh
+            .clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn fetch(&self, audience: &str) -> Result<Cached, IdTokenError> {
@@ -134,10 +166,10 @@ impl IdTokens {
         }
         let exp = jwt_exp(&text)
             .ok_or_else(|| IdTokenError::Malformed("no readable exp claim".into()))?;
-        Ok(Cached {
-            token: text.into(),
-            exp,
-        })
+        let mut bearer = HeaderValue::from_str(&format!("Bearer {text}"))
+            .map_err(|_| IdTokenError::Malformed("not a valid header value".into()))?;
+        bearer.set_sensitive(true);
+        Ok(Cached { bearer, exp })
     }
 }
 
@@ -166,7 +198,7 @@ mod tests {
             source: IdTokenSource::None,
             metadata_url: "http://127.0.0.1:1".into(),
         });
-        assert!(t.get("https://svc").await.expect("no fetch").is_none());
+        assert!(t.bearer("https://svc").await.expect("no fetch").is_none());
     }
 
     #[tokio::test]
@@ -176,7 +208,7 @@ mod tests {
             metadata_url: "http://127.0.0.1:1".into(),
         });
         let err = t
-            .get("https://svc")
+            .bearer("https://svc")
             .await
             .expect_err("nothing listens on port 1");
         assert!(err.to_string().contains("unreachable"), "{err}");

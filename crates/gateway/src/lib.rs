@@ -5,7 +5,8 @@
 //! with a Google-signed ID token (or splices it to a TCP service).
 //!
 //! Listeners are passed in ([`Gateway::serve_quic`], [`Gateway::serve_admin`]), so tests bind
-//! 127.0.0.1 port 0 and a binary binds the configured addresses.
+//! 127.0.0.1 port 0 and a binary binds the configured addresses. The binary runs connections
+//! thread-per-core ([`shards`], [`Gateway::serve_quic_on`]).
 
 pub mod admin;
 pub mod audit;
@@ -15,6 +16,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod rp;
 pub mod server;
+pub mod shards;
 pub mod store;
 pub mod tls;
 pub mod tokens;

@@ -6,7 +6,7 @@
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -83,7 +83,9 @@ fn main() -> std::process::ExitCode {
     if let Cmd::Check { config } = &cli.cmd {
         return check(config);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    // A single-threaded runtime: the QUIC endpoint, the admin endpoint and the connections
+    // placed on it; `serve` adds one more such runtime per core for connections (shards).
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -239,7 +241,10 @@ async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
     let admin_addr = admin.local_addr().context("no local address")?;
     tracing::info!(quic = %quic_addr, admin = %admin_addr, "gateway listening");
     println!("touchgate-gateway listening: QUIC on udp/{quic_addr}, admin on http://{admin_addr}");
-    let quic = tokio::spawn(gw.clone().serve_quic(endpoint.clone()));
+    let shards =
+        Arc::new(touchgate_gateway::shards::Shards::per_core().context("cannot start threads")?);
+    tracing::info!(threads = shards.len(), "connections run thread-per-core");
+    let quic = tokio::spawn(gw.clone().serve_quic_on(endpoint.clone(), shards.clone()));
     let admin_task = tokio::spawn(gw.clone().serve_admin(admin));
     touchgate_common::shutdown_signal().await;
     tracing::info!("shutting down");

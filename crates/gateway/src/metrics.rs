@@ -29,12 +29,14 @@ pub struct Metrics {
     pub bytes_down_total: AtomicU64,
     /// Upstream requests that failed.
     pub upstream_errors_total: AtomicU64,
+    /// HTTP/1 connections opened to plain-HTTP upstreams (each serves many streams in turn).
+    pub upstream_connections_total: AtomicU64,
 }
 
 impl Metrics {
     /// Renders every metric in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 12] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 13] = [
             (
                 "touchgate_connections_total",
                 "counter",
@@ -107,6 +109,12 @@ impl Metrics {
                 "upstream requests that failed",
                 &self.upstream_errors_total,
             ),
+            (
+                "touchgate_upstream_connections_total",
+                "counter",
+                "HTTP/1 connections opened to plain-HTTP upstreams",
+                &self.upstream_connections_total,
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, v) in rows {
@@ -142,6 +150,6 @@ mod tests {
         assert!(
             text.contains("# TYPE touchgate_streams_total counter\ntouchgate_streams_total 2\n")
         );
-        assert!(text.lines().filter(|l| l.starts_with("# HELP")).count() == 12);
+        assert!(text.lines().filter(|l| l.starts_with("# HELP")).count() == 13);
     }
 }

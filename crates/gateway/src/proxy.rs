@@ -8,7 +8,7 @@ use std::{
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -39,30 +39,67 @@ pub const ASSERTION_HEADER: HeaderName = HeaderName::from_static("x-touchgate-as
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// Who is calling which service on one stream, with what every request on it needs worked out
-/// once when the stream opens.
-#[derive(Clone)]
+/// once when the stream opens: the upstream URL and `Host`, the user header, and the identity
+/// assertion (kept here, so a request on a stream takes no shared lock for it).
 pub struct StreamContext {
     /// The signed-in user.
     pub user: String,
     /// The service.
     pub service: Arc<ServiceConfig>,
-    audience: Arc<str>,
-    upstream: Result<Uri, String>,
+    audience: String,
+    upstream: Result<Upstream, String>,
+    user_header: Option<HeaderValue>,
+    assertion: std::sync::Mutex<Option<(HeaderValue, u64)>>,
+    /// The stream's own upstream connection (plain-HTTP upstreams, HTTP/1 callers): taken
+    /// from the idle set at the first request, kept for the stream's life, given back after.
+    own: std::sync::Mutex<Option<Http1Sender>>,
+}
+
+type Http1Sender = hyper::client::conn::http1::SendRequest<ProxyBody>;
+
+/// The parsed upstream base URL.
+struct Upstream {
+    base: Uri,
+    /// The base path without its trailing `/` (empty for none), prefixed to every request path.
+    prefix: String,
+    host: Option<HeaderValue>,
+    /// `host:port` for a plain-HTTP upstream, which streams reach over connections of their
+    /// own; `None` for HTTPS (the shared pool, with HTTP/2 where the upstream offers it).
+    plain: Option<String>,
 }
 
 impl StreamContext {
     /// The context of a stream of `user` to `service`.
     pub fn new(user: &str, service: Arc<ServiceConfig>) -> Self {
-        let upstream = service.upstream.parse::<Uri>().map_err(|e| {
-            format!(
-                "touchgate: service upstream {:?} is not a URL: {e}",
-                service.upstream
-            )
-        });
+        let upstream = service
+            .upstream
+            .parse::<Uri>()
+            .map(|base| Upstream {
+                prefix: base.path().trim_end_matches('/').to_owned(),
+                host: base
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+                plain: (base.scheme() == Some(&http::uri::Scheme::HTTP))
+                    .then(|| {
+                        base.host()
+                            .map(|h| format!("{h}:{}", base.port_u16().unwrap_or(80)))
+                    })
+                    .flatten(),
+                base,
+            })
+            .map_err(|e| {
+                format!(
+                    "touchgate: service upstream {:?} is not a URL: {e}",
+                    service.upstream
+                )
+            });
         Self {
             user: user.to_owned(),
-            audience: service.audience().into(),
+            audience: service.audience(),
             upstream,
+            user_header: HeaderValue::from_str(user).ok(),
+            assertion: Default::default(),
+            own: Default::default(),
             service,
         }
     }
@@ -77,6 +114,7 @@ pub struct Proxy {
     audit: AuditLog,
     limits: LimitsConfig,
     assertions: std::sync::Mutex<std::collections::HashMap<(String, String), (HeaderValue, u64)>>,
+    idle: IdleConns,
 }
 
 impl Proxy {
@@ -108,6 +146,7 @@ impl Proxy {
             audit,
             limits,
             assertions: Default::default(),
+            idle: IdleConns::default(),
         })
     }
 
@@ -117,6 +156,8 @@ impl Proxy {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let limits = self.limits.clone();
+        let ctx = Arc::new(ctx);
+        let (proxy, stream) = (self.clone(), ctx.clone());
         let svc = hyper::service::service_fn(move |req| {
             let proxy = self.clone();
             let ctx = ctx.clone();
@@ -138,6 +179,17 @@ impl Proxy {
         {
             tracing::debug!(error = %e, "tunnel HTTP connection ended with an error");
         }
+        // The stream is done with its upstream connection: the next stream may have it.
+        let own = stream.own.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let (
+            Some(conn),
+            Ok(Upstream {
+                plain: Some(addr), ..
+            }),
+        ) = (own, &stream.upstream)
+        {
+            proxy.idle.put(addr, conn);
+        }
     }
 
     async fn forward(
@@ -148,16 +200,16 @@ impl Proxy {
         let svc = &ctx.service;
         let upgrade = wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let joined = match &ctx.upstream {
-            Ok(base) => upstream_uri(base, req.uri()),
-            Err(msg) => Err(msg.clone()),
+        let upstream = match &ctx.upstream {
+            Ok(u) => u,
+            Err(msg) => return plain(StatusCode::BAD_GATEWAY, msg),
         };
-        let uri = match joined {
+        let uri = match upstream_uri(&upstream.base, &upstream.prefix, req.uri()) {
             Ok(u) => u,
             Err(msg) => return plain(StatusCode::BAD_GATEWAY, &msg),
         };
-        let audience = &*ctx.audience;
-        let id_token = match self.id_tokens.get(audience).await {
+        let audience = &ctx.audience;
+        let bearer = match self.id_tokens.bearer(audience).await {
             Ok(t) => t,
             Err(e) => {
                 return self.failed(
@@ -170,7 +222,7 @@ impl Proxy {
                 );
             }
         };
-        let assertion = match self.assertion(&ctx.user, &svc.name, audience) {
+        let assertion = match self.assertion(ctx) {
             Ok(a) => a,
             Err(e) => {
                 return plain(
@@ -180,35 +232,44 @@ impl Proxy {
             }
         };
         let (mut parts, body) = req.into_parts();
+        let caller_http1 = parts.version != http::Version::HTTP_2;
         sanitise_request_headers(&mut parts.headers, upgrade);
         // The upstream request is framed by what hyper read, never by a header it did not use
         // (hyper drops Content-Length when Transfer-Encoding is present, and re-frames).
         if hyper::body::Body::size_hint(&body).exact().is_none() {
             parts.headers.remove(header::CONTENT_LENGTH);
         }
-        if let Some(host) = uri.authority().map(|a| a.as_str().to_owned())
-            && let Ok(v) = HeaderValue::from_str(&host)
-        {
-            parts.headers.insert(header::HOST, v);
+        if let Some(host) = &upstream.host {
+            parts.headers.insert(header::HOST, host.clone());
         }
-        if let Some(t) = id_token
-            && let Ok(v) = HeaderValue::from_str(&format!("Bearer {t}"))
-        {
+        if let Some(v) = bearer {
             parts.headers.insert(SERVERLESS_AUTH, v);
         }
-        if let Ok(v) = HeaderValue::from_str(&ctx.user) {
-            parts.headers.insert(USER_HEADER, v);
+        if let Some(v) = &ctx.user_header {
+            parts.headers.insert(USER_HEADER, v.clone());
         }
         parts.headers.insert(ASSERTION_HEADER, assertion);
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
         let out = Request::from_parts(parts, body.boxed());
-        let mut resp = match tokio::time::timeout(svc.timeout, self.client.request(out)).await {
+        let sent = match &upstream.plain {
+            Some(addr) if out.version() != http::Version::HTTP_2 && caller_http1 => {
+                tokio::time::timeout(svc.timeout, self.send_own(ctx, addr, out)).await
+            }
+            _ => {
+                tokio::time::timeout(svc.timeout, async {
+                    self.client.request(out).await.map_err(|e| {
+                        std::error::Error::source(&e)
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| e.to_string())
+                    })
+                })
+                .await
+            }
+        };
+        let mut resp = match sent {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                let detail = std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| e.to_string());
+            Ok(Err(detail)) => {
                 return self.failed(
                     ctx,
                     StatusCode::BAD_GATEWAY,
@@ -249,29 +310,123 @@ impl Proxy {
 }
 
 impl Proxy {
-    /// The identity assertion for `user` on `service`, signed once and reused until a minute
-    /// before it expires: signing per request would cost more than the rest of the proxying.
-    fn assertion(&self, user: &str, service: &str, audience: &str) -> Result<HeaderValue, String> {
+    /// The identity assertion for the stream's user on its service, signed once and reused
+    /// until a minute before it expires (signing per request would cost more than the rest of
+    /// the proxying): from the stream's own copy, else from the gateway-wide cache (a new
+    /// stream of the same user), else freshly signed.
+    fn assertion(&self, ctx: &StreamContext) -> Result<HeaderValue, String> {
         let now = crate::store::now_secs();
+        let usable = |c: &Option<(HeaderValue, u64)>| {
+            c.as_ref()
+                .filter(|(_, exp)| *exp > now + 60)
+                .map(|(v, _)| v.clone())
+        };
+        let mut mine = ctx.assertion.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = usable(&mine) {
+            return Ok(v);
+        }
+        let (user, service) = (ctx.user.as_str(), ctx.service.name.as_str());
         let key = (user.to_owned(), service.to_owned());
-        if let Ok(cache) = self.assertions.lock()
-            && let Some((v, exp)) = cache.get(&key)
-            && *exp > now + 60
-        {
-            return Ok(v.clone());
+        let shared = self
+            .assertions
+            .lock()
+            .ok()
+            .and_then(|cache| usable(&cache.get(&key).cloned()));
+        if let Some(v) = shared {
+            *mine = Some((v.clone(), now + 61));
+            return Ok(v);
         }
         let jwt = self
             .signer
-            .identity_assertion(user, service, audience)
+            .identity_assertion(user, service, &ctx.audience)
             .map_err(|e| e.to_string())?;
         let v = HeaderValue::from_str(&jwt).map_err(|e| e.to_string())?;
+        let exp = now + crate::tokens::ASSERTION_TTL_SECS;
+        *mine = Some((v.clone(), exp));
         if let Ok(mut cache) = self.assertions.lock() {
             if cache.len() > 10_000 {
                 cache.clear();
             }
-            cache.insert(key, (v.clone(), now + crate::tokens::ASSERTION_TTL_SECS));
+            cache.insert(key, (v.clone(), exp));
         }
         Ok(v)
+    }
+
+    /// Sends `req` on the stream's own HTTP/1 connection to `addr` (its own from an earlier
+    /// request, else an idle one, else a new one). A kept connection the upstream has closed
+    /// meanwhile is replaced once, if the request had not gone out on it.
+    async fn send_own(
+        &self,
+        ctx: &StreamContext,
+        addr: &str,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, String> {
+        // On its own connection a request names only the path (origin form); `Host` is set.
+        let pq = req.uri().path_and_query().cloned();
+        *req.uri_mut() = pq.map_or_else(|| Uri::from_static("/"), Uri::from);
+        let kept = ctx
+            .own
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .filter(|c| !c.is_closed())
+            .or_else(|| self.idle.take(addr));
+        let (mut conn, mut reused) = match kept {
+            Some(c) => (c, true),
+            None => (self.connect_http1(addr).await?, false),
+        };
+        loop {
+            // Ready once the previous response on it has been read to the end.
+            let ready = conn.ready().await;
+            let outcome = match ready {
+                Ok(()) => conn.try_send_request(req).await,
+                Err(e) if reused => {
+                    tracing::debug!(error = %e, "kept upstream connection is gone; reconnecting");
+                    conn = self.connect_http1(addr).await?;
+                    reused = false;
+                    continue;
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            match outcome {
+                Ok(resp) => {
+                    *ctx.own.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => {
+                        tracing::debug!(error = %e.error(), "kept upstream connection closed; reconnecting");
+                        req = unsent;
+                        conn = self.connect_http1(addr).await?;
+                        reused = false;
+                    }
+                    _ => return Err(e.into_error().to_string()),
+                },
+            }
+        }
+    }
+
+    /// A new HTTP/1 connection to a plain-HTTP upstream, driven by a task of its own.
+    async fn connect_http1(&self, addr: &str) -> Result<Http1Sender, String> {
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        .map_err(|_| format!("no connection to {addr} within 10s"))?
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Metrics::inc(&self.metrics.upstream_connections_total);
+        Ok(sender)
     }
 
     /// Answers the caller with a short plain-text reason, and counts, logs and audits it.
@@ -353,17 +508,17 @@ fn sanitise_request_headers(h: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Joins the upstream base URL and the request's path and query.
-fn upstream_uri(base: &Uri, req: &Uri) -> Result<Uri, String> {
-    let prefix = base.path().trim_end_matches('/');
-    let pq = req.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let joined = format!("{prefix}{pq}");
-    let mut parts = base.clone().into_parts();
-    parts.path_and_query = Some(
-        joined
+/// Joins the upstream base URL (whose path without the trailing `/` is `prefix`) and the
+/// request's path and query; with no prefix the request's path is reused as it is.
+fn upstream_uri(base: &Uri, prefix: &str, req: &Uri) -> Result<Uri, String> {
+    let pq = match (prefix, req.path_and_query()) {
+        ("", Some(pq)) if pq.as_str().starts_with('/') => pq.clone(),
+        (_, pq) => format!("{prefix}{}", pq.map_or("/", |p| p.as_str()))
             .parse()
             .map_err(|e| format!("touchgate: bad request path: {e}"))?,
-    );
+    };
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(pq);
     Uri::from_parts(parts).map_err(|e| format!("touchgate: cannot build upstream URL: {e}"))
 }
 
@@ -380,6 +535,55 @@ fn plain(status: StatusCode, msg: &str) -> Response<ProxyBody> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+/// Idle HTTP/1 connections to plain-HTTP upstreams, for the next stream to the same upstream.
+/// Kept per thread as well as per upstream: a connection's task runs where it was made, and a
+/// stream on the same thread (shard) then uses it without crossing threads.
+#[derive(Default)]
+struct IdleConns {
+    conns: std::sync::Mutex<IdleMap>,
+}
+
+/// Idle connections (newest last, with the time each became idle) by upstream and thread.
+type IdleMap =
+    std::collections::HashMap<(String, std::thread::ThreadId), Vec<(Instant, Http1Sender)>>;
+
+impl IdleConns {
+    /// How long a connection may wait unused (upstreams close idle ones themselves, often
+    /// after a minute or more; one closed meanwhile is replaced on first use).
+    const IDLE_FOR: Duration = Duration::from_secs(30);
+    /// Idle connections kept per upstream and thread.
+    const MAX: usize = 256;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdleMap> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take(&self, addr: &str) -> Option<Http1Sender> {
+        let mut conns = self.lock();
+        let list = conns.get_mut(&(addr.to_owned(), std::thread::current().id()))?;
+        while let Some((since, c)) = list.pop() {
+            if since.elapsed() < Self::IDLE_FOR && !c.is_closed() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn put(&self, addr: &str, conn: Http1Sender) {
+        if conn.is_closed() || !conn.is_ready() {
+            return;
+        }
+        let mut conns = self.lock();
+        let list = conns
+            .entry((addr.to_owned(), std::thread::current().id()))
+            .or_default();
+        list.retain(|(since, c)| since.elapsed() < Self::IDLE_FOR && !c.is_closed());
+        if list.len() < Self::MAX {
+            list.push((Instant::now(), conn));
+        }
+    }
 }
 
 /// Wraps a stream and counts the bytes read from and written to it.
@@ -471,18 +675,31 @@ mod tests {
 
     #[test]
     fn upstream_path_prefix_is_kept() {
-        let u = upstream_uri(
-            &"https://svc.a.run.app/base/".parse().expect("uri"),
-            &"/v1/items?x=1".parse().expect("uri"),
-        )
-        .expect("joined");
-        assert_eq!(u.to_string(), "https://svc.a.run.app/base/v1/items?x=1");
-        let u = upstream_uri(
-            &"http://127.0.0.1:8080".parse().expect("uri"),
-            &"/".parse().expect("uri"),
-        )
-        .expect("joined");
-        assert_eq!(u.to_string(), "http://127.0.0.1:8080/");
+        let join = |base: &str, req: &str| {
+            let base: Uri = base.parse().expect("uri");
+            let prefix = base.path().trim_end_matches('/').to_owned();
+            upstream_uri(&base, &prefix, &req.parse().expect("uri"))
+                .expect("joined")
+                .to_string()
+        };
+        assert_eq!(
+            join("https://svc.a.run.app/base/", "/v1/items?x=1"),
+            "https://svc.a.run.app/base/v1/items?x=1"
+        );
+        assert_eq!(join("http://127.0.0.1:8080", "/"), "http://127.0.0.1:8080/");
+        assert_eq!(
+            join("http://127.0.0.1:8080/", "/a/b?c=%20d"),
+            "http://127.0.0.1:8080/a/b?c=%20d"
+        );
+        // An absolute-form request target keeps only its path and query.
+        assert_eq!(
+            join("http://127.0.0.1:8080/base", "http://other.example/x?y"),
+            "http://127.0.0.1:8080/base/x?y"
+        );
+        assert_eq!(
+            join("http://127.0.0.1:8080", "http://other.example/x?y"),
+            "http://127.0.0.1:8080/x?y"
+        );
     }
 
     #[test]

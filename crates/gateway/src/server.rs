@@ -24,6 +24,7 @@ use crate::{
     metrics::Metrics,
     proxy::{Counted, StreamContext},
     rp::{PendingEnrol, PendingLogin},
+    shards::Shards,
     store::{StoredCredential, now_secs},
     tokens::{SessionClaims, TokenError, cert_thumbprint},
 };
@@ -155,12 +156,20 @@ impl Drop for AbortOnDrop {
 }
 
 impl Gateway {
-    /// Accepts QUIC connections on `endpoint` until it is closed.
+    /// Accepts QUIC connections on `endpoint` until it is closed, running them on the
+    /// caller's runtime.
     pub async fn serve_quic(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        self.serve_quic_on(endpoint, Arc::new(Shards::current()))
+            .await;
+    }
+
+    /// Accepts QUIC connections on `endpoint` until it is closed, each on one of `shards`
+    /// (the one with the fewest connections).
+    pub async fn serve_quic_on(self: Arc<Self>, endpoint: quinn::Endpoint, shards: Arc<Shards>) {
         let gw = self.clone();
         // Aborted when serving ends or the serving task itself is aborted.
         let _revocations = AbortOnDrop(tokio::spawn(async move { gw.enforce_revocations().await }));
-        self.accept_loop(endpoint).await;
+        self.accept_loop(endpoint, &shards).await;
     }
 
     /// Reloads revocation epochs and closes the connections of revoked sessions.
@@ -189,7 +198,7 @@ impl Gateway {
         }
     }
 
-    async fn accept_loop(self: Arc<Self>, endpoint: quinn::Endpoint) {
+    async fn accept_loop(self: Arc<Self>, endpoint: quinn::Endpoint, shards: &Shards) {
         while let Some(incoming) = endpoint.accept().await {
             let ip = incoming.remote_address().ip();
             if !self.limiter.allow(
@@ -213,7 +222,8 @@ impl Gateway {
             let gw = self.clone();
             let id = NEXT_CONN.fetch_add(1, Relaxed);
             let span = tracing::info_span!("conn", id, peer = %incoming.remote_address());
-            tokio::spawn(
+            // Accepted on its shard, so quinn spawns the connection's driver there too.
+            shards.spawn(
                 async move {
                     match incoming.await {
                         Ok(conn) => gw.handle_connection(conn, id).await,

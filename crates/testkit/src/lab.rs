@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context;
 use tokio::net::TcpListener;
 use touchgate_agent::AgentConfig;
-use touchgate_gateway::{Gateway, GatewayConfig, tls};
+use touchgate_gateway::{Gateway, GatewayConfig, shards::Shards, tls};
 
 use crate::{FakeServer, start_cloud_run, start_metadata_server};
 
@@ -65,6 +65,10 @@ pub struct Lab {
     endpoint: Option<quinn::Endpoint>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     echo_task: tokio::task::JoinHandle<()>,
+    /// Where the gateway runs connections: the test's runtime and one more thread, as the
+    /// binary runs them thread-per-core (the first connection lands on the test's runtime, a
+    /// second one open at the same time on the other thread).
+    shards: Arc<Shards>,
 }
 
 /// The audience the `api` upstream expects (a custom audience, as Cloud Run allows).
@@ -83,6 +87,10 @@ impl Lab {
         // An upstream that accepts and resets every connection at once.
         let resetter = TcpListener::bind("127.0.0.1:0").await?;
         let reset_addr = resetter.local_addr()?;
+        // An HTTP upstream that answers one request per connection and then drops it without
+        // saying so (no `Connection: close`), as one restarting or with a short keep-alive does.
+        let oneshot = TcpListener::bind("127.0.0.1:0").await?;
+        let oneshot_addr = oneshot.local_addr()?;
         let echo_task = tokio::spawn(async move {
             let echoes = async {
                 while let Ok((s, _)) = echo.accept().await {
@@ -99,7 +107,25 @@ impl Lab {
                     drop(s);
                 }
             };
-            tokio::join!(echoes, resets);
+            let oneshots = async {
+                while let Ok((mut s, _)) = oneshot.accept().await {
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut head = Vec::new();
+                        let mut buf = [0u8; 1024];
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\noneshot")
+                            .await;
+                    });
+                }
+            };
+            tokio::join!(echoes, resets, oneshots);
         });
         let users = opts
             .api_users
@@ -171,6 +197,12 @@ upstream = "http://{reset_addr}"
 allow = ["*"]
 
 [[service]]
+name = "oneshot"
+kind = "http"
+upstream = "http://{oneshot_addr}"
+allow = ["*"]
+
+[[service]]
 name = "down-tcp"
 kind = "tcp"
 upstream = "127.0.0.1:1"
@@ -185,6 +217,7 @@ allow = ["*"]
             allow_software = opts.allow_software,
             attestation = opts.attestation,
             reset_addr = reset_addr,
+            oneshot_addr = oneshot_addr,
             limits = opts.limits,
             metadata = metadata.url(),
             max_age = humantime::format_duration(opts.max_age),
@@ -194,7 +227,9 @@ allow = ["*"]
         let gateway_config_path = dir.path().join("gateway.toml");
         std::fs::write(&gateway_config_path, text)?;
         let cfg = GatewayConfig::load(&gateway_config_path)?;
-        let (gateway, endpoint, quic_addr, admin_addr, tasks) = launch(cfg, None).await?;
+        let shards = Arc::new(Shards::start(2).context("cannot start a shard thread")?);
+        let (gateway, endpoint, quic_addr, admin_addr, tasks) =
+            launch(cfg, None, shards.clone()).await?;
         Ok(Self {
             dir,
             gateway_config_path,
@@ -208,6 +243,7 @@ allow = ["*"]
             endpoint: Some(endpoint),
             tasks,
             echo_task,
+            shards,
         })
     }
 
@@ -262,7 +298,7 @@ allow = ["*"]
         // them a moment, as a restarting process would wait for its old port.
         let mut tries = 0;
         let (gateway, endpoint, quic_addr, admin_addr, tasks) = loop {
-            match launch(cfg.clone(), Some(self.quic_addr)).await {
+            match launch(cfg.clone(), Some(self.quic_addr), self.shards.clone()).await {
                 Ok(l) => break l,
                 Err(e) if tries < 100 => {
                     tries += 1;
@@ -333,7 +369,11 @@ type Launched = (
     Vec<tokio::task::JoinHandle<()>>,
 );
 
-async fn launch(cfg: GatewayConfig, quic: Option<SocketAddr>) -> anyhow::Result<Launched> {
+async fn launch(
+    cfg: GatewayConfig,
+    quic: Option<SocketAddr>,
+    shards: Arc<Shards>,
+) -> anyhow::Result<Launched> {
     let quic_bind = quic.unwrap_or(cfg.listen);
     let gateway = Gateway::new(cfg)?;
     let socket = std::net::UdpSocket::bind(quic_bind)
@@ -343,7 +383,7 @@ async fn launch(cfg: GatewayConfig, quic: Option<SocketAddr>) -> anyhow::Result<
     let admin = TcpListener::bind("127.0.0.1:0").await?;
     let admin_addr = admin.local_addr()?;
     let tasks = vec![
-        tokio::spawn(gateway.clone().serve_quic(endpoint.clone())),
+        tokio::spawn(gateway.clone().serve_quic_on(endpoint.clone(), shards)),
         tokio::spawn(gateway.clone().serve_admin(admin)),
     ];
     Ok((gateway, endpoint, quic_addr, admin_addr, tasks))

@@ -222,3 +222,80 @@ async fn h2_with_prior_knowledge_is_served_on_the_tunnel_stream() -> anyhow::Res
     agent.shutdown().await;
     Ok(())
 }
+
+/// Waits until the gateway has no data stream open (the last one's upstream connection is then
+/// back in the idle set).
+async fn streams_closed(lab: &Lab) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    for _ in 0..200 {
+        if lab.gateway.metrics().streams_open.load(Relaxed) == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    anyhow::bail!("streams still open after 2s")
+}
+
+#[tokio::test]
+async fn new_local_connections_reuse_one_upstream_connection() -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let api = agent.local_addr("api").expect("api listener");
+    let opened = || {
+        lab.gateway
+            .metrics()
+            .upstream_connections_total
+            .load(Relaxed)
+    };
+    for i in 0..5 {
+        let answer = get(api, &format!("/n/{i}"), &[]).await?;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        streams_closed(&lab).await?;
+    }
+    // Five streams one after another: one upstream connection, handed from each to the next.
+    assert_eq!(opened(), 1);
+    // Two at once (each answered after 200 ms) need two.
+    let (a, b) = tokio::join!(get(api, "/slow?ms=200", &[]), get(api, "/slow?ms=200", &[]));
+    assert_eq!((a?.status, b?.status), (200, 200));
+    assert_eq!(opened(), 2);
+    agent.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_upstream_that_drops_each_connection_still_answers_every_request() -> anyhow::Result<()>
+{
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (cfg, authn, _) = enrolled(&lab, ALICE, &["oneshot"]).await?;
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let addr = agent.local_addr("oneshot").expect("oneshot listener");
+    // New local connections, each after the upstream dropped the previous one's connection.
+    for _ in 0..3 {
+        let answer = get(addr, "/", &[]).await?;
+        assert_eq!((answer.status, &answer.body[..]), (200, &b"oneshot"[..]));
+        streams_closed(&lab).await?;
+    }
+    // Several requests on one keep-alive local connection: each goes out on a fresh upstream
+    // connection once the last one is gone.
+    let mut sender = touchgate_e2e::http1(addr).await?;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let resp = sender
+            .send_request(
+                hyper::Request::get("/")
+                    .header("host", "localhost")
+                    .body(http_body_util::Empty::<Bytes>::new())?,
+            )
+            .await?;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            &resp.into_body().collect().await?.to_bytes()[..],
+            b"oneshot"
+        );
+    }
+    assert!(lab.audit_events("upstream_error").is_empty());
+    agent.shutdown().await;
+    Ok(())
+}
