@@ -114,7 +114,7 @@ pub struct Proxy {
     audit: AuditLog,
     limits: LimitsConfig,
     assertions: std::sync::Mutex<std::collections::HashMap<(String, String), (HeaderValue, u64)>>,
-    idle: IdleConns,
+    idle: Arc<IdleConns>,
 }
 
 impl Proxy {
@@ -146,7 +146,7 @@ impl Proxy {
             audit,
             limits,
             assertions: Default::default(),
-            idle: IdleConns::default(),
+            idle: Arc::default(),
         })
     }
 
@@ -188,7 +188,7 @@ impl Proxy {
             }),
         ) = (own, &stream.upstream)
         {
-            proxy.idle.put(addr, conn);
+            proxy.idle.put_when_ready(addr, conn);
         }
     }
 
@@ -370,7 +370,7 @@ impl Proxy {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .filter(|c| !c.is_closed())
-            .or_else(|| self.idle.take(addr));
+            .or_else(|| self.take_idle(addr));
         let (mut conn, mut reused) = match kept {
             Some(c) => (c, true),
             None => (self.connect_http1(addr).await?, false),
@@ -406,27 +406,27 @@ impl Proxy {
         }
     }
 
-    /// A new HTTP/1 connection to a plain-HTTP upstream, driven by a task of its own.
+    /// An idle connection to `addr`, if there is one. Whenever this leaves none (or found
+    /// none), one more is opened in the background for the next stream, so that a new local
+    /// connection does not wait for an upstream connect behind one that just closed (the
+    /// closing stream gives its connection back a moment after the next one asks).
+    fn take_idle(&self, addr: &str) -> Option<Http1Sender> {
+        let (conn, refill) = self.idle.take(addr);
+        if refill {
+            let (idle, metrics, addr) = (self.idle.clone(), self.metrics.clone(), addr.to_owned());
+            tokio::spawn(async move {
+                match connect_http1(&addr, &metrics).await {
+                    Ok(c) => idle.put(&addr, c),
+                    Err(e) => tracing::debug!(error = %e, "no spare upstream connection"),
+                }
+                idle.refilled(&addr);
+            });
+        }
+        conn
+    }
+
     async fn connect_http1(&self, addr: &str) -> Result<Http1Sender, String> {
-        let tcp = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        .map_err(|_| format!("no connection to {addr} within 10s"))?
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        Metrics::inc(&self.metrics.upstream_connections_total);
-        Ok(sender)
+        connect_http1(addr, &self.metrics).await
     }
 
     /// Answers the caller with a short plain-text reason, and counts, logs and audits it.
@@ -537,12 +537,42 @@ fn plain(status: StatusCode, msg: &str) -> Response<ProxyBody> {
     r
 }
 
+/// A new HTTP/1 connection to a plain-HTTP upstream, driven by a task of its own.
+async fn connect_http1(addr: &str, metrics: &Metrics) -> Result<Http1Sender, String> {
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .map_err(|_| format!("no connection to {addr} within 10s"))?
+    .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Metrics::inc(&metrics.upstream_connections_total);
+    Ok(sender)
+}
+
 /// Idle HTTP/1 connections to plain-HTTP upstreams, for the next stream to the same upstream.
 /// Kept per thread as well as per upstream: a connection's task runs where it was made, and a
 /// stream on the same thread (shard) then uses it without crossing threads.
 #[derive(Default)]
 struct IdleConns {
-    conns: std::sync::Mutex<IdleMap>,
+    conns: std::sync::Mutex<Idle>,
+}
+
+#[derive(Default)]
+struct Idle {
+    conns: IdleMap,
+    /// Upstreams (and threads) with a spare connection being opened.
+    refilling: std::collections::HashSet<(String, std::thread::ThreadId)>,
 }
 
 /// Idle connections (newest last, with the time each became idle) by upstream and thread.
@@ -554,29 +584,57 @@ impl IdleConns {
     /// after a minute or more; one closed meanwhile is replaced on first use).
     const IDLE_FOR: Duration = Duration::from_secs(30);
     /// Idle connections kept per upstream and thread.
-    const MAX: usize = 256;
+    const MAX: usize = 64;
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, IdleMap> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn take(&self, addr: &str) -> Option<Http1Sender> {
-        let mut conns = self.lock();
-        let list = conns.get_mut(&(addr.to_owned(), std::thread::current().id()))?;
+    /// An idle connection, and whether a spare should be opened (none is left, and none is
+    /// being opened).
+    fn take(&self, addr: &str) -> (Option<Http1Sender>, bool) {
+        let key = (addr.to_owned(), std::thread::current().id());
+        let mut idle = self.lock();
+        let list = idle.conns.entry(key.clone()).or_default();
+        let mut found = None;
         while let Some((since, c)) = list.pop() {
             if since.elapsed() < Self::IDLE_FOR && !c.is_closed() {
-                return Some(c);
+                found = Some(c);
+                break;
             }
         }
-        None
+        let refill = list.is_empty() && idle.refilling.insert(key);
+        (found, refill)
+    }
+
+    /// A spare connection for `addr` is open (or failed).
+    fn refilled(&self, addr: &str) {
+        let key = (addr.to_owned(), std::thread::current().id());
+        self.lock().refilling.remove(&key);
+    }
+
+    /// Puts `conn` back once it can take a request: at once if its task has already seen the
+    /// end of its last response, else when it has (a stream that ended on an unfinished
+    /// response leaves a connection that closes instead).
+    fn put_when_ready(self: &Arc<Self>, addr: &str, mut conn: Http1Sender) {
+        if conn.is_ready() || conn.is_closed() {
+            return self.put(addr, conn);
+        }
+        let (idle, addr) = (self.clone(), addr.to_owned());
+        tokio::spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(5), conn.ready()).await {
+                idle.put(&addr, conn);
+            }
+        });
     }
 
     fn put(&self, addr: &str, conn: Http1Sender) {
-        if conn.is_closed() || !conn.is_ready() {
+        if conn.is_closed() {
             return;
         }
-        let mut conns = self.lock();
-        let list = conns
+        let mut idle = self.lock();
+        let list = idle
+            .conns
             .entry((addr.to_owned(), std::thread::current().id()))
             .or_default();
         list.retain(|(since, c)| since.elapsed() < Self::IDLE_FOR && !c.is_closed());

@@ -73,9 +73,13 @@ enum Cmd {
     },
     /// Sign-in assertions verified per second by the gateway's relying party (soft key).
     Verify {
-        /// Assertions to verify.
+        /// Assertions to verify, on one thread and again on all threads.
         #[arg(long, default_value_t = 2000)]
         count: usize,
+        /// Threads for the second run (default: one per core, as the gateway runs one shard per
+        /// core and sign-ins on different connections are verified on their own shards).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Gateway memory per open stream: opens `count` streams on one connection and reads the
     /// gateway's RSS before and after.
@@ -112,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
             duration,
         } => latency(&url, rate, conns, duration).await,
         Cmd::Connect { url, count } => connect(&url, count).await,
-        Cmd::Verify { count } => verify(count).await,
+        Cmd::Verify { count, threads } => verify(count, threads).await,
         Cmd::Streams {
             config,
             service,
@@ -308,7 +312,7 @@ async fn connect(url: &str, count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn verify(count: usize) -> anyhow::Result<()> {
+async fn verify(count: usize, threads: Option<usize>) -> anyhow::Result<()> {
     use touchgate_agent::authenticator::{
         Authenticator, Ceremony, client_data_json, soft::SoftKey,
     };
@@ -334,8 +338,11 @@ async fn verify(count: usize) -> anyhow::Result<()> {
     let enrolled = rp
         .finish_enrol(pending, serde_json::to_value(&reg)?, &binding)
         .map_err(|r| anyhow::anyhow!("{r}"))?;
-    let mut work = Vec::with_capacity(count);
-    for _ in 0..count {
+    let threads = threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let mut work = Vec::with_capacity(2 * count);
+    for _ in 0..2 * count {
         let (rcr, pending) = rp
             .begin_login("bench", std::slice::from_ref(&enrolled.key))
             .map_err(|r| anyhow::anyhow!("{r}"))?;
@@ -348,18 +355,42 @@ async fn verify(count: usize) -> anyhow::Result<()> {
         let cred = key.authenticate(&rcr.public_key, &cdj)?;
         work.push((pending, serde_json::to_value(&cred)?));
     }
-    let started = Instant::now();
-    let mut ok = 0;
-    for (pending, cred) in work {
-        if rp.finish_login(pending, cred, &binding).is_ok() {
-            ok += 1;
+    let run = |batch: Vec<_>| {
+        let mut ok = 0usize;
+        for (pending, cred) in batch {
+            if rp.finish_login(pending, cred, &binding).is_ok() {
+                ok += 1;
+            }
         }
+        ok
+    };
+    let parallel = work.split_off(count);
+    let started = Instant::now();
+    let ok = run(work);
+    let one = count as f64 / started.elapsed().as_secs_f64();
+    anyhow::ensure!(ok == count, "only {ok} of {count} verified on one thread");
+    let mut batches: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, item) in parallel.into_iter().enumerate() {
+        batches[i % threads].push(item);
     }
-    let secs = started.elapsed().as_secs_f64();
-    anyhow::ensure!(ok == count, "only {ok} of {count} verified");
+    let started = Instant::now();
+    let ok: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = batches.into_iter().map(|b| s.spawn(|| run(b))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    });
+    let all = count as f64 / started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        ok == count,
+        "only {ok} of {count} verified on {threads} threads"
+    );
     println!(
         "{}",
-        serde_json::json!({ "verifications_per_s": count as f64 / secs, "count": count })
+        serde_json::json!({
+            "verifications_per_s": all,
+            "threads": threads,
+            "per_thread_alone": one,
+            "count": count,
+        })
     );
     Ok(())
 }
