@@ -279,9 +279,13 @@ async fn up(
         })
     };
     let mut last_phase = std::mem::discriminant(&view.phase);
+    // One listener for the whole run: one made anew on each turn of the loop would miss a
+    // SIGTERM that arrives while a view is being printed (and then nothing would stop us).
+    let shutdown = touchgate_common::shutdown_signal();
+    tokio::pin!(shutdown);
     let code = loop {
         let shown = tokio::select! {
-            _ = touchgate_common::shutdown_signal() => break 0,
+            _ = &mut shutdown => break 0,
             shown = rx.recv() => shown,
         };
         match shown {

@@ -73,7 +73,7 @@ fn a_bad_config_is_explained() {
 async fn up_serves_the_services_and_status_tells_what_it_does() {
     use std::io::BufRead;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let lab = touchgate_testkit::lab::Lab::start(Default::default())
+    let mut lab = touchgate_testkit::lab::Lab::start(Default::default())
         .await
         .expect("lab");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -164,11 +164,27 @@ async fn up_serves_the_services_and_status_tells_what_it_does() {
         "{file}"
     );
 
-    Command::new("kill")
-        .args(["-TERM", &up.id().to_string()])
-        .status()
-        .expect("kill");
-    let code = up.wait().expect("wait");
+    // SIGTERM while the gateway has just gone away (the agent busy saying so) still stops it.
+    let pid = up.id().to_string();
+    let term = async {
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+    };
+    tokio::join!(lab.stop_gateway(), term);
+    let mut code = None;
+    for _ in 0..100 {
+        code = up.try_wait().expect("wait");
+        if code.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let Some(code) = code else {
+        let _ = up.kill();
+        panic!("`touchgate up` did not stop within 10 s of SIGTERM");
+    };
     let mut err = String::new();
     std::io::Read::read_to_string(&mut up.stderr.take().expect("stderr"), &mut err)
         .expect("stderr");
