@@ -12,7 +12,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header,
+    uri::PathAndQuery,
+};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::{
@@ -188,7 +191,7 @@ impl Proxy {
             }),
         ) = (own, &stream.upstream)
         {
-            proxy.idle.put_when_ready(addr, conn);
+            proxy.idle.put_when_ready(IdleConns::key(addr), conn);
         }
     }
 
@@ -204,9 +207,22 @@ impl Proxy {
             Ok(u) => u,
             Err(msg) => return plain(StatusCode::BAD_GATEWAY, msg),
         };
-        let uri = match upstream_uri(&upstream.base, &upstream.prefix, req.uri()) {
-            Ok(u) => u,
+        let path = match upstream_path(&upstream.prefix, req.uri()) {
+            Ok(p) => p,
             Err(msg) => return plain(StatusCode::BAD_GATEWAY, &msg),
+        };
+        // On a connection of the stream's own the request names only the path (origin form;
+        // `Host` is set below); the pooled client takes the whole URL.
+        let own = upstream
+            .plain
+            .as_deref()
+            .filter(|_| req.version() != http::Version::HTTP_2);
+        let uri = match own {
+            Some(_) => Uri::from(path),
+            None => match absolute(&upstream.base, path) {
+                Ok(u) => u,
+                Err(msg) => return plain(StatusCode::BAD_GATEWAY, &msg),
+            },
         };
         let audience = &ctx.audience;
         let bearer = match self.id_tokens.bearer(audience).await {
@@ -232,7 +248,6 @@ impl Proxy {
             }
         };
         let (mut parts, body) = req.into_parts();
-        let caller_http1 = parts.version != http::Version::HTTP_2;
         sanitise_request_headers(&mut parts.headers, upgrade);
         // The upstream request is framed by what hyper read, never by a header it did not use
         // (hyper drops Content-Length when Transfer-Encoding is present, and re-frames).
@@ -252,10 +267,8 @@ impl Proxy {
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
         let out = Request::from_parts(parts, body.boxed());
-        let sent = match &upstream.plain {
-            Some(addr) if out.version() != http::Version::HTTP_2 && caller_http1 => {
-                tokio::time::timeout(svc.timeout, self.send_own(ctx, addr, out)).await
-            }
+        let sent = match own {
+            Some(addr) => tokio::time::timeout(svc.timeout, self.send_own(ctx, addr, out)).await,
             _ => {
                 tokio::time::timeout(svc.timeout, async {
                     self.client.request(out).await.map_err(|e| {
@@ -316,13 +329,9 @@ impl Proxy {
     /// stream of the same user), else freshly signed.
     fn assertion(&self, ctx: &StreamContext) -> Result<HeaderValue, String> {
         let now = crate::store::now_secs();
-        let usable = |c: &Option<(HeaderValue, u64)>| {
-            c.as_ref()
-                .filter(|(_, exp)| *exp > now + 60)
-                .map(|(v, _)| v.clone())
-        };
+        let usable = |c: Option<&(HeaderValue, u64)>| c.filter(|(_, exp)| *exp > now + 60).cloned();
         let mut mine = ctx.assertion.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(v) = usable(&mine) {
+        if let Some((v, _)) = usable(mine.as_ref()) {
             return Ok(v);
         }
         let (user, service) = (ctx.user.as_str(), ctx.service.name.as_str());
@@ -331,9 +340,9 @@ impl Proxy {
             .assertions
             .lock()
             .ok()
-            .and_then(|cache| usable(&cache.get(&key).cloned()));
-        if let Some(v) = shared {
-            *mine = Some((v.clone(), now + 61));
+            .and_then(|cache| usable(cache.get(&key)));
+        if let Some((v, exp)) = shared {
+            *mine = Some((v.clone(), exp));
             return Ok(v);
         }
         let jwt = self
@@ -361,9 +370,6 @@ impl Proxy {
         addr: &str,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, String> {
-        // On its own connection a request names only the path (origin form); `Host` is set.
-        let pq = req.uri().path_and_query().cloned();
-        *req.uri_mut() = pq.map_or_else(|| Uri::from_static("/"), Uri::from);
         let kept = ctx
             .own
             .lock()
@@ -373,35 +379,30 @@ impl Proxy {
             .or_else(|| self.take_idle(addr));
         let (mut conn, mut reused) = match kept {
             Some(c) => (c, true),
-            None => (self.connect_http1(addr).await?, false),
+            None => (connect_http1(addr, &self.metrics).await?, false),
         };
         loop {
-            // Ready once the previous response on it has been read to the end.
-            let ready = conn.ready().await;
-            let outcome = match ready {
-                Ok(()) => conn.try_send_request(req).await,
-                Err(e) if reused => {
-                    tracing::debug!(error = %e, "kept upstream connection is gone; reconnecting");
-                    conn = self.connect_http1(addr).await?;
-                    reused = false;
-                    continue;
-                }
-                Err(e) => return Err(e.to_string()),
+            // Ready once the previous response on it has been read to the end; a failure
+            // hands back the request if it had not gone out.
+            let outcome = match conn.ready().await {
+                Ok(()) => conn
+                    .try_send_request(req)
+                    .await
+                    .map_err(|mut e| (e.take_message(), e.into_error())),
+                Err(e) => Err((Some(req), e)),
             };
             match outcome {
                 Ok(resp) => {
                     *ctx.own.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
                     return Ok(resp);
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => {
-                        tracing::debug!(error = %e.error(), "kept upstream connection closed; reconnecting");
-                        req = unsent;
-                        conn = self.connect_http1(addr).await?;
-                        reused = false;
-                    }
-                    _ => return Err(e.into_error().to_string()),
-                },
+                Err((Some(unsent), e)) if reused => {
+                    tracing::debug!(error = %e, "kept upstream connection closed; reconnecting");
+                    req = unsent;
+                    conn = connect_http1(addr, &self.metrics).await?;
+                    reused = false;
+                }
+                Err((_, e)) => return Err(e.to_string()),
             }
         }
     }
@@ -411,22 +412,19 @@ impl Proxy {
     /// connection does not wait for an upstream connect behind one that just closed (the
     /// closing stream gives its connection back a moment after the next one asks).
     fn take_idle(&self, addr: &str) -> Option<Http1Sender> {
-        let (conn, refill) = self.idle.take(addr);
+        let key = IdleConns::key(addr);
+        let (conn, refill) = self.idle.take(&key);
         if refill {
-            let (idle, metrics, addr) = (self.idle.clone(), self.metrics.clone(), addr.to_owned());
+            let (idle, metrics) = (self.idle.clone(), self.metrics.clone());
             tokio::spawn(async move {
-                match connect_http1(&addr, &metrics).await {
-                    Ok(c) => idle.put(&addr, c),
+                match connect_http1(&key.0, &metrics).await {
+                    Ok(c) => idle.put(key.clone(), c),
                     Err(e) => tracing::debug!(error = %e, "no spare upstream connection"),
                 }
-                idle.refilled(&addr);
+                idle.refilled(&key);
             });
         }
         conn
-    }
-
-    async fn connect_http1(&self, addr: &str) -> Result<Http1Sender, String> {
-        connect_http1(addr, &self.metrics).await
     }
 
     /// Answers the caller with a short plain-text reason, and counts, logs and audits it.
@@ -508,18 +506,29 @@ fn sanitise_request_headers(h: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Joins the upstream base URL (whose path without the trailing `/` is `prefix`) and the
-/// request's path and query; with no prefix the request's path is reused as it is.
-fn upstream_uri(base: &Uri, prefix: &str, req: &Uri) -> Result<Uri, String> {
-    let pq = match (prefix, req.path_and_query()) {
-        ("", Some(pq)) if pq.as_str().starts_with('/') => pq.clone(),
+/// The request's path and query under the upstream's base path `prefix` (without its trailing
+/// `/`); with no prefix the request's own is reused as it is.
+fn upstream_path(prefix: &str, req: &Uri) -> Result<PathAndQuery, String> {
+    match (prefix, req.path_and_query()) {
+        ("", Some(pq)) if pq.as_str().starts_with('/') => Ok(pq.clone()),
         (_, pq) => format!("{prefix}{}", pq.map_or("/", |p| p.as_str()))
             .parse()
-            .map_err(|e| format!("touchgate: bad request path: {e}"))?,
-    };
+            .map_err(|e| format!("touchgate: bad request path: {e}")),
+    }
+}
+
+/// The upstream base URL with `path` in place of its own.
+fn absolute(base: &Uri, path: PathAndQuery) -> Result<Uri, String> {
     let mut parts = base.clone().into_parts();
-    parts.path_and_query = Some(pq);
+    parts.path_and_query = Some(path);
     Uri::from_parts(parts).map_err(|e| format!("touchgate: cannot build upstream URL: {e}"))
+}
+
+/// Joins the upstream base URL (whose path without the trailing `/` is `prefix`) and the
+/// request's path and query.
+#[cfg(test)]
+fn upstream_uri(base: &Uri, prefix: &str, req: &Uri) -> Result<Uri, String> {
+    absolute(base, upstream_path(prefix, req)?)
 }
 
 /// A short plain-text answer from the gateway itself.
@@ -572,12 +581,14 @@ struct IdleConns {
 struct Idle {
     conns: IdleMap,
     /// Upstreams (and threads) with a spare connection being opened.
-    refilling: std::collections::HashSet<(String, std::thread::ThreadId)>,
+    refilling: std::collections::HashSet<IdleKey>,
 }
 
 /// Idle connections (newest last, with the time each became idle) by upstream and thread.
-type IdleMap =
-    std::collections::HashMap<(String, std::thread::ThreadId), Vec<(Instant, Http1Sender)>>;
+type IdleMap = std::collections::HashMap<IdleKey, Vec<(Instant, Http1Sender)>>;
+
+/// An upstream's `host:port` and the thread whose connections these are.
+type IdleKey = (String, std::thread::ThreadId);
 
 impl IdleConns {
     /// How long a connection may wait unused (upstreams close idle ones themselves, often
@@ -586,14 +597,20 @@ impl IdleConns {
     /// Idle connections kept per upstream and thread.
     const MAX: usize = 64;
 
+    /// The set for `addr` on this thread. Taken by the caller, so that work it hands to
+    /// another task (a spare, a connection not yet ready) lands in the same set even on a
+    /// runtime whose tasks move between threads.
+    fn key(addr: &str) -> IdleKey {
+        (addr.to_owned(), std::thread::current().id())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// An idle connection, and whether a spare should be opened (none is left, and none is
     /// being opened).
-    fn take(&self, addr: &str) -> (Option<Http1Sender>, bool) {
-        let key = (addr.to_owned(), std::thread::current().id());
+    fn take(&self, key: &IdleKey) -> (Option<Http1Sender>, bool) {
         let mut idle = self.lock();
         let list = idle.conns.entry(key.clone()).or_default();
         let mut found = None;
@@ -603,40 +620,36 @@ impl IdleConns {
                 break;
             }
         }
-        let refill = list.is_empty() && idle.refilling.insert(key);
+        let refill = list.is_empty() && idle.refilling.insert(key.clone());
         (found, refill)
     }
 
-    /// A spare connection for `addr` is open (or failed).
-    fn refilled(&self, addr: &str) {
-        let key = (addr.to_owned(), std::thread::current().id());
-        self.lock().refilling.remove(&key);
+    /// The spare connection for `key` is open (or failed).
+    fn refilled(&self, key: &IdleKey) {
+        self.lock().refilling.remove(key);
     }
 
     /// Puts `conn` back once it can take a request: at once if its task has already seen the
     /// end of its last response, else when it has (a stream that ended on an unfinished
     /// response leaves a connection that closes instead).
-    fn put_when_ready(self: &Arc<Self>, addr: &str, mut conn: Http1Sender) {
+    fn put_when_ready(self: &Arc<Self>, key: IdleKey, mut conn: Http1Sender) {
         if conn.is_ready() || conn.is_closed() {
-            return self.put(addr, conn);
+            return self.put(key, conn);
         }
-        let (idle, addr) = (self.clone(), addr.to_owned());
+        let idle = self.clone();
         tokio::spawn(async move {
             if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(5), conn.ready()).await {
-                idle.put(&addr, conn);
+                idle.put(key, conn);
             }
         });
     }
 
-    fn put(&self, addr: &str, conn: Http1Sender) {
+    fn put(&self, key: IdleKey, conn: Http1Sender) {
         if conn.is_closed() {
             return;
         }
         let mut idle = self.lock();
-        let list = idle
-            .conns
-            .entry((addr.to_owned(), std::thread::current().id()))
-            .or_default();
+        let list = idle.conns.entry(key).or_default();
         list.retain(|(since, c)| since.elapsed() < Self::IDLE_FOR && !c.is_closed());
         if list.len() < Self::MAX {
             list.push((Instant::now(), conn));
