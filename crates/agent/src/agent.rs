@@ -469,6 +469,7 @@ async fn handle_local(
                 Ok(Ok((mut send, recv))) => {
                     let open = StreamOpen {
                         service: service.to_owned(),
+                        local: None,
                     };
                     if write_frame(&mut send, &open).await.is_ok() {
                         pipe(tcp, send, recv, service).await;

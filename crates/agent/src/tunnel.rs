@@ -427,6 +427,7 @@ pub async fn open_stream(
         &mut send,
         &StreamOpen {
             service: service.to_owned(),
+            local: None,
         },
     )
     .await

@@ -182,6 +182,28 @@ pub enum ServiceKind {
 pub struct StreamOpen {
     /// The service this stream is for.
     pub service: String,
+    /// Who may use the agent's local port from a browser (HTTP services: `Host`, `Origin`,
+    /// `Sec-Fetch-Site`; TCP services: a first HTTP request head). Absent from older agents:
+    /// the gateway then applies the defaults with the port taken from `Host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalAccess>,
+}
+
+/// The agent's local port of a service and the browser access its user allowed on it. The
+/// gateway enforces it, because it is the end that parses HTTP; requests it refuses never
+/// reach the upstream and are audited.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LocalAccess {
+    /// The local TCP port the agent serves the service on.
+    pub port: u16,
+    /// Host names besides loopback ones (`127.0.0.1`, `[::1]`, `localhost`, `*.localhost`)
+    /// accepted in `Host` / `:authority`, with or without a port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_hosts: Vec<String>,
+    /// Origins besides the port's own (`http://127.0.0.1:PORT`, `http://localhost:PORT`)
+    /// allowed to call the service from a browser, e.g. `http://localhost:3000`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_origins: Vec<String>,
 }
 
 /// The gateway's answer to [`StreamOpen`].
@@ -242,6 +264,8 @@ pub enum RefusalCode {
     WrongSessionKey,
     /// An admin ended the user's sessions.
     SessionRevoked,
+    /// An admin disabled the user's account: no sign-in until an admin enables it again.
+    AccountDisabled,
     /// Too many attempts; wait and try again.
     RateLimited,
     /// A data stream was opened before a session was established.
@@ -290,6 +314,15 @@ mod tests {
         roundtrip(ServerMsg::Error(Refusal::new(RefusalCode::Forbidden, "no")));
         roundtrip(StreamOpen {
             service: "api".into(),
+            local: None,
+        });
+        roundtrip(StreamOpen {
+            service: "api".into(),
+            local: Some(LocalAccess {
+                port: 8081,
+                allowed_hosts: vec!["api.dev.test".into()],
+                allowed_origins: vec!["http://localhost:3000".into()],
+            }),
         });
         roundtrip(StreamReply::Refused(Refusal::new(
             RefusalCode::UnknownService,

@@ -116,7 +116,7 @@ proptest! {
 
     #[test]
     fn stream_frames_round_trip(service in name(), r in refusal(), accepted in any::<bool>()) {
-        roundtrip(&StreamOpen { service });
+        roundtrip(&StreamOpen { service, local: None });
         roundtrip(&if accepted { StreamReply::Accepted } else { StreamReply::Refused(r) });
     }
 
