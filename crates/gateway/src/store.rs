@@ -1,6 +1,10 @@
 //! Gateway state in SQLite: users, invites (hashed), credentials and their counters, signing keys.
+//!
+//! The database holds the token signing keys, so its file (and SQLite's `-wal`/`-shm` files) is
+//! kept at mode 0600 and a folder the store creates for it at 0700, whatever the umask.
 
 use std::{
+    collections::{HashMap, HashSet},
     path::Path,
     sync::Mutex,
     time::{SystemTime, UNIX_EPOCH},
@@ -18,6 +22,35 @@ pub enum StoreError {
     /// A stored value could not be decoded.
     #[error("corrupt stored value: {0}")]
     Corrupt(String),
+    /// The database file or its folder could not be created or given private permissions.
+    #[error("cannot prepare {path} with private permissions: {source}")]
+    Permissions {
+        /// The file or folder.
+        path: String,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// No user of this name (never invited).
+    #[error("no user {0} on this gateway")]
+    UnknownUser(String),
+    /// No credential of the user has an id starting with the given prefix.
+    #[error("no key of {user} has an id starting with {prefix:?}")]
+    UnknownKey {
+        /// The user.
+        user: String,
+        /// The prefix asked for.
+        prefix: String,
+    },
+    /// Several credentials of the user have ids starting with the given prefix.
+    #[error("{matches} keys of {user} have ids starting with {prefix:?}")]
+    AmbiguousKey {
+        /// The user.
+        user: String,
+        /// The prefix asked for.
+        prefix: String,
+        /// How many keys it matches.
+        matches: usize,
+    },
 }
 
 /// Why an invite cannot be used.
@@ -32,6 +65,9 @@ pub enum InviteProblem {
     /// Past its expiry.
     #[error("the invite code has expired")]
     Expired,
+    /// The user's account is disabled (`touchgate-gateway disable`).
+    #[error("the account is disabled on this gateway")]
+    UserDisabled,
 }
 
 /// A stored credential.
@@ -56,6 +92,69 @@ pub struct StoredSigningKey {
     pub pkcs8: Vec<u8>,
     /// Creation time, seconds since the epoch.
     pub created: u64,
+}
+
+/// One user as the admin commands list them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSummary {
+    /// The user name.
+    pub name: String,
+    /// Whether the account is disabled.
+    pub disabled: bool,
+    /// When the user was first invited, seconds since the epoch.
+    pub created: u64,
+    /// The last successful sign-in, seconds since the epoch.
+    pub last_sign_in: Option<u64>,
+    /// Enrolled credentials, oldest first.
+    pub credentials: Vec<CredentialSummary>,
+    /// Invites neither used nor expired, soonest expiry first.
+    pub open_invites: Vec<InviteSummary>,
+}
+
+/// One enrolled credential, without its key material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialSummary {
+    /// Base64url credential id.
+    pub cred_id: String,
+    /// AAGUID of the authenticator model.
+    pub aaguid: String,
+    /// When it was enrolled, seconds since the epoch.
+    pub enrolled_at: u64,
+    /// When it last signed in, seconds since the epoch.
+    pub last_used: Option<u64>,
+}
+
+/// An open invite (its code is never readable).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InviteSummary {
+    /// When it was made, seconds since the epoch.
+    pub created: u64,
+    /// When it expires, seconds since the epoch.
+    pub expires: u64,
+}
+
+/// What [`Store::remove_user`] deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemovedUser {
+    /// Credentials deleted.
+    pub credentials: usize,
+    /// Invites deleted (used, expired or open).
+    pub invites: usize,
+    /// The user's new revocation epoch.
+    pub epoch: u64,
+}
+
+/// What [`Store::remove_key`] deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemovedKey {
+    /// The whole credential id.
+    pub cred_id: String,
+    /// Its AAGUID.
+    pub aaguid: String,
+    /// Credentials the user has left.
+    pub keys_left: usize,
+    /// The user's new revocation epoch.
+    pub epoch: u64,
 }
 
 /// The SQLite store. Every call is a short transaction on a local file.
@@ -103,6 +202,19 @@ const MIGRATIONS: &[&str] = &[
 "#,
 ];
 
+/// Columns added after the versioned migrations, each added only where missing, so a database
+/// made by any earlier schema gains them. (`users.created`, `credentials.created` and
+/// `credentials.last_used` already exist from the first migration.)
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("users", "disabled", "INTEGER NOT NULL DEFAULT 0"),
+    ("users", "last_sign_in", "INTEGER"),
+];
+
+/// Owner read and write only: the database holds the token signing keys.
+const FILE_MODE: u32 = 0o600;
+/// Owner only, for a folder the store creates.
+const DIR_MODE: u32 = 0o700;
+
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {
     SystemTime::now()
@@ -118,12 +230,17 @@ pub fn hash_code(code: &str) -> String {
 
 impl Store {
     /// Opens (creating and migrating as needed) the database at `path`.
+    ///
+    /// A missing folder is created at mode 0700 and a missing file at 0600, whatever the umask;
+    /// an existing file (or `-wal`/`-shm` file) readable by others is tightened to 0600 with a
+    /// warning.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
         {
-            let _ = std::fs::create_dir_all(dir);
+            create_private_dirs(dir)?;
         }
+        create_private_file(path)?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -132,6 +249,13 @@ impl Store {
             conn: Mutex::new(conn),
         };
         store.migrate()?;
+        // SQLite gives its side files the database file's mode; these catch files left wider
+        // by an older version.
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.as_os_str().to_owned();
+            side.push(suffix);
+            tighten(Path::new(&side))?;
+        }
         Ok(store)
     }
 
@@ -149,6 +273,24 @@ impl Store {
             tx.pragma_update(None, "user_version", (i + 1) as i64)?;
             tx.commit()?;
         }
+        let tx = conn.transaction()?;
+        for (table, column, decl) in ADDED_COLUMNS {
+            let exists: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
+                params![table, column],
+                |r| r.get(0),
+            )?;
+            if !exists {
+                tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+            }
+        }
+        // The revocation poller reads the disabled users every second: a partial index keeps
+        // that to the few disabled rows however many users there are.
+        tx.execute_batch(
+            "CREATE INDEX IF NOT EXISTS users_disabled ON users(name) WHERE disabled <> 0;
+             CREATE INDEX IF NOT EXISTS invites_user ON invites(user);",
+        )?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -180,7 +322,8 @@ impl Store {
         Ok(())
     }
 
-    /// Checks an invite without using it up.
+    /// Checks an invite without using it up. A disabled user's invites are refused
+    /// ([`InviteProblem::UserDisabled`]).
     pub fn check_invite(
         &self,
         user: &str,
@@ -202,9 +345,18 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
+        let disabled: bool = conn
+            .query_row(
+                "SELECT disabled <> 0 FROM users WHERE name = ?1",
+                [user],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false);
         Ok(match row {
             None => Err(InviteProblem::Unknown),
             Some((u, _, _)) if u != user => Err(InviteProblem::Unknown),
+            Some(_) if disabled => Err(InviteProblem::UserDisabled),
             Some((_, _, Some(_))) => Err(InviteProblem::Used),
             Some((_, exp, None)) if (exp as u64) <= now_secs() => Err(InviteProblem::Expired),
             Some(_) => Ok(()),
@@ -212,7 +364,7 @@ impl Store {
     }
 
     /// Uses up the invite and stores the credential, in one transaction: either both happen or
-    /// neither does.
+    /// neither does. Refused for a disabled user, as [`Store::check_invite`] is.
     pub fn enrol(
         &self,
         code: &str,
@@ -285,6 +437,209 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Every user, by name: state, last sign-in, enrolled credentials and open invites. Users
+    /// who were only invited are listed, and so are removed users, who keep their row (see
+    /// [`Store::remove_user`]).
+    pub fn list_users(&self) -> Result<Vec<UserSummary>, StoreError> {
+        let mut conn = self.lock();
+        // One read transaction: a consistent picture while a gateway writes beside us.
+        let tx = conn.transaction()?;
+        let mut users: Vec<UserSummary> = {
+            let mut stmt = tx.prepare(
+                "SELECT name, disabled <> 0, created, last_sign_in FROM users ORDER BY name",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(UserSummary {
+                    name: r.get(0)?,
+                    disabled: r.get(1)?,
+                    created: r.get::<_, i64>(2)? as u64,
+                    last_sign_in: r.get::<_, Option<i64>>(3)?.map(|t| t as u64),
+                    credentials: Vec::new(),
+                    open_invites: Vec::new(),
+                })
+            })?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let index: HashMap<String, usize> = users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u.name.clone(), i))
+            .collect();
+        {
+            let mut stmt = tx.prepare(
+                "SELECT user, cred_id, aaguid, created, last_used FROM credentials \
+                 ORDER BY created, rowid",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let user: String = r.get(0)?;
+                if let Some(&i) = index.get(&user) {
+                    users[i].credentials.push(CredentialSummary {
+                        cred_id: r.get(1)?,
+                        aaguid: r.get(2)?,
+                        enrolled_at: r.get::<_, i64>(3)? as u64,
+                        last_used: r.get::<_, Option<i64>>(4)?.map(|t| t as u64),
+                    });
+                }
+            }
+        }
+        {
+            let mut stmt = tx.prepare(
+                "SELECT user, created, expires FROM invites WHERE used IS NULL AND expires > ?1 \
+                 ORDER BY expires",
+            )?;
+            let mut rows = stmt.query([now_secs() as i64])?;
+            while let Some(r) = rows.next()? {
+                let user: String = r.get(0)?;
+                if let Some(&i) = index.get(&user) {
+                    users[i].open_invites.push(InviteSummary {
+                        created: r.get::<_, i64>(1)? as u64,
+                        expires: r.get::<_, i64>(2)? as u64,
+                    });
+                }
+            }
+        }
+        Ok(users)
+    }
+
+    /// Disables or enables `user`. Disabling also bumps the user's revocation epoch, as
+    /// [`Store::revoke_user`] does, so running gateways end every session of the user within
+    /// their revocation poll; while disabled, the user's invites are refused. Enabling leaves the
+    /// epoch alone: sessions ended by disabling stay ended.
+    pub fn set_disabled(&self, user: &str, disabled: bool) -> Result<(), StoreError> {
+        let sql = if disabled {
+            "UPDATE users SET disabled = 1, epoch = epoch + 1 WHERE name = ?1"
+        } else {
+            "UPDATE users SET disabled = 0 WHERE name = ?1"
+        };
+        if self.lock().execute(sql, [user])? == 0 {
+            return Err(StoreError::UnknownUser(user.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The names of every disabled user. Cheap enough to call every second (a partial index
+    /// holds only the disabled rows).
+    pub fn disabled_users(&self) -> Result<HashSet<String>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached("SELECT name FROM users WHERE disabled <> 0")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Whether `user` is disabled; `false` for a name the gateway does not know (callers on the
+    /// sign-in path must not tell unknown users apart).
+    pub fn is_disabled(&self, user: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT disabled <> 0 FROM users WHERE name = ?1",
+                [user],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false))
+    }
+
+    /// Removes `user`'s credentials and invites (used or not) and bumps their revocation epoch,
+    /// in one transaction: their sessions end and they must enrol again with a new invite. The
+    /// user row stays, with its epoch, so a session token issued before can never become valid
+    /// again (a fresh row would start again at epoch 0); a disabled user stays disabled.
+    pub fn remove_user(&self, user: &str) -> Result<RemovedUser, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let epoch = bump_epoch(&tx, user)?;
+        let credentials = tx.execute("DELETE FROM credentials WHERE user = ?1", [user])?;
+        let invites = tx.execute("DELETE FROM invites WHERE user = ?1", [user])?;
+        tx.commit()?;
+        Ok(RemovedUser {
+            credentials,
+            invites,
+            epoch,
+        })
+    }
+
+    /// Removes the one credential of `user` whose id starts with `prefix` (a whole id always
+    /// names its own credential) and bumps the user's revocation epoch, so sessions signed in
+    /// with any key end. No match, or an empty prefix, is [`StoreError::UnknownKey`]; several
+    /// matches are [`StoreError::AmbiguousKey`].
+    pub fn remove_key(&self, user: &str, prefix: &str) -> Result<RemovedKey, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let epoch = bump_epoch(&tx, user)?;
+        let unknown = || StoreError::UnknownKey {
+            user: user.to_owned(),
+            prefix: prefix.to_owned(),
+        };
+        if prefix.is_empty() {
+            return Err(unknown());
+        }
+        // substr, not LIKE: `_` is both a LIKE wildcard and a base64url letter.
+        let candidates: Vec<(String, String)> = {
+            let mut stmt = tx.prepare(
+                "SELECT cred_id, aaguid FROM credentials \
+                 WHERE user = ?1 AND substr(cred_id, 1, length(?2)) = ?2",
+            )?;
+            let rows = stmt.query_map(params![user, prefix], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let (cred_id, aaguid) = match candidates.iter().find(|(id, _)| id == prefix) {
+            Some(exact) => exact.clone(),
+            None => match candidates.as_slice() {
+                [] => return Err(unknown()),
+                [one] => one.clone(),
+                many => {
+                    return Err(StoreError::AmbiguousKey {
+                        user: user.to_owned(),
+                        prefix: prefix.to_owned(),
+                        matches: many.len(),
+                    });
+                }
+            },
+        };
+        tx.execute("DELETE FROM credentials WHERE cred_id = ?1", [&cred_id])?;
+        let keys_left: i64 = tx.query_row(
+            "SELECT count(*) FROM credentials WHERE user = ?1",
+            [user],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        Ok(RemovedKey {
+            cred_id,
+            aaguid,
+            keys_left: keys_left as usize,
+            epoch,
+        })
+    }
+
+    /// Records a successful sign-in of `user` with the credential `cred_id` (base64url, as
+    /// stored) at `at` (seconds since the epoch): the user's last sign-in and the credential's
+    /// last use. Nothing is written when either is unknown ([`StoreError::UnknownUser`],
+    /// [`StoreError::UnknownKey`]), e.g. removed by an admin meanwhile.
+    pub fn record_sign_in(&self, user: &str, cred_id: &str, at: u64) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        if tx.execute(
+            "UPDATE users SET last_sign_in = ?2 WHERE name = ?1",
+            params![user, at as i64],
+        )? == 0
+        {
+            return Err(StoreError::UnknownUser(user.to_owned()));
+        }
+        if tx.execute(
+            "UPDATE credentials SET last_used = ?3 WHERE user = ?1 AND cred_id = ?2",
+            params![user, cred_id, at as i64],
+        )? == 0
+        {
+            return Err(StoreError::UnknownKey {
+                user: user.to_owned(),
+                prefix: cred_id.to_owned(),
+            });
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// The secret called `name`, made with `make` and stored the first time it is asked for.
     pub fn secret(
         &self,
@@ -331,6 +686,110 @@ impl Store {
         )?;
         Ok(())
     }
+}
+
+/// Bumps `user`'s revocation epoch inside `tx` and returns the new one.
+fn bump_epoch(tx: &Connection, user: &str) -> Result<u64, StoreError> {
+    tx.query_row(
+        "UPDATE users SET epoch = epoch + 1 WHERE name = ?1 RETURNING epoch",
+        [user],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()?
+    .map(|e| e as u64)
+    .ok_or_else(|| StoreError::UnknownUser(user.to_owned()))
+}
+
+fn permissions_error(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Permissions {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Creates the missing folders of `dir` at [`DIR_MODE`]; folders that exist are left alone.
+#[cfg(unix)]
+fn create_private_dirs(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
+    for d in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(DIR_MODE).create(d) {
+            Ok(()) => {}
+            // Made by another process meanwhile: theirs to set.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(permissions_error(d, e)),
+        }
+        // The umask can only have removed bits, but set the mode exactly all the same.
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(DIR_MODE))
+            .map_err(|e| permissions_error(d, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn create_private_dirs(dir: &Path) -> Result<(), StoreError> {
+    std::fs::create_dir_all(dir).map_err(|e| permissions_error(dir, e))
+}
+
+/// Creates the database file at [`FILE_MODE`] before SQLite opens it (SQLite would create it
+/// 0644 less the umask), or tightens an existing one.
+#[cfg(unix)]
+fn create_private_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
+    {
+        Ok(_) => std::fs::set_permissions(path, std::fs::Permissions::from_mode(FILE_MODE))
+            .map_err(|e| permissions_error(path, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => tighten(path),
+        Err(e) => Err(permissions_error(path, e)),
+    }
+}
+
+#[cfg(not(unix))]
+fn create_private_file(_path: &Path) -> Result<(), StoreError> {
+    Ok(())
+}
+
+/// Takes group and other permissions off an existing file, with a warning; a missing file is
+/// fine. Failing to change them (a file of another owner) is only warned about.
+#[cfg(unix)]
+fn tighten(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match std::fs::metadata(path) {
+        Ok(m) => m.permissions().mode() & 0o777,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(permissions_error(path, e)),
+    };
+    if mode & !FILE_MODE == 0 {
+        return Ok(());
+    }
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(FILE_MODE)) {
+        Ok(()) => tracing::warn!(
+            path = %path.display(),
+            was = format_args!("{mode:o}"),
+            "the database holds signing keys but was readable by others; its mode is now 600"
+        ),
+        Err(e) => tracing::warn!(
+            path = %path.display(),
+            mode = format_args!("{mode:o}"),
+            error = %e,
+            "the database holds signing keys but is readable by others, and its mode cannot be \
+             changed: run chmod 600 on it as its owner"
+        ),
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn tighten(_path: &Path) -> Result<(), StoreError> {
+    Ok(())
 }
 
 #[cfg(test)]
@@ -416,5 +875,275 @@ mod tests {
         let s = Store::open(&path).expect("reopen");
         assert_eq!(s.ensure_user("carol").expect("user"), id);
         assert_eq!(s.credentials("carol").expect("creds").len(), 1);
+    }
+
+    /// A user with an invite, enrolled with the given credential ids.
+    fn enrolled(s: &Store, user: &str, cred_ids: &[&str]) {
+        s.ensure_user(user).expect("user");
+        for (n, id) in cred_ids.iter().enumerate() {
+            let code = format!("{user}-{n}");
+            s.add_invite(user, &code, now_secs() + 60).expect("invite");
+            let c = StoredCredential {
+                cred_id: (*id).to_owned(),
+                ..cred(user)
+            };
+            s.enrol(&code, &c).expect("db").expect("enrolled");
+        }
+    }
+
+    #[test]
+    fn list_users_shows_keys_invites_and_invited_only_users() {
+        let (_dir, s) = store();
+        enrolled(&s, "alice", &["AAAA1111", "BBBB2222"]);
+        s.record_sign_in("alice", "BBBB2222", 1_700_000_000)
+            .expect("record");
+        s.ensure_user("bob").expect("user");
+        s.add_invite("bob", "open", now_secs() + 600)
+            .expect("invite");
+        s.add_invite("bob", "stale", now_secs() - 1)
+            .expect("invite");
+
+        let users = s.list_users().expect("list");
+
+        assert_eq!(
+            users.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(),
+            ["alice", "bob"]
+        );
+        let alice = &users[0];
+        assert!(!alice.disabled);
+        assert_eq!(alice.last_sign_in, Some(1_700_000_000));
+        assert_eq!(alice.credentials.len(), 2);
+        assert_eq!(alice.credentials[0].cred_id, "AAAA1111");
+        assert_eq!(alice.credentials[0].last_used, None);
+        assert_eq!(alice.credentials[1].last_used, Some(1_700_000_000));
+        assert!(alice.credentials[0].enrolled_at >= now_secs() - 5);
+        assert!(alice.open_invites.is_empty(), "used invites are not open");
+        let bob = &users[1];
+        assert_eq!(bob.last_sign_in, None);
+        assert!(bob.credentials.is_empty());
+        assert_eq!(bob.open_invites.len(), 1, "the expired invite is not open");
+    }
+
+    #[test]
+    fn disabling_bumps_the_epoch_and_refuses_invites_until_enabled() {
+        let (_dir, s) = store();
+        s.ensure_user("alice").expect("user");
+        s.ensure_user("bob").expect("user");
+        s.add_invite("alice", "code", now_secs() + 60)
+            .expect("invite");
+
+        s.set_disabled("alice", true).expect("disable");
+
+        assert_eq!(s.epochs().expect("epochs")["alice"], 1);
+        assert!(s.is_disabled("alice").expect("db"));
+        assert!(!s.is_disabled("bob").expect("db"));
+        assert!(!s.is_disabled("nobody").expect("db"));
+        assert_eq!(
+            s.disabled_users().expect("db"),
+            HashSet::from(["alice".to_owned()])
+        );
+        assert_eq!(
+            s.check_invite("alice", "code").expect("db"),
+            Err(InviteProblem::UserDisabled)
+        );
+        assert_eq!(
+            s.enrol("code", &cred("alice")).expect("db"),
+            Err(InviteProblem::UserDisabled)
+        );
+        assert!(s.credentials("alice").expect("creds").is_empty());
+
+        s.set_disabled("alice", false).expect("enable");
+
+        assert_eq!(
+            s.epochs().expect("epochs")["alice"],
+            1,
+            "old sessions stay ended"
+        );
+        assert!(s.disabled_users().expect("db").is_empty());
+        assert_eq!(s.enrol("code", &cred("alice")).expect("db"), Ok(()));
+    }
+
+    #[test]
+    fn unknown_users_are_a_typed_error() {
+        let (_dir, s) = store();
+        for r in [
+            s.set_disabled("nobody", true),
+            s.set_disabled("nobody", false),
+            s.remove_user("nobody").map(drop),
+            s.remove_key("nobody", "AAAA").map(drop),
+            s.record_sign_in("nobody", "AAAA", 1),
+        ] {
+            assert!(
+                matches!(r, Err(StoreError::UnknownUser(ref u)) if u == "nobody"),
+                "{r:?}"
+            );
+        }
+        assert!(s.epochs().expect("epochs").is_empty(), "no row was made");
+    }
+
+    #[test]
+    fn removing_a_user_deletes_keys_and_invites_but_keeps_the_epoch_rising() {
+        let (_dir, s) = store();
+        enrolled(&s, "alice", &["AAAA1111"]);
+        s.add_invite("alice", "spare", now_secs() + 60)
+            .expect("invite");
+        s.revoke_user("alice").expect("revoke");
+
+        let removed = s.remove_user("alice").expect("remove");
+
+        assert_eq!(
+            removed,
+            RemovedUser {
+                credentials: 1,
+                invites: 2,
+                epoch: 2
+            }
+        );
+        assert!(s.credentials("alice").expect("creds").is_empty());
+        assert_eq!(
+            s.check_invite("alice", "spare").expect("db"),
+            Err(InviteProblem::Unknown)
+        );
+        // Invited again, the user keeps an epoch above every token issued before removal.
+        s.ensure_user("alice").expect("user");
+        assert_eq!(s.epochs().expect("epochs")["alice"], 2);
+    }
+
+    #[test]
+    fn a_key_is_removed_by_a_unique_prefix_of_its_id() {
+        let (_dir, s) = store();
+        enrolled(&s, "alice", &["ab_1xyz", "ab_2xyz", "abc"]);
+        enrolled(&s, "bob", &["ab_9bob"]);
+
+        let ambiguous = s.remove_key("alice", "ab_").expect_err("two match");
+        assert!(
+            matches!(ambiguous, StoreError::AmbiguousKey { matches: 2, .. }),
+            "{ambiguous:?}"
+        );
+        // `_` is matched literally, not as a LIKE wildcard.
+        let none = s.remove_key("alice", "a_").expect_err("none match");
+        assert!(matches!(none, StoreError::UnknownKey { .. }), "{none:?}");
+        let empty = s.remove_key("alice", "").expect_err("empty prefix");
+        assert!(matches!(empty, StoreError::UnknownKey { .. }), "{empty:?}");
+        assert!(matches!(
+            s.remove_key("alice", "ab_9"),
+            Err(StoreError::UnknownKey { .. })
+        ));
+        assert_eq!(
+            s.epochs().expect("epochs")["alice"],
+            0,
+            "refusals change nothing"
+        );
+
+        let removed = s.remove_key("alice", "ab_2").expect("remove");
+
+        assert_eq!(removed.cred_id, "ab_2xyz");
+        assert_eq!(removed.keys_left, 2);
+        assert_eq!(removed.epoch, 1);
+        // A whole id names its own key even when it prefixes another's.
+        assert_eq!(s.remove_key("alice", "abc").expect("remove").cred_id, "abc");
+        let left: Vec<_> = s
+            .credentials("alice")
+            .expect("creds")
+            .into_iter()
+            .map(|c| c.cred_id)
+            .collect();
+        assert_eq!(left, ["ab_1xyz"]);
+        assert_eq!(s.credentials("bob").expect("creds").len(), 1);
+    }
+
+    #[test]
+    fn recording_a_sign_in_of_an_unknown_key_writes_nothing() {
+        let (_dir, s) = store();
+        enrolled(&s, "alice", &["AAAA1111"]);
+
+        let r = s.record_sign_in("alice", "gone", 42);
+
+        assert!(matches!(r, Err(StoreError::UnknownKey { .. })), "{r:?}");
+        assert_eq!(s.list_users().expect("list")[0].last_sign_in, None);
+    }
+
+    #[test]
+    fn a_database_of_the_previous_schema_gains_the_new_columns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("old.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            for sql in MIGRATIONS {
+                conn.execute_batch(sql).expect("old schema");
+            }
+            conn.pragma_update(None, "user_version", MIGRATIONS.len() as i64)
+                .expect("version");
+            conn.execute(
+                "INSERT INTO users (name, uuid, created, epoch) VALUES ('old', ?1, 5, 3)",
+                [uuid::Uuid::new_v4().to_string()],
+            )
+            .expect("user");
+        }
+
+        let s = Store::open(&path).expect("migrate");
+
+        let users = s.list_users().expect("list");
+        assert_eq!(users.len(), 1);
+        assert_eq!((users[0].disabled, users[0].last_sign_in), (false, None));
+        s.set_disabled("old", true).expect("disable");
+        assert_eq!(s.epochs().expect("epochs")["old"], 4);
+        drop(s);
+        // Opening again finds the columns in place.
+        let s = Store::open(&path).expect("reopen");
+        assert!(s.is_disabled("old").expect("db"));
+    }
+
+    #[cfg(unix)]
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_database_and_its_folders_are_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state/nested/gw.db");
+
+        let s = Store::open(&path).expect("open");
+        s.ensure_user("alice").expect("write");
+
+        assert_eq!(mode(&dir.path().join("state")), 0o700);
+        assert_eq!(mode(&dir.path().join("state/nested")), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        for side in ["gw.db-wal", "gw.db-shm"] {
+            let p = dir.path().join("state/nested").join(side);
+            assert!(p.exists(), "{side} is made in WAL mode");
+            assert_eq!(mode(&p), 0o600, "{side}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_existing_database_readable_by_others_is_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let folder = dir.path().join("shared");
+        std::fs::create_dir(&folder).expect("folder");
+        std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let path = folder.join("gw.db");
+        drop(Store::open(&path).expect("create"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let wal = folder.join("gw.db-wal");
+        std::fs::write(&wal, b"").expect("wal");
+        std::fs::set_permissions(&wal, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+
+        let s = Store::open(&path).expect("reopen");
+
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&wal), 0o600);
+        // The folder existed already: it is the admin's, and left alone.
+        assert_eq!(mode(&folder), 0o755);
+        s.ensure_user("alice").expect("still usable");
     }
 }
