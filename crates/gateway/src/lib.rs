@@ -20,6 +20,7 @@ pub mod shards;
 pub mod store;
 pub mod tls;
 pub mod tokens;
+pub mod users;
 
 use std::sync::Arc;
 

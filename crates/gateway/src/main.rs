@@ -1,4 +1,5 @@
-//! `touchgate-gateway`: run the gateway, create invites, make development certificates.
+//! `touchgate-gateway`: run the gateway; manage users (invite, list, revoke, disable, enable,
+//! remove) beside a serving gateway on the same database; make development certificates.
 
 /// mimalloc: the proxy allocates and frees many small buffers per request; glibc malloc took
 /// ~10% of the gateway's CPU under 64-connection load. (Not in the agent: it raised the agent's
@@ -10,7 +11,12 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use touchgate_gateway::{Gateway, GatewayConfig, audit::AuditLog, store::Store, tls};
+use touchgate_gateway::{
+    Gateway, GatewayConfig,
+    audit::{AuditEvent, AuditLog},
+    store::{Store, StoreError},
+    tls, users,
+};
 
 /// The identity-aware gateway in front of Cloud Run.
 #[derive(Parser)]
@@ -61,6 +67,52 @@ enum Cmd {
     Revoke {
         /// The user.
         user: String,
+        /// The gateway config file.
+        #[arg(long, env = "TOUCHGATE_GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// List every user: state, enrolled keys, last sign-in, open invites.
+    Users {
+        /// The gateway config file.
+        #[arg(long, env = "TOUCHGATE_GATEWAY_CONFIG")]
+        config: PathBuf,
+        /// Print JSON (whole credential ids; times in seconds since the epoch) instead of a table.
+        #[arg(long, env = "TOUCHGATE_GATEWAY_USERS_JSON")]
+        json: bool,
+    },
+    /// Disable USER: end their sessions within seconds and refuse their sign-in, resume and
+    /// invites until `enable USER`.
+    Disable {
+        /// The user.
+        user: String,
+        /// The gateway config file.
+        #[arg(long, env = "TOUCHGATE_GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Enable a disabled USER: their enrolled keys sign in again.
+    Enable {
+        /// The user.
+        user: String,
+        /// The gateway config file.
+        #[arg(long, env = "TOUCHGATE_GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Remove USER's keys and invites and end their sessions; to come back they enrol again with
+    /// a new invite.
+    Remove {
+        /// The user.
+        user: String,
+        /// The gateway config file.
+        #[arg(long, env = "TOUCHGATE_GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Remove one key of USER (a lost key), named by the start of its credential id as `users`
+    /// shows it; ends the user's sessions.
+    RemoveKey {
+        /// The user.
+        user: String,
+        /// The start of the key's credential id (the KEY column of `users`).
+        credential_prefix: String,
         /// The gateway config file.
         #[arg(long, env = "TOUCHGATE_GATEWAY_CONFIG")]
         config: PathBuf,
@@ -169,11 +221,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             serve(cfg).await
         }
         Cmd::Invite { user, config, ttl } => {
-            let cfg = GatewayConfig::load(&config)?;
-            let store = Store::open(&cfg.database)
-                .with_context(|| format!("cannot open the database {}", cfg.database.display()))?;
-            let audit =
-                AuditLog::open(cfg.audit_log.as_deref()).context("cannot open the audit log")?;
+            let (cfg, store) = open_store(&config)?;
+            if store.is_disabled(&user).context("cannot read the user")? {
+                anyhow::bail!(
+                    "{user} is disabled on this gateway: run `touchgate-gateway enable {user}` first"
+                );
+            }
+            let audit = open_audit(&cfg)?;
             let ttl = ttl.unwrap_or(cfg.invite.ttl);
             let code = touchgate_gateway::create_invite(&store, &audit, &user, ttl)
                 .context("cannot store the invite")?;
@@ -185,25 +239,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Revoke { user, config } => {
-            let cfg = GatewayConfig::load(&config)?;
-            let store = Store::open(&cfg.database)
-                .with_context(|| format!("cannot open the database {}", cfg.database.display()))?;
-            let audit =
-                AuditLog::open(cfg.audit_log.as_deref()).context("cannot open the audit log")?;
+            let (cfg, store) = open_store(&config)?;
+            let audit = open_audit(&cfg)?;
             match store
                 .revoke_user(&user)
                 .context("cannot store the revocation")?
             {
                 Some(epoch) => {
-                    audit.record(touchgate_gateway::audit::AuditEvent {
+                    audit.record(AuditEvent {
                         event: "user_revoked",
                         user: Some(user.clone()),
                         reason: Some(format!("revocation epoch {epoch}")),
                         ..Default::default()
                     });
                     println!(
-                        "revoked every session of {user}: running gateways on this database close them within {}s",
-                        touchgate_gateway::server::REVOCATION_POLL.as_secs()
+                        "revoked every session of {user}: running gateways on this database close them within {}",
+                        poll()
                     );
                     Ok(())
                 }
@@ -211,6 +262,133 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     anyhow::bail!("no user {user:?} on this gateway (see the invites you made)")
                 }
             }
+        }
+        Cmd::Users { config, json } => {
+            let (cfg, store) = open_store(&config)?;
+            let list = store.list_users().context("cannot read the users")?;
+            let models = users::ModelNames::from_config(&cfg.attestation);
+            if json {
+                let text = serde_json::to_string_pretty(&users::views(&list, &models))
+                    .context("cannot write JSON")?;
+                println!("{text}");
+            } else {
+                print!("{}", users::table(&list, &models));
+            }
+            Ok(())
+        }
+        Cmd::Disable { user, config } => {
+            let (cfg, store) = open_store(&config)?;
+            store
+                .set_disabled(&user, true)
+                .map_err(|e| user_error(e, "cannot store the change"))?;
+            open_audit(&cfg)?.record(AuditEvent {
+                event: "user_disabled",
+                user: Some(user.clone()),
+                ..Default::default()
+            });
+            println!(
+                "disabled {user}: running gateways on this database end their sessions within {}; \
+                 sign-in, resume and invites are refused until `touchgate-gateway enable {user}`",
+                poll()
+            );
+            Ok(())
+        }
+        Cmd::Enable { user, config } => {
+            let (cfg, store) = open_store(&config)?;
+            let was_disabled = store.is_disabled(&user).context("cannot read the user")?;
+            store
+                .set_disabled(&user, false)
+                .map_err(|e| user_error(e, "cannot store the change"))?;
+            open_audit(&cfg)?.record(AuditEvent {
+                event: "user_enabled",
+                user: Some(user.clone()),
+                ..Default::default()
+            });
+            let keys = store
+                .credentials(&user)
+                .context("cannot read the user's keys")?
+                .len();
+            let how = if keys == 0 {
+                format!(
+                    "they have no key: make an invite (`touchgate-gateway invite {user}`) to enrol one"
+                )
+            } else {
+                "they can sign in again with their enrolled keys".to_owned()
+            };
+            if was_disabled {
+                println!("enabled {user}: {how}");
+            } else {
+                println!("{user} was not disabled: {how}");
+            }
+            Ok(())
+        }
+        Cmd::Remove { user, config } => {
+            let (cfg, store) = open_store(&config)?;
+            let removed = store
+                .remove_user(&user)
+                .map_err(|e| user_error(e, "cannot remove the user"))?;
+            let what = format!(
+                "{} and {}",
+                plural(removed.credentials, "key"),
+                plural(removed.invites, "invite")
+            );
+            open_audit(&cfg)?.record(AuditEvent {
+                event: "user_removed",
+                user: Some(user.clone()),
+                reason: Some(format!(
+                    "deleted {what}; revocation epoch {}",
+                    removed.epoch
+                )),
+                ..Default::default()
+            });
+            println!(
+                "removed {user}: deleted {what}; running gateways on this database end their \
+                 sessions within {}. To let them back in, make an invite \
+                 (`touchgate-gateway invite {user}`): they must enrol again",
+                poll()
+            );
+            Ok(())
+        }
+        Cmd::RemoveKey {
+            user,
+            credential_prefix,
+            config,
+        } => {
+            let (cfg, store) = open_store(&config)?;
+            let removed = store
+                .remove_key(&user, &credential_prefix)
+                .map_err(|e| user_error(e, "cannot remove the key"))?;
+            let model = users::ModelNames::from_config(&cfg.attestation)
+                .name(&removed.aaguid)
+                .map(|m| format!("{m}, "))
+                .unwrap_or_default();
+            open_audit(&cfg)?.record(AuditEvent {
+                event: "key_removed",
+                user: Some(user.clone()),
+                reason: Some(format!(
+                    "credential {}, AAGUID {}; {} left; revocation epoch {}",
+                    removed.cred_id,
+                    removed.aaguid,
+                    plural(removed.keys_left, "key"),
+                    removed.epoch
+                )),
+                ..Default::default()
+            });
+            let left = if removed.keys_left == 0 {
+                format!(
+                    "they have no key left: make an invite (`touchgate-gateway invite {user}`) to enrol a new one"
+                )
+            } else {
+                format!("{} left to sign in with", plural(removed.keys_left, "key"))
+            };
+            println!(
+                "removed key {} of {user} ({model}AAGUID {}); running gateways on this database \
+                 end their sessions within {}; {left}",
+                removed.cred_id,
+                removed.aaguid,
+                poll()
+            );
+            Ok(())
         }
         Cmd::GenCert { name, out } => {
             let cert = tls::generate_dev_cert(&name)?;
@@ -225,6 +403,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Loads the config and opens its database, for the admin commands.
+fn open_store(config: &std::path::Path) -> anyhow::Result<(GatewayConfig, Store)> {
+    let cfg = GatewayConfig::load(config)?;
+    let store = Store::open(&cfg.database)
+        .with_context(|| format!("cannot open the database {}", cfg.database.display()))?;
+    Ok((cfg, store))
+}
+
+fn open_audit(cfg: &GatewayConfig) -> anyhow::Result<AuditLog> {
+    AuditLog::open(cfg.audit_log.as_deref()).context("cannot open the audit log")
+}
+
+/// A store error of a user command, worded for the admin: an unknown user or key says where to
+/// look; anything else keeps its cause under `doing`.
+fn user_error(e: StoreError, doing: &'static str) -> anyhow::Error {
+    match e {
+        StoreError::UnknownUser(_) | StoreError::UnknownKey { .. } => {
+            anyhow::anyhow!("{e}: see `touchgate-gateway users`")
+        }
+        StoreError::AmbiguousKey { .. } => anyhow::anyhow!(
+            "{e}: give more of the id (`touchgate-gateway users --json` shows whole ids)"
+        ),
+        other => anyhow::Error::new(other).context(doing),
+    }
+}
+
+/// How soon running gateways act on a change, e.g. "1s".
+fn poll() -> humantime::FormattedDuration {
+    humantime::format_duration(touchgate_gateway::server::REVOCATION_POLL)
+}
+
+fn plural(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
 async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {

@@ -197,3 +197,385 @@ fn check_prints_every_problem_at_once() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+// ---- users, disable, enable, remove, remove-key ----
+
+use touchgate_gateway::store::{Store, StoredCredential};
+
+/// An authenticator model the test config's trust list names.
+const NAMED_AAGUID: &str = "cb69481e-8ff7-4039-93ec-0a2729a154a8";
+
+/// [`minimal_config`] plus a trust list that names [`NAMED_AAGUID`].
+fn config_with_trust_list(dir: &std::path::Path) -> std::path::PathBuf {
+    let cfg = minimal_config(dir);
+    let mut text = std::fs::read_to_string(&cfg).expect("read config");
+    text.push_str(&format!(
+        "[[attestation.trusted]]\nca = \"yubico.pem\"\naaguids = [\"{NAMED_AAGUID}\"]\ndescription = \"YubiKey 5\"\n"
+    ));
+    std::fs::write(&cfg, text).expect("write config");
+    cfg
+}
+
+/// Runs `touchgate-gateway ARGS --config CFG`.
+fn admin(cfg: &std::path::Path, args: &[&str]) -> std::process::Output {
+    gateway()
+        .args(args)
+        .arg("--config")
+        .arg(cfg)
+        .output()
+        .expect("run touchgate-gateway")
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Invites `user` with the CLI and enrols one credential per id through the store, as a
+/// sign-in would leave it.
+fn enrol(cfg: &std::path::Path, user: &str, keys: &[(&str, &str)]) {
+    let db = cfg.with_file_name("gw.db");
+    for (cred_id, aaguid) in keys {
+        let out = admin(cfg, &["invite", user]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let store = Store::open(&db).expect("db");
+        let cred = StoredCredential {
+            cred_id: (*cred_id).to_owned(),
+            user: user.to_owned(),
+            key_json: "{}".into(),
+            aaguid: (*aaguid).to_owned(),
+        };
+        store
+            .enrol(&last_line(&out), &cred)
+            .expect("db")
+            .expect("enrolled");
+    }
+}
+
+fn audit_events(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+        .collect()
+}
+
+fn last_event(dir: &std::path::Path) -> serde_json::Value {
+    audit_events(dir).pop().expect("an audit line")
+}
+
+#[test]
+fn users_lists_every_user_with_keys_models_sign_ins_and_open_invites() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config_with_trust_list(dir.path());
+    let software = touchgate_gateway::rp::SOFTWARE_AAGUID.to_string();
+    enrol(
+        &cfg,
+        "alice@corp",
+        &[
+            ("yubiYUBIyubi-1", NAMED_AAGUID),
+            ("softSOFTsoft-2", &software),
+        ],
+    );
+    Store::open(&dir.path().join("gw.db"))
+        .expect("db")
+        // 2026-12-05 16:20:00 UTC.
+        .record_sign_in("alice@corp", "yubiYUBIyubi-1", 1_796_487_600)
+        .expect("sign-in");
+    assert!(admin(&cfg, &["invite", "bob@corp"]).status.success());
+    assert!(admin(&cfg, &["disable", "bob@corp"]).status.success());
+
+    let out = admin(&cfg, &["users"]);
+
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert!(lines[0].starts_with("USER"), "{text}");
+    assert!(
+        lines[1].starts_with("alice@corp  active    2026-12-05 16:20Z  -"),
+        "{text}"
+    );
+    assert!(lines[1].contains("  yubiYUBI  "), "{text}");
+    assert!(
+        lines[1].ends_with(&format!("YubiKey 5 ({NAMED_AAGUID})")),
+        "{text}"
+    );
+    assert!(lines[2].contains("  softSOFT  "), "{text}");
+    assert!(lines[2].contains("never"), "{text}");
+    assert!(
+        lines[2].ends_with(&format!("software key ({software})")),
+        "{text}"
+    );
+    assert!(
+        lines[3].starts_with("bob@corp    disabled  never"),
+        "{text}"
+    );
+    assert!(lines[3].contains("until "), "bob's invite is open: {text}");
+    assert_eq!(lines[4], "2 users: 1 active, 1 disabled");
+
+    let out = admin(&cfg, &["users", "--json"]);
+
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v[0]["user"], "alice@corp");
+    assert_eq!(v[0]["last_sign_in"], 1_796_487_600u64);
+    assert_eq!(v[0]["keys"][0]["credential_id"], "yubiYUBIyubi-1");
+    assert_eq!(v[0]["keys"][0]["model"], "YubiKey 5");
+    assert_eq!(v[0]["keys"][0]["last_used"], 1_796_487_600u64);
+    assert_eq!(v[0]["keys"][1]["model"], "software key");
+    assert_eq!(v[1]["state"], "disabled");
+    assert_eq!(v[1]["open_invites"].as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn disable_ends_sessions_and_refuses_invites_until_enable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = minimal_config(dir.path());
+    let invite = admin(&cfg, &["invite", "alice@corp"]);
+    assert!(invite.status.success());
+    let code = last_line(&invite);
+
+    let out = admin(&cfg, &["disable", "alice@corp"]);
+
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("end their sessions within 1s"), "{text}");
+    assert!(
+        text.contains("refused until `touchgate-gateway enable alice@corp`"),
+        "{text}"
+    );
+    assert_eq!(last_event(dir.path())["event"], "user_disabled");
+    assert_eq!(last_event(dir.path())["user"], "alice@corp");
+    {
+        let store = Store::open(&dir.path().join("gw.db")).expect("db");
+        assert!(store.is_disabled("alice@corp").expect("db"));
+        assert_eq!(store.epochs().expect("epochs")["alice@corp"], 1);
+        assert!(
+            store
+                .check_invite("alice@corp", &code)
+                .expect("db")
+                .is_err()
+        );
+    }
+    let again = admin(&cfg, &["invite", "alice@corp"]);
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("alice@corp is disabled on this gateway: run `touchgate-gateway enable alice@corp` first"),
+        "{}",
+        stderr(&again)
+    );
+
+    let out = admin(&cfg, &["enable", "alice@corp"]);
+
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("enabled alice@corp: they have no key"));
+    assert_eq!(last_event(dir.path())["event"], "user_enabled");
+    let store = Store::open(&dir.path().join("gw.db")).expect("db");
+    assert!(!store.is_disabled("alice@corp").expect("db"));
+    assert_eq!(store.check_invite("alice@corp", &code).expect("db"), Ok(()));
+}
+
+#[test]
+fn remove_deletes_keys_and_invites_and_says_the_user_must_enrol_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = minimal_config(dir.path());
+    enrol(&cfg, "alice@corp", &[("AAAAAAAAAA", NAMED_AAGUID)]);
+    assert!(admin(&cfg, &["invite", "alice@corp"]).status.success());
+
+    let out = admin(&cfg, &["remove", "alice@corp"]);
+
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("removed alice@corp: deleted 1 key and 2 invites"),
+        "{text}"
+    );
+    assert!(text.contains("they must enrol again"), "{text}");
+    let event = last_event(dir.path());
+    assert_eq!(event["event"], "user_removed");
+    assert_eq!(event["user"], "alice@corp");
+    let store = Store::open(&dir.path().join("gw.db")).expect("db");
+    assert!(store.credentials("alice@corp").expect("creds").is_empty());
+    assert_eq!(store.epochs().expect("epochs")["alice@corp"], 1);
+    let list = store.list_users().expect("list");
+    assert!(list[0].open_invites.is_empty());
+}
+
+#[test]
+fn remove_key_takes_a_unique_prefix_of_the_credential_id() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = minimal_config(dir.path());
+    enrol(
+        &cfg,
+        "alice@corp",
+        &[("lost_key_1", NAMED_AAGUID), ("lost_key_2", NAMED_AAGUID)],
+    );
+
+    let ambiguous = admin(&cfg, &["remove-key", "alice@corp", "lost_"]);
+
+    assert!(!ambiguous.status.success());
+    assert!(
+        stderr(&ambiguous)
+            .contains("2 keys of alice@corp have ids starting with \"lost_\": give more of the id"),
+        "{}",
+        stderr(&ambiguous)
+    );
+    let none = admin(&cfg, &["remove-key", "alice@corp", "found"]);
+    assert!(!none.status.success());
+    assert!(
+        stderr(&none).contains("no key of alice@corp"),
+        "{}",
+        stderr(&none)
+    );
+    assert!(
+        audit_events(dir.path())
+            .iter()
+            .all(|e| e["event"] != "key_removed")
+    );
+
+    let out = admin(&cfg, &["remove-key", "alice@corp", "lost_key_2"]);
+
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("removed key lost_key_2 of alice@corp"),
+        "{text}"
+    );
+    assert!(text.contains("1 key left"), "{text}");
+    let event = last_event(dir.path());
+    assert_eq!(event["event"], "key_removed");
+    assert!(
+        event["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("lost_key_2")),
+        "{event}"
+    );
+    let store = Store::open(&dir.path().join("gw.db")).expect("db");
+    let left: Vec<_> = store
+        .credentials("alice@corp")
+        .expect("creds")
+        .into_iter()
+        .map(|c| c.cred_id)
+        .collect();
+    assert_eq!(left, ["lost_key_1"]);
+    assert_eq!(store.epochs().expect("epochs")["alice@corp"], 1);
+}
+
+#[test]
+fn user_commands_refuse_unknown_users_and_write_no_audit_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = minimal_config(dir.path());
+    for args in [
+        &["disable", "nobody@corp"][..],
+        &["enable", "nobody@corp"],
+        &["remove", "nobody@corp"],
+        &["remove-key", "nobody@corp", "abc"],
+    ] {
+        let out = admin(&cfg, args);
+
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr(&out)
+                .contains("no user nobody@corp on this gateway: see `touchgate-gateway users`"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    assert!(audit_events(dir.path()).is_empty());
+    let store = Store::open(&dir.path().join("gw.db")).expect("db");
+    assert!(
+        store.list_users().expect("list").is_empty(),
+        "no user was made"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn a_new_database_and_its_folder_are_private_under_a_permissive_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\nrp_id = \"localhost\"\ndatabase = \"state/gw.db\"\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n",
+    )
+    .expect("write config");
+
+    // The umask is set in a shell for the child only: the test threads share this process's.
+    let out = Command::new("sh")
+        .args(["-c", "umask 000 && exec \"$@\"", "sh"])
+        .arg(env!("CARGO_BIN_EXE_touchgate-gateway"))
+        .args(["invite", "alice@corp", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run invite");
+
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.path().join("state")), 0o700);
+    assert_eq!(mode(&dir.path().join("state/gw.db")), 0o600);
+}
+
+/// A `serve` child, killed when dropped.
+struct Serving(std::process::Child);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn user_commands_work_beside_a_serving_gateway_on_the_same_database() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = gateway()
+        .args(["gen-cert", "--name", "localhost", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("gen-cert");
+    assert!(out.status.success());
+    let cfg = minimal_config(dir.path());
+    let mut text = std::fs::read_to_string(&cfg).expect("read config");
+    text = text.replace("rp_id", "admin_listen = \"127.0.0.1:0\"\nrp_id");
+    text.push_str("[id_tokens]\nsource = \"none\"\n");
+    std::fs::write(&cfg, text).expect("write config");
+    let mut child = gateway()
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("serve");
+    let stdout_pipe = child.stdout.take().expect("stdout");
+    let _serving = Serving(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout_pipe)
+        .read_line(&mut line)
+        .expect("read");
+    assert!(line.starts_with("touchgate-gateway listening"), "{line:?}");
+
+    for args in [
+        &["invite", "alice@corp"][..],
+        &["disable", "alice@corp"],
+        &["users"],
+        &["enable", "alice@corp"],
+        &["remove", "alice@corp"],
+    ] {
+        let out = admin(&cfg, args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+    let events: Vec<_> = audit_events(dir.path())
+        .into_iter()
+        .map(|e| e["event"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    for want in ["user_disabled", "user_enabled", "user_removed"] {
+        assert!(events.iter().any(|e| e == want), "{want} in {events:?}");
+    }
+}
