@@ -6,6 +6,9 @@ pub mod wire;
 
 use std::time::Duration;
 
+/// Bytes a peer may have in flight towards this end over all streams of a connection.
+pub const RECEIVE_WINDOW: u32 = 64 * 1024 * 1024;
+
 /// Transport settings for both ends of the tunnel: large stream windows for bulk transfers,
 /// many concurrent streams (one per local TCP connection), and keep-alives well inside the
 /// idle timeout so quiet tunnels stay open. `max_streams` is how many bidirectional streams the
@@ -15,7 +18,7 @@ pub fn transport_config(max_streams: u32) -> quinn::TransportConfig {
     t.max_concurrent_bidi_streams(max_streams.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window((8u32 * 1024 * 1024).into());
-    t.receive_window((64u32 * 1024 * 1024).into());
+    t.receive_window(RECEIVE_WINDOW.into());
     t.send_window(64 * 1024 * 1024);
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     if let Ok(idle) = Duration::from_secs(15).try_into() {

@@ -19,15 +19,28 @@ pub enum WireError {
 pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<T>, WireError> {
+    read_frame_limited(r, MAX_FRAME_LEN).await
+}
+
+/// [`read_frame`] with a smaller size limit (frames from a peer that has not signed in, stream
+/// headers). Memory grows with the bytes that actually arrive, not with the length a header
+/// announces, so a peer that announces large frames and sends nothing costs almost nothing.
+pub async fn read_frame_limited<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<T>, WireError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     match r.read_exact(&mut header).await {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
     }
-    let len = frame_len(header, MAX_FRAME_LEN)?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
+    let len = frame_len(header, max.min(MAX_FRAME_LEN))?;
+    let mut body = Vec::with_capacity(len.min(4096));
+    r.take(len as u64).read_to_end(&mut body).await?;
+    if body.len() < len {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
     Ok(Some(decode(&body)?))
 }
 

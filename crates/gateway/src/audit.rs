@@ -7,11 +7,18 @@ use std::{
 
 use serde::Serialize;
 
+use crate::limits::WindowCounter;
+
 /// Where audit lines go.
 #[derive(Clone)]
 pub struct AuditLog {
     sink: Arc<Mutex<Sink>>,
+    refusals: Arc<WindowCounter>,
 }
+
+/// Refusal lines written per source address each minute; more are counted, and reported in
+/// one `refusals_suppressed` line when the source is next refused.
+pub const REFUSAL_LINES_PER_MINUTE: u32 = 20;
 
 enum Sink {
     File(std::fs::File),
@@ -59,6 +66,12 @@ pub struct AuditEvent {
     /// Session or invite expiry, seconds since the epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+    /// HTTP method, for request events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// How many lines like this one were left out (`refusals_suppressed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -90,7 +103,49 @@ impl AuditLog {
         };
         Ok(Self {
             sink: Arc::new(Mutex::new(sink)),
+            refusals: Arc::new(WindowCounter::new(4096)),
         })
+    }
+
+    /// Whether a refusal of a request from `peer` (`ip:port`) should be logged and audited:
+    /// at most [`REFUSAL_LINES_PER_MINUTE`] per source address, so a peer cannot fill the
+    /// disk or bury other lines. Writes a `refusals_suppressed` line when a source that went
+    /// over the limit is refused again in a later minute, and one when it first goes over.
+    pub fn allow_refusal(&self, peer: Option<&str>) -> bool {
+        let source = peer.map(|p| {
+            p.parse::<std::net::SocketAddr>()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_else(|_| p.to_owned())
+        });
+        let hit = self.refusals.hit(&source);
+        let limit = REFUSAL_LINES_PER_MINUTE;
+        let note = |suppressed: Option<u64>, reason: String| {
+            self.record(AuditEvent {
+                event: "refusals_suppressed",
+                peer: source.clone(),
+                suppressed,
+                reason: Some(reason),
+                ..Default::default()
+            });
+        };
+        if hit.previous > limit {
+            let n = u64::from(hit.previous - limit);
+            tracing::warn!(source = ?source, suppressed = n, "refusal lines were suppressed");
+            note(
+                Some(n),
+                format!("{n} more refusals from this source in an earlier minute were not logged"),
+            );
+        }
+        if hit.count == limit + 1 {
+            tracing::warn!(source = ?source, "more than {limit} refusals a minute from one source: counting, not logging, the rest of this minute");
+            note(
+                None,
+                format!(
+                    "more than {limit} refusals a minute from this source: the rest of this minute is counted, not logged"
+                ),
+            );
+        }
+        hit.count <= limit
     }
 
     /// Writes one event as one line. Failing to write is reported in the process log; it does
@@ -119,6 +174,27 @@ impl AuditLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusal_lines_are_limited_per_source_with_one_note_when_the_limit_is_passed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(Some(path.to_str().expect("utf8 path"))).expect("open");
+        let allowed = (0..100)
+            .filter(|i| log.allow_refusal(Some(&format!("192.0.2.7:{}", 1000 + i))))
+            .count();
+        assert_eq!(allowed, REFUSAL_LINES_PER_MINUTE as usize);
+        // Another source is not held back by the first.
+        assert!(log.allow_refusal(Some("198.51.100.1:443")));
+        let text = std::fs::read_to_string(&path).expect("read");
+        let notes: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        assert_eq!(notes.len(), 1, "{text}");
+        assert_eq!(notes[0]["event"], "refusals_suppressed");
+        assert_eq!(notes[0]["peer"], "192.0.2.7");
+    }
 
     #[test]
     fn each_event_is_one_json_line() {

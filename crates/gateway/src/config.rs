@@ -191,7 +191,8 @@ pub struct LimitsConfig {
     /// Largest HTTP request head, in bytes; larger ones get 431.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
-    /// Sign-in and enrolment attempts per user, and per source address, each minute.
+    /// Sign-in and enrolment attempts per source address each minute, and failed sign-ins
+    /// per user and source address.
     #[serde(default = "default_signin_per_minute")]
     pub signin_attempts_per_minute: u32,
     /// New QUIC connections per source address each minute.
@@ -200,6 +201,14 @@ pub struct LimitsConfig {
     /// Streams (local TCP connections) one agent may have open at once; more wait for a slot.
     #[serde(default = "default_max_streams")]
     pub max_streams_per_connection: u32,
+    /// How long a connection may stay without a session (signing in, enrolling) before it is
+    /// closed.
+    #[serde(default = "default_signin_deadline", with = "humantime_serde")]
+    pub signin_deadline: Duration,
+}
+
+fn default_signin_deadline() -> Duration {
+    Duration::from_secs(60)
 }
 
 impl Default for LimitsConfig {
@@ -210,6 +219,7 @@ impl Default for LimitsConfig {
             signin_attempts_per_minute: default_signin_per_minute(),
             connections_per_minute: default_connections_per_minute(),
             max_streams_per_connection: default_max_streams(),
+            signin_deadline: default_signin_deadline(),
         }
     }
 }
@@ -266,6 +276,14 @@ pub struct ServiceConfig {
     /// How long an HTTP upstream may take to start answering before the caller gets a 504.
     #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Protocols a caller may switch to with `Upgrade` (WebSocket by default); any other
+    /// upgrade, `h2c` above all, is dropped and the request served as a plain one.
+    #[serde(default = "default_upgrade_protocols")]
+    pub upgrade_protocols: Vec<String>,
+}
+
+fn default_upgrade_protocols() -> Vec<String> {
+    vec!["websocket".into()]
 }
 
 impl ServiceConfig {
@@ -541,6 +559,7 @@ mod tests {
             audience: None,
             timeout: default_upstream_timeout(),
             allow: vec!["*".into()],
+            upgrade_protocols: default_upgrade_protocols(),
         };
         assert_eq!(s.audience(), "https://api-xyz.a.run.app");
         assert!(s.allows("anyone"));

@@ -10,8 +10,10 @@
 
 pub mod admin;
 pub mod audit;
+pub mod browser;
 pub mod config;
 pub mod idtoken;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod rp;
@@ -108,10 +110,12 @@ impl Gateway {
                 source,
             })?;
         let revocations = server::Revocations::default();
-        revocations.set_epochs(store.epochs().map_err(|source| GatewayError::Store {
+        let store_err = |source| GatewayError::Store {
             path: cfg.database.display().to_string(),
             source,
-        })?);
+        };
+        revocations.set_epochs(store.epochs().map_err(store_err)?);
+        revocations.set_disabled(store.disabled_users().map_err(store_err)?);
         let metrics = Arc::new(metrics::Metrics::default());
         let id_tokens = Arc::new(idtoken::IdTokens::new(&cfg.id_tokens));
         let proxy = Arc::new(proxy::Proxy::new(

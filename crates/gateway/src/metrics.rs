@@ -31,12 +31,28 @@ pub struct Metrics {
     pub upstream_errors_total: AtomicU64,
     /// HTTP/1 connections opened to plain-HTTP upstreams (each serves many streams in turn).
     pub upstream_connections_total: AtomicU64,
+    /// Requests (or TCP connections) a browser was made to send, refused.
+    pub browser_refused_total: AtomicU64,
+    /// Connections closed because they had no session by the sign-in deadline.
+    pub signin_deadline_closed_total: AtomicU64,
 }
 
 impl Metrics {
     /// Renders every metric in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 13] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 15] = [
+            (
+                "touchgate_browser_refused_total",
+                "counter",
+                "requests from web pages (cross-site, rebound host) refused",
+                &self.browser_refused_total,
+            ),
+            (
+                "touchgate_signin_deadline_closed_total",
+                "counter",
+                "connections closed without a session at the sign-in deadline",
+                &self.signin_deadline_closed_total,
+            ),
             (
                 "touchgate_connections_total",
                 "counter",
@@ -150,6 +166,6 @@ mod tests {
         assert!(
             text.contains("# TYPE touchgate_streams_total counter\ntouchgate_streams_total 2\n")
         );
-        assert!(text.lines().filter(|l| l.starts_with("# HELP")).count() == 13);
+        assert!(text.lines().filter(|l| l.starts_with("# HELP")).count() == 15);
     }
 }

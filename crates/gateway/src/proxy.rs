@@ -26,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::{
     audit::{AuditEvent, AuditLog},
+    browser::{BrowserPolicy, BrowserRefusal},
     config::{LimitsConfig, ServiceConfig},
     idtoken::IdTokens,
     metrics::Metrics,
@@ -49,6 +50,10 @@ pub struct StreamContext {
     pub user: String,
     /// The service.
     pub service: Arc<ServiceConfig>,
+    /// Who may use the agent's port from a browser.
+    browser: BrowserPolicy,
+    /// The agent's address, for the audit log.
+    peer: Option<String>,
     audience: String,
     upstream: Result<Upstream, String>,
     user_header: Option<HeaderValue>,
@@ -72,8 +77,8 @@ struct Upstream {
 }
 
 impl StreamContext {
-    /// The context of a stream of `user` to `service`.
-    pub fn new(user: &str, service: Arc<ServiceConfig>) -> Self {
+    /// The context of a stream of `user` to `service`, whose local port allows `browser`.
+    pub fn new(user: &str, service: Arc<ServiceConfig>, browser: BrowserPolicy) -> Self {
         let upstream = service
             .upstream
             .parse::<Uri>()
@@ -98,6 +103,8 @@ impl StreamContext {
             });
         Self {
             user: user.to_owned(),
+            browser,
+            peer: None,
             audience: service.audience(),
             upstream,
             user_header: HeaderValue::from_str(user).ok(),
@@ -105,6 +112,14 @@ impl StreamContext {
             own: Default::default(),
             service,
         }
+    }
+}
+
+impl StreamContext {
+    /// Names the agent's address in the stream's audit lines.
+    pub fn with_peer(mut self, peer: String) -> Self {
+        self.peer = Some(peer);
+        self
     }
 }
 
@@ -201,7 +216,10 @@ impl Proxy {
         ctx: &StreamContext,
     ) -> Response<ProxyBody> {
         let svc = &ctx.service;
-        let upgrade = wants_upgrade(req.headers());
+        if let Err(r) = check_browser(&ctx.browser, &req) {
+            return self.browser_refused(ctx, &req, r);
+        }
+        let upgrade = wants_upgrade(req.headers(), &svc.upgrade_protocols);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let upstream = match &ctx.upstream {
             Ok(u) => u,
@@ -209,7 +227,7 @@ impl Proxy {
         };
         let path = match upstream_path(&upstream.prefix, req.uri()) {
             Ok(p) => p,
-            Err(msg) => return plain(StatusCode::BAD_GATEWAY, &msg),
+            Err(msg) => return plain(StatusCode::BAD_REQUEST, &msg),
         };
         // On a connection of the stream's own the request names only the path (origin form;
         // `Host` is set below); the pooled client takes the whole URL.
@@ -266,6 +284,14 @@ impl Proxy {
         parts.headers.insert(ASSERTION_HEADER, assertion);
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
+        // Trailers are headers too: a caller must not smuggle identity headers in them.
+        let body = body.map_frame(|f| match f.into_trailers() {
+            Ok(mut t) => {
+                remove_identity_headers(&mut t);
+                hyper::body::Frame::trailers(t)
+            }
+            Err(f) => f,
+        });
         let out = Request::from_parts(parts, body.boxed());
         let sent = match own {
             Some(addr) => tokio::time::timeout(svc.timeout, self.send_own(ctx, addr, out)).await,
@@ -427,6 +453,32 @@ impl Proxy {
         conn
     }
 
+    /// Answers a request a browser was made to send with 403, before anything reaches the
+    /// upstream, and counts, logs and audits it.
+    fn browser_refused<B>(
+        &self,
+        ctx: &StreamContext,
+        req: &Request<B>,
+        r: BrowserRefusal,
+    ) -> Response<ProxyBody> {
+        Metrics::inc(&self.metrics.browser_refused_total);
+        let msg = r.message(&ctx.service.name);
+        if self.audit.allow_refusal(ctx.peer.as_deref()) {
+            tracing::warn!(service = %ctx.service.name, reason = %msg, "browser request refused");
+            self.audit.record(AuditEvent {
+                event: "browser_request_refused",
+                user: Some(ctx.user.clone()),
+                service: Some(ctx.service.name.clone()),
+                peer: ctx.peer.clone(),
+                method: Some(req.method().to_string()),
+                outcome: Some("403".into()),
+                reason: Some(msg.clone()),
+                ..Default::default()
+            });
+        }
+        plain(StatusCode::FORBIDDEN, &msg)
+    }
+
     /// Answers the caller with a short plain-text reason, and counts, logs and audits it.
     fn failed(&self, ctx: &StreamContext, status: StatusCode, msg: String) -> Response<ProxyBody> {
         Metrics::inc(&self.metrics.upstream_errors_total);
@@ -443,8 +495,43 @@ impl Proxy {
     }
 }
 
-fn wants_upgrade(h: &HeaderMap) -> bool {
+/// Checks a request's `Host` (and the h2 `:authority` or absolute-form target) and its
+/// browser marks against the port's policy.
+fn check_browser<B>(policy: &BrowserPolicy, req: &Request<B>) -> Result<(), BrowserRefusal> {
+    let hosts = req.headers().get_all(header::HOST);
+    if hosts.iter().count() > 1 {
+        return Err(BrowserRefusal {
+            what: "more than one Host header".into(),
+            setting: None,
+        });
+    }
+    let host = hosts
+        .iter()
+        .next()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    policy.check(host.as_deref(), req.headers())?;
+    match req.uri().authority() {
+        Some(a) if host.as_deref() != Some(a.as_str()) => {
+            policy.check(Some(a.as_str()), &HeaderMap::new())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether the request asks for a protocol upgrade the service allows (`websocket` unless it
+/// lists others); any other `Upgrade` (`h2c` above all) is dropped and the request is served
+/// as a plain one.
+fn wants_upgrade(h: &HeaderMap, allowed: &[String]) -> bool {
+    let protocols_allowed = !h.get_all(header::UPGRADE).iter().any(|v| {
+        v.to_str().map_or(true, |s| {
+            s.split(',').any(|p| {
+                let name = p.trim().split('/').next().unwrap_or_default();
+                !allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+            })
+        })
+    });
     h.contains_key(header::UPGRADE)
+        && protocols_allowed
         && h.get_all(header::CONNECTION).iter().any(|v| {
             v.to_str()
                 .map(|s| {
@@ -495,6 +582,11 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 /// token header and the gateway's identity headers. The caller's own `Authorization` stays.
 fn sanitise_request_headers(h: &mut HeaderMap, upgrade: bool) {
     strip_hop_by_hop(h, upgrade);
+    remove_identity_headers(h);
+}
+
+/// Removes the Cloud Run token header and the gateway's own `x-touchgate-*` headers.
+fn remove_identity_headers(h: &mut HeaderMap) {
     h.remove(SERVERLESS_AUTH);
     let own: Vec<HeaderName> = h
         .keys()
@@ -507,14 +599,35 @@ fn sanitise_request_headers(h: &mut HeaderMap, upgrade: bool) {
 }
 
 /// The request's path and query under the upstream's base path `prefix` (without its trailing
-/// `/`); with no prefix the request's own is reused as it is.
+/// `/`); with no prefix the request's own is reused as it is. Under a base path, a path that
+/// could step out of it once the upstream normalises it (`..` or `.` segments, also
+/// percent-encoded, or an encoded `/` or `\\`) is refused.
 fn upstream_path(prefix: &str, req: &Uri) -> Result<PathAndQuery, String> {
+    if !prefix.is_empty() && escapes_base(req.path()) {
+        return Err(format!(
+            "touchgate: the request path {} has dot segments or encoded slashes, which could \
+             leave the service's base path {prefix}",
+            crate::browser::untrusted(req.path())
+        ));
+    }
     match (prefix, req.path_and_query()) {
         ("", Some(pq)) if pq.as_str().starts_with('/') => Ok(pq.clone()),
         (_, pq) => format!("{prefix}{}", pq.map_or("/", |p| p.as_str()))
             .parse()
             .map_err(|e| format!("touchgate: bad request path: {e}")),
     }
+}
+
+/// Whether `path` has a `.` or `..` segment (also as `%2e`) or an encoded `/` or `\\`.
+fn escapes_base(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains('\\') {
+        return true;
+    }
+    lower
+        .replace("%2e", ".")
+        .split('/')
+        .any(|seg| seg == "." || seg == "..")
 }
 
 /// The upstream base URL with `path` in place of its own.
@@ -774,6 +887,54 @@ mod tests {
     }
 
     #[test]
+    fn h2c_and_unlisted_upgrades_are_not_relayed() {
+        let ws = ["websocket".to_owned()];
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+        );
+        h.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQAAP__"),
+        );
+        assert!(!wants_upgrade(&h, &ws));
+        sanitise_request_headers(&mut h, false);
+        assert!(h.get(header::UPGRADE).is_none());
+        assert!(h.get("http2-settings").is_none());
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket, h2c"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        assert!(!wants_upgrade(&h, &ws));
+        h.insert(header::UPGRADE, HeaderValue::from_static("custom/2"));
+        assert!(wants_upgrade(&h, &["custom".to_owned()]));
+    }
+
+    #[test]
+    fn a_request_path_cannot_step_out_of_the_base_path() {
+        for bad in [
+            "/../admin",
+            "/a/../../admin",
+            "/%2e%2e/admin",
+            "/%2E./admin",
+            "/.%2e/admin",
+            "/a%2f..%2fadmin",
+            "/a%5c..",
+            "/./x",
+        ] {
+            let req: Uri = bad.parse().expect("uri");
+            assert!(upstream_path("/base", &req).is_err(), "{bad}");
+            // Without a base path there is nothing to leave: passed as it is.
+            assert!(upstream_path("", &req).is_ok(), "{bad}");
+        }
+        for good in ["/v1/items", "/a..b/c", "/.well-known/x", "/%2e%2efoo"] {
+            let req: Uri = good.parse().expect("uri");
+            assert!(upstream_path("/base", &req).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
     fn websocket_upgrade_is_detected() {
         let mut h = HeaderMap::new();
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -781,7 +942,7 @@ mod tests {
             header::CONNECTION,
             HeaderValue::from_static("keep-alive, Upgrade"),
         );
-        assert!(wants_upgrade(&h));
+        assert!(wants_upgrade(&h, &["websocket".to_owned()]));
         sanitise_request_headers(&mut h, true);
         assert_eq!(
             h.get(header::UPGRADE).map(|v| v.as_bytes()),

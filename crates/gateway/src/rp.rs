@@ -56,7 +56,8 @@ pub struct PendingEnrol {
 pub struct PendingLogin {
     /// The user.
     pub user: String,
-    state: SecurityKeyAuthentication,
+    /// `None` for a decoy challenge (a user with no key): every answer fails.
+    state: Option<SecurityKeyAuthentication>,
     issued: Instant,
 }
 
@@ -73,6 +74,7 @@ pub struct Enrolled {
 /// The relying party.
 pub struct RelyingParty {
     webauthn: Webauthn,
+    rp_id: String,
     origin: String,
     roots: Vec<(Vec<u8>, Vec<Uuid>, String)>,
     allow_software: bool,
@@ -111,6 +113,7 @@ impl RelyingParty {
         }
         Ok(Self {
             webauthn,
+            rp_id: cfg.rp_id.clone(),
             origin,
             roots,
             allow_software: cfg.attestation.allow_software,
@@ -287,7 +290,49 @@ impl RelyingParty {
             rcr,
             PendingLogin {
                 user: user.to_owned(),
-                state,
+                state: Some(state),
+                issued: Instant::now(),
+            },
+        ))
+    }
+
+    /// A sign-in challenge for a user with no key that looks like a real one: the same
+    /// options, for one credential whose id is derived from `secret` and the name (the same
+    /// on every ask, as a real one would be). Its answer fails like a wrong key's.
+    pub fn begin_decoy_login(
+        &self,
+        user: &str,
+        secret: &[u8],
+    ) -> Result<(RequestChallengeResponse, PendingLogin), Refusal> {
+        use rand::Rng;
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        let id: Vec<u8> = [1u8, 2]
+            .iter()
+            .flat_map(|i| {
+                let mut msg = format!("touchgate decoy credential {i}\0").into_bytes();
+                msg.extend_from_slice(user.as_bytes());
+                ring::hmac::sign(&key, &msg).as_ref().to_vec()
+            })
+            .collect();
+        let challenge: [u8; 32] = rand::rng().random();
+        let options = serde_json::json!({
+            "publicKey": {
+                "challenge": URL_SAFE_NO_PAD.encode(challenge),
+                // What the builder was given (`challenge_ttl`); a test compares a real and a
+                // decoy challenge.
+                "timeout": u32::try_from(self.challenge_ttl.as_millis()).unwrap_or(u32::MAX),
+                "rpId": self.rp_id,
+                "allowCredentials": [{"type": "public-key", "id": URL_SAFE_NO_PAD.encode(id)}],
+                "userVerification": self.uv_policy(),
+            }
+        });
+        let rcr = serde_json::from_value(options)
+            .map_err(|e| internal(format!("cannot build a sign-in challenge: {e}")))?;
+        Ok((
+            rcr,
+            PendingLogin {
+                user: user.to_owned(),
+                state: None,
                 issued: Instant::now(),
             },
         ))
@@ -305,9 +350,12 @@ impl RelyingParty {
             Refusal::new(RefusalCode::BadRequest, format!("malformed assertion: {e}"))
         })?;
         check_binding(&cred.response.client_data_json, binding)?;
+        let Some(state) = &pending.state else {
+            return Err(verification_refusal(WebauthnError::CredentialNotFound));
+        };
         let result = self
             .webauthn
-            .finish_securitykey_authentication(&cred, &pending.state)
+            .finish_securitykey_authentication(&cred, state)
             .map_err(verification_refusal)?;
         if self.user_verification == UserVerification::Required && !result.user_verified() {
             return Err(uv_missing());

@@ -21,6 +21,8 @@ use tracing::Instrument;
 use crate::{
     Gateway,
     audit::AuditEvent,
+    browser::{BrowserPolicy, untrusted},
+    limits::WindowCounter,
     metrics::Metrics,
     proxy::{Counted, StreamContext},
     rp::{PendingEnrol, PendingLogin},
@@ -28,10 +30,24 @@ use crate::{
     store::{StoredCredential, now_secs},
     tokens::{SessionClaims, TokenError, cert_thumbprint},
 };
-use touchgate_common::wire::{WireError, read_frame, write_frame};
+use touchgate_common::wire::{WireError, read_frame_limited, write_frame};
 
 /// How long an agent has to send the first frame of a data stream.
 const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest control frame before the connection has a session: enrolment and sign-in
+/// messages (with an attestation certificate chain) fit in a few KiB.
+pub const PRE_SESSION_FRAME_MAX: usize = 16 * 1024;
+
+/// Largest stream header (`StreamOpen`: a service name and the port's browser policy).
+const STREAM_OPEN_MAX: usize = 8 * 1024;
+
+/// Data streams a connection without a session may have waiting for their refusal at once;
+/// further ones are reset without a word.
+const PRE_SESSION_STREAMS: usize = 4;
+
+/// Longest user name the gateway accepts (bytes).
+pub const MAX_USER_LEN: usize = 256;
 
 /// Per-session last-activity times, for the idle timeout (kept in memory: a restart forgets
 /// them, which only makes an idle session last longer, never past its `exp`).
@@ -62,6 +78,7 @@ impl Activity {
 #[derive(Default)]
 pub(crate) struct Revocations {
     epochs: std::sync::RwLock<HashMap<String, u64>>,
+    disabled: std::sync::RwLock<std::collections::HashSet<String>>,
     live: Mutex<HashMap<u64, (Arc<SessionClaims>, quinn::Connection)>>,
 }
 
@@ -71,6 +88,17 @@ pub const REVOCATION_POLL: Duration = Duration::from_secs(1);
 impl Revocations {
     pub(crate) fn set_epochs(&self, e: HashMap<String, u64>) {
         *self.epochs.write().unwrap_or_else(|e| e.into_inner()) = e;
+    }
+
+    pub(crate) fn set_disabled(&self, d: std::collections::HashSet<String>) {
+        *self.disabled.write().unwrap_or_else(|e| e.into_inner()) = d;
+    }
+
+    fn disabled(&self, user: &str) -> bool {
+        self.disabled
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(user)
     }
 
     fn epoch(&self, user: &str) -> u64 {
@@ -114,6 +142,13 @@ impl Revocations {
     }
 }
 
+fn disabled_refusal() -> Refusal {
+    Refusal::new(
+        RefusalCode::AccountDisabled,
+        "your account is disabled on this gateway; ask your admin",
+    )
+}
+
 fn revoked_refusal() -> Refusal {
     Refusal::new(
         RefusalCode::SessionRevoked,
@@ -121,26 +156,28 @@ fn revoked_refusal() -> Refusal {
     )
 }
 
-/// Counts events per key in fixed one-minute windows.
-#[derive(Default)]
+/// Counts attempts per key in one-minute windows, in fixed memory ([`WindowCounter`]).
 pub(crate) struct RateLimiter {
-    windows: Mutex<HashMap<String, (Instant, u32)>>,
+    counter: WindowCounter,
+}
+
+impl Default for RateLimiter {
+    fn default() -> Self {
+        Self {
+            counter: WindowCounter::new(1 << 16),
+        }
+    }
 }
 
 impl RateLimiter {
     /// Counts one event for `key`; false when the key is over `per_minute` in this window.
-    fn allow(&self, key: &str, per_minute: u32) -> bool {
-        let mut w = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if w.len() > 100_000 {
-            w.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(60));
-        }
-        let entry = w.entry(key.to_owned()).or_insert((now, 0));
-        if now.duration_since(entry.0) >= Duration::from_secs(60) {
-            *entry = (now, 0);
-        }
-        entry.1 += 1;
-        entry.1 <= per_minute
+    fn allow(&self, key: &impl std::hash::Hash, per_minute: u32) -> bool {
+        self.counter.hit(key).count <= per_minute
+    }
+
+    /// Whether `key` has reached `per_minute` in this window, without counting.
+    fn reached(&self, key: &impl std::hash::Hash, per_minute: u32) -> bool {
+        self.counter.peek(key) >= per_minute
     }
 }
 
@@ -176,18 +213,30 @@ impl Gateway {
     async fn enforce_revocations(self: Arc<Self>) {
         loop {
             tokio::time::sleep(REVOCATION_POLL).await;
-            match self.store.epochs() {
-                Ok(e) => self.revocations.set_epochs(e),
+            match self
+                .store
+                .epochs()
+                .and_then(|e| Ok((e, self.store.disabled_users()?)))
+            {
+                Ok((e, d)) => {
+                    self.revocations.set_epochs(e);
+                    self.revocations.set_disabled(d);
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot reload revocations");
                     continue;
                 }
             }
             for (conn_id, claims, conn) in self.revocations.take_revoked() {
-                tracing::info!(user = %claims.sub, conn = conn_id, "session revoked; closing its connection");
-                conn.close(2u32.into(), b"session revoked by an admin");
+                let (event, why): (_, &[u8]) = if self.revocations.disabled(&claims.sub) {
+                    ("session_disabled", b"account disabled by an admin")
+                } else {
+                    ("session_revoked", b"session revoked by an admin")
+                };
+                tracing::info!(user = %claims.sub, conn = conn_id, event, "closing the connection");
+                conn.close(2u32.into(), why);
                 self.audit.record(AuditEvent {
-                    event: "session_revoked",
+                    event,
                     user: Some(claims.sub.clone()),
                     session: Some(claims.jti.clone()),
                     conn: Some(conn_id),
@@ -201,11 +250,16 @@ impl Gateway {
     async fn accept_loop(self: Arc<Self>, endpoint: quinn::Endpoint, shards: &Shards) {
         while let Some(incoming) = endpoint.accept().await {
             let ip = incoming.remote_address().ip();
-            if !self.limiter.allow(
-                &format!("conn:{ip}"),
-                self.cfg.limits.connections_per_minute,
-            ) {
+            if !self
+                .limiter
+                .allow(&("conn", ip), self.cfg.limits.connections_per_minute)
+            {
                 Metrics::inc(&self.metrics.auth_refused_total);
+                let peer = incoming.remote_address().to_string();
+                if !self.audit.allow_refusal(Some(&peer)) {
+                    incoming.refuse();
+                    continue;
+                }
                 self.audit.record(AuditEvent {
                     event: "connection_refused",
                     peer: Some(incoming.remote_address().to_string()),
@@ -260,8 +314,18 @@ impl Gateway {
             thumb,
             binding,
             conn: conn.clone(),
+            open_streams: Default::default(),
+            pre_session_streams: Default::default(),
         };
         let ctl = Arc::new(ctl);
+        // Ends the connection at the sign-in deadline, at session expiry and when idle.
+        let _watch = {
+            let c = ctl.clone();
+            let rx = session_rx.clone();
+            AbortOnDrop(tokio::spawn(
+                async move { c.watch_session(rx).await }.in_current_span(),
+            ))
+        };
         // The first bidirectional stream is the control stream.
         match conn.accept_bi().await {
             Ok((send, recv)) => {
@@ -278,6 +342,9 @@ impl Gateway {
         }
         loop {
             match conn.accept_bi().await {
+                Ok((send, recv)) if session_rx.borrow().is_none() => {
+                    ctl.refuse_pre_session_stream(send, recv);
+                }
                 Ok((send, recv)) => {
                     let c = ctl.clone();
                     let s = session_rx.clone();
@@ -308,6 +375,26 @@ struct ConnCtx {
     thumb: String,
     binding: [u8; EXPORTER_LEN],
     conn: quinn::Connection,
+    /// Data streams being served now (the session is not idle while any is open).
+    open_streams: std::sync::atomic::AtomicUsize,
+    /// Streams opened before a session, waiting for their refusal to be written.
+    pre_session_streams: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts an open data stream of a connection while alive.
+struct OpenStream<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> OpenStream<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for OpenStream<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -328,9 +415,13 @@ impl ConnCtx {
 
     fn refused(&self, event: &'static str, user: Option<&str>, r: &Refusal) {
         Metrics::inc(&self.gw.metrics.auth_refused_total);
+        if !self.gw.audit.allow_refusal(Some(&self.peer.to_string())) {
+            return;
+        }
+        let user = user.map(untrusted_user);
         tracing::info!(event, user, code = ?r.code, reason = %r.message, "refused");
         self.gw.audit.record(AuditEvent {
-            user: user.map(str::to_owned),
+            user,
             outcome: Some(code_name(r.code)),
             reason: Some(r.message.clone()),
             ..self.event(event)
@@ -345,7 +436,12 @@ impl ConnCtx {
     ) {
         let mut pending = Pending::default();
         loop {
-            let msg = match read_frame::<ClientMsg, _>(&mut recv).await {
+            let max = if session.borrow().is_some() {
+                touchgate_proto::MAX_FRAME_LEN
+            } else {
+                PRE_SESSION_FRAME_MAX
+            };
+            let msg = match read_frame_limited::<ClientMsg, _>(&mut recv, max).await {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
                 Err(WireError::Io(_)) => break,
@@ -375,6 +471,16 @@ impl ConnCtx {
         session: &watch::Sender<Option<Arc<SessionClaims>>>,
     ) -> ServerMsg {
         let gw = &self.gw;
+        if let ClientMsg::EnrollBegin { user, .. } | ClientMsg::LoginBegin { user } = &msg
+            && (user.is_empty() || user.len() > MAX_USER_LEN)
+        {
+            let r = Refusal::new(
+                RefusalCode::BadRequest,
+                format!("a user name must have 1 to {MAX_USER_LEN} bytes"),
+            );
+            self.refused("challenge_refused", Some(user), &r);
+            return ServerMsg::Error(r);
+        }
         match msg {
             ClientMsg::EnrollBegin {
                 user,
@@ -410,7 +516,10 @@ impl ConnCtx {
                     return ServerMsg::Error(r);
                 };
                 let user = p.user.clone();
-                match self.enrol_finish(p, credential) {
+                match self
+                    .enrol_finish(p, credential)
+                    .inspect_err(|_| self.count_failure(&user))
+                {
                     Ok(cred_id) => {
                         Metrics::inc(&gw.metrics.enrolments_total);
                         gw.audit.record(AuditEvent {
@@ -459,7 +568,11 @@ impl ConnCtx {
                     return ServerMsg::Error(r);
                 };
                 let user = p.user.clone();
-                match self.login_finish(p, credential) {
+                match self.login_finish(p, credential).inspect_err(|r| {
+                    if r.code != RefusalCode::AccountDisabled {
+                        self.count_failure(&user);
+                    }
+                }) {
                     Ok(claims_token) => {
                         let (token, claims) = claims_token;
                         gw.audit.record(AuditEvent {
@@ -526,32 +639,43 @@ impl ConnCtx {
             services,
         };
         let claims = Arc::new(claims);
+        // The room a signed-in agent needs (see `tls::quic_server_config`).
+        self.conn
+            .set_max_concurrent_bi_streams(gw.cfg.limits.max_streams_per_connection.into());
+        self.conn
+            .set_receive_window(touchgate_common::RECEIVE_WINDOW.into());
         gw.revocations
             .add(self.id, claims.clone(), self.conn.clone());
         session.send_replace(Some(claims));
         ServerMsg::Session(info)
     }
 
-    /// Sign-in and enrolment attempts, per user and per source address.
+    /// Sign-in and enrolment attempts per source address, and failed ones per user and
+    /// source address. Only failures count against a user, and only from the address they
+    /// came from: a peer elsewhere that asks for challenges in someone's name, or sends
+    /// garbage answers, cannot lock that person out.
     fn rate_limit(&self, user: &str) -> Result<(), Refusal> {
         let gw = &self.gw;
         let per = gw.cfg.limits.signin_attempts_per_minute;
-        let by_user = gw.limiter.allow(&format!("user:{user}"), per);
-        let by_ip = gw.limiter.allow(&format!("ip:{}", self.peer.ip()), per);
-        if by_user && by_ip {
-            return Ok(());
-        }
-        let who = if by_user {
-            format!("from {}", self.peer.ip())
+        let ip = self.peer.ip();
+        let who = if !gw.limiter.allow(&("attempt", ip), per) {
+            format!("sign-in attempts from {ip}")
+        } else if gw.limiter.reached(&("failed", user, ip), per) {
+            format!("failed sign-ins for {} from {ip}", untrusted_user(user))
         } else {
-            format!("for {user}")
+            return Ok(());
         };
         Err(Refusal::new(
             RefusalCode::RateLimited,
-            format!(
-                "too many sign-in attempts {who} (more than {per} a minute): wait a minute and try again"
-            ),
+            format!("too many {who} (more than {per} a minute): wait a minute and try again"),
         ))
+    }
+
+    /// Counts a failed enrolment or sign-in against the user from this source address.
+    fn count_failure(&self, user: &str) {
+        self.gw
+            .limiter
+            .allow(&("failed", user, self.peer.ip()), u32::MAX);
     }
 
     fn enrol_begin(
@@ -599,18 +723,18 @@ impl ConnCtx {
         Ok(enrolled.cred_id)
     }
 
+    /// A sign-in challenge. A user with no key (unknown, or removed) gets a challenge that
+    /// looks the same, for a credential that does not exist (its id derived from a gateway
+    /// secret, so it is stable per name): a peer cannot tell who is enrolled, and the
+    /// answer fails as a wrong key's would.
     fn login_begin(&self, user: &str) -> Result<(serde_json::Value, PendingLogin), Refusal> {
         let gw = &self.gw;
         let keys = load_keys(&gw.store.credentials(user).map_err(db_refusal)?)?;
-        if keys.is_empty() {
-            return Err(Refusal::new(
-                RefusalCode::NotEnrolled,
-                format!(
-                    "{user} has no enrolled security key on this gateway: ask your admin for an invite and run `touchgate enroll`"
-                ),
-            ));
-        }
-        let (rcr, p) = gw.rp.begin_login(user, &keys)?;
+        let (rcr, p) = if keys.is_empty() {
+            gw.rp.begin_decoy_login(user, &gw.reset_key)?
+        } else {
+            gw.rp.begin_login(user, &keys)?
+        };
         let v = serde_json::to_value(&rcr)
             .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?;
         Ok((v, p))
@@ -626,7 +750,7 @@ impl ConnCtx {
         let result = gw.rp.finish_login(p, credential, &self.binding)?;
         // Persist the new counter before the session exists, so a clone cannot race it.
         let stored = gw.store.credentials(&user).map_err(db_refusal)?;
-        let mut updated = false;
+        let mut updated = None;
         for c in &stored {
             let mut key: webauthn_rs::prelude::SecurityKey = serde_json::from_str(&c.key_json)
                 .map_err(|e| {
@@ -641,15 +765,29 @@ impl ConnCtx {
                 gw.store
                     .update_credential(&c.cred_id, &json)
                     .map_err(db_refusal)?;
-                updated = true;
+                updated = Some(c.cred_id.clone());
             }
         }
-        if !updated {
+        let Some(cred_id) = updated else {
             return Err(Refusal::new(
                 RefusalCode::VerificationFailed,
                 "the assertion's credential is not enrolled for this user",
             ));
+        };
+        // Told only to someone who just proved they hold the key: a disabled account is not
+        // revealed to a peer that merely names it.
+        if gw.store.is_disabled(&user).map_err(db_refusal)? {
+            return Err(disabled_refusal());
         }
+        gw.store
+            .record_sign_in(&user, &cred_id, now_secs())
+            .map_err(|e| {
+                tracing::warn!(error = %e, "the credential was removed during the sign-in");
+                Refusal::new(
+                    RefusalCode::NotEnrolled,
+                    "this key was removed from your account during the sign-in: ask your admin",
+                )
+            })?;
         let now = now_secs();
         let exp = now + gw.cfg.session.max_age.as_secs();
         let epoch = gw.revocations.epoch(&user);
@@ -678,6 +816,9 @@ impl ConnCtx {
                     format!("the session token is not valid ({why}): sign in again"),
                 ),
             })?;
+        if gw.revocations.disabled(&claims.sub) {
+            return Err(disabled_refusal());
+        }
         if gw.revocations.revoked(&claims) {
             return Err(revoked_refusal());
         }
@@ -702,23 +843,25 @@ impl ConnCtx {
         session: watch::Receiver<Option<Arc<SessionClaims>>>,
     ) {
         let gw = &self.gw;
-        let open =
-            match tokio::time::timeout(STREAM_OPEN_TIMEOUT, read_frame::<StreamOpen, _>(&mut recv))
-                .await
-            {
-                Ok(Ok(Some(o))) => o,
-                Ok(Ok(None)) => return,
-                Ok(Err(e)) => {
-                    let r = Refusal::new(RefusalCode::BadRequest, format!("stream header: {e}"));
-                    self.stream_refused(&mut send, None, None, r).await;
-                    return;
-                }
-                Err(_) => {
-                    let r = Refusal::new(RefusalCode::BadRequest, "no stream header within 10s");
-                    self.stream_refused(&mut send, None, None, r).await;
-                    return;
-                }
-            };
+        let open = match tokio::time::timeout(
+            STREAM_OPEN_TIMEOUT,
+            read_frame_limited::<StreamOpen, _>(&mut recv, STREAM_OPEN_MAX),
+        )
+        .await
+        {
+            Ok(Ok(Some(o))) => o,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                let r = Refusal::new(RefusalCode::BadRequest, format!("stream header: {e}"));
+                self.stream_refused(&mut send, None, None, r).await;
+                return;
+            }
+            Err(_) => {
+                let r = Refusal::new(RefusalCode::BadRequest, "no stream header within 10s");
+                self.stream_refused(&mut send, None, None, r).await;
+                return;
+            }
+        };
         let claims = session.borrow().clone();
         let Some(claims) = claims else {
             let r = Refusal::new(
@@ -818,6 +961,7 @@ impl ConnCtx {
             return;
         }
         gw.activity.touch(&claims.jti);
+        let _open = OpenStream::new(&self.open_streams);
         Metrics::inc(&gw.metrics.streams_total);
         Metrics::inc(&gw.metrics.streams_open);
         gw.audit.record(AuditEvent {
@@ -829,23 +973,30 @@ impl ConnCtx {
         let started = Instant::now();
         let io = Counted::new(tokio::io::join(recv, send));
         let (up, down) = (io.read.clone(), io.written.clone());
+        let browser = BrowserPolicy::new(open.local.as_ref());
         let outcome = match tcp {
             Some(mut upstream) => {
-                let mut io = io;
-                match tokio::io::copy_bidirectional_with_sizes(
+                let refusal = Arc::new(std::sync::OnceLock::new());
+                let mut io = FirstBytesGuard::new(io, browser, refusal.clone());
+                let copied = tokio::io::copy_bidirectional_with_sizes(
                     &mut io,
                     &mut upstream,
                     64 * 1024,
                     64 * 1024,
                 )
-                .await
-                {
-                    Ok(_) => "ok".to_owned(),
-                    Err(e) => format!("error: {e}"),
+                .await;
+                match (copied, refusal.get()) {
+                    (_, Some(r)) => {
+                        self.tcp_browser_refused(user, &svc.name, r);
+                        "browser_refused".to_owned()
+                    }
+                    (Ok(_), None) => "ok".to_owned(),
+                    (Err(e), None) => format!("error: {e}"),
                 }
             }
             None => {
-                let ctx = StreamContext::new(user, svc.clone());
+                let ctx =
+                    StreamContext::new(user, svc.clone(), browser).with_peer(self.peer.to_string());
                 gw.proxy.clone().serve_http(io, ctx).await;
                 "ok".to_owned()
             }
@@ -865,6 +1016,132 @@ impl ConnCtx {
             duration_ms: Some(started.elapsed().as_millis() as u64),
             ..self.event("stream_closed")
         });
+    }
+
+    /// A TCP service's stream whose first bytes were a browser's HTTP request: closed
+    /// before anything was forwarded; counted, logged and audited.
+    fn tcp_browser_refused(&self, user: &str, service: &str, r: &crate::browser::BrowserRefusal) {
+        Metrics::inc(&self.gw.metrics.browser_refused_total);
+        if !self.gw.audit.allow_refusal(Some(&self.peer.to_string())) {
+            return;
+        }
+        let msg = r.message(service);
+        tracing::warn!(service, reason = %msg, "browser connection to a TCP service refused");
+        self.gw.audit.record(AuditEvent {
+            user: Some(user.to_owned()),
+            service: Some(service.to_owned()),
+            outcome: Some("refused".into()),
+            reason: Some(msg),
+            ..self.event("browser_request_refused")
+        });
+    }
+
+    /// Refuses a data stream opened before the connection has a session, without reading
+    /// it: at most [`PRE_SESSION_STREAMS`] refusals are written at once, further streams
+    /// are reset, so a peer that opens thousands of streams announcing large frames costs
+    /// a few bytes each.
+    fn refuse_pre_session_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let gw = &self.gw;
+        Metrics::inc(&gw.metrics.streams_refused_total);
+        let _ = recv.stop(0u32.into());
+        let r = Refusal::new(
+            RefusalCode::Unauthenticated,
+            "sign in (or resume the session) on the control stream before opening streams",
+        );
+        if gw.audit.allow_refusal(Some(&self.peer.to_string())) {
+            tracing::info!(code = ?r.code, "stream refused before sign-in");
+            gw.audit.record(AuditEvent {
+                outcome: Some(code_name(r.code)),
+                reason: Some(r.message.clone()),
+                ..self.event("stream_refused")
+            });
+        }
+        let pending = self.pre_session_streams.clone();
+        if pending.fetch_add(1, Relaxed) >= PRE_SESSION_STREAMS {
+            pending.fetch_sub(1, Relaxed);
+            let _ = send.reset(0u32.into());
+            return;
+        }
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                write_frame(&mut send, &StreamReply::Refused(r)),
+            )
+            .await;
+            let _ = send.finish();
+            pending.fetch_sub(1, Relaxed);
+        });
+    }
+
+    /// Closes the connection when it has no session by the sign-in deadline, when its
+    /// session expires (a renewal on the connection moves that), and when the session has
+    /// been idle — no stream open — for the idle timeout. Every stream of the connection
+    /// ends with it, so a kept-alive HTTP connection or a long TCP stream cannot outlive
+    /// the session.
+    async fn watch_session(&self, mut session: watch::Receiver<Option<Arc<SessionClaims>>>) {
+        let gw = &self.gw;
+        let deadline = tokio::time::Instant::now() + gw.cfg.limits.signin_deadline;
+        loop {
+            let claims = session.borrow_and_update().clone();
+            let wake = match &claims {
+                None => deadline,
+                Some(c) => {
+                    let to_exp = Duration::from_secs(c.exp).saturating_sub(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default(),
+                    );
+                    let to_idle = if self.open_streams.load(Relaxed) > 0 {
+                        gw.cfg.session.idle_timeout
+                    } else {
+                        let idle = gw.activity.idle_for(&c.jti).unwrap_or_default();
+                        gw.cfg.session.idle_timeout.saturating_sub(idle)
+                    };
+                    tokio::time::Instant::now() + to_exp.min(to_idle)
+                }
+            };
+            tokio::select! {
+                changed = session.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                () = tokio::time::sleep_until(wake) => {}
+            }
+            let (event, code, why): (_, u32, String) = match &claims {
+                None => {
+                    Metrics::inc(&gw.metrics.signin_deadline_closed_total);
+                    (
+                        "connection_closed",
+                        4,
+                        format!(
+                            "no sign-in within {}",
+                            humantime::format_duration(gw.cfg.limits.signin_deadline)
+                        ),
+                    )
+                }
+                Some(c) if c.exp <= now_secs() => ("session_ended", 3, "session expired".into()),
+                Some(c) => {
+                    let idle = gw.activity.idle_for(&c.jti).unwrap_or_default();
+                    if self.open_streams.load(Relaxed) > 0 || idle < gw.cfg.session.idle_timeout {
+                        continue;
+                    }
+                    ("session_ended", 3, "session idle".into())
+                }
+            };
+            tracing::info!(reason = %why, "closing the connection");
+            let c = claims.as_deref();
+            gw.audit.record(AuditEvent {
+                user: c.map(|c| c.sub.clone()),
+                session: c.map(|c| c.jti.clone()),
+                outcome: Some(why.replace(' ', "_")),
+                reason: Some(why.clone()),
+                ..self.event(event)
+            });
+            self.conn.close(code.into(), why.as_bytes());
+            return;
+        }
     }
 
     async fn stream_refused(
@@ -888,6 +1165,111 @@ impl ConnCtx {
     }
 }
 
+/// A user name as sent by a peer, safe to log (truncated, escaped).
+fn untrusted_user(user: &str) -> String {
+    if user.len() <= 64 && user.chars().all(|c| c.is_ascii_graphic()) {
+        user.to_owned()
+    } else {
+        untrusted(user)
+    }
+}
+
+/// Lets a TCP service's first bytes through only once they are known not to be a browser's
+/// HTTP request that the port's policy refuses ([`BrowserPolicy::check_first_bytes`]). Until
+/// then it holds what it has read; the other direction flows meanwhile, so protocols where
+/// the server speaks first are not held up. A refusal fails the read, which ends the splice
+/// before anything reached the upstream.
+struct FirstBytesGuard<T> {
+    inner: T,
+    policy: Option<BrowserPolicy>,
+    held: Vec<u8>,
+    released: usize,
+    refusal: Arc<std::sync::OnceLock<crate::browser::BrowserRefusal>>,
+}
+
+impl<T> FirstBytesGuard<T> {
+    fn new(
+        inner: T,
+        policy: BrowserPolicy,
+        refusal: Arc<std::sync::OnceLock<crate::browser::BrowserRefusal>>,
+    ) -> Self {
+        Self {
+            inner,
+            policy: Some(policy),
+            held: Vec::new(),
+            released: 0,
+            refusal,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstBytesGuard<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use crate::browser::{FirstBytes, MAX_SNIFF};
+        use std::task::Poll;
+        let this = &mut *self;
+        while let Some(policy) = &this.policy {
+            let mut chunk = [0u8; 2048];
+            let mut rb = tokio::io::ReadBuf::new(&mut chunk);
+            std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
+            let eof = rb.filled().is_empty();
+            this.held.extend_from_slice(rb.filled());
+            match policy.check_first_bytes(&this.held[..this.held.len().min(MAX_SNIFF)]) {
+                Ok(FirstBytes::NeedMore) if !eof => continue,
+                Ok(_) => this.policy = None,
+                Err(r) => {
+                    let _ = this.refusal.set(r);
+                    this.policy = None;
+                    this.held.clear();
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        "a browser's request to a TCP service was refused",
+                    )));
+                }
+            }
+        }
+        if this.released < this.held.len() {
+            let n = (this.held.len() - this.released).min(buf.remaining());
+            buf.put_slice(&this.held[this.released..this.released + n]);
+            this.released += n;
+            if this.released == this.held.len() {
+                this.held = Vec::new();
+                this.released = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstBytesGuard<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 fn peer_thumbprint(conn: &quinn::Connection) -> Option<String> {
     let identity = conn.peer_identity()?;
     let certs = identity
@@ -897,11 +1279,12 @@ fn peer_thumbprint(conn: &quinn::Connection) -> Option<String> {
 }
 
 fn invite_ok(r: Result<(), crate::store::InviteProblem>) -> Result<(), Refusal> {
-    r.map_err(|p| {
-        Refusal::new(
+    r.map_err(|p| match p {
+        crate::store::InviteProblem::UserDisabled => disabled_refusal(),
+        p => Refusal::new(
             RefusalCode::InvalidInvite,
             format!("{p}: ask your admin for a new invite (touchgate-gateway invite USER)"),
-        )
+        ),
     })
 }
 

@@ -70,6 +70,13 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
+/// Bidirectional streams a peer without a session may have open at once (the control stream
+/// and a few more, which are refused).
+pub const PRE_SESSION_STREAMS: u32 = 8;
+
+/// Bytes a peer without a session may have in flight over all its streams.
+pub const PRE_SESSION_WINDOW: u32 = 256 * 1024;
+
 /// The QUIC server config: TLS 1.3 only, ALPN `touchgate/1`, a client certificate required,
 /// and transport settings sized for a tunnel.
 pub fn quic_server_config(
@@ -90,7 +97,13 @@ pub fn quic_server_config(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(touchgate_common::transport_config(max_streams)));
+    // A connection starts with room for sign-in only: a few streams and a small window, so a
+    // peer without a session cannot make the gateway buffer megabytes or hold thousands of
+    // streams. A session raises both (`server::ConnCtx::start_session`).
+    let mut transport = touchgate_common::transport_config(max_streams);
+    transport.max_concurrent_bidi_streams(PRE_SESSION_STREAMS.into());
+    transport.receive_window(PRE_SESSION_WINDOW.into());
+    cfg.transport_config(Arc::new(transport));
     Ok(cfg)
 }
 

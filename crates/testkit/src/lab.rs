@@ -168,6 +168,7 @@ kind = "http"
 upstream = "{upstream}"
 audience = "{API_AUDIENCE}"
 allow = [{users}]
+upgrade_protocols = ["websocket", "echo"]
 
 [[service]]
 name = "billing"
