@@ -151,7 +151,15 @@ name: string,
 /**
  * The port on 127.0.0.1 (0 picks a free one at each sign-in).
  */
-local_port: number, };
+local_port: number, 
+/**
+ * Host names besides the loopback ones that browsers may use for it (`allowed_hosts`).
+ */
+allowed_hosts: Array<string>, 
+/**
+ * Web origins besides the port's own that may call it from a browser (`allowed_origins`).
+ */
+allowed_origins: Array<string>, };
 
 export type Settings = { 
 /**
@@ -186,6 +194,14 @@ sign_in_on_launch: boolean,
  * Minutes before the session ends that the warning comes.
  */
 renew_reminder_minutes: number, 
+/**
+ * The WebAuthn relying party the agent signs for (empty: the gateway's TLS name).
+ */
+rp_id: string, 
+/**
+ * Serve local connections from other OS users of this machine too (Linux checks).
+ */
+allow_other_users: boolean, 
 /**
  * Services and their local ports.
  */

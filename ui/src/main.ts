@@ -292,7 +292,7 @@ function settingsView(): HTMLElement {
       }),
       hint ? h("p", { class: "hint" }, hint) : null,
     );
-  const check = (key: "lock_on_key_removal" | "autostart" | "sign_in_on_launch", label: string) =>
+  const check = (key: "lock_on_key_removal" | "autostart" | "sign_in_on_launch" | "allow_other_users", label: string) =>
     h(
       "div",
       { class: "field check" },
@@ -319,6 +319,7 @@ function settingsView(): HTMLElement {
           { "data-service": s.name },
           h("td", {}, h("input", { "aria-label": "Service name", value: s.name, disabled: managed || i < sv.values.services.length, oninput: (e: Event) => { s.name = (e.target as HTMLInputElement).value; } })),
           h("td", {}, h("input", { "aria-label": `Local port of ${s.name}`, type: "number", min: 0, max: 65535, value: s.local_port, disabled: managed, oninput: (e: Event) => { s.local_port = Number((e.target as HTMLInputElement).value); } })),
+          h("td", {}, h("input", { "aria-label": `Browser origins allowed for ${s.name}`, placeholder: "none", title: "Web pages that may call this service from a browser, e.g. http://localhost:3000 (comma-separated)", value: (s.allowed_origins ?? []).join(", "), disabled: managed, spellcheck: "false", oninput: (e: Event) => { s.allowed_origins = (e.target as HTMLInputElement).value.split(",").map((o) => o.trim()).filter((o) => o !== ""); } })),
           h(
             "td",
             {},
@@ -356,10 +357,10 @@ function settingsView(): HTMLElement {
       "fieldset",
       {},
       h("legend", {}, "Services"),
-      h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Service"), h("th", {}, "Port on 127.0.0.1"), h("th", {}))), rows),
+      h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Service"), h("th", {}, "Port on 127.0.0.1"), h("th", {}, "Browser origins"), h("th", {}))), rows),
       listLocked
         ? note("Your organisation chooses the services.")
-        : h("button", { type: "button", class: "small secondary", onclick: () => { values.services.push({ name: "", local_port: 0 }); drawRows(); } }, "Add a service"),
+        : h("button", { type: "button", class: "small secondary", onclick: () => { values.services.push({ name: "", local_port: 0, allowed_hosts: [], allowed_origins: [] }); drawRows(); } }, "Add a service"),
     ),
     h(
       "fieldset",
@@ -374,6 +375,7 @@ function settingsView(): HTMLElement {
       check("lock_on_key_removal", "End the session when the key is unplugged"),
       check("sign_in_on_launch", "Ask for a touch when touchgate starts"),
       check("autostart", "Start touchgate when I log in"),
+      check("allow_other_users", "Serve other users of this computer too (less safe)"),
     ),
     h("div", { class: "buttons" }, h("button", { type: "submit" }, "Save")),
     h("p", { class: "hint" }, `Your settings file: ${sv.user_file}`),

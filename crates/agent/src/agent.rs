@@ -13,12 +13,13 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use touchgate_proto::{RefusalCode, SessionInfo};
 use tracing::Instrument;
 
-use touchgate_common::wire::{read_frame, write_frame};
-use touchgate_proto::{StreamOpen, StreamReply};
+use touchgate_common::wire::read_frame;
+use touchgate_proto::{StreamOpen, StreamReply, encode};
 
 use crate::{
     authenticator::Authenticator,
     config::AgentConfig,
+    peer::OwnerCheck,
     tunnel::{SessionKey, Tunnel, TunnelError, client_endpoint},
 };
 
@@ -163,17 +164,26 @@ impl RunningAgent {
         shared.sign_in().await?;
         let mut tasks = Vec::new();
         let mut listeners = Vec::new();
-        for (name, l) in bound {
+        for ((name, l), svc) in bound.into_iter().zip(&shared.cfg.services) {
             let addr = l.local_addr().map_err(|source| AgentError::Bind {
                 service: name.clone(),
                 port: 0,
                 source,
             })?;
             listeners.push((name.clone(), addr));
+            let local = Local {
+                // The stream's first frame is the same for every connection: made once here.
+                open: encode(&StreamOpen {
+                    service: name.clone(),
+                    local: Some(svc.access(addr.port())),
+                })
+                .into(),
+                service: name.clone(),
+                check_owner: !shared.cfg.allow_other_users && OwnerCheck::supported(),
+            };
             let rx = conn_rx.clone();
             tasks.push(tokio::spawn(
-                serve_local(l, name.clone(), rx)
-                    .instrument(tracing::info_span!("service", name = %name)),
+                serve_local(l, local, rx).instrument(tracing::info_span!("service", name = %name)),
             ));
         }
         let s = shared.clone();
@@ -432,11 +442,29 @@ fn connected_state(session: &SessionInfo) -> AgentState {
     }
 }
 
+/// One service's local port, as its accept loop serves it.
+struct Local {
+    service: String,
+    /// The encoded `StreamOpen` frame every stream of this service starts with.
+    open: Arc<[u8]>,
+    /// Close connections from other OS users (Linux, unless `allow_other_users`).
+    check_owner: bool,
+}
+
+/// How often a refused local connection is logged at most, per service; the rest are counted.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
 async fn serve_local(
     listener: TcpListener,
-    service: String,
+    local: Local,
     conn: watch::Receiver<Option<quinn::Connection>>,
 ) {
+    let local = Arc::new(local);
+    let mut owners = OwnerCheck::new();
+    let mut refusals = RefusalLog::default();
+    if local.check_owner && owners.own_uid().is_none() {
+        tracing::warn!(service = %local.service, "cannot tell which OS user this agent runs as, so every local connection will be refused (set allow_other_users = true to serve them all)");
+    }
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -446,32 +474,97 @@ async fn serve_local(
                 continue;
             }
         };
+        if local.check_owner
+            && let Err(why) = same_user(&mut owners, &tcp, peer)
+        {
+            // Closed before any stream is opened: the gateway never hears of it.
+            drop(tcp);
+            refusals.note(&local.service, peer, why);
+            continue;
+        }
         let _ = tcp.set_nodelay(true);
-        let service = service.clone();
+        let local = local.clone();
         let conn = conn.clone();
         tokio::spawn(
-            async move { handle_local(tcp, &service, conn).await }
+            async move { handle_local(tcp, &local, conn).await }
                 .instrument(tracing::debug_span!("local", %peer)),
         );
     }
 }
 
+/// Why a local connection was refused.
+enum NotOurs {
+    /// Another OS user owns the peer socket.
+    OtherUser(u32),
+    /// The owner could not be found.
+    Unknown(String),
+}
+
+/// Checks that the OS user owning the peer socket of `tcp` is the agent's own.
+fn same_user(
+    owners: &mut OwnerCheck,
+    tcp: &tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> Result<(), NotOurs> {
+    let own = owners
+        .own_uid()
+        .ok_or_else(|| NotOurs::Unknown("the agent's own user is not known".into()))?;
+    let local = tcp
+        .local_addr()
+        .map_err(|e| NotOurs::Unknown(e.to_string()))?;
+    match owners.owner(peer, local) {
+        Ok(uid) if uid == own => Ok(()),
+        Ok(uid) => Err(NotOurs::OtherUser(uid)),
+        Err(e) => Err(NotOurs::Unknown(e.to_string())),
+    }
+}
+
+/// Logs refused local connections at most once per [`REFUSAL_LOG_EVERY`], so a flood of them
+/// does not flood the log; the next line says how many were not logged.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, service: &str, peer: SocketAddr, why: NotOurs) {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        self.last = Some(now);
+        let suppressed = std::mem::take(&mut self.suppressed);
+        match why {
+            NotOurs::OtherUser(uid) => tracing::warn!(
+                %service, uid, %peer, suppressed,
+                "refused a local connection from another user of this machine (set allow_other_users = true to serve other users)"
+            ),
+            NotOurs::Unknown(reason) => tracing::warn!(
+                %service, %peer, %reason, suppressed,
+                "refused a local connection whose user could not be found (set allow_other_users = true to serve connections without this check)"
+            ),
+        }
+    }
+}
+
 async fn handle_local(
     tcp: tokio::net::TcpStream,
-    service: &str,
+    local: &Local,
     mut conn: watch::Receiver<Option<quinn::Connection>>,
 ) {
+    let service = local.service.as_str();
     let deadline = tokio::time::Instant::now() + LOCAL_WAIT;
     loop {
         let current = conn.borrow_and_update().clone();
         if let Some(c) = current.filter(|c| c.close_reason().is_none()) {
             match tokio::time::timeout_at(deadline, c.open_bi()).await {
                 Ok(Ok((mut send, recv))) => {
-                    let open = StreamOpen {
-                        service: service.to_owned(),
-                        local: None,
-                    };
-                    if write_frame(&mut send, &open).await.is_ok() {
+                    if send.write_all(&local.open).await.is_ok() {
                         pipe(tcp, send, recv, service).await;
                         return;
                     }

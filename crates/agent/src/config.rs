@@ -61,9 +61,20 @@ pub struct AgentConfig {
     /// End the session when the key that signed in is unplugged.
     #[serde(default)]
     pub lock_on_key_removal: bool,
-    /// WebAuthn origin override; by default the one the gateway names.
+    /// The WebAuthn origin this agent signs for; by default `https://{rp_id}`. A challenge
+    /// that names another origin is refused before the key is asked.
     #[serde(default)]
     pub origin: Option<String>,
+    /// The WebAuthn relying party this agent signs for; by default the gateway's TLS server
+    /// name. A challenge for any other site is refused before the key is asked, so a gateway
+    /// that is not ours cannot relay a sign-in to another site.
+    #[serde(default)]
+    pub rp_id: Option<String>,
+    /// Serve connections from other OS users of this machine too. Off by default: on Linux a
+    /// local connection whose socket belongs to another user is closed before it reaches the
+    /// gateway (other systems have no such check).
+    #[serde(default)]
+    pub allow_other_users: bool,
     /// Path of the local status socket; defaults to the platform runtime directory.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
@@ -89,6 +100,26 @@ pub struct LocalService {
     pub name: String,
     /// The local TCP port on 127.0.0.1 (0 picks a free one).
     pub local_port: u16,
+    /// Host names (or IPs) besides the loopback ones that browsers may name in `Host`, e.g. a
+    /// name mapped to 127.0.0.1 in /etc/hosts. Bare names: no scheme, port or path.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Web origins besides the port's own that may call the service from a browser, e.g. a
+    /// local front end at `http://localhost:3000`.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+}
+
+impl LocalService {
+    /// What the gateway is told about browser access to this service, on local `port` (the
+    /// bound one, which differs from `local_port` when that is 0).
+    pub fn access(&self, port: u16) -> touchgate_proto::LocalAccess {
+        touchgate_proto::LocalAccess {
+            port,
+            allowed_hosts: self.allowed_hosts.clone(),
+            allowed_origins: self.allowed_origins.clone(),
+        }
+    }
 }
 
 /// Which authenticator to use.
@@ -178,6 +209,36 @@ impl AgentConfig {
             if !seen.insert(&s.name) {
                 problems.push(format!("service {:?} is listed twice", s.name));
             }
+            for h in &s.allowed_hosts {
+                if let Err(e) = check_host(h) {
+                    problems.push(format!(
+                        "service {:?}: allowed_hosts entry {h:?} {e}: write a bare host name or IP such as \"myapp.test\"",
+                        s.name
+                    ));
+                }
+            }
+            for o in &s.allowed_origins {
+                if let Err(e) = check_origin(o) {
+                    problems.push(format!(
+                        "service {:?}: allowed_origins entry {o:?} {e}: write scheme, host and port only, such as \"http://localhost:3000\"",
+                        s.name
+                    ));
+                }
+            }
+        }
+        if let Some(rp) = &self.rp_id
+            && let Err(e) = check_host(rp)
+        {
+            problems.push(format!(
+                "rp_id {rp:?} {e}: write the gateway's WebAuthn relying party id, a bare host name such as \"gw.corp.example\""
+            ));
+        }
+        if let Some(o) = &self.origin
+            && let Err(e) = check_origin(o)
+        {
+            problems.push(format!(
+                "origin {o:?} {e}: write scheme and host only, such as \"https://gw.corp.example\""
+            ));
         }
         if problems.is_empty() {
             Ok(())
@@ -213,6 +274,18 @@ impl AgentConfig {
         })
     }
 
+    /// The WebAuthn relying party id this agent signs for: `rp_id`, else the TLS server name.
+    pub fn rp_id(&self) -> String {
+        self.rp_id.clone().unwrap_or_else(|| self.server_name())
+    }
+
+    /// The WebAuthn origin this agent signs for: `origin`, else `https://{rp_id}`.
+    pub fn expected_origin(&self) -> String {
+        self.origin
+            .clone()
+            .unwrap_or_else(|| format!("https://{}", self.rp_id()))
+    }
+
     /// The status socket path.
     pub fn control_socket(&self) -> PathBuf {
         if let Some(p) = &self.control_socket {
@@ -243,6 +316,66 @@ pub fn resolve_relative_paths(table: &mut toml::Table, base: &Path) {
     {
         *ca = base.join(&*ca).display().to_string();
     }
+}
+
+/// Checks a bare host name or IP address (no scheme, port or path); says what is wrong.
+pub fn check_host(host: &str) -> Result<(), &'static str> {
+    if host.is_empty() {
+        return Err("is empty");
+    }
+    if host.contains("://") {
+        return Err("has a scheme");
+    }
+    if host.contains(['/', '?', '#']) {
+        return Err("has a path");
+    }
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if host.contains(':') {
+        return Err("has a port");
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    if host.len() > 253 || !host.trim_end_matches('.').split('.').all(label_ok) {
+        return Err("is not a host name");
+    }
+    Ok(())
+}
+
+/// Checks a web origin, `http(s)://host[:port]` with no path; says what is wrong.
+pub fn check_origin(origin: &str) -> Result<(), &'static str> {
+    let Some(rest) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
+        return Err("does not start with http:// or https://");
+    };
+    if rest.contains(['/', '?', '#']) {
+        return Err("has a path");
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        // A bracketed IPv6 address without a port has its colons inside the brackets.
+        Some((h, p)) if !p.ends_with(']') => (h, Some(p)),
+        _ => (rest, None),
+    };
+    if let Some(p) = port
+        && p.parse::<u16>().map_or(true, |p| p == 0)
+    {
+        return Err("has a bad port");
+    }
+    if host.contains(':') && !host.starts_with('[') {
+        return Err("has an IPv6 address without brackets");
+    }
+    check_host(host)
 }
 
 /// Lowercase hex without separators.
@@ -287,5 +420,83 @@ mod tests {
             AuthenticatorChoice::Soft(dir.path().join("key.tgk"))
         );
         assert_eq!(cfg.services[0].local_port, 8081);
+    }
+
+    fn with(extra: &str) -> AgentConfig {
+        toml::from_str(&format!(
+            "gateway = \"gw.corp.example:4433\"\nuser = \"alice\"\ngateway_cert_sha256 = \"{}\"\n{extra}",
+            "ab".repeat(32)
+        ))
+        .expect("toml")
+    }
+
+    #[test]
+    fn browser_access_settings_take_bare_hosts_and_plain_origins() {
+        let cfg = with(
+            "[[service]]\nname = \"api\"\nlocal_port = 8081\nallowed_hosts = [\"myapp.test\", \"10.0.0.1\", \"::1\", \"[::1]\"]\n\
+             allowed_origins = [\"http://localhost:3000\", \"https://app.corp.example\", \"http://[::1]:5173\"]\n",
+        );
+        cfg.check().expect("valid");
+        let access = cfg.services[0].access(40000);
+        assert_eq!(access.port, 40000);
+        assert_eq!(access.allowed_hosts.len(), 4);
+        assert_eq!(access.allowed_origins[0], "http://localhost:3000");
+        // Both default to empty.
+        let plain = with("[[service]]\nname = \"api\"\nlocal_port = 8081\n");
+        assert_eq!(
+            plain.services[0].access(1),
+            touchgate_proto::LocalAccess {
+                port: 1,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_bad_browser_access_value_is_a_clear_config_error() {
+        let cfg = with(
+            "[[service]]\nname = \"api\"\nlocal_port = 8081\n\
+             allowed_hosts = [\"http://myapp.test\", \"myapp.test:8081\", \"myapp.test/x\", \"\"]\n\
+             allowed_origins = [\"localhost:3000\", \"http://localhost:3000/\", \"http://localhost:0\", \"https://a b\"]\n",
+        );
+        let msg = cfg.check().expect_err("invalid").to_string();
+        for want in [
+            "allowed_hosts entry \"http://myapp.test\" has a scheme",
+            "allowed_hosts entry \"myapp.test:8081\" has a port",
+            "allowed_hosts entry \"myapp.test/x\" has a path",
+            "allowed_hosts entry \"\" is empty",
+            "allowed_origins entry \"localhost:3000\" does not start with http:// or https://",
+            "allowed_origins entry \"http://localhost:3000/\" has a path",
+            "allowed_origins entry \"http://localhost:0\" has a bad port",
+            "allowed_origins entry \"https://a b\" is not a host name",
+            "such as \"http://localhost:3000\"",
+        ] {
+            assert!(msg.contains(want), "{want:?} not in {msg}");
+        }
+    }
+
+    #[test]
+    fn the_agent_signs_for_the_gateways_tls_name_unless_told_otherwise() {
+        let cfg = with("");
+        assert_eq!(cfg.rp_id(), "gw.corp.example");
+        assert_eq!(cfg.expected_origin(), "https://gw.corp.example");
+        assert!(!cfg.allow_other_users);
+        let cfg = with("server_name = \"localhost\"\n");
+        assert_eq!(cfg.rp_id(), "localhost");
+        let cfg = with(
+            "rp_id = \"corp.example\"\norigin = \"https://login.corp.example\"\nallow_other_users = true\n",
+        );
+        cfg.check().expect("valid");
+        assert_eq!(cfg.rp_id(), "corp.example");
+        assert_eq!(cfg.expected_origin(), "https://login.corp.example");
+        assert!(cfg.allow_other_users);
+        let msg = with("rp_id = \"https://corp.example\"\n")
+            .check()
+            .expect_err("a URL is no rp id")
+            .to_string();
+        assert!(
+            msg.contains("rp_id \"https://corp.example\" has a scheme"),
+            "{msg}"
+        );
     }
 }

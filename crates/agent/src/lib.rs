@@ -5,6 +5,7 @@ pub mod agent;
 pub mod authenticator;
 pub mod config;
 pub mod controller;
+pub mod peer;
 pub mod settings;
 pub mod status;
 pub mod tunnel;

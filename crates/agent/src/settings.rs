@@ -67,12 +67,18 @@ pub fn managed_path() -> Option<PathBuf> {
 }
 
 /// One service as the settings window edits it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, TS)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, TS)]
 pub struct ServiceSetting {
     /// The gateway's name for the service.
     pub name: String,
     /// The port on 127.0.0.1 (0 picks a free one at each sign-in).
     pub local_port: u16,
+    /// Host names besides the loopback ones that browsers may use for it (`allowed_hosts`).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Web origins besides the port's own that may call it from a browser (`allowed_origins`).
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
 
 /// The values a user can edit (unless the organisation set them).
@@ -94,6 +100,12 @@ pub struct Settings {
     pub sign_in_on_launch: bool,
     /// Minutes before the session ends that the warning comes.
     pub renew_reminder_minutes: u32,
+    /// The WebAuthn relying party the agent signs for (empty: the gateway's TLS name).
+    #[serde(default)]
+    pub rp_id: String,
+    /// Serve local connections from other OS users of this machine too (Linux checks).
+    #[serde(default)]
+    pub allow_other_users: bool,
     /// Services and their local ports.
     pub services: Vec<ServiceSetting>,
 }
@@ -234,12 +246,26 @@ impl Layered {
             autostart: b("autostart"),
             sign_in_on_launch: b("sign_in_on_launch"),
             renew_reminder_minutes: reminder,
+            rp_id: s("rp_id"),
+            allow_other_users: b("allow_other_users"),
             services: services_of(t)
                 .iter()
                 .filter_map(|v| {
+                    let list = |k: &str| {
+                        v.get(k)
+                            .and_then(|l| l.as_array())
+                            .map(|l| {
+                                l.iter()
+                                    .filter_map(|x| x.as_str().map(str::to_owned))
+                                    .collect()
+                            })
+                            .unwrap_or_default()
+                    };
                     Some(ServiceSetting {
                         name: v.get("name")?.as_str()?.to_owned(),
                         local_port: u16::try_from(v.get("local_port")?.as_integer()?).ok()?,
+                        allowed_hosts: list("allowed_hosts"),
+                        allowed_origins: list("allowed_origins"),
                     })
                 })
                 .collect(),
@@ -290,6 +316,11 @@ impl Layered {
                 old.sign_in_on_launch,
                 new.sign_in_on_launch,
             ),
+            (
+                "allow_other_users",
+                old.allow_other_users,
+                new.allow_other_users,
+            ),
         ] {
             set(key, o != n, n.into())?;
         }
@@ -298,8 +329,11 @@ impl Layered {
             old.renew_reminder_minutes != new.renew_reminder_minutes,
             text(&format!("{}m", new.renew_reminder_minutes)),
         )?;
-        if new.gateway_cert_sha256.is_empty() {
-            doc.remove("gateway_cert_sha256");
+        set("rp_id", old.rp_id != new.rp_id, text(&new.rp_id))?;
+        for key in ["gateway_cert_sha256", "rp_id"] {
+            if doc.get(key).and_then(|v| v.as_str()) == Some("") {
+                doc.remove(key);
+            }
         }
         self.set_services(&mut doc, &old.services, &new.services)?;
 
@@ -355,6 +389,14 @@ impl Layered {
             let mut t = toml_edit::Table::new();
             t["name"] = toml_edit::value(s.name.as_str());
             t["local_port"] = toml_edit::value(i64::from(s.local_port));
+            for (key, values) in [
+                ("allowed_hosts", &s.allowed_hosts),
+                ("allowed_origins", &s.allowed_origins),
+            ] {
+                if !values.is_empty() {
+                    t[key] = toml_edit::value(values.iter().collect::<toml_edit::Array>());
+                }
+            }
             list.push(t);
         }
         if list.is_empty() {
@@ -612,6 +654,7 @@ mod tests {
         s.services.push(ServiceSetting {
             name: "extra".into(),
             local_port: 3000,
+            ..Default::default()
         });
         let e = l.save(&s).expect_err("locked");
         assert!(
@@ -619,6 +662,74 @@ mod tests {
                 .starts_with("the list of services is set by your organisation"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn browser_access_and_other_users_flow_through_the_layers_and_lock() {
+        let managed = format!(
+            "gateway = \"gw.corp.example:4433\"\ngateway_cert_sha256 = \"{PIN}\"\nallow_other_users = false\nrp_id = \"gw.corp.example\"\n\
+             [[service]]\nname = \"api\"\nlocal_port = 8081\nallowed_origins = [\"http://localhost:3000\"]\n"
+        );
+        let user = format!("{USER}allowed_hosts = [\"mine.test\"]\n");
+        let (_dir, paths) = layers(&user, Some(&managed));
+        let l = Layered::load(&paths).expect("load");
+        let cfg = l.config().expect("config");
+        let api = cfg.services.iter().find(|s| s.name == "api").expect("api");
+        assert_eq!(api.allowed_origins, ["http://localhost:3000"]);
+        let mine = cfg
+            .services
+            .iter()
+            .find(|s| s.name == "mine")
+            .expect("mine");
+        assert_eq!(mine.allowed_hosts, ["mine.test"]);
+        assert!(!cfg.allow_other_users);
+        assert_eq!(cfg.rp_id(), "gw.corp.example");
+        for key in ["allow_other_users", "rp_id", "service.api"] {
+            assert!(l.is_locked(key), "{key} is not locked");
+        }
+        let view = l.view().values;
+        let api = view.services.iter().find(|s| s.name == "api").expect("api");
+        assert_eq!(api.allowed_origins, ["http://localhost:3000"]);
+
+        // The organisation's choices cannot be changed; the user's own lists are saved.
+        let mut s = view.clone();
+        s.allow_other_users = true;
+        let e = l.save(&s).expect_err("locked").to_string();
+        assert!(
+            e.starts_with("allow_other_users is set by your organisation"),
+            "{e}"
+        );
+        let mut s = view.clone();
+        s.services
+            .iter_mut()
+            .filter(|s| s.name == "api")
+            .for_each(|s| s.allowed_origins.push("http://evil.example".into()));
+        let e = l.save(&s).expect_err("locked").to_string();
+        assert!(
+            e.starts_with("service api is set by your organisation"),
+            "{e}"
+        );
+        let mut s = view;
+        s.services
+            .iter_mut()
+            .filter(|s| s.name == "mine")
+            .for_each(|s| s.allowed_origins = vec!["http://localhost:5173".into()]);
+        let saved = l.save(&s).expect("save").config().expect("config");
+        let mine = saved
+            .services
+            .iter()
+            .find(|s| s.name == "mine")
+            .expect("mine");
+        assert_eq!(mine.allowed_origins, ["http://localhost:5173"]);
+        assert_eq!(mine.allowed_hosts, ["mine.test"]);
+        // A bad value is refused and not written.
+        let mut s = l.view().values;
+        s.services
+            .iter_mut()
+            .filter(|s| s.name == "mine")
+            .for_each(|s| s.allowed_origins = vec!["localhost:5173".into()]);
+        let e = l.save(&s).expect_err("invalid").to_string();
+        assert!(e.contains("does not start with http:// or https://"), "{e}");
     }
 
     fn repo(file: &str) -> PathBuf {
@@ -638,6 +749,8 @@ mod tests {
             "services",
             "service.api",
             "service.billing",
+            "rp_id",
+            "allow_other_users",
         ] {
             assert!(
                 locked.iter().any(|l| l == key),
@@ -680,6 +793,10 @@ mod tests {
         .expect("toml");
         for key in example.keys() {
             assert!(props.contains_key(key), "the schema lacks {key}");
+        }
+        let item = &props["service"]["items"]["properties"];
+        for key in ["name", "local_port", "allowed_hosts", "allowed_origins"] {
+            assert!(item.get(key).is_some(), "the schema's service lacks {key}");
         }
     }
 
