@@ -51,6 +51,27 @@ pub enum TunnelError {
     /// Local TLS setup failed.
     #[error("TLS setup failed: {0}")]
     Tls(String),
+    /// The gateway asked the key to sign for another site than this agent's own (a wrong or
+    /// impersonated gateway relaying a sign-in); the key was not asked.
+    #[error(
+        "the gateway asked to sign for {asked}, but this agent signs only for {expected} ({setting}): \
+         you may be talking to the wrong gateway — check the gateway address with your admin"
+    )]
+    ForeignSite {
+        /// What the gateway's challenge named (an rp id, or an origin).
+        asked: String,
+        /// What this agent signs for.
+        expected: String,
+        /// The agent setting that says so (`rp_id` or `origin`).
+        setting: &'static str,
+    },
+    /// The gateway's sign-in options name no credential, so any key's credential for the site
+    /// would do; the key was not asked.
+    #[error(
+        "the gateway asked for a sign-in without naming which key may answer (an empty allowCredentials): \
+         this agent answers only challenges for the keys enrolled with its gateway — check the gateway address with your admin"
+    )]
+    NoAllowedCredentials,
 }
 
 impl TunnelError {
@@ -208,11 +229,80 @@ struct Control {
     recv: quinn::RecvStream,
 }
 
+/// The site this agent signs for. Every challenge the gateway sends is checked against it
+/// before the authenticator is asked for anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignFor {
+    /// The WebAuthn relying party id.
+    pub rp_id: String,
+    /// The origin that goes into `clientDataJSON`.
+    pub origin: String,
+}
+
+impl SignFor {
+    /// What `cfg` signs for: `rp_id` (default: the gateway's TLS name) and `origin` (default:
+    /// `https://{rp_id}`).
+    pub fn of(cfg: &AgentConfig) -> Self {
+        Self {
+            rp_id: cfg.rp_id(),
+            origin: cfg.expected_origin(),
+        }
+    }
+
+    /// Checks an enrolment challenge: its relying party and origin must be ours.
+    pub fn check_creation(
+        &self,
+        options: &CreationChallengeResponse,
+        origin: &str,
+    ) -> Result<(), TunnelError> {
+        self.check_rp_id(&options.public_key.rp.id)?;
+        self.check_origin(origin)
+    }
+
+    /// Checks a sign-in challenge: its relying party and origin must be ours, and it must name
+    /// the credentials that may answer.
+    pub fn check_request(
+        &self,
+        options: &RequestChallengeResponse,
+        origin: &str,
+    ) -> Result<(), TunnelError> {
+        self.check_rp_id(&options.public_key.rp_id)?;
+        self.check_origin(origin)?;
+        if options.public_key.allow_credentials.is_empty() {
+            return Err(TunnelError::NoAllowedCredentials);
+        }
+        Ok(())
+    }
+
+    fn check_rp_id(&self, asked: &str) -> Result<(), TunnelError> {
+        if asked == self.rp_id {
+            return Ok(());
+        }
+        Err(TunnelError::ForeignSite {
+            asked: asked.to_owned(),
+            expected: self.rp_id.clone(),
+            setting: "rp_id",
+        })
+    }
+
+    fn check_origin(&self, asked: &str) -> Result<(), TunnelError> {
+        if asked == self.origin {
+            return Ok(());
+        }
+        Err(TunnelError::ForeignSite {
+            asked: format!("origin {asked}"),
+            expected: format!("origin {}", self.origin),
+            setting: "origin",
+        })
+    }
+}
+
 /// One QUIC connection to the gateway, with its control stream.
 pub struct Tunnel {
     conn: quinn::Connection,
     control: Mutex<Control>,
     binding: [u8; EXPORTER_LEN],
+    sign_for: SignFor,
 }
 
 impl Tunnel {
@@ -255,6 +345,7 @@ impl Tunnel {
             conn,
             control: Mutex::new(Control { send, recv }),
             binding,
+            sign_for: SignFor::of(cfg),
         })
     }
 
@@ -306,6 +397,7 @@ impl Tunnel {
         };
         let ccr: CreationChallengeResponse = serde_json::from_value(options)
             .map_err(|e| TunnelError::Protocol(format!("bad creation options: {e}")))?;
+        self.sign_for.check_creation(&ccr, &origin)?;
         let origin = origin_override.map(str::to_owned).unwrap_or(origin);
         let cdj = client_data_json(
             Ceremony::Create,
@@ -351,6 +443,7 @@ impl Tunnel {
         };
         let rcr: RequestChallengeResponse = serde_json::from_value(options)
             .map_err(|e| TunnelError::Protocol(format!("bad request options: {e}")))?;
+        self.sign_for.check_request(&rcr, &origin)?;
         let origin = origin_override.map(str::to_owned).unwrap_or(origin);
         let cdj = client_data_json(
             Ceremony::Get,
@@ -441,4 +534,134 @@ pub async fn open_stream(
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ours() -> SignFor {
+        SignFor {
+            rp_id: "gw.corp.example".into(),
+            origin: "https://gw.corp.example".into(),
+        }
+    }
+
+    fn request(rp_id: &str, allowed: usize) -> RequestChallengeResponse {
+        let allow: Vec<_> = (0..allowed)
+            .map(|_| serde_json::json!({"type": "public-key", "id": "AAECAw"}))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "publicKey": {
+                "challenge": "AAECAwQFBgcICQoLDA0ODw",
+                "rpId": rp_id,
+                "allowCredentials": allow,
+                "userVerification": "discouraged"
+            }
+        }))
+        .expect("request options")
+    }
+
+    fn creation(rp_id: &str) -> CreationChallengeResponse {
+        serde_json::from_value(serde_json::json!({
+            "publicKey": {
+                "rp": {"name": "touchgate", "id": rp_id},
+                "user": {"id": "AAECAw", "name": "alice", "displayName": "alice"},
+                "challenge": "AAECAwQFBgcICQoLDA0ODw",
+                "pubKeyCredParams": [{"type": "public-key", "alg": -7}]
+            }
+        }))
+        .expect("creation options")
+    }
+
+    #[test]
+    fn a_challenge_for_this_agents_own_site_passes() {
+        ours()
+            .check_request(&request("gw.corp.example", 1), "https://gw.corp.example")
+            .expect("ours");
+        ours()
+            .check_creation(&creation("gw.corp.example"), "https://gw.corp.example")
+            .expect("ours");
+    }
+
+    #[test]
+    fn a_sign_in_for_another_site_is_refused_naming_both() {
+        let e = ours()
+            .check_request(&request("github.com", 1), "https://gw.corp.example")
+            .expect_err("another site");
+        assert!(
+            matches!(
+                e,
+                TunnelError::ForeignSite {
+                    setting: "rp_id",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "the gateway asked to sign for github.com, but this agent signs only for gw.corp.example (rp_id): \
+             you may be talking to the wrong gateway — check the gateway address with your admin"
+        );
+    }
+
+    #[test]
+    fn an_enrolment_for_another_site_is_refused() {
+        let e = ours()
+            .check_creation(&creation("login.okta.example"), "https://gw.corp.example")
+            .expect_err("another site");
+        assert!(e.to_string().starts_with("the gateway asked to sign for login.okta.example, but this agent signs only for gw.corp.example (rp_id)"), "{e}");
+    }
+
+    #[test]
+    fn a_challenge_with_another_origin_is_refused() {
+        for origin in [
+            "https://github.com",
+            "http://gw.corp.example",
+            "https://gw.corp.example:8443",
+        ] {
+            let e = ours()
+                .check_request(&request("gw.corp.example", 1), origin)
+                .expect_err("another origin");
+            assert!(
+                matches!(
+                    e,
+                    TunnelError::ForeignSite {
+                        setting: "origin",
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+            assert!(
+                e.to_string().starts_with(&format!(
+                    "the gateway asked to sign for origin {origin}, but this agent signs only for origin https://gw.corp.example (origin)"
+                )),
+                "{e}"
+            );
+            let e = ours()
+                .check_creation(&creation("gw.corp.example"), origin)
+                .expect_err("another origin");
+            assert!(
+                matches!(
+                    e,
+                    TunnelError::ForeignSite {
+                        setting: "origin",
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn sign_in_options_that_name_no_credential_are_refused() {
+        let e = ours()
+            .check_request(&request("gw.corp.example", 0), "https://gw.corp.example")
+            .expect_err("no allow list");
+        assert!(matches!(e, TunnelError::NoAllowedCredentials), "{e:?}");
+        assert!(e.to_string().contains("empty allowCredentials"), "{e}");
+    }
 }
