@@ -325,6 +325,14 @@ mod tests {
                 "Sign in…",
             ),
             (
+                Phase::SignedOut {
+                    reason: Some(touchgate_agent::agent::ACCOUNT_DISABLED.into()),
+                },
+                Icon::SignedOut,
+                "Signed out: your account is disabled on this gateway; ask your admin",
+                "Sign in…",
+            ),
+            (
                 Phase::WaitingForTouch {
                     key: "YubiKey 5".into(),
                     purpose: Purpose::SignIn,

@@ -141,7 +141,11 @@ reason: string, } | { "kind": "connection_restored" } | { "kind": "enrolled",
 /**
  * Which.
  */
-key: string, };
+key: string, } | { "kind": "account_disabled", 
+/**
+ * The gateway's words.
+ */
+reason: string, };
 
 export type ServiceSetting = { 
 /**

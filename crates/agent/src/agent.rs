@@ -36,6 +36,14 @@ const COPY_BUF: usize = 64 * 1024;
 /// How long a local connection waits for the tunnel before it is closed.
 pub const LOCAL_WAIT: Duration = Duration::from_secs(10);
 
+/// What the agent says when the gateway refuses the user because an admin disabled the account
+/// (unless the gateway's own message says so).
+pub const ACCOUNT_DISABLED: &str = "your account is disabled on this gateway; ask your admin";
+
+/// The QUIC close reason with which the gateway ends the connections of a user an admin
+/// disabled.
+const DISABLED_CLOSE: &str = "account disabled";
+
 /// What the agent is doing, for front ends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
@@ -119,6 +127,8 @@ struct Shared {
     session: Arc<Mutex<Option<SessionInfo>>>,
     tunnel: tokio::sync::Mutex<Option<Arc<Tunnel>>>,
     locked: std::sync::atomic::AtomicBool,
+    /// The gateway refused the user as disabled: the agent has stopped for good.
+    disabled: std::sync::atomic::AtomicBool,
     on_session_end: OnSessionEnd,
 }
 
@@ -159,6 +169,7 @@ impl RunningAgent {
             session: Arc::new(Mutex::new(None)),
             tunnel: tokio::sync::Mutex::new(None),
             locked: std::sync::atomic::AtomicBool::new(false),
+            disabled: std::sync::atomic::AtomicBool::new(false),
             on_session_end,
         });
         shared.sign_in().await?;
@@ -239,6 +250,14 @@ impl RunningAgent {
         self.shared.endpoint.rebind(socket)
     }
 
+    /// Whether the agent stopped because the gateway said the user's account is disabled (it
+    /// is then [`AgentState::SignedOut`] and neither reconnects nor asks for a touch).
+    pub fn account_disabled(&self) -> bool {
+        self.shared
+            .disabled
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The name of the key that signed in ("YubiKey 5 NFC", "software key PATH").
     pub fn key_name(&self) -> String {
         self.shared.key_name()
@@ -309,7 +328,12 @@ impl Shared {
                 Ok(session)
             }
             Err(e) => {
-                self.state.send_replace(current);
+                match disabled_reason(&e) {
+                    Some(reason) => self.stop_disabled(reason),
+                    None => {
+                        self.state.send_replace(current);
+                    }
+                }
                 Err(e)
             }
         }
@@ -354,12 +378,29 @@ impl Shared {
         }
     }
 
+    /// Stops for good: the gateway refused the user as disabled. No reconnect, no touch.
+    fn stop_disabled(&self, reason: String) {
+        tracing::warn!(%reason, "the gateway disabled this account; stopping");
+        self.disabled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.locked.store(true, std::sync::atomic::Ordering::SeqCst);
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if let Some(c) = self.conn.send_replace(None) {
+            c.close(0u32.into(), b"account disabled");
+        }
+        self.state.send_replace(AgentState::SignedOut { reason });
+    }
+
     async fn supervise(self: Arc<Self>) {
         loop {
             let conn = self.conn.borrow().clone();
             let Some(conn) = conn else { return };
             let reason = conn.closed().await;
             if self.locked.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            if closed_as_disabled(&reason) {
+                self.stop_disabled(ACCOUNT_DISABLED.to_owned());
                 return;
             }
             tracing::warn!(%reason, "connection to the gateway lost; reconnecting");
@@ -372,11 +413,16 @@ impl Shared {
             loop {
                 attempt += 1;
                 match self.reconnect().await {
+                    Ok(()) if self.locked.load(std::sync::atomic::Ordering::SeqCst) => return,
                     Ok(()) => {
                         tracing::info!(attempt, "reconnected to the gateway");
                         break;
                     }
                     Err(e) => {
+                        if let Some(reason) = disabled_reason(&e) {
+                            self.stop_disabled(reason);
+                            return;
+                        }
                         tracing::info!(attempt, error = %e, "reconnect failed");
                         self.state.send_replace(AgentState::Reconnecting {
                             attempt,
@@ -432,6 +478,25 @@ impl Shared {
         }
         self.login_on(tunnel).await
     }
+}
+
+/// The words to show when `e` is the gateway refusing a disabled account: its own message when
+/// it says so, else [`ACCOUNT_DISABLED`].
+pub fn disabled_reason(e: &TunnelError) -> Option<String> {
+    let r = e
+        .refusal()
+        .filter(|r| r.code == RefusalCode::AccountDisabled)?;
+    Some(if r.message.contains("disabled") {
+        r.message.clone()
+    } else {
+        ACCOUNT_DISABLED.to_owned()
+    })
+}
+
+/// Whether the gateway closed the connection because an admin disabled the account.
+fn closed_as_disabled(reason: &quinn::ConnectionError) -> bool {
+    matches!(reason, quinn::ConnectionError::ApplicationClosed(c)
+        if String::from_utf8_lossy(&c.reason).contains(DISABLED_CLOSE))
 }
 
 fn connected_state(session: &SessionInfo) -> AgentState {
@@ -646,5 +711,44 @@ async fn pipe(
             // The local side finished sending (half-close); the answer may still be coming.
             _ = &mut up, if !up_done => up_done = true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use touchgate_proto::Refusal;
+
+    #[test]
+    fn a_disabled_account_is_told_in_the_gateways_words_or_ours() {
+        let said = TunnelError::Refused(Refusal::new(
+            RefusalCode::AccountDisabled,
+            "your account is disabled on gw.corp.example; ask it-help@corp.example",
+        ));
+        assert_eq!(
+            disabled_reason(&said).as_deref(),
+            Some("your account is disabled on gw.corp.example; ask it-help@corp.example")
+        );
+        let terse = TunnelError::Refused(Refusal::new(RefusalCode::AccountDisabled, "no"));
+        assert_eq!(disabled_reason(&terse).as_deref(), Some(ACCOUNT_DISABLED));
+        let revoked = TunnelError::Refused(Refusal::new(
+            RefusalCode::SessionRevoked,
+            "account disabled? no, revoked",
+        ));
+        assert_eq!(disabled_reason(&revoked), None);
+        assert_eq!(disabled_reason(&TunnelError::Lost("gone".into())), None);
+    }
+
+    #[test]
+    fn only_the_gateways_disable_close_stops_the_agent() {
+        let closed = |reason: &'static [u8]| {
+            quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+                error_code: 0u32.into(),
+                reason: reason.into(),
+            })
+        };
+        assert!(closed_as_disabled(&closed(b"account disabled by an admin")));
+        assert!(!closed_as_disabled(&closed(b"session revoked")));
+        assert!(!closed_as_disabled(&quinn::ConnectionError::TimedOut));
     }
 }

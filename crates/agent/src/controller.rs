@@ -201,6 +201,12 @@ pub enum Notice {
         /// Which.
         key: String,
     },
+    /// The gateway refused the user because an admin disabled the account; the agent stopped
+    /// and does not sign in again by itself.
+    AccountDisabled {
+        /// The gateway's words.
+        reason: String,
+    },
 }
 
 impl Notice {
@@ -212,6 +218,7 @@ impl Notice {
             Self::ConnectionLost { .. } => "touchgate connection lost",
             Self::ConnectionRestored => "touchgate connection restored",
             Self::Enrolled { .. } => "Security key enrolled",
+            Self::AccountDisabled { .. } => "touchgate account disabled",
         }
     }
 
@@ -229,6 +236,7 @@ impl Notice {
             }
             Self::ConnectionRestored => "Your services are reachable again.".into(),
             Self::Enrolled { key } => format!("{key} is enrolled: you can sign in with it now."),
+            Self::AccountDisabled { reason } => format!("Signed out: {reason}."),
         }
     }
 
@@ -673,6 +681,17 @@ impl Controller {
                     .update(|v| v.phase = Phase::SignedOut { reason: None });
                 Err(ControllerError("cancelled".into()))
             }
+            Err(Failure::Disabled(reason)) => {
+                self.inner.board.update(|v| {
+                    v.phase = Phase::SignedOut {
+                        reason: Some(reason.clone()),
+                    }
+                });
+                self.inner.board.ui.notify(&Notice::AccountDisabled {
+                    reason: reason.clone(),
+                });
+                Err(ControllerError(reason))
+            }
             Err(Failure::Error(message)) => {
                 self.inner.board.update(|v| {
                     v.phase = Phase::Error {
@@ -710,6 +729,8 @@ impl Controller {
             Err(e) => {
                 let message = match failure(e) {
                     Failure::Cancelled => return Err(ControllerError("cancelled".into())),
+                    // The agent has stopped; its watcher shows it signed out with the reason.
+                    Failure::Disabled(reason) => return Err(ControllerError(reason)),
                     Failure::Error(m) => format!("The session was not renewed: {m}"),
                 };
                 self.inner.board.update(|v| v.error = Some(message.clone()));
@@ -761,7 +782,7 @@ impl Controller {
                 self.inner.board.update(|v| v.phase = before);
                 Err(ControllerError("cancelled".into()))
             }
-            Err(Failure::Error(m)) => {
+            Err(Failure::Error(m) | Failure::Disabled(m)) => {
                 let message = format!("The key was not enrolled: {m}");
                 self.inner.board.update(|v| {
                     v.phase = before;
@@ -799,10 +820,15 @@ impl Controller {
 
 enum Failure {
     Cancelled,
+    /// The gateway refused the user as disabled (its words).
+    Disabled(String),
     Error(String),
 }
 
 fn failure(e: TunnelError) -> Failure {
+    if let Some(reason) = crate::agent::disabled_reason(&e) {
+        return Failure::Disabled(reason);
+    }
     match e {
         TunnelError::Authenticator(AuthnError::Cancelled) => Failure::Cancelled,
         other => Failure::Error(other.to_string()),
@@ -935,12 +961,27 @@ async fn watch(
                 });
             }
             AgentState::SignedOut { reason } => {
+                let disabled = this
+                    .live
+                    .lock()
+                    .await
+                    .as_ref()
+                    .is_some_and(|l| l.agent.account_disabled());
+                let notice = if disabled {
+                    Notice::AccountDisabled {
+                        reason: reason.clone(),
+                    }
+                } else {
+                    Notice::SessionEnded {
+                        reason: reason.clone(),
+                    }
+                };
                 end_live(
                     &this,
                     Phase::SignedOut {
-                        reason: Some(reason.clone()),
+                        reason: Some(reason),
                     },
-                    Notice::SessionEnded { reason },
+                    notice,
                 )
                 .await;
                 return;

@@ -5,23 +5,15 @@
 //! The lab's gateway signs for `localhost`; an agent configured for another relying party or
 //! origin sees exactly what it would see from a gateway relaying for that other site.
 
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicUsize, Ordering},
-};
+#[path = "shared/counting_key.rs"]
+mod counting_key;
 
-use touchgate_agent::{
-    RunningAgent, SharedAuthn,
-    agent::AgentError,
-    authenticator::{Authenticator, AuthnError, soft::SoftKey},
-    tunnel::TunnelError,
-};
+use std::sync::atomic::Ordering;
+
+use counting_key::counting;
+use touchgate_agent::{RunningAgent, agent::AgentError, tunnel::TunnelError};
 use touchgate_e2e::enrolled;
 use touchgate_testkit::lab::{Lab, LabOptions};
-use webauthn_rs_proto::{
-    PublicKeyCredential, PublicKeyCredentialCreationOptions, PublicKeyCredentialRequestOptions,
-    RegisterPublicKeyCredential,
-};
 
 const ALICE: &str = "alice@example.com";
 
@@ -96,48 +88,5 @@ fn start_error(r: Result<RunningAgent, AgentError>) -> anyhow::Result<TunnelErro
         Err(AgentError::Tunnel(e)) => Ok(e),
         Err(other) => anyhow::bail!("expected a tunnel error, got {other}"),
         Ok(_) => anyhow::bail!("the agent signed in for another site"),
-    }
-}
-
-/// The software key at `path`, counting every time it is asked to sign.
-fn counting(path: &std::path::Path) -> anyhow::Result<(SharedAuthn, Arc<AtomicUsize>)> {
-    let asked = Arc::new(AtomicUsize::new(0));
-    let key = Counting {
-        inner: Box::new(SoftKey::open_or_create(path)?),
-        asked: asked.clone(),
-    };
-    Ok((Arc::new(Mutex::new(Box::new(key))), asked))
-}
-
-struct Counting {
-    inner: Box<dyn Authenticator>,
-    asked: Arc<AtomicUsize>,
-}
-
-impl Authenticator for Counting {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-
-    fn software_ca_pem(&self) -> Option<String> {
-        self.inner.software_ca_pem()
-    }
-
-    fn register(
-        &mut self,
-        options: &PublicKeyCredentialCreationOptions,
-        client_data_json: &[u8],
-    ) -> Result<RegisterPublicKeyCredential, AuthnError> {
-        self.asked.fetch_add(1, Ordering::SeqCst);
-        self.inner.register(options, client_data_json)
-    }
-
-    fn authenticate(
-        &mut self,
-        options: &PublicKeyCredentialRequestOptions,
-        client_data_json: &[u8],
-    ) -> Result<PublicKeyCredential, AuthnError> {
-        self.asked.fetch_add(1, Ordering::SeqCst);
-        self.inner.authenticate(options, client_data_json)
     }
 }
