@@ -30,9 +30,12 @@ enum Cmd {
         /// The agent config file (default: the platform config folder's agent.toml).
         #[arg(long, env = "TOUCHGATE_CONFIG")]
         config: Option<PathBuf>,
-        /// The invite code from your admin.
-        #[arg(long, env = "TOUCHGATE_INVITE_CODE")]
-        code: String,
+        /// The invite code from your admin. Without it, touchgate asks for it (typing is not
+        /// shown), or reads one line from standard input when that is not a terminal:
+        /// `touchgate enroll < code.txt`. A code on the command line can be read by other
+        /// users of this machine (in `ps`).
+        #[arg(long, env = "TOUCHGATE_INVITE_CODE", hide_env_values = true)]
+        code: Option<String>,
         #[command(flatten)]
         pin: PinArgs,
     },
@@ -157,6 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.cmd {
         Cmd::Enroll { config, code, pin } => {
             let cfg = load_config(config)?;
+            let code = invite_code(code)?;
             let authn = shared_authenticator(&cfg, true, pin.prompter())?;
             let what = authn.lock().map(|a| a.describe()).unwrap_or_default();
             let id = touchgate_agent::enroll(&cfg, &authn, &code).await?;
@@ -185,6 +189,39 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Cmd::Demo { once, port } => demo::run(once, port).await,
     }
+}
+
+/// The invite code: from `--code` (with a warning when it was on the command line), else asked
+/// without echo on a terminal, else the first line of standard input.
+fn invite_code(given: Option<String>) -> anyhow::Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    if let Some(code) = given {
+        if std::env::args().any(|a| a == "--code" || a.starts_with("--code=")) {
+            eprintln!(
+                "touchgate: warning: other users of this machine can read a command line (in `ps`): \
+                 next time leave out --code and type the code when asked, or pipe it in: \
+                 touchgate enroll < code.txt"
+            );
+        }
+        return Ok(code);
+    }
+    let code = if std::io::stdin().is_terminal() {
+        rpassword::prompt_password("Invite code from your admin (not shown): ")
+            .context("cannot read the invite code from the terminal")?
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("cannot read the invite code from standard input")?;
+        line
+    };
+    let code = code.trim().to_owned();
+    anyhow::ensure!(
+        !code.is_empty(),
+        "no invite code given: type the code your admin sent you when asked, or pipe it in (touchgate enroll < code.txt)"
+    );
+    Ok(code)
 }
 
 fn keys() -> anyhow::Result<std::process::ExitCode> {
@@ -239,7 +276,8 @@ fn print_services(view: &View) {
 }
 
 /// `touchgate up`: the controller with terminal prompts; signs in again with a touch when the
-/// gateway ends the session, and stops when the key is unplugged (exit 4).
+/// gateway ends the session, and stops when the key is unplugged (exit 4) or the gateway says
+/// the account is disabled (exit 5).
 async fn up(
     paths: ConfigPaths,
     prompter: std::sync::Arc<dyn touchgate_agent::authenticator::hid::Prompter>,
@@ -307,6 +345,10 @@ async fn up(
             Some(Shown::Notice(Notice::ExpiringSoon { minutes_left })) => eprintln!(
                 "your session ends in {minutes_left} min; then touchgate asks for a touch to sign in again"
             ),
+            Some(Shown::Notice(Notice::AccountDisabled { reason })) => {
+                eprintln!("signed out: {reason}");
+                break 5;
+            }
             Some(Shown::Notice(Notice::SessionEnded { reason })) => {
                 eprintln!("{reason} Touch your key to sign in again.");
                 let c = controller.clone();
@@ -407,6 +449,15 @@ fn show_settings(layers: &Layered) -> String {
         ),
         ("autostart", s.autostart.to_string()),
         ("sign_in_on_launch", s.sign_in_on_launch.to_string()),
+        (
+            "rp_id",
+            if s.rp_id.is_empty() {
+                "(the gateway's TLS name)".to_owned()
+            } else {
+                s.rp_id.clone()
+            },
+        ),
+        ("allow_other_users", s.allow_other_users.to_string()),
     ] {
         out.push_str(&format!("{k:<22}{val}{}\n", mark(k)));
     }
@@ -417,6 +468,14 @@ fn show_settings(layers: &Layered) -> String {
             svc.local_port,
             mark(&format!("service.{}", svc.name))
         ));
+        for (what, list) in [
+            ("allowed_hosts", &svc.allowed_hosts),
+            ("allowed_origins", &svc.allowed_origins),
+        ] {
+            if !list.is_empty() {
+                out.push_str(&format!("  {what:<20}{}\n", list.join(", ")));
+            }
+        }
     }
     if layers.is_locked(touchgate_agent::settings::SERVICES_LOCK) {
         out.push_str("(your organisation chooses the services)\n");
@@ -450,7 +509,7 @@ mod tests {
         std::fs::write(
             paths.managed.as_ref().expect("managed"),
             format!(
-                "gateway = \"gw.corp.example:4433\"\ngateway_cert_sha256 = \"{}\"\n[[service]]\nname = \"api\"\nlocal_port = 8081\n",
+                "gateway = \"gw.corp.example:4433\"\ngateway_cert_sha256 = \"{}\"\nallow_other_users = false\n[[service]]\nname = \"api\"\nlocal_port = 8081\nallowed_origins = [\"http://localhost:3000\"]\n",
                 "ab".repeat(32)
             ),
         )
@@ -470,6 +529,18 @@ mod tests {
         );
         assert!(
             shown.contains("service mine          127.0.0.1:7000\n"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("  allowed_origins     http://localhost:3000\n"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("allow_other_users     false  (set by your organisation)\n"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("rp_id                 (the gateway's TLS name)\n"),
             "{shown}"
         );
         let code = config_cmd(

@@ -94,17 +94,15 @@ async fn up_serves_the_services_and_status_tells_what_it_does() {
     )
     .expect("write config");
     let bin = env!("CARGO_BIN_EXE_touchgate");
-    let out = Command::new(bin)
-        .args(["enroll", "--config"])
-        .arg(&cfg)
-        .args(["--code", &lab.invite("bob@example.com").expect("invite")])
-        .output()
-        .expect("enroll");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    // The invite code comes on standard input, never on the command line.
+    let out = enroll_with_stdin(
+        bin,
+        &cfg,
+        &format!("{}\n", lab.invite("bob@example.com").expect("invite")),
     );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("warning"), "{err}");
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("enrolled software key"));
 
     let mut up = Command::new(bin)
@@ -195,4 +193,72 @@ async fn up_serves_the_services_and_status_tells_what_it_does() {
         !dir.path().join("agent.sock").exists(),
         "the status socket is removed"
     );
+}
+
+/// `touchgate enroll` with the code piped on standard input.
+fn enroll_with_stdin(bin: &str, cfg: &std::path::Path, input: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(bin)
+        .args(["enroll", "--config"])
+        .arg(cfg)
+        .env_remove("TOUCHGATE_INVITE_CODE")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("enroll");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write the code");
+    child.wait_with_output().expect("enroll output")
+}
+
+/// A software-key agent config for `user` against `lab`.
+fn lab_config(
+    lab: &touchgate_testkit::lab::Lab,
+    dir: &std::path::Path,
+    user: &str,
+) -> std::path::PathBuf {
+    let cfg = dir.join(format!("{user}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "gateway = \"{}\"\nserver_name = \"localhost\"\ngateway_cert_sha256 = \"{}\"\nuser = \"{user}\"\nauthenticator = \"soft:{user}.softkey\"\n",
+            lab.quic_addr, lab.fingerprint,
+        ),
+    )
+    .expect("write config");
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invite_code_on_the_command_line_works_with_a_warning_and_an_empty_one_is_explained() {
+    let lab = touchgate_testkit::lab::Lab::start(Default::default())
+        .await
+        .expect("lab");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = env!("CARGO_BIN_EXE_touchgate");
+    let cfg = lab_config(&lab, dir.path(), "carol@example.com");
+    let out = Command::new(bin)
+        .args(["enroll", "--config"])
+        .arg(&cfg)
+        .args(["--code", &lab.invite("carol@example.com").expect("invite")])
+        .output()
+        .expect("enroll");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: other users of this machine can read a command line (in `ps`)"),
+        "{err}"
+    );
+    assert!(err.contains("touchgate enroll < code.txt"), "{err}");
+
+    let cfg = lab_config(&lab, dir.path(), "dave@example.com");
+    let out = enroll_with_stdin(bin, &cfg, "");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("no invite code given"), "{err}");
 }
