@@ -285,13 +285,7 @@ impl Proxy {
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
         // Trailers are headers too: a caller must not smuggle identity headers in them.
-        let body = body.map_frame(|f| match f.into_trailers() {
-            Ok(mut t) => {
-                remove_identity_headers(&mut t);
-                hyper::body::Frame::trailers(t)
-            }
-            Err(f) => f,
-        });
+        let body = body.map_frame(clean_trailers);
         let out = Request::from_parts(parts, body.boxed());
         let sent = match own {
             Some(addr) => tokio::time::timeout(svc.timeout, self.send_own(ctx, addr, out)).await,
@@ -583,6 +577,18 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 fn sanitise_request_headers(h: &mut HeaderMap, upgrade: bool) {
     strip_hop_by_hop(h, upgrade);
     remove_identity_headers(h);
+}
+
+/// A body frame with any trailers cleaned like headers: a caller must not smuggle identity
+/// headers in them (h2 and chunked HTTP/1 carry trailers).
+fn clean_trailers(f: hyper::body::Frame<Bytes>) -> hyper::body::Frame<Bytes> {
+    match f.into_trailers() {
+        Ok(mut t) => {
+            remove_identity_headers(&mut t);
+            hyper::body::Frame::trailers(t)
+        }
+        Err(f) => f,
+    }
 }
 
 /// Removes the Cloud Run token header and the gateway's own `x-touchgate-*` headers.
@@ -884,6 +890,25 @@ mod tests {
             join("http://127.0.0.1:8080", "http://other.example/x?y"),
             "http://127.0.0.1:8080/x?y"
         );
+    }
+
+    #[test]
+    fn identity_headers_in_trailers_are_removed() {
+        let mut t = HeaderMap::new();
+        t.insert(USER_HEADER, HeaderValue::from_static("root@example.com"));
+        t.insert(SERVERLESS_AUTH, HeaderValue::from_static("Bearer forged"));
+        t.insert("x-touchgate-assertion", HeaderValue::from_static("forged"));
+        t.insert("grpc-status", HeaderValue::from_static("0"));
+        let cleaned = clean_trailers(hyper::body::Frame::trailers(t))
+            .into_trailers()
+            .expect("still trailers");
+        assert_eq!(cleaned.len(), 1);
+        assert_eq!(
+            cleaned.get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"0"[..])
+        );
+        let data = clean_trailers(hyper::body::Frame::data(Bytes::from_static(b"x")));
+        assert_eq!(data.into_data().ok(), Some(Bytes::from_static(b"x")));
     }
 
     #[test]

@@ -322,8 +322,13 @@ impl RelyingParty {
                 // decoy challenge.
                 "timeout": u32::try_from(self.challenge_ttl.as_millis()).unwrap_or(u32::MAX),
                 "rpId": self.rp_id,
-                "allowCredentials": [{"type": "public-key", "id": URL_SAFE_NO_PAD.encode(id)}],
+                "allowCredentials": [{
+                    "type": "public-key",
+                    "id": URL_SAFE_NO_PAD.encode(id),
+                    "transports": ["usb"],
+                }],
                 "userVerification": self.uv_policy(),
+                "hints": ["security-key"],
             }
         });
         let rcr = serde_json::from_value(options)

@@ -351,6 +351,7 @@ async fn cloud_run(mut req: Request<Incoming>, audience: &str) -> Response<Body>
             let mut body = req.into_body();
             let mut h = Sha256::new();
             let mut len = 0u64;
+            let mut trailers = serde_json::Map::new();
             while let Some(frame) = body.frame().await {
                 match frame {
                     Ok(f) => {
@@ -358,11 +359,20 @@ async fn cloud_run(mut req: Request<Incoming>, audience: &str) -> Response<Body>
                             len += d.len() as u64;
                             h.update(d);
                         }
+                        if let Some(t) = f.trailers_ref() {
+                            for (k, v) in t {
+                                trailers.insert(k.to_string(), v.to_str().unwrap_or("").into());
+                            }
+                        }
                     }
                     Err(e) => return text(StatusCode::BAD_REQUEST, format!("body error: {e}")),
                 }
             }
-            json(&serde_json::json!({ "len": len, "sha256": hex::encode(h.finalize()) }))
+            json(&serde_json::json!({
+                "len": len,
+                "sha256": hex::encode(h.finalize()),
+                "trailers": trailers,
+            }))
         }
         _ => {
             let headers: serde_json::Map<String, serde_json::Value> = req
