@@ -262,3 +262,61 @@ async fn an_invite_code_on_the_command_line_works_with_a_warning_and_an_empty_on
     assert!(!out.status.success());
     assert!(err.contains("no invite code given"), "{err}");
 }
+
+/// An admin disables the user while `touchgate up` runs: it stops with the gateway's words and a
+/// non-zero exit, instead of asking for a touch again.
+#[tokio::test(flavor = "multi_thread")]
+async fn up_stops_with_a_non_zero_exit_when_the_account_is_disabled() {
+    let lab = touchgate_testkit::lab::Lab::start(Default::default())
+        .await
+        .expect("lab");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = env!("CARGO_BIN_EXE_touchgate");
+    let cfg = lab_config(&lab, dir.path(), "erin@example.com");
+    let mut text = std::fs::read_to_string(&cfg).expect("read config");
+    text.push_str(&format!(
+        "control_socket = \"{}\"\n[[service]]\nname = \"api\"\nlocal_port = 0\n",
+        dir.path().join("agent.sock").display()
+    ));
+    std::fs::write(&cfg, text).expect("write config");
+    let out = enroll_with_stdin(bin, &cfg, &lab.invite("erin@example.com").expect("invite"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut up = Command::new(bin)
+        .args(["up", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("up");
+    // The first line on stdout comes once it is signed in and serving.
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(up.stdout.take().expect("stdout")));
+    let first = lines.next().expect("a line").expect("utf-8");
+    assert!(first.starts_with("service api on 127.0.0.1:"), "{first}");
+
+    touchgate_gateway::store::Store::open(&lab.dir.path().join("gateway.db"))
+        .expect("store")
+        .set_disabled("erin@example.com", true)
+        .expect("disable");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = up.wait().expect("wait");
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut up.stderr.take().expect("stderr"), &mut err)
+            .expect("stderr");
+        (status, err)
+    });
+    let (status, err) = tokio::time::timeout(std::time::Duration::from_secs(20), status)
+        .await
+        .expect("`touchgate up` did not stop within 20 s of the disable")
+        .expect("join");
+    assert_eq!(status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("signed out: your account is disabled on this gateway; ask your admin"),
+        "{err}"
+    );
+}

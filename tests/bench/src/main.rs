@@ -1,7 +1,8 @@
 //! Benchmark tools for `scripts/bench`: a fast local upstream, HTTP figures measured against any
 //! base URL (so direct, `ssh -L` and touchgate are measured the same way), and figures only
-//! touchgate has (assertion verifications per second, gateway memory per open stream). Every
-//! figure is printed as one JSON object on stdout.
+//! touchgate has (assertion verifications per second, gateway memory per open stream, the
+//! agent's per-connection check of who owns a local connection). Every figure is printed as one
+//! JSON object on stdout.
 
 use std::{
     convert::Infallible,
@@ -81,6 +82,13 @@ enum Cmd {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// The agent's per-connection cost of finding the OS user owning a local connection
+    /// (Linux): `count` loopback connections accepted without the lookup, then with it.
+    Owner {
+        /// Loopback connections per pass.
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+    },
     /// Gateway memory per open stream: opens `count` streams on one connection and reads the
     /// gateway's RSS before and after.
     Streams {
@@ -117,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
         } => latency(&url, rate, conns, duration).await,
         Cmd::Connect { url, count } => connect(&url, count).await,
         Cmd::Verify { count, threads } => verify(count, threads).await,
+        Cmd::Owner { count } => owner(count),
         Cmd::Streams {
             config,
             service,
@@ -393,6 +402,71 @@ async fn verify(count: usize, threads: Option<usize>) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// Accepts `count` loopback connections one after another, with `lookup` run on each accepted
+/// one; returns the microseconds per connection (connect, accept, lookup, close) and per lookup.
+fn accept_loop(
+    count: usize,
+    mut lookup: impl FnMut(SocketAddr, SocketAddr) -> anyhow::Result<()>,
+) -> anyhow::Result<(f64, f64)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let mut in_lookup = Duration::ZERO;
+    let start = Instant::now();
+    for _ in 0..count {
+        let client = std::net::TcpStream::connect(addr)?;
+        let (server, peer) = listener.accept()?;
+        let local = server.local_addr()?;
+        let t = Instant::now();
+        lookup(peer, local)?;
+        in_lookup += t.elapsed();
+        // The accepting side closes first, so the time-wait remnants stay off the client's
+        // ephemeral ports.
+        drop(server);
+        drop(client);
+    }
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / count as f64;
+    Ok((per(start.elapsed()), per(in_lookup)))
+}
+
+#[cfg(target_os = "linux")]
+fn owner(count: usize) -> anyhow::Result<()> {
+    use touchgate_agent::peer::OwnerCheck;
+    let mut check = OwnerCheck::new();
+    let me = check.own_uid().context("own uid")?;
+    let (accept_us, _) = accept_loop(count, |_, _| Ok(()))?;
+    let (with_lookup_us, lookup_us) = accept_loop(count, |peer, local| {
+        anyhow::ensure!(check.owner(peer, local)? == me, "another owner");
+        Ok(())
+    })?;
+    // The fallback reads the whole table, so it grows with the machine's sockets (the passes
+    // above left thousands in time-wait): fewer connections do.
+    let proc_count = (count / 10).max(1);
+    let (_, proc_us) = accept_loop(proc_count, |peer, local| {
+        anyhow::ensure!(
+            OwnerCheck::owner_by_proc(peer, local)? == me,
+            "another owner"
+        );
+        Ok(())
+    })?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "connections": count,
+            "accept_us": accept_us,
+            "accept_with_lookup_us": with_lookup_us,
+            "lookup_us": lookup_us,
+            "proc_fallback_us": proc_us,
+            "proc_fallback_connections": proc_count,
+        })
+    );
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn owner(_count: usize) -> anyhow::Result<()> {
+    anyhow::bail!("the owner check exists on Linux only")
 }
 
 fn rss_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
