@@ -12,6 +12,7 @@ pub mod admin;
 pub mod audit;
 pub mod browser;
 pub mod config;
+pub mod counted;
 pub mod idtoken;
 pub mod limits;
 pub mod metrics;

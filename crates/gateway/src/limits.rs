@@ -92,6 +92,31 @@ impl WindowCounter {
     }
 }
 
+/// Counts attempts per key in one-minute windows, in fixed memory ([`WindowCounter`]).
+pub struct RateLimiter {
+    counter: WindowCounter,
+}
+
+impl Default for RateLimiter {
+    fn default() -> Self {
+        Self {
+            counter: WindowCounter::new(1 << 16),
+        }
+    }
+}
+
+impl RateLimiter {
+    /// Counts one event for `key`; false when the key is over `per_minute` in this window.
+    pub fn allow(&self, key: &impl std::hash::Hash, per_minute: u32) -> bool {
+        self.counter.hit(key).count <= per_minute
+    }
+
+    /// Whether `key` has reached `per_minute` in this window, without counting.
+    pub fn reached(&self, key: &impl std::hash::Hash, per_minute: u32) -> bool {
+        self.counter.peek(key) >= per_minute
+    }
+}
+
 fn pack(window: u32, count: u32) -> u64 {
     (u64::from(window) << 32) | u64::from(count)
 }

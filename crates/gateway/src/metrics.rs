@@ -33,6 +33,8 @@ pub struct Metrics {
     pub upstream_connections_total: AtomicU64,
     /// Requests (or TCP connections) a browser was made to send, refused.
     pub browser_refused_total: AtomicU64,
+    /// Requests refused for their own shape (a path leaving the service's base path).
+    pub requests_refused_total: AtomicU64,
     /// Connections closed because they had no session by the sign-in deadline.
     pub signin_deadline_closed_total: AtomicU64,
 }
@@ -40,7 +42,13 @@ pub struct Metrics {
 impl Metrics {
     /// Renders every metric in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 15] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 16] = [
+            (
+                "touchgate_requests_refused_total",
+                "counter",
+                "requests refused for their own shape (e.g. a path leaving the base path)",
+                &self.requests_refused_total,
+            ),
             (
                 "touchgate_browser_refused_total",
                 "counter",
@@ -166,6 +174,6 @@ mod tests {
         assert!(
             text.contains("# TYPE touchgate_streams_total counter\ntouchgate_streams_total 2\n")
         );
-        assert!(text.lines().filter(|l| l.starts_with("# HELP")).count() == 15);
+        assert!(text.lines().filter(|l| l.starts_with("# HELP")).count() == 16);
     }
 }

@@ -1,0 +1,461 @@
+//! The control stream: enrolment, sign-in, resume and renewal, with their limits and the
+//! relying party and store glue.
+
+use super::*;
+
+#[derive(Default)]
+struct Pending {
+    enrol: Option<PendingEnrol>,
+    login: Option<PendingLogin>,
+}
+
+impl ConnCtx {
+    pub(super) async fn control_loop(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        session: watch::Sender<Option<Arc<SessionClaims>>>,
+    ) {
+        let mut pending = Pending::default();
+        loop {
+            let max = if session.borrow().is_some() {
+                touchgate_proto::MAX_FRAME_LEN
+            } else {
+                PRE_SESSION_FRAME_MAX
+            };
+            let msg = match read_frame_limited::<ClientMsg, _>(&mut recv, max).await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(WireError::Io(_)) => break,
+                Err(WireError::Frame(e)) => {
+                    let r = Refusal::new(RefusalCode::BadRequest, format!("control stream: {e}"));
+                    self.refused("frame_refused", None, &r);
+                    let _ = write_frame(&mut send, &ServerMsg::Error(r)).await;
+                    // After a bad length the stream cannot be resynchronised.
+                    if matches!(e, touchgate_proto::FrameError::Malformed(_)) {
+                        continue;
+                    }
+                    break;
+                }
+            };
+            let reply = self.handle_control(msg, &mut pending, &session).await;
+            if write_frame(&mut send, &reply).await.is_err() {
+                break;
+            }
+        }
+        let _ = send.finish();
+    }
+
+    async fn handle_control(
+        &self,
+        msg: ClientMsg,
+        pending: &mut Pending,
+        session: &watch::Sender<Option<Arc<SessionClaims>>>,
+    ) -> ServerMsg {
+        let gw = &self.gw;
+        if let ClientMsg::EnrollBegin { user, .. } | ClientMsg::LoginBegin { user } = &msg
+            && (user.is_empty() || user.len() > MAX_USER_LEN)
+        {
+            let r = Refusal::new(
+                RefusalCode::BadRequest,
+                format!("a user name must have 1 to {MAX_USER_LEN} bytes"),
+            );
+            self.refused("challenge_refused", Some(user), &r);
+            return ServerMsg::Error(r);
+        }
+        match msg {
+            ClientMsg::EnrollBegin {
+                user,
+                invite_code,
+                software_ca_pem,
+            } => match self
+                .rate_limit(&user)
+                .and_then(|()| self.enrol_begin(&user, &invite_code, software_ca_pem.as_deref()))
+            {
+                Ok((options, p)) => {
+                    pending.enrol = Some(p);
+                    gw.audit.record(AuditEvent {
+                        user: Some(user),
+                        ..self.event("enrol_challenge_issued")
+                    });
+                    ServerMsg::EnrollChallenge {
+                        options,
+                        origin: gw.rp.origin().to_owned(),
+                    }
+                }
+                Err(r) => {
+                    self.refused("enrol_refused", Some(&user), &r);
+                    ServerMsg::Error(r)
+                }
+            },
+            ClientMsg::EnrollFinish { credential } => {
+                let Some(p) = pending.enrol.take() else {
+                    let r = Refusal::new(
+                        RefusalCode::ChallengeExpired,
+                        "no enrolment is in progress on this connection (challenges are single-use)",
+                    );
+                    self.refused("enrol_refused", None, &r);
+                    return ServerMsg::Error(r);
+                };
+                let user = p.user.clone();
+                match self
+                    .enrol_finish(p, credential)
+                    .inspect_err(|_| self.count_failure(&user))
+                {
+                    Ok(cred_id) => {
+                        Metrics::inc(&gw.metrics.enrolments_total);
+                        gw.audit.record(AuditEvent {
+                            user: Some(user),
+                            outcome: Some("ok".into()),
+                            ..self.event("invite_used")
+                        });
+                        ServerMsg::Enrolled {
+                            credential_id: cred_id,
+                        }
+                    }
+                    Err(r) => {
+                        self.refused("enrol_refused", Some(&user), &r);
+                        ServerMsg::Error(r)
+                    }
+                }
+            }
+            ClientMsg::LoginBegin { user } => match self
+                .rate_limit(&user)
+                .and_then(|()| self.login_begin(&user))
+            {
+                Ok((options, p)) => {
+                    pending.login = Some(p);
+                    gw.audit.record(AuditEvent {
+                        user: Some(user),
+                        ..self.event("challenge_issued")
+                    });
+                    ServerMsg::LoginChallenge {
+                        options,
+                        origin: gw.rp.origin().to_owned(),
+                    }
+                }
+                Err(r) => {
+                    self.refused("challenge_refused", Some(&user), &r);
+                    ServerMsg::Error(r)
+                }
+            },
+            ClientMsg::LoginFinish { credential } => {
+                let Some(p) = pending.login.take() else {
+                    let r = Refusal::new(
+                        RefusalCode::ChallengeExpired,
+                        "no sign-in is in progress on this connection: challenges are single-use, \
+                         so a replayed assertion is refused",
+                    );
+                    self.refused("challenge_refused", None, &r);
+                    return ServerMsg::Error(r);
+                };
+                let user = p.user.clone();
+                match self.login_finish(p, credential).inspect_err(|r| {
+                    if r.code != RefusalCode::AccountDisabled {
+                        self.count_failure(&user);
+                    }
+                }) {
+                    Ok(claims_token) => {
+                        let (token, claims) = claims_token;
+                        gw.audit.record(AuditEvent {
+                            user: Some(user.clone()),
+                            outcome: Some("ok".into()),
+                            ..self.event("challenge_verified")
+                        });
+                        Metrics::inc(&gw.metrics.sessions_issued_total);
+                        gw.audit.record(AuditEvent {
+                            user: Some(user),
+                            session: Some(claims.jti.clone()),
+                            expires_at: Some(claims.exp),
+                            ..self.event("session_issued")
+                        });
+                        self.start_session(token, claims, session)
+                    }
+                    Err(r) => {
+                        self.refused("challenge_refused", Some(&user), &r);
+                        ServerMsg::Error(r)
+                    }
+                }
+            }
+            ClientMsg::Resume { token } => match self.resume(&token) {
+                Ok(claims) => {
+                    Metrics::inc(&gw.metrics.sessions_resumed_total);
+                    gw.audit.record(AuditEvent {
+                        user: Some(claims.sub.clone()),
+                        session: Some(claims.jti.clone()),
+                        expires_at: Some(claims.exp),
+                        ..self.event("session_resumed")
+                    });
+                    self.start_session(token, claims, session)
+                }
+                Err(r) => {
+                    self.refused("session_refused", None, &r);
+                    ServerMsg::Error(r)
+                }
+            },
+        }
+    }
+
+    fn start_session(
+        &self,
+        token: String,
+        claims: SessionClaims,
+        session: &watch::Sender<Option<Arc<SessionClaims>>>,
+    ) -> ServerMsg {
+        let gw = &self.gw;
+        gw.activity.touch(&claims.jti);
+        let services = gw
+            .cfg
+            .services
+            .iter()
+            .filter(|s| s.allows(&claims.sub))
+            .map(|s| ServiceInfo {
+                name: s.name.clone(),
+                kind: s.kind,
+            })
+            .collect();
+        let info = SessionInfo {
+            token,
+            user: claims.sub.clone(),
+            expires_at: claims.exp,
+            services,
+        };
+        let claims = Arc::new(claims);
+        // The room a signed-in agent needs (see `tls::quic_server_config`).
+        self.conn
+            .set_max_concurrent_bi_streams(gw.cfg.limits.max_streams_per_connection.into());
+        self.conn
+            .set_receive_window(touchgate_common::RECEIVE_WINDOW.into());
+        gw.revocations
+            .add(self.id, claims.clone(), self.conn.clone());
+        session.send_replace(Some(claims));
+        ServerMsg::Session(info)
+    }
+
+    /// Sign-in and enrolment attempts per source address, and failed ones per user and
+    /// source address. Only failures count against a user, and only from the address they
+    /// came from: a peer elsewhere that asks for challenges in someone's name, or sends
+    /// garbage answers, cannot lock that person out.
+    fn rate_limit(&self, user: &str) -> Result<(), Refusal> {
+        let gw = &self.gw;
+        let per = gw.cfg.limits.signin_attempts_per_minute;
+        let ip = self.peer.ip();
+        let who = if !gw.limiter.allow(&("attempt", ip), per) {
+            format!("sign-in attempts from {ip}")
+        } else if gw.limiter.reached(&("failed", user, ip), per) {
+            format!("failed sign-ins for {} from {ip}", untrusted_user(user))
+        } else {
+            return Ok(());
+        };
+        Err(Refusal::new(
+            RefusalCode::RateLimited,
+            format!("too many {who} (more than {per} a minute): wait a minute and try again"),
+        ))
+    }
+
+    /// Counts a failed enrolment or sign-in against the user from this source address.
+    fn count_failure(&self, user: &str) {
+        self.gw
+            .limiter
+            .allow(&("failed", user, self.peer.ip()), u32::MAX);
+    }
+
+    fn enrol_begin(
+        &self,
+        user: &str,
+        code: &str,
+        software_ca_pem: Option<&str>,
+    ) -> Result<(serde_json::Value, PendingEnrol), Refusal> {
+        let gw = &self.gw;
+        invite_ok(gw.store.check_invite(user, code).map_err(db_refusal)?)?;
+        let user_id = gw.store.ensure_user(user).map_err(db_refusal)?;
+        let existing = gw
+            .store
+            .credentials(user)
+            .map_err(db_refusal)?
+            .iter()
+            .filter_map(|c| base64_decode(&c.cred_id))
+            .collect();
+        let (ccr, p) = gw
+            .rp
+            .begin_enrol(user, user_id, code, existing, software_ca_pem)?;
+        let v = serde_json::to_value(&ccr)
+            .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?;
+        Ok((v, p))
+    }
+
+    fn enrol_finish(
+        &self,
+        p: PendingEnrol,
+        credential: serde_json::Value,
+    ) -> Result<String, Refusal> {
+        let gw = &self.gw;
+        let user = p.user.clone();
+        let code = p.invite_code.clone();
+        let enrolled = gw.rp.finish_enrol(p, credential, &self.binding)?;
+        let key_json = serde_json::to_string(&enrolled.key)
+            .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?;
+        let cred = StoredCredential {
+            cred_id: enrolled.cred_id.clone(),
+            user,
+            key_json,
+            aaguid: enrolled.aaguid.to_string(),
+        };
+        invite_ok(gw.store.enrol(&code, &cred).map_err(db_refusal)?)?;
+        Ok(enrolled.cred_id)
+    }
+
+    /// A sign-in challenge. A user with no key (unknown, or removed) gets a challenge that
+    /// looks the same, for a credential that does not exist (its id derived from a gateway
+    /// secret, so it is stable per name): a peer cannot tell who is enrolled, and the
+    /// answer fails as a wrong key's would.
+    fn login_begin(&self, user: &str) -> Result<(serde_json::Value, PendingLogin), Refusal> {
+        let gw = &self.gw;
+        let keys = load_keys(&gw.store.credentials(user).map_err(db_refusal)?)?;
+        let (rcr, p) = if keys.is_empty() {
+            gw.rp.begin_decoy_login(user, &gw.reset_key)?
+        } else {
+            gw.rp.begin_login(user, &keys)?
+        };
+        let v = serde_json::to_value(&rcr)
+            .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?;
+        Ok((v, p))
+    }
+
+    fn login_finish(
+        &self,
+        p: PendingLogin,
+        credential: serde_json::Value,
+    ) -> Result<(String, SessionClaims), Refusal> {
+        let gw = &self.gw;
+        let user = p.user.clone();
+        let result = gw.rp.finish_login(p, credential, &self.binding)?;
+        // Persist the new counter before the session exists, so a clone cannot race it.
+        let stored = gw.store.credentials(&user).map_err(db_refusal)?;
+        let mut updated = None;
+        for c in &stored {
+            let mut key: webauthn_rs::prelude::SecurityKey = serde_json::from_str(&c.key_json)
+                .map_err(|e| {
+                    Refusal::new(
+                        RefusalCode::Internal,
+                        format!("stored credential unreadable: {e}"),
+                    )
+                })?;
+            if key.update_credential(&result).is_some() {
+                let json = serde_json::to_string(&key)
+                    .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?;
+                gw.store
+                    .update_credential(&c.cred_id, &json)
+                    .map_err(db_refusal)?;
+                updated = Some(c.cred_id.clone());
+            }
+        }
+        let Some(cred_id) = updated else {
+            return Err(Refusal::new(
+                RefusalCode::VerificationFailed,
+                "the assertion's credential is not enrolled for this user",
+            ));
+        };
+        // Told only to someone who just proved they hold the key: a disabled account is not
+        // revealed to a peer that merely names it.
+        if gw.store.is_disabled(&user).map_err(db_refusal)? {
+            return Err(disabled_refusal());
+        }
+        gw.store
+            .record_sign_in(&user, &cred_id, now_secs())
+            .map_err(|e| {
+                tracing::warn!(error = %e, "the credential was removed during the sign-in");
+                Refusal::new(
+                    RefusalCode::NotEnrolled,
+                    "this key was removed from your account during the sign-in: ask your admin",
+                )
+            })?;
+        let now = now_secs();
+        let exp = now + gw.cfg.session.max_age.as_secs();
+        let epoch = gw.revocations.epoch(&user);
+        gw.signer
+            .issue_session_at_epoch(&user, &self.thumb, now, exp, epoch)
+            .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))
+    }
+
+    fn resume(&self, token: &str) -> Result<SessionClaims, Refusal> {
+        let gw = &self.gw;
+        let claims = gw
+            .signer
+            .verify_session(token, &self.thumb)
+            .map_err(|e| match e {
+                TokenError::Expired => Refusal::new(
+                    RefusalCode::SessionExpired,
+                    "your session has expired: touch your key to sign in again",
+                ),
+                TokenError::WrongKey => Refusal::new(
+                    RefusalCode::WrongSessionKey,
+                    "this session token belongs to another session key: a token is valid only from \
+                 the agent that signed in",
+                ),
+                TokenError::Invalid(why) => Refusal::new(
+                    RefusalCode::InvalidToken,
+                    format!("the session token is not valid ({why}): sign in again"),
+                ),
+            })?;
+        if gw.revocations.disabled(&claims.sub) {
+            return Err(disabled_refusal());
+        }
+        if gw.revocations.revoked(&claims) {
+            return Err(revoked_refusal());
+        }
+        if let Some(idle) = gw.activity.idle_for(&claims.jti)
+            && idle > gw.cfg.session.idle_timeout
+        {
+            return Err(Refusal::new(
+                RefusalCode::SessionExpired,
+                format!(
+                    "your session ended after {} without a connection: touch your key to sign in again",
+                    humantime::format_duration(Duration::from_secs(idle.as_secs()))
+                ),
+            ));
+        }
+        Ok(claims)
+    }
+}
+
+fn invite_ok(r: Result<(), crate::store::InviteProblem>) -> Result<(), Refusal> {
+    r.map_err(|p| match p {
+        crate::store::InviteProblem::UserDisabled => disabled_refusal(),
+        p => Refusal::new(
+            RefusalCode::InvalidInvite,
+            format!("{p}: ask your admin for a new invite (touchgate-gateway invite USER)"),
+        ),
+    })
+}
+
+fn db_refusal(e: crate::store::StoreError) -> Refusal {
+    tracing::error!(error = %e, "store failure");
+    Refusal::new(
+        RefusalCode::Internal,
+        "the gateway's database failed; try again later",
+    )
+}
+
+fn load_keys(
+    creds: &[StoredCredential],
+) -> Result<Vec<webauthn_rs::prelude::SecurityKey>, Refusal> {
+    creds
+        .iter()
+        .map(|c| {
+            serde_json::from_str(&c.key_json).map_err(|e| {
+                Refusal::new(
+                    RefusalCode::Internal,
+                    format!("stored credential unreadable: {e}"),
+                )
+            })
+        })
+        .collect()
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .ok()
+}

@@ -1,0 +1,227 @@
+//! Session lifetimes: idle tracking, revocation epochs and disabled accounts reloaded from the
+//! store, and the per-connection watch that closes a connection when its session ends.
+
+use super::*;
+
+/// Per-session last-activity times, for the idle timeout (kept in memory: a restart forgets
+/// them, which only makes an idle session last longer, never past its `exp`).
+#[derive(Default)]
+pub(crate) struct Activity {
+    last: Mutex<HashMap<String, Instant>>,
+}
+
+impl Activity {
+    pub(super) fn touch(&self, jti: &str) {
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(jti.to_owned(), Instant::now());
+    }
+
+    pub(super) fn idle_for(&self, jti: &str) -> Option<Duration> {
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(jti)
+            .map(|t| t.elapsed())
+    }
+}
+
+/// Revocation epochs (refreshed from the store, so a `revoke` run by another process takes
+/// effect within [`REVOCATION_POLL`]) and the live sessions they apply to.
+#[derive(Default)]
+pub(crate) struct Revocations {
+    epochs: std::sync::RwLock<HashMap<String, u64>>,
+    disabled: std::sync::RwLock<std::collections::HashSet<String>>,
+    live: Mutex<HashMap<u64, (Arc<SessionClaims>, quinn::Connection)>>,
+}
+
+/// How often the gateway reloads revocation epochs.
+pub const REVOCATION_POLL: Duration = Duration::from_secs(1);
+
+impl Revocations {
+    pub(crate) fn set_epochs(&self, e: HashMap<String, u64>) {
+        *self.epochs.write().unwrap_or_else(|e| e.into_inner()) = e;
+    }
+
+    pub(crate) fn set_disabled(&self, d: std::collections::HashSet<String>) {
+        *self.disabled.write().unwrap_or_else(|e| e.into_inner()) = d;
+    }
+
+    pub(super) fn disabled(&self, user: &str) -> bool {
+        self.disabled
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(user)
+    }
+
+    pub(super) fn epoch(&self, user: &str) -> u64 {
+        self.epochs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(user)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub(super) fn revoked(&self, c: &SessionClaims) -> bool {
+        c.epoch < self.epoch(&c.sub)
+    }
+
+    pub(super) fn add(&self, conn_id: u64, claims: Arc<SessionClaims>, conn: quinn::Connection) {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(conn_id, (claims, conn));
+    }
+
+    pub(super) fn remove(&self, conn_id: u64) {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&conn_id);
+    }
+
+    /// Takes out the live sessions that are now revoked.
+    pub(super) fn take_revoked(&self) -> Vec<(u64, Arc<SessionClaims>, quinn::Connection)> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let ids: Vec<u64> = live
+            .iter()
+            .filter(|(_, (c, _))| self.revoked(c))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| live.remove(&id).map(|(c, conn)| (id, c, conn)))
+            .collect()
+    }
+}
+
+pub(super) fn disabled_refusal() -> Refusal {
+    Refusal::new(
+        RefusalCode::AccountDisabled,
+        "your account is disabled on this gateway; ask your admin",
+    )
+}
+
+pub(super) fn revoked_refusal() -> Refusal {
+    Refusal::new(
+        RefusalCode::SessionRevoked,
+        "an admin ended your sessions: touch your key to sign in again",
+    )
+}
+
+impl Gateway {
+    /// Reloads revocation epochs and closes the connections of revoked sessions.
+    pub(super) async fn enforce_revocations(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(REVOCATION_POLL).await;
+            match self
+                .store
+                .epochs()
+                .and_then(|e| Ok((e, self.store.disabled_users()?)))
+            {
+                Ok((e, d)) => {
+                    self.revocations.set_epochs(e);
+                    self.revocations.set_disabled(d);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reload revocations");
+                    continue;
+                }
+            }
+            for (conn_id, claims, conn) in self.revocations.take_revoked() {
+                let (event, why): (_, &[u8]) = if self.revocations.disabled(&claims.sub) {
+                    ("session_disabled", b"account disabled by an admin")
+                } else {
+                    ("session_revoked", b"session revoked by an admin")
+                };
+                tracing::info!(user = %claims.sub, conn = conn_id, event, "closing the connection");
+                conn.close(2u32.into(), why);
+                self.audit.record(AuditEvent {
+                    event,
+                    user: Some(claims.sub.clone()),
+                    session: Some(claims.jti.clone()),
+                    conn: Some(conn_id),
+                    peer: Some(conn.remote_address().to_string()),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+}
+
+impl ConnCtx {
+    /// Closes the connection when it has no session by the sign-in deadline, when its
+    /// session expires (a renewal on the connection moves that), and when the session has
+    /// been idle — no stream open — for the idle timeout. Every stream of the connection
+    /// ends with it, so a kept-alive HTTP connection or a long TCP stream cannot outlive
+    /// the session.
+    pub(super) async fn watch_session(
+        &self,
+        mut session: watch::Receiver<Option<Arc<SessionClaims>>>,
+    ) {
+        let gw = &self.gw;
+        let deadline = tokio::time::Instant::now() + gw.cfg.limits.signin_deadline;
+        loop {
+            let claims = session.borrow_and_update().clone();
+            let wake = match &claims {
+                None => deadline,
+                Some(c) => {
+                    let to_exp = Duration::from_secs(c.exp).saturating_sub(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default(),
+                    );
+                    let to_idle = if self.open_streams.load(Relaxed) > 0 {
+                        gw.cfg.session.idle_timeout
+                    } else {
+                        let idle = gw.activity.idle_for(&c.jti).unwrap_or_default();
+                        gw.cfg.session.idle_timeout.saturating_sub(idle)
+                    };
+                    tokio::time::Instant::now() + to_exp.min(to_idle)
+                }
+            };
+            tokio::select! {
+                changed = session.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                () = tokio::time::sleep_until(wake) => {}
+            }
+            let (event, code, why): (_, u32, String) = match &claims {
+                None => {
+                    Metrics::inc(&gw.metrics.signin_deadline_closed_total);
+                    (
+                        "connection_closed",
+                        4,
+                        format!(
+                            "no sign-in within {}",
+                            humantime::format_duration(gw.cfg.limits.signin_deadline)
+                        ),
+                    )
+                }
+                Some(c) if c.exp <= now_secs() => ("session_ended", 3, "session expired".into()),
+                Some(c) => {
+                    let idle = gw.activity.idle_for(&c.jti).unwrap_or_default();
+                    if self.open_streams.load(Relaxed) > 0 || idle < gw.cfg.session.idle_timeout {
+                        continue;
+                    }
+                    ("session_ended", 3, "session idle".into())
+                }
+            };
+            tracing::info!(reason = %why, "closing the connection");
+            let c = claims.as_deref();
+            gw.audit.record(AuditEvent {
+                user: c.map(|c| c.sub.clone()),
+                session: c.map(|c| c.jti.clone()),
+                outcome: Some(why.replace(' ', "_")),
+                reason: Some(why.clone()),
+                ..self.event(event)
+            });
+            self.conn.close(code.into(), why.as_bytes());
+            return;
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! Data streams: the stream header, the decision whether a stream may be served, refusals,
+//! and handing the stream to the HTTP proxy or the TCP splice.
+
+use super::*;
+
+/// Whether a stream for `service` may be served to the session `claims` (none: not signed
+/// in; `revoked`: ended by an admin) at `now`: the service it names, or the refusal to send.
+pub fn authorize_stream<'c>(
+    claims: Option<&SessionClaims>,
+    revoked: bool,
+    cfg: &'c crate::GatewayConfig,
+    service: &str,
+    now: u64,
+) -> Result<&'c crate::config::ServiceConfig, Refusal> {
+    let Some(claims) = claims else {
+        return Err(Refusal::new(
+            RefusalCode::Unauthenticated,
+            "sign in (or resume the session) on the control stream before opening streams",
+        ));
+    };
+    if claims.exp <= now {
+        return Err(Refusal::new(
+            RefusalCode::SessionExpired,
+            "your session has expired: touch your key to sign in again",
+        ));
+    }
+    if revoked {
+        return Err(revoked_refusal());
+    }
+    let Some(svc) = cfg.service(service) else {
+        return Err(Refusal::new(
+            RefusalCode::UnknownService,
+            format!(
+                "this gateway has no service named {}: check the service names in your agent config",
+                untrusted(service)
+            ),
+        ));
+    };
+    if !svc.allows(&claims.sub) {
+        return Err(Refusal::new(
+            RefusalCode::Forbidden,
+            format!(
+                "{} may not use service {:?}: ask your admin for access",
+                claims.sub, svc.name
+            ),
+        ));
+    }
+    Ok(svc)
+}
+
+impl ConnCtx {
+    pub(super) async fn data_stream(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        session: watch::Receiver<Option<Arc<SessionClaims>>>,
+    ) {
+        let gw = &self.gw;
+        let open = match tokio::time::timeout(
+            STREAM_OPEN_TIMEOUT,
+            read_frame_limited::<StreamOpen, _>(&mut recv, STREAM_OPEN_MAX),
+        )
+        .await
+        {
+            Ok(Ok(Some(o))) => o,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                let r = Refusal::new(RefusalCode::BadRequest, format!("stream header: {e}"));
+                self.stream_refused(&mut send, None, None, r).await;
+                return;
+            }
+            Err(_) => {
+                let r = Refusal::new(RefusalCode::BadRequest, "no stream header within 10s");
+                self.stream_refused(&mut send, None, None, r).await;
+                return;
+            }
+        };
+        let claims = session.borrow().clone();
+        let revoked = claims.as_deref().is_some_and(|c| gw.revocations.revoked(c));
+        let svc = match authorize_stream(
+            claims.as_deref(),
+            revoked,
+            &gw.cfg,
+            &open.service,
+            now_secs(),
+        ) {
+            Ok(svc) => svc,
+            Err(r) => {
+                let user = claims.as_deref().map(|c| c.sub.as_str());
+                self.stream_refused(&mut send, user, Some(&open.service), r)
+                    .await;
+                return;
+            }
+        };
+        let Some(claims) = claims else { return };
+        let user = claims.sub.as_str();
+        let svc = Arc::new(svc.clone());
+        let tcp = match svc.kind {
+            touchgate_proto::ServiceKind::Tcp => {
+                match tokio::time::timeout(
+                    Duration::from_secs(10),
+                    tokio::net::TcpStream::connect(&svc.upstream),
+                )
+                .await
+                {
+                    Ok(Ok(s)) => {
+                        let _ = s.set_nodelay(true);
+                        Some(s)
+                    }
+                    Ok(Err(e)) => {
+                        let r = Refusal::new(
+                            RefusalCode::UpstreamUnavailable,
+                            format!("service {} is unreachable: {e}", svc.name),
+                        );
+                        self.stream_refused(&mut send, Some(user), Some(&svc.name), r)
+                            .await;
+                        return;
+                    }
+                    Err(_) => {
+                        let r = Refusal::new(
+                            RefusalCode::UpstreamUnavailable,
+                            format!(
+                                "service {} did not accept a connection within 10s",
+                                svc.name
+                            ),
+                        );
+                        self.stream_refused(&mut send, Some(user), Some(&svc.name), r)
+                            .await;
+                        return;
+                    }
+                }
+            }
+            touchgate_proto::ServiceKind::Http => None,
+        };
+        if write_frame(&mut send, &StreamReply::Accepted)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        gw.activity.touch(&claims.jti);
+        let _open = OpenStream::new(&self.open_streams);
+        Metrics::inc(&gw.metrics.streams_total);
+        Metrics::inc(&gw.metrics.streams_open);
+        gw.audit.record(AuditEvent {
+            user: Some(user.to_owned()),
+            service: Some(svc.name.clone()),
+            session: Some(claims.jti.clone()),
+            ..self.event("stream_opened")
+        });
+        let started = Instant::now();
+        let io = Counted::new(tokio::io::join(recv, send));
+        let (up, down) = (io.read.clone(), io.written.clone());
+        let browser = BrowserPolicy::new(open.local.as_ref());
+        let outcome = match tcp {
+            Some(mut upstream) => {
+                let refusal = Arc::new(std::sync::OnceLock::new());
+                let mut io = FirstBytesGuard::new(io, browser, refusal.clone());
+                let copied = tokio::io::copy_bidirectional_with_sizes(
+                    &mut io,
+                    &mut upstream,
+                    64 * 1024,
+                    64 * 1024,
+                )
+                .await;
+                match (copied, refusal.get()) {
+                    (_, Some(r)) => {
+                        self.tcp_browser_refused(user, &svc.name, r);
+                        "browser_refused".to_owned()
+                    }
+                    (Ok(_), None) => "ok".to_owned(),
+                    (Err(e), None) => format!("error: {e}"),
+                }
+            }
+            None => {
+                let ctx =
+                    StreamContext::new(user, svc.clone(), browser).with_peer(self.peer.to_string());
+                gw.proxy.clone().serve_http(io, ctx).await;
+                "ok".to_owned()
+            }
+        };
+        let (up, down) = (up.load(Relaxed), down.load(Relaxed));
+        gw.metrics.bytes_up_total.fetch_add(up, Relaxed);
+        gw.metrics.bytes_down_total.fetch_add(down, Relaxed);
+        Metrics::dec(&gw.metrics.streams_open);
+        gw.activity.touch(&claims.jti);
+        gw.audit.record(AuditEvent {
+            user: Some(user.to_owned()),
+            service: Some(svc.name.clone()),
+            session: Some(claims.jti.clone()),
+            outcome: Some(outcome),
+            bytes_up: Some(up),
+            bytes_down: Some(down),
+            duration_ms: Some(started.elapsed().as_millis() as u64),
+            ..self.event("stream_closed")
+        });
+    }
+
+    /// A TCP service's stream whose first bytes were a browser's HTTP request: closed
+    /// before anything was forwarded; counted, logged and audited.
+    fn tcp_browser_refused(&self, user: &str, service: &str, r: &crate::browser::BrowserRefusal) {
+        Metrics::inc(&self.gw.metrics.browser_refused_total);
+        if !self.gw.audit.allow_refusal(Some(&self.peer.to_string())) {
+            return;
+        }
+        let msg = r.message(service);
+        tracing::warn!(service, reason = %msg, "browser connection to a TCP service refused");
+        self.gw.audit.record(AuditEvent {
+            user: Some(user.to_owned()),
+            service: Some(service.to_owned()),
+            outcome: Some("refused".into()),
+            reason: Some(msg),
+            ..self.event("browser_request_refused")
+        });
+    }
+
+    /// Refuses a data stream opened before the connection has a session, without reading
+    /// it: at most [`PRE_SESSION_STREAMS`] refusals are written at once, further streams
+    /// are reset, so a peer that opens thousands of streams announcing large frames costs
+    /// a few bytes each.
+    pub(super) fn refuse_pre_session_stream(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let gw = &self.gw;
+        Metrics::inc(&gw.metrics.streams_refused_total);
+        let _ = recv.stop(0u32.into());
+        let r = Refusal::new(
+            RefusalCode::Unauthenticated,
+            "sign in (or resume the session) on the control stream before opening streams",
+        );
+        if gw.audit.allow_refusal(Some(&self.peer.to_string())) {
+            tracing::info!(code = ?r.code, "stream refused before sign-in");
+            gw.audit.record(AuditEvent {
+                outcome: Some(code_name(r.code)),
+                reason: Some(r.message.clone()),
+                ..self.event("stream_refused")
+            });
+        }
+        let pending = self.pre_session_streams.clone();
+        if pending.fetch_add(1, Relaxed) >= PRE_SESSION_STREAMS {
+            pending.fetch_sub(1, Relaxed);
+            let _ = send.reset(0u32.into());
+            return;
+        }
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                write_frame(&mut send, &StreamReply::Refused(r)),
+            )
+            .await;
+            let _ = send.finish();
+            pending.fetch_sub(1, Relaxed);
+        });
+    }
+
+    async fn stream_refused(
+        &self,
+        send: &mut quinn::SendStream,
+        user: Option<&str>,
+        service: Option<&str>,
+        r: Refusal,
+    ) {
+        Metrics::inc(&self.gw.metrics.streams_refused_total);
+        tracing::info!(user, service, code = ?r.code, reason = %r.message, "stream refused");
+        self.gw.audit.record(AuditEvent {
+            user: user.map(str::to_owned),
+            service: service.map(str::to_owned),
+            outcome: Some(code_name(r.code)),
+            reason: Some(r.message.clone()),
+            ..self.event("stream_refused")
+        });
+        let _ = write_frame(send, &StreamReply::Refused(r)).await;
+        let _ = send.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> crate::GatewayConfig {
+        let text = r#"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+rp_id = "localhost"
+database = "x.db"
+[tls]
+cert = "c.pem"
+key = "k.pem"
+[[service]]
+name = "api"
+kind = "http"
+upstream = "http://127.0.0.1:1"
+allow = ["alice@example.com"]
+"#;
+        toml::from_str(text).expect("config")
+    }
+
+    fn claims(sub: &str, exp: u64) -> SessionClaims {
+        serde_json::from_value(serde_json::json!({
+            "iss": "i", "sub": sub, "aud": "a", "iat": 0, "exp": exp, "jti": "j",
+            "cnf": {"x5t#S256": "t"}, "epoch": 0
+        }))
+        .expect("claims")
+    }
+
+    #[test]
+    fn a_live_session_reaches_a_service_it_is_allowed() {
+        let cfg = cfg();
+        let c = claims("alice@example.com", 100);
+        let svc = authorize_stream(Some(&c), false, &cfg, "api", 99).expect("allowed");
+        assert_eq!(svc.name, "api");
+    }
+
+    #[test]
+    fn each_refusal_has_its_code() {
+        let cfg = cfg();
+        let alice = claims("alice@example.com", 100);
+        let bob = claims("bob@example.com", 100);
+        let code = |r: Result<&crate::config::ServiceConfig, Refusal>| r.err().map(|r| r.code);
+        assert_eq!(
+            code(authorize_stream(None, false, &cfg, "api", 1)),
+            Some(RefusalCode::Unauthenticated)
+        );
+        assert_eq!(
+            code(authorize_stream(Some(&alice), false, &cfg, "api", 100)),
+            Some(RefusalCode::SessionExpired)
+        );
+        assert_eq!(
+            code(authorize_stream(Some(&alice), true, &cfg, "api", 1)),
+            Some(RefusalCode::SessionRevoked)
+        );
+        assert_eq!(
+            code(authorize_stream(Some(&alice), false, &cfg, "nosuch", 1)),
+            Some(RefusalCode::UnknownService)
+        );
+        assert_eq!(
+            code(authorize_stream(Some(&bob), false, &cfg, "api", 1)),
+            Some(RefusalCode::Forbidden)
+        );
+    }
+}
