@@ -1,7 +1,7 @@
 //! `touchgate`: the command-line agent. Enrol a key, sign in and expose services on localhost,
-//! ask a running agent for its status, or run the whole system on this machine (`demo`).
+//! ask a running agent for its status, or change the settings. The demo is a program of its own
+//! (`crates/demo`), so that this binary links no test fake and no gateway.
 
-mod demo;
 mod prompt;
 
 use std::path::PathBuf;
@@ -63,15 +63,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: Option<ConfigCmd>,
     },
-    /// Run gateway, Cloud-Run-like service, software key and agent on this machine, make one
-    /// request through the tunnel, and keep serving until Ctrl-C.
+    /// The demo (gateway, Cloud-Run-like service and software key on this machine) is a program
+    /// of its own in development builds: this only says how to run it.
     Demo {
-        /// Exit after the first request (0 if it succeeded).
-        #[arg(long)]
-        once: bool,
-        /// Local port for the demo service (falls back to a free port when taken).
-        #[arg(long, default_value_t = 8081, env = "TOUCHGATE_DEMO_PORT")]
-        port: u16,
+        /// Whatever follows `demo` (the demo program takes `--once` and `--port`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
     },
 }
 
@@ -115,11 +112,7 @@ impl PinArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let default_level = match cli.cmd {
-        Cmd::Demo { .. } => "warn",
-        _ => "info",
-    };
-    touchgate_common::init_logging(default_level);
+    touchgate_common::init_logging("info");
     // One thread: a tunnel is one QUIC connection, driven by one task, so more threads only
     // add wake-ups between them; and on one thread the connection driver runs after the local
     // connections that woke it, and sends what they wrote in one datagram instead of one each.
@@ -187,9 +180,17 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 }
             }
         }
-        Cmd::Demo { once, port } => demo::run(once, port).await,
+        Cmd::Demo { .. } => {
+            eprintln!("{DEMO_ELSEWHERE}");
+            Ok(std::process::ExitCode::from(2))
+        }
     }
 }
+
+/// What `touchgate demo` says: the demo runs on test fakes and the whole gateway, which the
+/// installed CLI does not carry.
+const DEMO_ELSEWHERE: &str = "touchgate: the demo is not part of the installed touchgate; it is a program of its own \
+in development builds: from a checkout of the source, run ./scripts/demo (or cargo run -p touchgate-demo)";
 
 /// The invite code: from `--code` (with a warning when it was on the command line), else asked
 /// without echo on a terminal, else the first line of standard input.

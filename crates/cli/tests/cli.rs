@@ -2,31 +2,19 @@
 
 use std::process::Command;
 
+/// The installed CLI carries no demo (it runs on test fakes): it says which command does.
 #[test]
-fn demo_once_makes_a_real_request_through_the_tunnel_and_exits_zero() {
+fn demo_says_which_program_runs_it_and_exits_two() {
     let out = Command::new(env!("CARGO_BIN_EXE_touchgate"))
         .args(["demo", "--once", "--port", "0"])
         .output()
         .expect("run touchgate demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        out.status.success(),
-        "demo failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        err.contains("run ./scripts/demo (or cargo run -p touchgate-demo)"),
+        "{err}"
     );
-    assert!(
-        stdout.contains("request through the tunnel: HTTP 200"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("a direct call without a token gets: HTTP 401"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("upstream saw user      demo@touchgate.dev"),
-        "{stdout}"
-    );
-    assert!(stdout.contains("curl -s http://127.0.0.1:"), "{stdout}");
 }
 
 #[test]

@@ -1,4 +1,6 @@
-//! `touchgate demo`: the whole system on this machine, with no setup and no hardware key.
+//! The demo's story: a [`Lab`] (gateway, metadata server, Cloud-Run-like service), a software
+//! key enrolled with a fresh invite, the agent, and one request through the tunnel, each step
+//! printed as it happens.
 
 use std::{
     sync::{Arc, Mutex},
