@@ -95,6 +95,16 @@ pub enum AgentError {
         /// The error.
         source: std::io::Error,
     },
+    /// Another program holds the IPv6 loopback side of a service's port.
+    #[error(
+        "another program holds [::1]:{port}, the IPv6 side of service {service}'s local port: it would get what tools send to localhost:{port}. Stop it (see `ss -ltnp 'sport = :{port}'`), or change local_port in the agent config"
+    )]
+    BindV6Taken {
+        /// The service.
+        service: String,
+        /// The port.
+        port: u16,
+    },
     /// Talking to the gateway failed.
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
@@ -149,14 +159,8 @@ impl RunningAgent {
         let endpoint = client_endpoint(&cfg, &key)?;
         let mut bound = Vec::new();
         for s in &cfg.services {
-            let l = TcpListener::bind(("127.0.0.1", s.local_port))
-                .await
-                .map_err(|source| AgentError::Bind {
-                    service: s.name.clone(),
-                    port: s.local_port,
-                    source,
-                })?;
-            bound.push((s.name.clone(), l));
+            let (l, l6) = bind_local(s).await?;
+            bound.push((s.name.clone(), l, l6));
         }
         let (state_tx, state_rx) = watch::channel(AgentState::Starting);
         let (conn_tx, conn_rx) = watch::channel(None);
@@ -175,7 +179,7 @@ impl RunningAgent {
         shared.sign_in().await?;
         let mut tasks = Vec::new();
         let mut listeners = Vec::new();
-        for ((name, l), svc) in bound.into_iter().zip(&shared.cfg.services) {
+        for ((name, l, l6), svc) in bound.into_iter().zip(&shared.cfg.services) {
             let addr = l.local_addr().map_err(|source| AgentError::Bind {
                 service: name.clone(),
                 port: 0,
@@ -192,10 +196,14 @@ impl RunningAgent {
                 service: name.clone(),
                 check_owner: !shared.cfg.allow_other_users && OwnerCheck::supported(),
             };
-            let rx = conn_rx.clone();
-            tasks.push(tokio::spawn(
-                serve_local(l, local, rx).instrument(tracing::info_span!("service", name = %name)),
-            ));
+            let local = Arc::new(local);
+            for l in std::iter::once(l).chain(l6) {
+                let rx = conn_rx.clone();
+                tasks.push(tokio::spawn(
+                    serve_local(l, local.clone(), rx)
+                        .instrument(tracing::info_span!("service", name = %name)),
+                ));
+            }
         }
         let s = shared.clone();
         tasks.push(tokio::spawn(async move { s.supervise().await }));
@@ -507,6 +515,42 @@ fn connected_state(session: &SessionInfo) -> AgentState {
     }
 }
 
+/// Binds a service's local port on 127.0.0.1 and, with the same number, on [::1]:
+/// `localhost` may resolve to ::1 first, and a port left free there could be taken by another
+/// user, who would then get what tools and browsers send to localhost:PORT. A port picked by
+/// the system (`local_port = 0`) is picked again when its IPv6 twin is taken.
+async fn bind_local(
+    s: &crate::config::LocalService,
+) -> Result<(TcpListener, Option<TcpListener>), AgentError> {
+    let mut tries = 0;
+    loop {
+        let l = TcpListener::bind(("127.0.0.1", s.local_port))
+            .await
+            .map_err(|source| AgentError::Bind {
+                service: s.name.clone(),
+                port: s.local_port,
+                source,
+            })?;
+        let port = l.local_addr().map(|a| a.port()).unwrap_or(s.local_port);
+        match TcpListener::bind(("::1", port)).await {
+            Ok(l6) => return Ok((l, Some(l6))),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                tries += 1;
+                if s.local_port != 0 || tries == 5 {
+                    return Err(AgentError::BindV6Taken {
+                        service: s.name.clone(),
+                        port,
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no IPv6 loopback: serving 127.0.0.1 only");
+                return Ok((l, None));
+            }
+        }
+    }
+}
+
 /// One service's local port, as its accept loop serves it.
 struct Local {
     service: String,
@@ -521,10 +565,9 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 async fn serve_local(
     listener: TcpListener,
-    local: Local,
+    local: Arc<Local>,
     conn: watch::Receiver<Option<quinn::Connection>>,
 ) {
-    let local = Arc::new(local);
     let mut owners = OwnerCheck::new();
     let mut refusals = RefusalLog::default();
     if local.check_owner && owners.own_uid().is_none() {

@@ -20,6 +20,8 @@ pub fn transport_config(max_streams: u32) -> quinn::TransportConfig {
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window(RECEIVE_WINDOW.into());
     t.send_window(64 * 1024 * 1024);
+    // The tunnel uses streams only: no buffer for datagrams a peer might send.
+    t.datagram_receive_buffer_size(None);
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     if let Ok(idle) = Duration::from_secs(15).try_into() {
         t.max_idle_timeout(Some(idle));

@@ -103,7 +103,7 @@ impl AuditLog {
         };
         Ok(Self {
             sink: Arc::new(Mutex::new(sink)),
-            refusals: Arc::new(WindowCounter::new(4096)),
+            refusals: Arc::new(WindowCounter::new(1 << 16)),
         })
     }
 
@@ -114,7 +114,7 @@ impl AuditLog {
     pub fn allow_refusal(&self, peer: Option<&str>) -> bool {
         let source = peer.map(|p| {
             p.parse::<std::net::SocketAddr>()
-                .map(|a| a.ip().to_string())
+                .map(|a| crate::limits::source(a.ip()).to_string())
                 .unwrap_or_else(|_| p.to_owned())
         });
         let hit = self.refusals.hit(&source);

@@ -107,7 +107,7 @@ impl BrowserPolicy {
                 });
             }
             let own = parse_origin(&text).is_some_and(|(scheme, name, port)| {
-                scheme == "http" && is_loopback_name(&name) && port == own_port
+                scheme == "http" && is_own_host(&name) && port == own_port
             });
             origin_ok = own || normalise_origin(&text).is_some_and(|o| self.origins.contains(&o));
             if !origin_ok {
@@ -207,6 +207,14 @@ impl BrowserPolicy {
     }
 }
 
+/// Whether a page at `http://NAME:PORT` is served by the agent's own port: only the addresses
+/// the agent holds (127.0.0.1 and [::1], both bound by the agent) and `localhost`. Another
+/// loopback address or a `*.localhost` name on the same port number could be another OS
+/// user's server, whose pages must not count as the service's own.
+fn is_own_host(name: &str) -> bool {
+    matches!(name, "127.0.0.1" | "::1" | "localhost")
+}
+
 /// Whether a host name (without port, brackets removed) names this machine: a loopback IP
 /// literal, `localhost`, or a name under `.localhost` (which browsers resolve to loopback
 /// themselves, RFC 6761).
@@ -227,7 +235,12 @@ fn split_host_port(h: &str) -> (String, Option<u16>) {
     let h = h.trim();
     let (name, port) = if let Some(rest) = h.strip_prefix('[') {
         match rest.split_once(']') {
-            Some((name, tail)) => (name, tail.strip_prefix(':')),
+            Some((name, "")) => (name, None),
+            Some((name, tail)) => match tail.strip_prefix(':') {
+                Some(port) => (name, Some(port)),
+                // `[::1]evil.example`: not a host; never a loopback one.
+                None => (h, None),
+            },
             None => (rest, None),
         }
     } else {
@@ -340,6 +353,8 @@ mod tests {
             "127.0.0.1.nip.io:8081",
             "[::2]:8081",
             "10.0.0.1",
+            "[::1]evil.example",
+            "[::1]evil.example:8081",
         ] {
             let r = p.check(Some(host), &HeaderMap::new()).expect_err(host);
             assert_eq!(r.setting, Some("allowed_hosts"), "{host}");
@@ -357,6 +372,7 @@ mod tests {
         for o in [
             "http://127.0.0.1:8081",
             "http://localhost:8081",
+            "http://LOCALHOST:8081",
             "http://[::1]:8081",
         ] {
             let h = headers(&[("origin", o), ("sec-fetch-site", "same-origin")]);
@@ -370,6 +386,11 @@ mod tests {
             "null",
             "file://",
             "http://127.0.0.1:8081/path",
+            // Another loopback address or a *.localhost name on the same port number may be
+            // another user's server.
+            "http://127.0.0.2:8081",
+            "http://127.8.9.10:8081",
+            "http://foo.localhost:8081",
         ] {
             let h = headers(&[("origin", o)]);
             assert!(p.check(Some("127.0.0.1:8081"), &h).is_err(), "{o}");

@@ -9,6 +9,7 @@
 
 use std::{
     hash::{BuildHasher, Hash, RandomState},
+    net::IpAddr,
     sync::atomic::{AtomicU64, Ordering::Relaxed},
     time::Instant,
 };
@@ -92,28 +93,63 @@ impl WindowCounter {
     }
 }
 
-/// Counts attempts per key in one-minute windows, in fixed memory ([`WindowCounter`]).
+/// The gateway's rate limits, each in a sketch of its own (so a flood of one kind of key
+/// cannot raise the counts of another), keyed by source address with IPv6 taken per /64
+/// (what one host usually holds).
 pub struct RateLimiter {
-    counter: WindowCounter,
+    /// New connections per source: counted for every Initial, spoofed ones included, so the
+    /// widest sketch (2.6 million keys a minute leave a fresh key far below the limit).
+    connections: WindowCounter,
+    /// Sign-in and enrolment attempts per source (only after a completed handshake).
+    attempts: WindowCounter,
+    /// Failed sign-ins and enrolments per user and source.
+    failures: WindowCounter,
 }
 
 impl Default for RateLimiter {
     fn default() -> Self {
         Self {
-            counter: WindowCounter::new(1 << 16),
+            connections: WindowCounter::new(1 << 18),
+            attempts: WindowCounter::new(1 << 16),
+            failures: WindowCounter::new(1 << 16),
         }
     }
 }
 
 impl RateLimiter {
-    /// Counts one event for `key`; false when the key is over `per_minute` in this window.
-    pub fn allow(&self, key: &impl std::hash::Hash, per_minute: u32) -> bool {
-        self.counter.hit(key).count <= per_minute
+    /// Counts a new connection from `ip`; false when over `per_minute`.
+    pub fn connection(&self, ip: IpAddr, per_minute: u32) -> bool {
+        self.connections.hit(&source(ip)).count <= per_minute
     }
 
-    /// Whether `key` has reached `per_minute` in this window, without counting.
-    pub fn reached(&self, key: &impl std::hash::Hash, per_minute: u32) -> bool {
-        self.counter.peek(key) >= per_minute
+    /// Counts a sign-in or enrolment attempt from `ip`; false when over `per_minute`.
+    pub fn attempt(&self, ip: IpAddr, per_minute: u32) -> bool {
+        self.attempts.hit(&source(ip)).count <= per_minute
+    }
+
+    /// Counts a failed sign-in or enrolment of `user` from `ip`.
+    pub fn failure(&self, user: &str, ip: IpAddr) {
+        self.failures.hit(&(user, source(ip)));
+    }
+
+    /// Whether `user` has failed `per_minute` times from `ip` in this window.
+    pub fn failures_reached(&self, user: &str, ip: IpAddr, per_minute: u32) -> bool {
+        self.failures.peek(&(user, source(ip))) >= per_minute
+    }
+}
+
+/// The source an address counts as: itself for IPv4, its /64 for IPv6 (an IPv4 address
+/// mapped into IPv6 counts as the IPv4 one).
+pub fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -160,6 +196,35 @@ mod tests {
             .max()
             .unwrap_or_default();
         assert!(worst < 12, "a fresh key starts at {worst}");
+    }
+
+    #[test]
+    fn a_flood_of_spoofed_sources_does_not_stop_a_fresh_sign_in() {
+        let l = RateLimiter::default();
+        for i in 0..2_000_000u32 {
+            l.connection(
+                IpAddr::V4(std::net::Ipv4Addr::from(i.wrapping_mul(2_654_435_761))),
+                600,
+            );
+        }
+        let fresh = (0..1000u32)
+            .filter(|i| {
+                let ip = IpAddr::V4(std::net::Ipv4Addr::new(198, 51, (i / 256) as u8, *i as u8));
+                l.connection(ip, 600) && l.attempt(ip, 20) && !l.failures_reached("alice", ip, 20)
+            })
+            .count();
+        assert_eq!(fresh, 1000);
+    }
+
+    #[test]
+    fn ipv6_sources_count_per_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().expect("ip");
+        let c: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert_eq!(source(a), source(b));
+        assert_ne!(source(a), source(c));
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().expect("ip");
+        assert_eq!(source(mapped), "192.0.2.1".parse::<IpAddr>().expect("ip"));
     }
 
     #[test]

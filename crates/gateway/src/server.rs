@@ -92,7 +92,7 @@ impl Gateway {
             let ip = incoming.remote_address().ip();
             if !self
                 .limiter
-                .allow(&("conn", ip), self.cfg.limits.connections_per_minute)
+                .connection(ip, self.cfg.limits.connections_per_minute)
             {
                 Metrics::inc(&self.metrics.auth_refused_total);
                 let peer = incoming.remote_address().to_string();

@@ -23,16 +23,31 @@ pub(super) fn upstream_path(prefix: &str, req: &Uri) -> Result<PathAndQuery, Str
     }
 }
 
-/// Whether `path` has a `.` or `..` segment (also as `%2e`) or an encoded `/` or `\\`.
-fn escapes_base(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") || lower.contains('\\') {
-        return true;
+/// Whether `path` could name something outside the base path once an upstream normalises it:
+/// a `.` or `..` segment, also percent-encoded (once or more) or with `;parameters` (which
+/// some servers strip: `/..;/admin`), or an encoded `/` or `\\`.
+pub(super) fn escapes_base(path: &str) -> bool {
+    let mut decoded = path.to_owned();
+    // Decode until nothing changes, so `%252e%252e` is seen as `..` too.
+    for _ in 0..4 {
+        let next = percent_encoding::percent_decode_str(&decoded)
+            .decode_utf8_lossy()
+            .into_owned();
+        if next == decoded {
+            break;
+        }
+        if next.contains(['/', '\\'])
+            && next.matches(['/', '\\']).count() > decoded.matches(['/', '\\']).count()
+        {
+            return true;
+        }
+        decoded = next;
     }
-    lower
-        .replace("%2e", ".")
-        .split('/')
-        .any(|seg| seg == "." || seg == "..")
+    decoded.contains('\\')
+        || decoded.split('/').any(|seg| {
+            let seg = seg.split(';').next().unwrap_or_default();
+            seg == "." || seg == ".."
+        })
 }
 
 /// The upstream base URL with `path` in place of its own.
@@ -204,6 +219,11 @@ mod tests {
             "/a%2f..%2fadmin",
             "/a%5c..",
             "/./x",
+            "/..;/admin",
+            "/.;/x",
+            "/%2e%2e;/admin",
+            "/%252e%252e/admin",
+            "/a%252f..",
         ] {
             let req: Uri = bad.parse().expect("uri");
             assert!(upstream_path("/base", &req).is_err(), "{bad}");

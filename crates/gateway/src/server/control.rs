@@ -75,7 +75,7 @@ impl ConnCtx {
                 Ok((options, p)) => {
                     pending.enrol = Some(p);
                     gw.audit.record(AuditEvent {
-                        user: Some(user),
+                        user: Some(untrusted_user(&user)),
                         ..self.event("enrol_challenge_issued")
                     });
                     ServerMsg::EnrollChallenge {
@@ -126,7 +126,7 @@ impl ConnCtx {
                 Ok((options, p)) => {
                     pending.login = Some(p);
                     gw.audit.record(AuditEvent {
-                        user: Some(user),
+                        user: Some(untrusted_user(&user)),
                         ..self.event("challenge_issued")
                     });
                     ServerMsg::LoginChallenge {
@@ -240,9 +240,9 @@ impl ConnCtx {
         let gw = &self.gw;
         let per = gw.cfg.limits.signin_attempts_per_minute;
         let ip = self.peer.ip();
-        let who = if !gw.limiter.allow(&("attempt", ip), per) {
+        let who = if !gw.limiter.attempt(ip, per) {
             format!("sign-in attempts from {ip}")
-        } else if gw.limiter.reached(&("failed", user, ip), per) {
+        } else if gw.limiter.failures_reached(user, ip, per) {
             format!("failed sign-ins for {} from {ip}", untrusted_user(user))
         } else {
             return Ok(());
@@ -255,9 +255,7 @@ impl ConnCtx {
 
     /// Counts a failed enrolment or sign-in against the user from this source address.
     fn count_failure(&self, user: &str) {
-        self.gw
-            .limiter
-            .allow(&("failed", user, self.peer.ip()), u32::MAX);
+        self.gw.limiter.failure(user, self.peer.ip());
     }
 
     fn enrol_begin(

@@ -18,6 +18,15 @@ impl Activity {
             .insert(jti.to_owned(), Instant::now());
     }
 
+    /// Forgets sessions last active longer ago than `max_age`: every such session has
+    /// expired (a session lives at most `max_age`), so nothing needs its idle time any more.
+    pub(super) fn prune(&self, max_age: Duration) {
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, t| t.elapsed() <= max_age);
+    }
+
     pub(super) fn idle_for(&self, jti: &str) -> Option<Duration> {
         self.last
             .lock()
@@ -64,8 +73,10 @@ impl Revocations {
             .unwrap_or(0)
     }
 
+    /// Whether an admin ended the session: its user's epoch moved past it, or the user is
+    /// disabled (which also covers a sign-in that raced the disable past the epoch reload).
     pub(super) fn revoked(&self, c: &SessionClaims) -> bool {
-        c.epoch < self.epoch(&c.sub)
+        c.epoch < self.epoch(&c.sub) || self.disabled(&c.sub)
     }
 
     pub(super) fn add(&self, conn_id: u64, claims: Arc<SessionClaims>, conn: quinn::Connection) {
@@ -113,8 +124,13 @@ pub(super) fn revoked_refusal() -> Refusal {
 impl Gateway {
     /// Reloads revocation epochs and closes the connections of revoked sessions.
     pub(super) async fn enforce_revocations(self: Arc<Self>) {
+        let mut polls = 0u64;
         loop {
             tokio::time::sleep(REVOCATION_POLL).await;
+            polls += 1;
+            if polls.is_multiple_of(60) {
+                self.activity.prune(self.cfg.session.max_age);
+            }
             match self
                 .store
                 .epochs()
