@@ -283,7 +283,7 @@ impl RunningAgent {
             t.abort();
         }
         let endpoint = &self.shared.endpoint;
-        endpoint.close(0u32.into(), b"agent quitting");
+        endpoint.close(touchgate_proto::close::AGENT_DONE.into(), b"agent quitting");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     }
 }
@@ -378,7 +378,10 @@ impl Shared {
                 *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 let conn = self.conn.send_replace(None);
                 if let Some(c) = conn {
-                    c.close(0u32.into(), b"security key removed");
+                    c.close(
+                        touchgate_proto::close::AGENT_DONE.into(),
+                        b"security key removed",
+                    );
                 }
                 self.state.send_replace(AgentState::KeyRemoved);
                 return;
@@ -394,7 +397,10 @@ impl Shared {
         self.locked.store(true, std::sync::atomic::Ordering::SeqCst);
         *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if let Some(c) = self.conn.send_replace(None) {
-            c.close(0u32.into(), b"account disabled");
+            c.close(
+                touchgate_proto::close::AGENT_DONE.into(),
+                b"account disabled",
+            );
         }
         self.state.send_replace(AgentState::SignedOut { reason });
     }
@@ -476,7 +482,9 @@ impl Shared {
                         tracing::warn!(reason = %r, "the session ended");
                         self.locked.store(true, std::sync::atomic::Ordering::SeqCst);
                         self.conn.send_replace(None);
-                        tunnel.connection().close(0u32.into(), b"session ended");
+                        tunnel
+                            .connection()
+                            .close(touchgate_proto::close::AGENT_DONE.into(), b"session ended");
                         return Ok(());
                     }
                     tracing::warn!(reason = %r, "the session ended; signing in again");
@@ -504,7 +512,9 @@ pub fn disabled_reason(e: &TunnelError) -> Option<String> {
 /// Whether the gateway closed the connection because an admin disabled the account.
 fn closed_as_disabled(reason: &quinn::ConnectionError) -> bool {
     matches!(reason, quinn::ConnectionError::ApplicationClosed(c)
-        if String::from_utf8_lossy(&c.reason).contains(DISABLED_CLOSE))
+        if c.error_code == touchgate_proto::close::ACCOUNT_DISABLED.into()
+            // A gateway from before the close codes said it in words only.
+            || String::from_utf8_lossy(&c.reason).contains(DISABLED_CLOSE))
 }
 
 fn connected_state(session: &SessionInfo) -> AgentState {
@@ -791,6 +801,12 @@ mod tests {
             })
         };
         assert!(closed_as_disabled(&closed(b"account disabled by an admin")));
+        assert!(closed_as_disabled(
+            &quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+                error_code: touchgate_proto::close::ACCOUNT_DISABLED.into(),
+                reason: b"".as_slice().into(),
+            })
+        ));
         assert!(!closed_as_disabled(&closed(b"session revoked")));
         assert!(!closed_as_disabled(&quinn::ConnectionError::TimedOut));
     }

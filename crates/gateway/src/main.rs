@@ -461,7 +461,10 @@ async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
     let admin_task = tokio::spawn(gw.clone().serve_admin(admin));
     touchgate_common::shutdown_signal().await;
     tracing::info!("shutting down");
-    endpoint.close(0u32.into(), b"gateway shutting down");
+    endpoint.close(
+        touchgate_proto::close::GATEWAY_SHUTDOWN.into(),
+        b"gateway shutting down",
+    );
     let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
     quic.abort();
     admin_task.abort();

@@ -132,7 +132,10 @@ impl Gateway {
     async fn handle_connection(self: Arc<Self>, conn: quinn::Connection, id: u64) {
         let peer = conn.remote_address();
         let Some(thumb) = peer_thumbprint(&conn) else {
-            conn.close(1u32.into(), b"a client certificate is required");
+            conn.close(
+                touchgate_proto::close::UNUSABLE.into(),
+                b"a client certificate is required",
+            );
             return;
         };
         let mut binding = [0u8; EXPORTER_LEN];
@@ -140,7 +143,10 @@ impl Gateway {
             .export_keying_material(&mut binding, EXPORTER_LABEL, b"")
             .is_err()
         {
-            conn.close(1u32.into(), b"no keying material");
+            conn.close(
+                touchgate_proto::close::UNUSABLE.into(),
+                b"no keying material",
+            );
             return;
         }
         Metrics::inc(&self.metrics.connections_total);

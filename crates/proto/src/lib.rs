@@ -26,6 +26,25 @@ pub const EXPORTER_LEN: usize = 32;
 /// Name of the `clientDataJSON` member that carries the channel binding (base64url, no padding).
 pub const CLIENT_DATA_BINDING_KEY: &str = "touchgateBinding";
 
+/// QUIC application close codes, so each end can tell why the other closed a connection
+/// without reading its words.
+pub mod close {
+    /// The agent is quitting, or ending a connection it no longer needs.
+    pub const AGENT_DONE: u32 = 0;
+    /// The connection cannot be used: no client certificate, no keying material.
+    pub const UNUSABLE: u32 = 1;
+    /// An admin ended the user's sessions (`touchgate-gateway revoke`).
+    pub const SESSION_REVOKED: u32 = 2;
+    /// The session expired or was idle too long.
+    pub const SESSION_ENDED: u32 = 3;
+    /// No sign-in within the gateway's sign-in deadline.
+    pub const NO_SIGN_IN: u32 = 4;
+    /// An admin disabled the user's account: signing in again will not help.
+    pub const ACCOUNT_DISABLED: u32 = 5;
+    /// The gateway is shutting down.
+    pub const GATEWAY_SHUTDOWN: u32 = 6;
+}
+
 /// Size of a frame header: a big-endian `u32` body length.
 pub const FRAME_HEADER_LEN: usize = 4;
 

@@ -2,6 +2,7 @@
 //! store, and the per-connection watch that closes a connection when its session ends.
 
 use super::*;
+use touchgate_proto::close;
 
 /// Per-session last-activity times, for the idle timeout (kept in memory: a restart forgets
 /// them, which only makes an idle session last longer, never past its `exp`).
@@ -146,13 +147,21 @@ impl Gateway {
                 }
             }
             for (conn_id, claims, conn) in self.revocations.take_revoked() {
-                let (event, why): (_, &[u8]) = if self.revocations.disabled(&claims.sub) {
-                    ("session_disabled", b"account disabled by an admin")
+                let (event, code, why): (_, _, &[u8]) = if self.revocations.disabled(&claims.sub) {
+                    (
+                        "session_disabled",
+                        close::ACCOUNT_DISABLED,
+                        b"account disabled by an admin",
+                    )
                 } else {
-                    ("session_revoked", b"session revoked by an admin")
+                    (
+                        "session_revoked",
+                        close::SESSION_REVOKED,
+                        b"session revoked by an admin",
+                    )
                 };
                 tracing::info!(user = %claims.sub, conn = conn_id, event, "closing the connection");
-                conn.close(2u32.into(), why);
+                conn.close(code.into(), why);
                 self.audit.record(AuditEvent {
                     event,
                     user: Some(claims.sub.clone()),
@@ -211,20 +220,24 @@ impl ConnCtx {
                     Metrics::inc(&gw.metrics.signin_deadline_closed_total);
                     (
                         "connection_closed",
-                        4,
+                        close::NO_SIGN_IN,
                         format!(
                             "no sign-in within {}",
                             humantime::format_duration(gw.cfg.limits.signin_deadline)
                         ),
                     )
                 }
-                Some(c) if c.exp <= now_secs() => ("session_ended", 3, "session expired".into()),
+                Some(c) if c.exp <= now_secs() => (
+                    "session_ended",
+                    close::SESSION_ENDED,
+                    "session expired".into(),
+                ),
                 Some(c) => {
                     let idle = gw.activity.idle_for(&c.jti).unwrap_or_default();
                     if self.open_streams.load(Relaxed) > 0 || idle < gw.cfg.session.idle_timeout {
                         continue;
                     }
-                    ("session_ended", 3, "session idle".into())
+                    ("session_ended", close::SESSION_ENDED, "session idle".into())
                 }
             };
             tracing::info!(reason = %why, "closing the connection");
