@@ -26,13 +26,148 @@ enum Sink {
     Discard,
 }
 
+/// What an audit line records; written as its snake_case name in the line's `event`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum AuditKind {
+    /// A request (or TCP connection) a browser was made to send was refused.
+    BrowserRequestRefused,
+    /// A sign-in challenge was sent.
+    ChallengeIssued,
+    /// A sign-in was refused.
+    ChallengeRefused,
+    /// A sign-in assertion verified.
+    ChallengeVerified,
+    /// The gateway closed a connection (no sign-in by the deadline).
+    ConnectionClosed,
+    /// A new connection was refused (rate limit).
+    ConnectionRefused,
+    /// An enrolment challenge was sent.
+    EnrolChallengeIssued,
+    /// An enrolment was refused.
+    EnrolRefused,
+    /// A control frame could not be read.
+    FrameRefused,
+    /// An admin made an invite.
+    InviteCreated,
+    /// An invite was used: a key was enrolled.
+    InviteUsed,
+    /// An admin removed one key of a user.
+    KeyRemoved,
+    /// Refusal lines from one source were left out (over the per-minute limit).
+    RefusalsSuppressed,
+    /// A request was refused for its own shape (a path leaving the base path).
+    RequestRefused,
+    /// A live session ended because an admin disabled the account.
+    SessionDisabled,
+    /// A live session ended: expired or idle.
+    SessionEnded,
+    /// A session was issued after a verified sign-in.
+    SessionIssued,
+    /// A resume was refused.
+    SessionRefused,
+    /// A session was resumed on a new connection.
+    SessionResumed,
+    /// A live session ended because an admin revoked it.
+    SessionRevoked,
+    /// A data stream closed (bytes each way, duration, outcome).
+    StreamClosed,
+    /// A data stream was opened.
+    StreamOpened,
+    /// A data stream was refused.
+    StreamRefused,
+    /// The upstream failed, or the gateway could not call it.
+    UpstreamError,
+    /// An admin disabled a user.
+    UserDisabled,
+    /// An admin enabled a user.
+    UserEnabled,
+    /// An admin removed a user.
+    UserRemoved,
+    /// An admin revoked a user's sessions.
+    UserRevoked,
+}
+
+impl AuditKind {
+    /// Every kind, for documentation and tests.
+    pub const ALL: [AuditKind; 28] = [
+        Self::BrowserRequestRefused,
+        Self::ChallengeIssued,
+        Self::ChallengeRefused,
+        Self::ChallengeVerified,
+        Self::ConnectionClosed,
+        Self::ConnectionRefused,
+        Self::EnrolChallengeIssued,
+        Self::EnrolRefused,
+        Self::FrameRefused,
+        Self::InviteCreated,
+        Self::InviteUsed,
+        Self::KeyRemoved,
+        Self::RefusalsSuppressed,
+        Self::RequestRefused,
+        Self::SessionDisabled,
+        Self::SessionEnded,
+        Self::SessionIssued,
+        Self::SessionRefused,
+        Self::SessionResumed,
+        Self::SessionRevoked,
+        Self::StreamClosed,
+        Self::StreamOpened,
+        Self::StreamRefused,
+        Self::UpstreamError,
+        Self::UserDisabled,
+        Self::UserEnabled,
+        Self::UserRemoved,
+        Self::UserRevoked,
+    ];
+
+    /// The name written in the audit line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BrowserRequestRefused => "browser_request_refused",
+            Self::ChallengeIssued => "challenge_issued",
+            Self::ChallengeRefused => "challenge_refused",
+            Self::ChallengeVerified => "challenge_verified",
+            Self::ConnectionClosed => "connection_closed",
+            Self::ConnectionRefused => "connection_refused",
+            Self::EnrolChallengeIssued => "enrol_challenge_issued",
+            Self::EnrolRefused => "enrol_refused",
+            Self::FrameRefused => "frame_refused",
+            Self::InviteCreated => "invite_created",
+            Self::InviteUsed => "invite_used",
+            Self::KeyRemoved => "key_removed",
+            Self::RefusalsSuppressed => "refusals_suppressed",
+            Self::RequestRefused => "request_refused",
+            Self::SessionDisabled => "session_disabled",
+            Self::SessionEnded => "session_ended",
+            Self::SessionIssued => "session_issued",
+            Self::SessionRefused => "session_refused",
+            Self::SessionResumed => "session_resumed",
+            Self::SessionRevoked => "session_revoked",
+            Self::StreamClosed => "stream_closed",
+            Self::StreamOpened => "stream_opened",
+            Self::StreamRefused => "stream_refused",
+            Self::UpstreamError => "upstream_error",
+            Self::UserDisabled => "user_disabled",
+            Self::UserEnabled => "user_enabled",
+            Self::UserRemoved => "user_removed",
+            Self::UserRevoked => "user_revoked",
+        }
+    }
+}
+
+impl std::fmt::Display for AuditKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One audit event. Fields not relevant to an event are left out of its line.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct AuditEvent {
-    /// What happened: `invite_created`, `invite_used`, `challenge_issued`, `challenge_verified`,
-    /// `challenge_refused`, `enrol_refused`, `session_issued`, `session_resumed`,
-    /// `session_refused`, `stream_opened`, `stream_closed`, `stream_refused`.
-    pub event: &'static str,
+    /// What happened.
+    pub event: AuditKind,
     /// The user, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
@@ -72,6 +207,28 @@ pub struct AuditEvent {
     /// How many lines like this one were left out (`refusals_suppressed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub suppressed: Option<u64>,
+}
+
+impl AuditEvent {
+    /// An event of `kind` with no other field set.
+    pub fn new(kind: AuditKind) -> Self {
+        Self {
+            event: kind,
+            user: None,
+            service: None,
+            peer: None,
+            conn: None,
+            session: None,
+            outcome: None,
+            reason: None,
+            bytes_up: None,
+            bytes_down: None,
+            duration_ms: None,
+            expires_at: None,
+            method: None,
+            suppressed: None,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -121,11 +278,10 @@ impl AuditLog {
         let limit = REFUSAL_LINES_PER_MINUTE;
         let note = |suppressed: Option<u64>, reason: String| {
             self.record(AuditEvent {
-                event: "refusals_suppressed",
                 peer: source.clone(),
                 suppressed,
                 reason: Some(reason),
-                ..Default::default()
+                ..AuditEvent::new(AuditKind::RefusalsSuppressed)
             });
         };
         if hit.previous > limit {
@@ -176,6 +332,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_kind_is_written_under_its_name_and_names_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for k in AuditKind::ALL {
+            assert_eq!(serde_json::to_value(k).expect("json"), k.as_str());
+            assert!(seen.insert(k.as_str()), "{k} twice");
+        }
+    }
+
+    #[test]
     fn refusal_lines_are_limited_per_source_with_one_note_when_the_limit_is_passed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.jsonl");
@@ -202,15 +367,13 @@ mod tests {
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::open(Some(path.to_str().expect("utf8 path"))).expect("open");
         log.record(AuditEvent {
-            event: "stream_refused",
             user: Some("alice".into()),
             service: Some("db".into()),
             outcome: Some("forbidden".into()),
-            ..Default::default()
+            ..AuditEvent::new(AuditKind::StreamRefused)
         });
         log.record(AuditEvent {
-            event: "session_issued",
-            ..Default::default()
+            ..AuditEvent::new(AuditKind::SessionIssued)
         });
         let text = std::fs::read_to_string(&path).expect("read");
         let lines: Vec<serde_json::Value> = text

@@ -217,10 +217,9 @@ pub fn create_invite(
     store.ensure_user(user)?;
     store.add_invite(user, &code, expires)?;
     audit.record(audit::AuditEvent {
-        event: "invite_created",
         user: Some(user.to_owned()),
         expires_at: Some(expires),
-        ..Default::default()
+        ..audit::AuditEvent::new(audit::AuditKind::InviteCreated)
     });
     Ok(code)
 }

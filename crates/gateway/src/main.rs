@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use touchgate_gateway::{
     Gateway, GatewayConfig,
-    audit::{AuditEvent, AuditLog},
+    audit::{AuditEvent, AuditKind, AuditLog},
     store::{Store, StoreError},
     tls, users,
 };
@@ -247,10 +247,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             {
                 Some(epoch) => {
                     audit.record(AuditEvent {
-                        event: "user_revoked",
                         user: Some(user.clone()),
                         reason: Some(format!("revocation epoch {epoch}")),
-                        ..Default::default()
+                        ..AuditEvent::new(AuditKind::UserRevoked)
                     });
                     println!(
                         "revoked every session of {user}: running gateways on this database close them within {}",
@@ -282,9 +281,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .set_disabled(&user, true)
                 .map_err(|e| user_error(e, "cannot store the change"))?;
             open_audit(&cfg)?.record(AuditEvent {
-                event: "user_disabled",
                 user: Some(user.clone()),
-                ..Default::default()
+                ..AuditEvent::new(AuditKind::UserDisabled)
             });
             println!(
                 "disabled {user}: running gateways on this database end their sessions within {}; \
@@ -300,9 +298,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .set_disabled(&user, false)
                 .map_err(|e| user_error(e, "cannot store the change"))?;
             open_audit(&cfg)?.record(AuditEvent {
-                event: "user_enabled",
                 user: Some(user.clone()),
-                ..Default::default()
+                ..AuditEvent::new(AuditKind::UserEnabled)
             });
             let keys = store
                 .credentials(&user)
@@ -333,13 +330,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 plural(removed.invites, "invite")
             );
             open_audit(&cfg)?.record(AuditEvent {
-                event: "user_removed",
                 user: Some(user.clone()),
                 reason: Some(format!(
                     "deleted {what}; revocation epoch {}",
                     removed.epoch
                 )),
-                ..Default::default()
+                ..AuditEvent::new(AuditKind::UserRemoved)
             });
             println!(
                 "removed {user}: deleted {what}; running gateways on this database end their \
@@ -363,7 +359,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|m| format!("{m}, "))
                 .unwrap_or_default();
             open_audit(&cfg)?.record(AuditEvent {
-                event: "key_removed",
                 user: Some(user.clone()),
                 reason: Some(format!(
                     "credential {}, AAGUID {}; {} left; revocation epoch {}",
@@ -372,7 +367,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     plural(removed.keys_left, "key"),
                     removed.epoch
                 )),
-                ..Default::default()
+                ..AuditEvent::new(AuditKind::KeyRemoved)
             });
             let left = if removed.keys_left == 0 {
                 format!(

@@ -451,14 +451,13 @@ impl Proxy {
         if !e.caused_by_caller() || self.audit.allow_refusal(ctx.peer.as_deref()) {
             tracing::warn!(service = %ctx.service.name, status = status.as_u16(), reason = %msg, "request answered by the gateway");
             self.audit.record(AuditEvent {
-                event: e.event(),
                 user: Some(ctx.user.clone()),
                 service: Some(ctx.service.name.clone()),
                 peer: ctx.peer.clone(),
                 method: Some(method.to_string()),
                 outcome: Some(status.as_u16().to_string()),
                 reason: Some(msg.clone()),
-                ..Default::default()
+                ..AuditEvent::new(e.event())
             });
         }
         plain(status, &msg)

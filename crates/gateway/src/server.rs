@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::{
     Gateway,
-    audit::AuditEvent,
+    audit::{AuditEvent, AuditKind},
     browser::{BrowserPolicy, untrusted},
     metrics::Metrics,
     proxy::{Counted, StreamContext},
@@ -101,14 +101,13 @@ impl Gateway {
                     continue;
                 }
                 self.audit.record(AuditEvent {
-                    event: "connection_refused",
                     peer: Some(incoming.remote_address().to_string()),
                     outcome: Some("rate_limited".into()),
                     reason: Some(format!(
                         "more than {} new connections a minute from {ip}",
                         self.cfg.limits.connections_per_minute
                     )),
-                    ..Default::default()
+                    ..AuditEvent::new(AuditKind::ConnectionRefused)
                 });
                 incoming.refuse();
                 continue;
@@ -244,22 +243,21 @@ impl Drop for OpenStream<'_> {
 }
 
 impl ConnCtx {
-    fn event(&self, event: &'static str) -> AuditEvent {
+    fn event(&self, event: AuditKind) -> AuditEvent {
         AuditEvent {
-            event,
             peer: Some(self.peer.to_string()),
             conn: Some(self.id),
-            ..Default::default()
+            ..AuditEvent::new(event)
         }
     }
 
-    fn refused(&self, event: &'static str, user: Option<&str>, r: &Refusal) {
+    fn refused(&self, event: AuditKind, user: Option<&str>, r: &Refusal) {
         Metrics::inc(&self.gw.metrics.auth_refused_total);
         if !self.gw.audit.allow_refusal(Some(&self.peer.to_string())) {
             return;
         }
         let user = user.map(untrusted_user);
-        tracing::info!(event, user, code = ?r.code, reason = %r.message, "refused");
+        tracing::info!(event = event.as_str(), user, code = ?r.code, reason = %r.message, "refused");
         self.gw.audit.record(AuditEvent {
             user,
             outcome: Some(code_name(r.code)),

@@ -3,7 +3,7 @@
 
 use http::StatusCode;
 
-use crate::browser::BrowserRefusal;
+use crate::{audit::AuditKind, browser::BrowserRefusal};
 
 /// Why a request was answered by the gateway instead of the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -67,11 +67,11 @@ impl ProxyError {
     }
 
     /// The audit event it is written as.
-    pub fn event(&self) -> &'static str {
+    pub fn event(&self) -> AuditKind {
         match self {
-            Self::Browser { .. } => "browser_request_refused",
-            Self::BadPath(_) => "request_refused",
-            _ => "upstream_error",
+            Self::Browser { .. } => AuditKind::BrowserRequestRefused,
+            Self::BadPath(_) => AuditKind::RequestRefused,
+            _ => AuditKind::UpstreamError,
         }
     }
 
@@ -99,7 +99,7 @@ mod tests {
         );
         let e = ProxyError::Assertion("no key".into());
         assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        assert_eq!(e.event(), "upstream_error");
+        assert_eq!(e.event(), AuditKind::UpstreamError);
         let e = ProxyError::Browser {
             service: "api".into(),
             refusal: BrowserRefusal {

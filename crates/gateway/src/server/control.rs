@@ -29,7 +29,7 @@ impl ConnCtx {
                 Err(WireError::Io(_)) => break,
                 Err(WireError::Frame(e)) => {
                     let r = Refusal::new(RefusalCode::BadRequest, format!("control stream: {e}"));
-                    self.refused("frame_refused", None, &r);
+                    self.refused(AuditKind::FrameRefused, None, &r);
                     let _ = write_frame(&mut send, &ServerMsg::Error(r)).await;
                     // After a bad length the stream cannot be resynchronised.
                     if matches!(e, touchgate_proto::FrameError::Malformed(_)) {
@@ -60,7 +60,7 @@ impl ConnCtx {
                 RefusalCode::BadRequest,
                 format!("a user name must have 1 to {MAX_USER_LEN} bytes"),
             );
-            self.refused("challenge_refused", Some(user), &r);
+            self.refused(AuditKind::ChallengeRefused, Some(user), &r);
             return ServerMsg::Error(r);
         }
         match msg {
@@ -76,7 +76,7 @@ impl ConnCtx {
                     pending.enrol = Some(p);
                     gw.audit.record(AuditEvent {
                         user: Some(untrusted_user(&user)),
-                        ..self.event("enrol_challenge_issued")
+                        ..self.event(AuditKind::EnrolChallengeIssued)
                     });
                     ServerMsg::EnrollChallenge {
                         options,
@@ -84,7 +84,7 @@ impl ConnCtx {
                     }
                 }
                 Err(r) => {
-                    self.refused("enrol_refused", Some(&user), &r);
+                    self.refused(AuditKind::EnrolRefused, Some(&user), &r);
                     ServerMsg::Error(r)
                 }
             },
@@ -94,7 +94,7 @@ impl ConnCtx {
                         RefusalCode::ChallengeExpired,
                         "no enrolment is in progress on this connection (challenges are single-use)",
                     );
-                    self.refused("enrol_refused", None, &r);
+                    self.refused(AuditKind::EnrolRefused, None, &r);
                     return ServerMsg::Error(r);
                 };
                 let user = p.user.clone();
@@ -107,14 +107,14 @@ impl ConnCtx {
                         gw.audit.record(AuditEvent {
                             user: Some(user),
                             outcome: Some("ok".into()),
-                            ..self.event("invite_used")
+                            ..self.event(AuditKind::InviteUsed)
                         });
                         ServerMsg::Enrolled {
                             credential_id: cred_id,
                         }
                     }
                     Err(r) => {
-                        self.refused("enrol_refused", Some(&user), &r);
+                        self.refused(AuditKind::EnrolRefused, Some(&user), &r);
                         ServerMsg::Error(r)
                     }
                 }
@@ -127,7 +127,7 @@ impl ConnCtx {
                     pending.login = Some(p);
                     gw.audit.record(AuditEvent {
                         user: Some(untrusted_user(&user)),
-                        ..self.event("challenge_issued")
+                        ..self.event(AuditKind::ChallengeIssued)
                     });
                     ServerMsg::LoginChallenge {
                         options,
@@ -135,7 +135,7 @@ impl ConnCtx {
                     }
                 }
                 Err(r) => {
-                    self.refused("challenge_refused", Some(&user), &r);
+                    self.refused(AuditKind::ChallengeRefused, Some(&user), &r);
                     ServerMsg::Error(r)
                 }
             },
@@ -146,7 +146,7 @@ impl ConnCtx {
                         "no sign-in is in progress on this connection: challenges are single-use, \
                          so a replayed assertion is refused",
                     );
-                    self.refused("challenge_refused", None, &r);
+                    self.refused(AuditKind::ChallengeRefused, None, &r);
                     return ServerMsg::Error(r);
                 };
                 let user = p.user.clone();
@@ -160,19 +160,19 @@ impl ConnCtx {
                         gw.audit.record(AuditEvent {
                             user: Some(user.clone()),
                             outcome: Some("ok".into()),
-                            ..self.event("challenge_verified")
+                            ..self.event(AuditKind::ChallengeVerified)
                         });
                         Metrics::inc(&gw.metrics.sessions_issued_total);
                         gw.audit.record(AuditEvent {
                             user: Some(user),
                             session: Some(claims.jti.clone()),
                             expires_at: Some(claims.exp),
-                            ..self.event("session_issued")
+                            ..self.event(AuditKind::SessionIssued)
                         });
                         self.start_session(token, claims, session)
                     }
                     Err(r) => {
-                        self.refused("challenge_refused", Some(&user), &r);
+                        self.refused(AuditKind::ChallengeRefused, Some(&user), &r);
                         ServerMsg::Error(r)
                     }
                 }
@@ -184,12 +184,12 @@ impl ConnCtx {
                         user: Some(claims.sub.clone()),
                         session: Some(claims.jti.clone()),
                         expires_at: Some(claims.exp),
-                        ..self.event("session_resumed")
+                        ..self.event(AuditKind::SessionResumed)
                     });
                     self.start_session(token, claims, session)
                 }
                 Err(r) => {
-                    self.refused("session_refused", None, &r);
+                    self.refused(AuditKind::SessionRefused, None, &r);
                     ServerMsg::Error(r)
                 }
             },

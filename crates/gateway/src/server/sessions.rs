@@ -149,26 +149,25 @@ impl Gateway {
             for (conn_id, claims, conn) in self.revocations.take_revoked() {
                 let (event, code, why): (_, _, &[u8]) = if self.revocations.disabled(&claims.sub) {
                     (
-                        "session_disabled",
+                        AuditKind::SessionDisabled,
                         close::ACCOUNT_DISABLED,
                         b"account disabled by an admin",
                     )
                 } else {
                     (
-                        "session_revoked",
+                        AuditKind::SessionRevoked,
                         close::SESSION_REVOKED,
                         b"session revoked by an admin",
                     )
                 };
-                tracing::info!(user = %claims.sub, conn = conn_id, event, "closing the connection");
+                tracing::info!(user = %claims.sub, conn = conn_id, event = event.as_str(), "closing the connection");
                 conn.close(code.into(), why);
                 self.audit.record(AuditEvent {
-                    event,
                     user: Some(claims.sub.clone()),
                     session: Some(claims.jti.clone()),
                     conn: Some(conn_id),
                     peer: Some(conn.remote_address().to_string()),
-                    ..Default::default()
+                    ..AuditEvent::new(event)
                 });
             }
         }
@@ -219,7 +218,7 @@ impl ConnCtx {
                 None => {
                     Metrics::inc(&gw.metrics.signin_deadline_closed_total);
                     (
-                        "connection_closed",
+                        AuditKind::ConnectionClosed,
                         close::NO_SIGN_IN,
                         format!(
                             "no sign-in within {}",
@@ -228,7 +227,7 @@ impl ConnCtx {
                     )
                 }
                 Some(c) if c.exp <= now_secs() => (
-                    "session_ended",
+                    AuditKind::SessionEnded,
                     close::SESSION_ENDED,
                     "session expired".into(),
                 ),
@@ -237,7 +236,11 @@ impl ConnCtx {
                     if self.open_streams.load(Relaxed) > 0 || idle < gw.cfg.session.idle_timeout {
                         continue;
                     }
-                    ("session_ended", close::SESSION_ENDED, "session idle".into())
+                    (
+                        AuditKind::SessionEnded,
+                        close::SESSION_ENDED,
+                        "session idle".into(),
+                    )
                 }
             };
             tracing::info!(reason = %why, "closing the connection");

@@ -146,7 +146,7 @@ impl ConnCtx {
             user: Some(user.to_owned()),
             service: Some(svc.name.clone()),
             session: Some(claims.jti.clone()),
-            ..self.event("stream_opened")
+            ..self.event(AuditKind::StreamOpened)
         });
         let started = Instant::now();
         let io = Counted::new(tokio::io::join(recv, send));
@@ -192,7 +192,7 @@ impl ConnCtx {
             bytes_up: Some(up),
             bytes_down: Some(down),
             duration_ms: Some(started.elapsed().as_millis() as u64),
-            ..self.event("stream_closed")
+            ..self.event(AuditKind::StreamClosed)
         });
     }
 
@@ -210,7 +210,7 @@ impl ConnCtx {
             service: Some(service.to_owned()),
             outcome: Some("refused".into()),
             reason: Some(msg),
-            ..self.event("browser_request_refused")
+            ..self.event(AuditKind::BrowserRequestRefused)
         });
     }
 
@@ -235,7 +235,7 @@ impl ConnCtx {
             gw.audit.record(AuditEvent {
                 outcome: Some(code_name(r.code)),
                 reason: Some(r.message.clone()),
-                ..self.event("stream_refused")
+                ..self.event(AuditKind::StreamRefused)
             });
         }
         let pending = self.pre_session_streams.clone();
@@ -269,7 +269,7 @@ impl ConnCtx {
             service: service.map(str::to_owned),
             outcome: Some(code_name(r.code)),
             reason: Some(r.message.clone()),
-            ..self.event("stream_refused")
+            ..self.event(AuditKind::StreamRefused)
         });
         let _ = write_frame(send, &StreamReply::Refused(r)).await;
         let _ = send.finish();
