@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use tauri::{Manager, RunEvent, WindowEvent};
 use touchgate_agent::{
-    controller::{ChannelUi, Controller, Request},
+    controller::{ChannelUi, Controller, Request, Route},
     settings::ConfigPaths,
 };
 
@@ -73,7 +73,7 @@ fn run(paths: ConfigPaths, log_file: std::path::PathBuf, minimized: bool) -> tau
     let app = tauri::Builder::default()
         // First: a second launch shows this one's window instead of starting again.
         .plugin(tauri_plugin_single_instance::init(|app, _argv, _cwd| {
-            shell::show_window(app, "status");
+            shell::show_window(app, Route::Status);
         }))
         .plugin(tauri_plugin_notification::init())
         .plugin(tauri_plugin_autostart::init(
@@ -97,7 +97,7 @@ fn run(paths: ConfigPaths, log_file: std::path::PathBuf, minimized: bool) -> tau
             app.manage(Arc::new(shell::Desk {
                 controller: controller.clone(),
                 log_file: log_file.clone(),
-                route: std::sync::Mutex::new("status".into()),
+                route: std::sync::Mutex::new(Route::Status),
             }));
             shell::build_tray(app.handle(), &controller.view())?;
             tauri::async_runtime::spawn(shell::run_ui(app.handle().clone(), rx));
@@ -118,7 +118,12 @@ fn run(paths: ConfigPaths, log_file: std::path::PathBuf, minimized: bool) -> tau
             let sign_in =
                 settings.is_some_and(|s| s.values.sign_in_on_launch && s.problem.is_none());
             if !minimized {
-                shell::show_window(app.handle(), if sign_in { "signin" } else { "status" });
+                let route = if sign_in {
+                    Route::SignIn
+                } else {
+                    Route::Status
+                };
+                shell::show_window(app.handle(), route);
             }
             if sign_in {
                 tauri::async_runtime::spawn(async move {

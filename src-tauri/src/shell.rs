@@ -4,7 +4,6 @@
 
 use std::{path::PathBuf, sync::Arc};
 
-use serde::Serialize;
 use tauri::{
     AppHandle, Emitter, Manager, Runtime,
     image::Image,
@@ -17,18 +16,13 @@ use tauri_plugin_notification::NotificationExt as _;
 use tauri_plugin_opener::OpenerExt as _;
 use tokio::sync::mpsc;
 use touchgate_agent::{
-    controller::{Controller, Request, Shown, View},
+    controller::{
+        AppInfo, Controller, NAVIGATE_EVENT, NOTICE_EVENT, Request, Route, Shown, VIEW_EVENT, View,
+    },
     settings::SettingsView,
 };
 
 use crate::tray::{self, Action, Item};
-
-/// The window events the web front end listens to.
-pub const VIEW_EVENT: &str = "touchgate://view";
-/// A notice, for the window (the desktop notification is shown here).
-pub const NOTICE_EVENT: &str = "touchgate://notice";
-/// Asks the window to show one of its views.
-pub const NAVIGATE_EVENT: &str = "touchgate://navigate";
 
 /// The id of the tray icon.
 const TRAY_ID: &str = "touchgate";
@@ -41,14 +35,7 @@ pub struct Desk {
     pub log_file: PathBuf,
     /// The view the window was last asked to show (read by the window when it loads, in case
     /// it missed the event).
-    pub route: std::sync::Mutex<String>,
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    pub route: std::sync::Mutex<Route>,
 }
 
 /// Whether the panel the tray sits on is dark. GNOME's top bar is dark in every theme;
@@ -101,7 +88,7 @@ fn menu<R: Runtime>(app: &AppHandle<R>, t: &tray::Tray) -> tauri::Result<Menu<R>
 
 /// Makes the tray icon for the first view.
 pub fn build_tray<R: Runtime>(app: &AppHandle<R>, view: &View) -> tauri::Result<TrayIcon<R>> {
-    let t = tray::tray(view, now_secs());
+    let t = tray::tray(view);
     TrayIconBuilder::with_id(TRAY_ID)
         .icon(Image::from_bytes(t.icon.png(dark_panel(app)))?)
         .tooltip(&t.tooltip)
@@ -117,7 +104,7 @@ pub fn build_tray<R: Runtime>(app: &AppHandle<R>, view: &View) -> tauri::Result<
 
 /// Draws `view` on the tray; skipped when nothing it shows changed.
 fn draw_tray<R: Runtime>(app: &AppHandle<R>, view: &View, last: &mut Option<tray::Tray>) {
-    let t = tray::tray(view, now_secs());
+    let t = tray::tray(view);
     if last.as_ref() == Some(&t) {
         return;
     }
@@ -139,49 +126,40 @@ fn draw_tray<R: Runtime>(app: &AppHandle<R>, view: &View, last: &mut Option<tray
 }
 
 /// The app's main loop for the UI: views go to the window and the tray, notices become
-/// desktop notifications; the tray's time left is refreshed every 30 s.
+/// desktop notifications. (The controller sends a new view when the time left changes its
+/// words, so the tray needs no clock of its own.)
 pub async fn run_ui<R: Runtime>(app: AppHandle<R>, mut rx: mpsc::UnboundedReceiver<Shown>) {
-    let mut last_view: Option<View> = None;
     let mut last_tray = None;
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
-    loop {
-        tokio::select! {
-            msg = rx.recv() => match msg {
-                None => return,
-                Some(Shown::View(view)) => {
-                    let _ = app.emit(VIEW_EVENT, &*view);
-                    draw_tray(&app, &view, &mut last_tray);
-                    last_view = Some(*view);
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            Shown::View(view) => {
+                let _ = app.emit(VIEW_EVENT, &*view);
+                draw_tray(&app, &view, &mut last_tray);
+            }
+            Shown::Notice(notice) => {
+                let shown = notice.shown();
+                let _ = app.emit(NOTICE_EVENT, &shown);
+                // Desktop notifications on Linux and Windows have no action buttons here:
+                // the body says to choose Renew session, which is the tray's second entry.
+                if let Err(e) = app
+                    .notification()
+                    .builder()
+                    .title(&shown.title)
+                    .body(&shown.body)
+                    .show()
+                {
+                    tracing::info!(error = %e, "no desktop notification (is a notification service running?)");
                 }
-                Some(Shown::Notice(notice)) => {
-                    let _ = app.emit(NOTICE_EVENT, &notice);
-                    // Desktop notifications on Linux and Windows have no action buttons here:
-                    // the body says to choose Renew session, which is the tray's second entry.
-                    if let Err(e) = app
-                        .notification()
-                        .builder()
-                        .title(notice.title())
-                        .body(notice.body())
-                        .show()
-                    {
-                        tracing::info!(error = %e, "no desktop notification (is a notification service running?)");
-                    }
-                    tracing::info!(title = notice.title(), body = %notice.body(), "notice");
-                }
-            },
-            _ = tick.tick() => {
-                if let Some(v) = &last_view {
-                    draw_tray(&app, v, &mut last_tray);
-                }
+                tracing::info!(title = %shown.title, body = %shown.body, "notice");
             }
         }
     }
 }
 
 /// Shows the window at `route` and brings it to the front.
-pub fn show_window<R: Runtime>(app: &AppHandle<R>, route: &str) {
+pub fn show_window<R: Runtime>(app: &AppHandle<R>, route: Route) {
     if let Some(d) = app.try_state::<Arc<Desk>>() {
-        *d.route.lock().unwrap_or_else(|e| e.into_inner()) = route.to_owned();
+        *d.route.lock().unwrap_or_else(|e| e.into_inner()) = route;
     }
     let _ = app.emit(NAVIGATE_EVENT, route);
     if let Some(w) = app.get_webview_window("main") {
@@ -217,11 +195,11 @@ fn service_url<R: Runtime>(app: &AppHandle<R>, name: &str) -> Option<String> {
 fn on_action<R: Runtime>(app: &AppHandle<R>, action: Action) {
     match action {
         Action::SignIn => {
-            show_window(app, "signin");
+            show_window(app, Route::SignIn);
             send(app, Request::SignIn);
         }
         Action::Renew => {
-            show_window(app, "signin");
+            show_window(app, Route::SignIn);
             send(app, Request::Renew);
         }
         Action::SignOut => send(app, Request::SignOut),
@@ -240,9 +218,9 @@ fn on_action<R: Runtime>(app: &AppHandle<R>, action: Action) {
                 tracing::warn!(error = %e, "cannot open the browser");
             }
         }
-        Action::Enrol => show_window(app, "enrol"),
-        Action::Settings => show_window(app, "settings"),
-        Action::Status => show_window(app, "status"),
+        Action::Enrol => show_window(app, Route::Enrol),
+        Action::Settings => show_window(app, Route::Settings),
+        Action::Status => show_window(app, Route::Status),
         Action::OpenLog => open_log_file(app),
         Action::Quit => quit(app),
     }
@@ -324,24 +302,12 @@ pub fn settings(state: tauri::State<'_, Arc<Desk>>) -> Result<SettingsView, Stri
 }
 
 /// Version and log file, for the status view.
-#[derive(Serialize)]
-pub struct AppInfo {
-    version: &'static str,
-    log_file: String,
-    route: String,
-}
-
-/// Version and log file, for the status view.
 #[tauri::command]
 pub fn app_info(state: tauri::State<'_, Arc<Desk>>) -> AppInfo {
     AppInfo {
-        version: env!("CARGO_PKG_VERSION"),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
         log_file: state.log_file.display().to_string(),
-        route: state
-            .route
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone(),
+        route: *state.route.lock().unwrap_or_else(|e| e.into_inner()),
     }
 }
 

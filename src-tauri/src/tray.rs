@@ -2,7 +2,7 @@
 //! Tauri side turns it into a real tray (see `shell.rs`); the rules live here and are tested
 //! without a window.
 
-use touchgate_agent::controller::{Phase, View, describe};
+use touchgate_agent::controller::{Phase, View};
 
 /// The five tray icons (each drawn for light and dark panels, in `icons/tray`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,9 +155,9 @@ fn action(text: &str, action: Action) -> Item {
     }
 }
 
-/// The tray for `view` at `now` (seconds since the epoch).
-pub fn tray(view: &View, now: u64) -> Tray {
-    let state = describe(view, now);
+/// The tray for `view`; its words are the view's own summary.
+pub fn tray(view: &View) -> Tray {
+    let state = view.summary.clone();
     let icon = match &view.phase {
         Phase::SignedOut { .. } => Icon::SignedOut,
         Phase::Connecting { .. } | Phase::WaitingForTouch { .. } | Phase::PinNeeded { .. } => {
@@ -236,23 +236,21 @@ mod tests {
     use super::*;
     use touchgate_agent::controller::{Purpose, ServiceView, SessionView};
 
+    /// The view of `phase` as the controller words it at 10,000 s after the epoch.
     fn view(phase: Phase, live: bool) -> View {
-        View {
+        let mut v = View {
             phase,
             session: live.then(|| SessionView {
                 user: "alice@example.com".into(),
                 expires_at: 10_000 + 3 * 3600 + 7 * 60,
             }),
-            services: vec![ServiceView {
-                name: "api".into(),
-                local_port: 8081,
-                url: "http://127.0.0.1:8081".into(),
-                live,
-            }],
+            services: vec![ServiceView::new("api", 8081, live)],
             gateway: "gw:4433".into(),
             user: "alice@example.com".into(),
-            error: None,
-        }
+            ..View::default()
+        };
+        v.set_words(10_000);
+        v
     }
 
     fn texts(t: &Tray) -> Vec<String> {
@@ -271,7 +269,7 @@ mod tests {
 
     #[test]
     fn connected_shows_time_left_services_renew_and_sign_out() {
-        let t = tray(&view(Phase::Connected, true), 10_000);
+        let t = tray(&view(Phase::Connected, true));
         assert_eq!(t.icon, Icon::Connected);
         assert_eq!(
             t.tooltip,
@@ -368,7 +366,7 @@ mod tests {
             ),
         ];
         for (phase, icon, words, first_action) in cases {
-            let t = tray(&view(phase.clone(), false), 10_000);
+            let t = tray(&view(phase.clone(), false));
             assert_eq!(t.icon, icon, "{phase:?}");
             assert_eq!(t.tooltip, format!("touchgate: {words}"));
             assert_eq!(texts(&t)[2], first_action, "{phase:?}");
@@ -383,7 +381,8 @@ mod tests {
     fn expiring_soon_says_how_long_is_left() {
         let mut v = view(Phase::ExpiringSoon, true);
         v.session.as_mut().expect("session").expires_at = 10_000 + 299;
-        let t = tray(&v, 10_000);
+        v.set_words(10_000);
+        let t = tray(&v);
         assert_eq!(t.tooltip, "touchgate: Session ends in 4 min: renew it");
     }
 

@@ -105,9 +105,18 @@ export type View = {
  */
 phase: Phase, 
 /**
+ * The state in words, as every front end says it (tray tooltip, status window,
+ * `touchgate status`); kept current to the minute while a session is live.
+ */
+summary: string, 
+/**
  * The live session, if any.
  */
 session: SessionView | null, 
+/**
+ * How long the session has left, in words ("2 h 05 min"), while there is one.
+ */
+time_left: string | null, 
 /**
  * The configured services.
  */
@@ -146,6 +155,36 @@ key: string, } | { "kind": "account_disabled",
  * The gateway's words.
  */
 reason: string, };
+
+export type ShownNotice = { 
+/**
+ * What happened.
+ */
+notice: Notice, 
+/**
+ * [`Notice::title`].
+ */
+title: string, 
+/**
+ * [`Notice::body`].
+ */
+body: string, };
+
+export type Route = "signin" | "enrol" | "settings" | "status";
+
+export type AppInfo = { 
+/**
+ * The app's version.
+ */
+version: string, 
+/**
+ * The log file ("Open log").
+ */
+log_file: string, 
+/**
+ * The view the tray last asked for (the window may have loaded after the event).
+ */
+route: Route, };
 
 export type ServiceSetting = { 
 /**
@@ -233,3 +272,9 @@ user_file: string,
  * Why the merged config cannot be used yet (first start, a missing value), in words.
  */
 problem: string | null, };
+
+/** The window's routes, one view each. */
+export const ROUTES: readonly Route[] = ["signin", "enrol", "settings", "status"];
+
+/** The events the window listens to. */
+export const EVENTS = { view: "touchgate://view", notice: "touchgate://notice", navigate: "touchgate://navigate" } as const;

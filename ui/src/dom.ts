@@ -36,12 +36,3 @@ export const note = (text: string, cls = "note") => h("p", { class: cls }, text)
 export function clock(secs: number): string {
   return new Date(secs * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
 }
-
-/** "2 h 05 min", "4 min", "less than a minute". */
-export function timeLeft(secs: number, now = Date.now() / 1000): string {
-  const left = Math.max(0, Math.floor(secs - now));
-  if (left < 60) return "less than a minute";
-  const h = Math.floor(left / 3600);
-  const m = Math.floor((left % 3600) / 60);
-  return h > 0 ? `${h} h ${String(m).padStart(2, "0")} min` : `${m} min`;
-}

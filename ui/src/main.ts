@@ -1,12 +1,13 @@
 // The touchgate window: sign-in, enrolment, settings and status views over one controller.
 import type { Phase, Purpose, ServiceSetting, ServiceView, Settings } from "./bindings";
-import { alertBox, clock, h, note, timeLeft } from "./dom";
+import { alertBox, clock, h, note } from "./dom";
 import {
   ROUTES,
   copyText,
   getAppInfo,
   getSettings,
   getView,
+  isCancelled,
   onNavigate,
   onNotice,
   onView,
@@ -15,9 +16,9 @@ import {
   request,
   words,
   type AppInfo,
-  type Notice,
   type Route,
   type SettingsView,
+  type ShownNotice,
   type View,
 } from "./ipc";
 
@@ -53,8 +54,7 @@ async function act(route: Route, f: () => Promise<void>, ok?: string) {
     await f();
     if (ok) state.flash[route] = { text: ok, ok: true };
   } catch (e) {
-    const text = words(e);
-    if (text !== "cancelled") state.flash[route] = { text, ok: false };
+    if (!isCancelled(e)) state.flash[route] = { text: words(e), ok: false };
   }
   render();
 }
@@ -163,33 +163,6 @@ function serviceList(services: ServiceView[]): HTMLElement {
   );
 }
 
-/** The state in words, as the tray tooltip says it. */
-export function stateWords(v: View): string {
-  const p = v.phase;
-  switch (p.kind) {
-    case "not_configured":
-      return "Not set up yet";
-    case "signed_out":
-      return p.reason ? `Signed out: ${p.reason}` : "Signed out";
-    case "connecting":
-      return "Connecting…";
-    case "waiting_for_touch":
-      return "Waiting for a touch on your key";
-    case "pin_needed":
-      return "Waiting for your key's PIN";
-    case "connected":
-      return v.session ? `Connected as ${v.session.user}, ${timeLeft(v.session.expires_at)} left` : "Connected";
-    case "expiring_soon":
-      return v.session ? `Session ends in ${timeLeft(v.session.expires_at)}` : "Session ending soon";
-    case "reconnecting":
-      return `Reconnecting: ${p.reason}`;
-    case "key_removed":
-      return "Signed out: the key was unplugged";
-    case "error":
-      return `Sign-in failed: ${p.message}`;
-  }
-}
-
 // ---- views -------------------------------------------------------------------------------
 
 function signInView(v: View): HTMLElement {
@@ -209,10 +182,10 @@ function signInView(v: View): HTMLElement {
       h(
         "p",
         { class: "session", "data-testid": "session" },
-        s ? `Signed in as ${s.user}. Your session ends at ${clock(s.expires_at)} (${timeLeft(s.expires_at)} left).` : "Signed in.",
+        s ? `Signed in as ${s.user}. Your session ends at ${clock(s.expires_at)} (${v.time_left} left).` : "Signed in.",
       ),
       p.kind === "expiring_soon" && s
-        ? h("p", { class: "warn", role: "status" }, `Your session ends in ${timeLeft(s.expires_at)}: renew it with one touch.`)
+        ? h("p", { class: "warn", role: "status" }, `Your session ends in ${v.time_left}: renew it with one touch.`)
         : null,
       serviceList(v.services),
       h(
@@ -389,7 +362,7 @@ function statusView(v: View): HTMLElement {
     "section",
     { "aria-labelledby": "t-status" },
     h("h1", { id: "t-status" }, "Status"),
-    h("p", { class: `state state-${v.phase.kind}`, "data-testid": "state" }, stateWords(v)),
+    h("p", { class: `state state-${v.phase.kind}`, "data-testid": "state" }, v.summary),
     h(
       "dl",
       {},
@@ -397,7 +370,7 @@ function statusView(v: View): HTMLElement {
       h("dd", {}, v.gateway || "not set"),
       h("dt", {}, "User"),
       h("dd", {}, v.user || "not set"),
-      v.session ? [h("dt", {}, "Session ends"), h("dd", {}, `${clock(v.session.expires_at)} (${timeLeft(v.session.expires_at)} left)`)] : null,
+      v.session ? [h("dt", {}, "Session ends"), h("dd", {}, `${clock(v.session.expires_at)} (${v.time_left} left)`)] : null,
       info ? [h("dt", {}, "Version"), h("dd", {}, info.version), h("dt", {}, "Log"), h("dd", {}, info.log_file)] : null,
     ),
     serviceList(v.services),
@@ -436,9 +409,9 @@ function render(force = false) {
   app.replaceChildren(view);
 }
 
-function onNoticeShown(n: Notice) {
-  if (n.kind === "enrolled") {
-    state.flash.enrol = { text: `${n.key} is enrolled: you can sign in with it now.`, ok: true };
+function onNoticeShown(n: ShownNotice) {
+  if (n.notice.kind === "enrolled") {
+    state.flash.enrol = { text: n.body, ok: true };
     render();
   }
 }

@@ -67,15 +67,20 @@ const services = (live) => [
 ];
 const view = (phase, extra = {}) => ({
   phase,
+  summary: "Signed out",
   session: null,
+  time_left: null,
   services: services(false),
   gateway: "gw.example.com:4433",
   user: "alice@example.com",
   error: null,
   ...extra,
 });
+// The words come from the controller (View.summary, View.time_left): the window shows them as given.
 const connected = () =>
   view({ kind: "connected" }, {
+    summary: "Connected as alice@example.com — 3 h 10 min left",
+    time_left: "3 h 10 min",
     session: { user: "alice@example.com", expires_at: Math.floor(Date.now() / 1000) + 3 * 3600 + 600 },
     services: services(true),
   });
@@ -120,10 +125,10 @@ describe("touchgate windows", () => {
   test("every view renders", async () => {
     for (const [route, scenario, heading, text] of [
       ["signin", { view: view({ kind: "signed_out", reason: null }) }, "Sign in", "Sign in as alice@example.com on gw.example.com:4433"],
-      ["signin", { view: connected() }, "Sign in", "Signed in as alice@example.com"],
+      ["signin", { view: connected() }, "Sign in", "Signed in as alice@example.com\\. Your session ends at .* \\(3 h 10 min left\\)"],
       ["enrol", { view: view({ kind: "signed_out", reason: null }) }, "Enrol a security key", "one-time invite code"],
       ["settings", { view: view({ kind: "signed_out", reason: null }), settings: settings() }, "Settings", "Your settings file"],
-      ["status", { view: connected() }, "Status", "Connected as alice@example.com"],
+      ["status", { view: connected() }, "Status", "Connected as alice@example.com — 3 h 10 min left"],
     ]) {
       const w = await open(route, scenario);
       assert.equal(await w.page.locator("main h1").innerText(), heading);
@@ -139,6 +144,7 @@ describe("touchgate windows", () => {
     await w.page.getByRole("button", { name: "Sign in" }).click();
     await w.page.evaluate(() => window.__emit("touchgate://view", {
       phase: { kind: "waiting_for_touch", key: "YubiKey 5 NFC", purpose: "sign_in" },
+      summary: "Touch your security key (YubiKey 5 NFC)", time_left: null,
       session: null, services: [], gateway: "gw", user: "alice", error: null,
     }));
     await w.page.getByText("Touch your security key").waitFor();
@@ -170,7 +176,11 @@ describe("touchgate windows", () => {
     await w.page.getByLabel("Invite code").fill("  K7Q2-MX4P-9RTA  ");
     await w.page.getByRole("button", { name: "Enrol key" }).click();
     assert.deepEqual(await requests(w), [{ kind: "enrol", code: "K7Q2-MX4P-9RTA" }]);
-    await w.page.evaluate(() => window.__emit("touchgate://notice", { kind: "enrolled", key: "YubiKey 5 NFC" }));
+    await w.page.evaluate(() => window.__emit("touchgate://notice", {
+      notice: { kind: "enrolled", key: "YubiKey 5 NFC" },
+      title: "Security key enrolled",
+      body: "YubiKey 5 NFC is enrolled: you can sign in with it now.",
+    }));
     await w.page.getByText("YubiKey 5 NFC is enrolled: you can sign in with it now.").waitFor();
     await w.context.close();
   });
@@ -213,6 +223,7 @@ describe("touchgate windows", () => {
     assert.equal(await w.page.getByRole("alert").innerText(), "no touch within 30s: try again, and touch the key when it blinks");
     await w.page.evaluate(() => window.__emit("touchgate://view", {
       phase: { kind: "error", message: "the gateway refused: this key is not enrolled for alice" },
+      summary: "Sign-in failed: the gateway refused: this key is not enrolled for alice", time_left: null,
       session: null, services: [], gateway: "gw", user: "alice", error: null,
     }));
     await w.page.getByText("the gateway refused: this key is not enrolled for alice").waitFor();

@@ -1,287 +1,45 @@
 //! The controller: the one agent core that both front ends drive. A front end sends typed
 //! [`Request`]s and implements [`Ui`], which receives every new [`View`] (what to draw) and
 //! every [`Notice`] (what to tell the user once). The tray app draws windows and a tray menu,
-//! the CLI prints lines; the behaviour lives here and is tested with a fake UI.
+//! the CLI prints lines.
+//!
+//! The behaviour lives in [`state::ControllerState`], a state machine with no IO that is tested
+//! with a fake clock. [`Controller`] is its thin async shell: it feeds it events (requests, the
+//! agent's state, the key's prompts, timers) and carries out the [`state::Effect`]s it returns
+//! (open the key, start or stop the agent, show, notify, set a timer, save the settings).
+
+mod error;
+mod seam;
+pub mod state;
+mod view;
 
 use std::{
+    collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU64, Ordering},
         mpsc,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use secrecy::SecretString;
-use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
-use ts_rs::TS;
+
+pub use seam::{AppInfo, NAVIGATE_EVENT, NOTICE_EVENT, Route, VIEW_EVENT, typescript_bindings};
+pub use view::{
+    Notice, Phase, Purpose, Request, ServiceView, SessionView, ShownNotice, View, time_left,
+};
 
 use crate::{
     AgentConfig, AgentState, RunningAgent, SharedAuthn,
-    agent::OnSessionEnd,
+    agent::{AgentError, OnSessionEnd},
     authenticator::{AuthnError, hid::Prompter},
-    settings::{ConfigPaths, Layered, Settings, SettingsView},
+    settings::{ConfigPaths, Layered, SettingsView},
     tunnel::TunnelError,
+    unix_now,
 };
-
-/// The answer to a second request that needs the key while one is waiting for it.
-const BUSY: &str = "already waiting for the key: touch it, or cancel first";
-
-/// How long a PIN prompt waits for an answer before it gives up.
-const PIN_WAIT: Duration = Duration::from_secs(300);
-
-/// What a front end asks the controller to do.
-#[derive(Clone, Deserialize, Serialize, TS)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Request {
-    /// Sign in with a touch and serve every service on its local port.
-    SignIn,
-    /// Renew the session with a touch, keeping every connection open.
-    Renew,
-    /// Close the tunnel and every local port.
-    SignOut,
-    /// Stop waiting for a touch or a PIN.
-    Cancel,
-    /// The PIN the key asked for.
-    SubmitPin {
-        /// The PIN (never logged).
-        pin: String,
-    },
-    /// Enrol the configured key with an invite code.
-    Enrol {
-        /// The code from the admin.
-        code: String,
-    },
-    /// Change one service's local port.
-    SetServicePort {
-        /// The service.
-        service: String,
-        /// The new port on 127.0.0.1.
-        port: u16,
-    },
-    /// Save the settings window.
-    SaveSettings {
-        /// The new values.
-        settings: Settings,
-    },
-}
-
-/// What a touch is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS)]
-#[serde(rename_all = "snake_case")]
-pub enum Purpose {
-    /// Signing in.
-    SignIn,
-    /// Renewing a live session.
-    Renew,
-    /// Enrolling the key.
-    Enrol,
-}
-
-/// Where the agent is, for the tray icon, the menu and the windows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, TS)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Phase {
-    /// The settings are incomplete (first start): the settings window says what is missing.
-    NotConfigured {
-        /// What is missing, in words.
-        problem: String,
-    },
-    /// No session.
-    SignedOut {
-        /// Why the last session ended, when it did not end by the user's choice.
-        reason: Option<String>,
-    },
-    /// Reaching the gateway.
-    Connecting {
-        /// What for.
-        purpose: Purpose,
-    },
-    /// The key is blinking.
-    WaitingForTouch {
-        /// The key's name.
-        key: String,
-        /// What for.
-        purpose: Purpose,
-    },
-    /// The key wants its PIN: answer with [`Request::SubmitPin`].
-    PinNeeded {
-        /// The key's name.
-        key: String,
-        /// Tries left before the key blocks its PIN, when it says.
-        retries: Option<i32>,
-        /// What for.
-        purpose: Purpose,
-    },
-    /// Signed in; every service is live.
-    Connected,
-    /// Signed in, and the session ends within the reminder time.
-    ExpiringSoon,
-    /// The connection dropped; reconnecting with the same session (no touch).
-    Reconnecting {
-        /// Attempt number.
-        attempt: u32,
-        /// Why the last attempt failed.
-        reason: String,
-    },
-    /// The key that signed in was unplugged, which ended the session.
-    KeyRemoved,
-    /// The last sign-in failed.
-    Error {
-        /// Why, in words.
-        message: String,
-    },
-}
-
-/// The live session.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, TS)]
-pub struct SessionView {
-    /// The user.
-    pub user: String,
-    /// When it ends, seconds since the epoch.
-    #[ts(type = "number")]
-    pub expires_at: u64,
-}
-
-/// One service as the front ends show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, TS)]
-pub struct ServiceView {
-    /// The gateway's name for it.
-    pub name: String,
-    /// Its port on 127.0.0.1 (0: a free port is picked at sign-in).
-    pub local_port: u16,
-    /// `http://127.0.0.1:PORT`.
-    pub url: String,
-    /// Whether it answers now (signed in, and offered by the gateway).
-    pub live: bool,
-}
-
-/// Everything a front end draws.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, TS)]
-pub struct View {
-    /// Where the agent is.
-    pub phase: Phase,
-    /// The live session, if any.
-    pub session: Option<SessionView>,
-    /// The configured services.
-    pub services: Vec<ServiceView>,
-    /// The gateway address.
-    pub gateway: String,
-    /// The configured user.
-    pub user: String,
-    /// The last request that failed while a session stayed up (a failed renewal), in words.
-    pub error: Option<String>,
-}
-
-/// Something to tell the user once (a desktop notification, a line on the terminal).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, TS)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Notice {
-    /// The session ends soon; offer to renew.
-    ExpiringSoon {
-        /// Minutes left.
-        #[ts(type = "number")]
-        minutes_left: u64,
-    },
-    /// The session ended without the user asking.
-    SessionEnded {
-        /// Why.
-        reason: String,
-    },
-    /// The connection to the gateway dropped.
-    ConnectionLost {
-        /// Why.
-        reason: String,
-    },
-    /// The connection came back (same session, no touch).
-    ConnectionRestored,
-    /// A key was enrolled.
-    Enrolled {
-        /// Which.
-        key: String,
-    },
-    /// The gateway refused the user because an admin disabled the account; the agent stopped
-    /// and does not sign in again by itself.
-    AccountDisabled {
-        /// The gateway's words.
-        reason: String,
-    },
-}
-
-impl Notice {
-    /// A short title.
-    pub fn title(&self) -> &'static str {
-        match self {
-            Self::ExpiringSoon { .. } => "touchgate session ending soon",
-            Self::SessionEnded { .. } => "touchgate signed out",
-            Self::ConnectionLost { .. } => "touchgate connection lost",
-            Self::ConnectionRestored => "touchgate connection restored",
-            Self::Enrolled { .. } => "Security key enrolled",
-            Self::AccountDisabled { .. } => "touchgate account disabled",
-        }
-    }
-
-    /// The text under the title.
-    pub fn body(&self) -> String {
-        match self {
-            Self::ExpiringSoon { minutes_left } => format!(
-                "Your session ends in {minutes_left} min. Choose Renew session and touch your key to keep your services up."
-            ),
-            Self::SessionEnded { reason } => {
-                format!("{reason} Sign in again to use your services.")
-            }
-            Self::ConnectionLost { reason } => {
-                format!("Reconnecting with the same session, no touch needed ({reason}).")
-            }
-            Self::ConnectionRestored => "Your services are reachable again.".into(),
-            Self::Enrolled { key } => format!("{key} is enrolled: you can sign in with it now."),
-            Self::AccountDisabled { reason } => format!("Signed out: {reason}."),
-        }
-    }
-
-    /// Whether the notice offers to renew the session (where the platform has actions).
-    pub fn offers_renew(&self) -> bool {
-        matches!(self, Self::ExpiringSoon { .. })
-    }
-}
-
-/// "2 h 05 min", "4 min", "less than a minute" from `now` until `at` (seconds since the epoch).
-pub fn time_left(at: u64, now: u64) -> String {
-    let left = at.saturating_sub(now);
-    if left < 60 {
-        return "less than a minute".into();
-    }
-    let (h, m) = (left / 3600, (left % 3600) / 60);
-    if h > 0 {
-        format!("{h} h {m:02} min")
-    } else {
-        format!("{m} min")
-    }
-}
-
-/// The state in words, as every front end says it (tray tooltip, `touchgate status`).
-pub fn describe(view: &View, now: u64) -> String {
-    let left = view
-        .session
-        .as_ref()
-        .map(|s| time_left(s.expires_at, now))
-        .unwrap_or_default();
-    let user = view.session.as_ref().map(|s| s.user.as_str()).unwrap_or("");
-    match &view.phase {
-        Phase::NotConfigured { .. } => "Not set up yet: open Settings".to_owned(),
-        Phase::SignedOut { reason: None } => "Signed out".to_owned(),
-        Phase::SignedOut { reason: Some(r) } => format!("Signed out: {r}"),
-        Phase::Connecting { .. } => "Connecting to the gateway…".to_owned(),
-        Phase::WaitingForTouch { key, .. } => format!("Touch your security key ({key})"),
-        Phase::PinNeeded { .. } => "Enter your key's PIN".to_owned(),
-        Phase::Connected => format!("Connected as {user} — {left} left"),
-        Phase::ExpiringSoon => format!("Session ends in {left}: renew it"),
-        Phase::Reconnecting { .. } => "Connection lost — reconnecting…".to_owned(),
-        Phase::KeyRemoved => "Signed out: the security key was unplugged".to_owned(),
-        Phase::Error { message } => format!("Sign-in failed: {message}"),
-    }
-}
+use state::{ControllerState, Effect, Event, Failure, Session, Timer};
 
 /// Opens the configured authenticator: `(config, create_soft_key, prompter)`. The default is
 /// [`crate::shared_authenticator`]; tests put fake hardware keys behind it.
@@ -333,8 +91,8 @@ impl Ui for ChannelUi {
 #[error("{0}")]
 pub struct ControllerError(pub String);
 
-impl ControllerError {
-    fn from_display(e: impl std::fmt::Display) -> Self {
+impl From<error::ControllerError> for ControllerError {
+    fn from(e: error::ControllerError) -> Self {
         Self(e.to_string())
     }
 }
@@ -343,117 +101,6 @@ impl ControllerError {
 #[derive(Clone)]
 pub struct Controller {
     inner: Arc<Inner>,
-}
-
-struct Inner {
-    layers: Mutex<Result<Layered, String>>,
-    board: Arc<Board>,
-    prompts: Arc<Prompts>,
-    live: tokio::sync::Mutex<Option<Live>>,
-    busy: tokio::sync::Mutex<()>,
-    opener: Opener,
-}
-
-struct Live {
-    agent: Arc<RunningAgent>,
-    watcher: JoinHandle<()>,
-}
-
-/// The current view and the UI it is shown on.
-struct Board {
-    ui: Arc<dyn Ui>,
-    view: Mutex<View>,
-}
-
-impl Board {
-    fn update(&self, f: impl FnOnce(&mut View)) {
-        let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
-        let before = v.clone();
-        f(&mut v);
-        if *v != before {
-            // Shown under the lock so that views arrive in the order they were made.
-            self.ui.show(&v);
-        }
-    }
-
-    fn get(&self) -> View {
-        self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-/// What the prompter shares with the controller: the PIN answer slot and the cancel flag.
-struct Prompts {
-    board: Arc<Board>,
-    purpose: Mutex<Purpose>,
-    cancel: AtomicBool,
-    pin: Mutex<Option<mpsc::Sender<Option<SecretString>>>>,
-}
-
-impl Prompts {
-    fn begin(&self, purpose: Purpose) {
-        *self.purpose.lock().unwrap_or_else(|e| e.into_inner()) = purpose;
-        self.cancel.store(false, Ordering::SeqCst);
-    }
-
-    /// Stops any wait for the key: the watchdog sees the flag, a pending PIN prompt gets none.
-    fn cancel(&self) {
-        self.cancel.store(true, Ordering::SeqCst);
-        self.answer(None);
-    }
-
-    fn purpose(&self) -> Purpose {
-        *self.purpose.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn answer(&self, pin: Option<SecretString>) -> bool {
-        match self.pin.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            Some(tx) => tx.send(pin).is_ok(),
-            None => false,
-        }
-    }
-}
-
-struct ControllerPrompter(Arc<Prompts>);
-
-impl Prompter for ControllerPrompter {
-    fn touch(&self, key: &str) {
-        let purpose = self.0.purpose();
-        self.0.board.update(|v| {
-            v.phase = Phase::WaitingForTouch {
-                key: key.to_owned(),
-                purpose,
-            }
-        });
-    }
-
-    fn pin(&self, key: &str, retries: Option<i32>) -> Option<SecretString> {
-        if self.cancelled() {
-            return None;
-        }
-        let (tx, rx) = mpsc::channel();
-        *self.0.pin.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
-        let purpose = self.0.purpose();
-        self.0.board.update(|v| {
-            v.phase = Phase::PinNeeded {
-                key: key.to_owned(),
-                retries,
-                purpose,
-            }
-        });
-        let deadline = std::time::Instant::now() + PIN_WAIT;
-        loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(pin) => return pin,
-                Err(mpsc::RecvTimeoutError::Timeout)
-                    if !self.cancelled() && std::time::Instant::now() < deadline => {}
-                Err(_) => return None,
-            }
-        }
-    }
-
-    fn cancelled(&self) -> bool {
-        self.0.cancel.load(Ordering::SeqCst)
-    }
 }
 
 impl Controller {
@@ -466,52 +113,35 @@ impl Controller {
     /// [`Controller::new`] with another way to open the authenticator.
     pub fn with_opener(paths: ConfigPaths, ui: Arc<dyn Ui>, opener: Opener) -> Self {
         let layers = Layered::load(&paths).map_err(|e| e.to_string());
-        let board = Arc::new(Board {
+        let (state, first) = ControllerState::new(layers, unix_now());
+        let inner = Arc::new(Inner {
+            state: Mutex::new(state),
             ui,
-            view: Mutex::new(View {
-                phase: Phase::SignedOut { reason: None },
-                session: None,
-                services: Vec::new(),
-                gateway: String::new(),
-                user: String::new(),
-                error: None,
-            }),
-        });
-        let prompts = Arc::new(Prompts {
-            board: board.clone(),
-            purpose: Mutex::new(Purpose::SignIn),
-            cancel: AtomicBool::new(false),
+            shown: Mutex::new(None),
+            opener,
+            live: tokio::sync::Mutex::new(None),
+            authn: Mutex::new(None),
             pin: Mutex::new(None),
+            timers: Mutex::new(HashMap::new()),
+            agents: AtomicU64::new(0),
         });
-        let this = Self {
-            inner: Arc::new(Inner {
-                layers: Mutex::new(layers),
-                board,
-                prompts,
-                live: tokio::sync::Mutex::new(None),
-                busy: tokio::sync::Mutex::new(()),
-                opener,
-            }),
-        };
-        this.show_configured(true);
-        this
+        inner.perform_now(first);
+        Self { inner }
     }
 
     /// What the front ends draw now.
     pub fn view(&self) -> View {
-        self.inner.board.get()
+        lock(&self.inner.state).view()
     }
 
     /// The settings with what the organisation fixed.
     pub fn settings(&self) -> Result<SettingsView, ControllerError> {
-        self.layers().map(|l| l.view())
+        Ok(lock(&self.inner.state).layers().map(|l| l.view())?)
     }
 
     /// The merged config, checked.
     pub fn config(&self) -> Result<AgentConfig, ControllerError> {
-        self.layers()?
-            .config()
-            .map_err(ControllerError::from_display)
+        Ok(lock(&self.inner.state).config()?)
     }
 
     /// The running agent, when signed in.
@@ -525,304 +155,309 @@ impl Controller {
     }
 
     /// Carries out `request`; returns when it is done (a sign-in returns after the touch).
-    /// Failures come back in words, and show in the view.
+    /// Failures come back as a [`ControllerError`], and show in the view.
     pub async fn handle(&self, request: Request) -> Result<(), ControllerError> {
-        match request {
-            Request::SignIn => self.sign_in().await,
-            Request::Renew => self.renew().await,
-            Request::SignOut => {
-                self.inner.prompts.cancel();
-                self.stop(None).await;
-                Ok(())
-            }
-            Request::Cancel => {
-                self.inner.prompts.cancel();
-                Ok(())
-            }
-            Request::SubmitPin { pin } => {
-                if self.inner.prompts.answer(Some(SecretString::from(pin))) {
-                    Ok(())
-                } else {
-                    Err(ControllerError(
-                        "the key is not asking for a PIN now".into(),
-                    ))
-                }
-            }
-            Request::Enrol { code } => self.enrol(code.trim()).await,
-            Request::SetServicePort { service, port } => {
-                let mut values = self.layers()?.view().values;
-                let Some(s) = values.services.iter_mut().find(|s| s.name == service) else {
-                    return Err(ControllerError(format!(
-                        "there is no service named {service:?} in your settings"
-                    )));
-                };
-                s.local_port = port;
-                self.save(values)
-            }
-            Request::SaveSettings { settings } => self.save(settings),
-        }
+        Ok(self.inner.run(Event::Request(request)).await?)
     }
 
     /// Signs out and stops every task (Quit).
     pub async fn shutdown(&self) {
-        self.inner.prompts.cancel();
-        self.stop(None).await;
+        let _ = self.handle(Request::SignOut).await;
+        let timers: Vec<_> = lock(&self.inner.timers).drain().collect();
+        for (_, t) in timers {
+            abort_unless_current(&t);
+        }
+    }
+}
+
+struct Inner {
+    state: Mutex<ControllerState>,
+    ui: Arc<dyn Ui>,
+    /// The last view given to the UI: each Show effect shows the newest view, so a slow task
+    /// never shows an older view over a newer one.
+    shown: Mutex<Option<View>>,
+    opener: Opener,
+    live: tokio::sync::Mutex<Option<Live>>,
+    /// The key a flow opened, until the agent or the enrolment takes it.
+    authn: Mutex<Option<SharedAuthn>>,
+    /// Where the answer to the key's pending PIN prompt goes.
+    pin: Mutex<Option<mpsc::Sender<Option<SecretString>>>>,
+    timers: Mutex<HashMap<Timer, JoinHandle<()>>>,
+    agents: AtomicU64,
+}
+
+struct Live {
+    id: u64,
+    agent: Arc<RunningAgent>,
+    watcher: Option<JoinHandle<()>>,
+}
+
+impl Inner {
+    fn feed(&self, event: Event) -> Vec<Effect> {
+        lock(&self.state).handle(event, unix_now())
     }
 
-    fn layers(&self) -> Result<Layered, ControllerError> {
-        self.inner
-            .layers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .map_err(ControllerError)
+    /// Feeds `event` and everything its IO leads to; returns the answer to the request that
+    /// started it (if it was one).
+    async fn run(self: &Arc<Self>, event: Event) -> Result<(), error::ControllerError> {
+        let mut reply = Ok(());
+        let mut queue = VecDeque::from([event]);
+        while let Some(event) = queue.pop_front() {
+            let started = match &event {
+                Event::AgentStarted { agent, .. } => Some(*agent),
+                _ => None,
+            };
+            for effect in self.feed(event) {
+                let effect = match self.perform_sync(effect) {
+                    Ok(()) => continue,
+                    Err(e) => e,
+                };
+                let next = match effect {
+                    Effect::Reply(r) => {
+                        reply = r;
+                        continue;
+                    }
+                    Effect::OpenAuthenticator {
+                        config,
+                        create_soft,
+                    } => self.open(*config, create_soft).await,
+                    Effect::StartAgent { config } => self.start_agent(*config).await,
+                    Effect::Renew => self.renew().await,
+                    Effect::Enrol { config, code } => self.enrol(&config, &code).await,
+                    Effect::Save { layers, settings } => {
+                        Event::Saved(layers.save(&settings).map_err(|e| e.to_string()))
+                    }
+                    Effect::StopAgent => {
+                        self.stop_agent().await;
+                        continue;
+                    }
+                    other => {
+                        tracing::debug!(effect = ?other, "effect left undone");
+                        continue;
+                    }
+                };
+                queue.push_back(next);
+            }
+            if let Some(id) = started {
+                self.watch(id).await;
+            }
+        }
+        reply
     }
 
-    /// Shows the configured services and user while signed out; `first` also sets the phase.
-    fn show_configured(&self, first: bool) {
-        // One view of the layers gives both the values and the problem (one config check).
-        let (problem, values) = match self.layers() {
-            Ok(l) => {
-                let view = l.view();
-                (view.problem, Some(view.values))
-            }
-            Err(e) => (Some(e.0), None),
-        };
-        self.inner.board.update(|v| {
-            if let Some(values) = &values {
-                v.gateway = values.gateway.clone();
-                v.user = values.user.clone();
-                v.services = values
-                    .services
-                    .iter()
-                    .map(|s| service_view(&s.name, s.local_port, false))
-                    .collect();
-            }
-            match (&problem, &v.phase) {
-                (Some(p), _) => {
-                    v.phase = Phase::NotConfigured { problem: p.clone() };
+    /// Carries out the effects that need no waiting; hands back the others.
+    fn perform_sync(self: &Arc<Self>, effect: Effect) -> Result<(), Effect> {
+        match effect {
+            Effect::Show(_) => {
+                let mut shown = lock(&self.shown);
+                let view = lock(&self.state).view();
+                if shown.as_ref() != Some(&view) {
+                    // Shown under the lock so that views arrive in the order they were made.
+                    self.ui.show(&view);
+                    *shown = Some(view);
                 }
-                (None, Phase::NotConfigured { .. }) => v.phase = Phase::SignedOut { reason: None },
-                _ if first => v.phase = Phase::SignedOut { reason: None },
-                _ => {}
             }
-        });
-    }
-
-    fn save(&self, settings: Settings) -> Result<(), ControllerError> {
-        let layers = self.layers()?;
-        let saved = layers
-            .save(&settings)
-            .map_err(ControllerError::from_display)?;
-        *self.inner.layers.lock().unwrap_or_else(|e| e.into_inner()) = Ok(saved);
-        let signed_in = self.inner.board.get().session.is_some();
-        if !signed_in {
-            self.show_configured(false);
+            Effect::Notify(n) => self.ui.notify(&n),
+            Effect::AnswerPin(pin) => {
+                if let Some(tx) = lock(&self.pin).take() {
+                    let _ = tx.send(pin);
+                }
+            }
+            Effect::SetTimer { timer, at } => self.set_timer(timer, at),
+            Effect::ClearTimer(timer) => {
+                if let Some(t) = lock(&self.timers).remove(&timer) {
+                    abort_unless_current(&t);
+                }
+            }
+            other => return Err(other),
         }
         Ok(())
     }
 
-    async fn sign_in(&self) -> Result<(), ControllerError> {
-        let Ok(_busy) = self.inner.busy.try_lock() else {
-            return Err(ControllerError(BUSY.into()));
+    /// Feeds an event from the key's prompter (a blocking thread), whose effects never wait.
+    fn perform_now(self: &Arc<Self>, effects: Vec<Effect>) {
+        for effect in effects {
+            if let Err(other) = self.perform_sync(effect) {
+                tracing::debug!(effect = ?other, "effect left undone");
+            }
+        }
+    }
+
+    fn set_timer(self: &Arc<Self>, timer: Timer, at: u64) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(?timer, "no runtime for the controller's timer");
+            return;
         };
-        if self.inner.live.lock().await.is_some() {
-            return Ok(());
-        }
-        let cfg = self.config()?;
-        self.inner.prompts.begin(Purpose::SignIn);
-        self.inner.board.update(|v| {
-            v.phase = Phase::Connecting {
-                purpose: Purpose::SignIn,
-            };
-            v.error = None;
+        let inner = Arc::downgrade(self);
+        let task = rt.spawn(async move {
+            tokio::time::sleep_until(instant_at(at)).await;
+            if let Some(this) = inner.upgrade() {
+                let _ = this.run(Event::Timer(timer)).await;
+            }
         });
-        let result = async {
-            let authn = self.open_authenticator(&cfg, false).await?;
-            let key = key_name(&authn);
-            self.inner.board.update(|v| {
-                v.phase = Phase::WaitingForTouch {
-                    key,
-                    purpose: Purpose::SignIn,
-                }
-            });
-            RunningAgent::start_with(cfg.clone(), authn, OnSessionEnd::Stop)
-                .await
-                .map_err(|e| match e {
-                    crate::agent::AgentError::Tunnel(t) => failure(t),
-                    other => Failure::Error(other.to_string()),
-                })
+        if let Some(old) = lock(&self.timers).insert(timer, task) {
+            abort_unless_current(&old);
         }
-        .await;
-        match result {
+    }
+
+    async fn open(self: &Arc<Self>, config: AgentConfig, create_soft: bool) -> Event {
+        let prompter: Arc<dyn Prompter> = Arc::new(ShellPrompter(Arc::downgrade(self)));
+        let opener = self.opener.clone();
+        match tokio::task::spawn_blocking(move || opener(&config, create_soft, prompter)).await {
+            Err(e) => Event::FlowFailed(Failure::Error(e.to_string())),
+            Ok(Err(e)) => Event::FlowFailed(failure(TunnelError::Authenticator(e))),
+            Ok(Ok(authn)) => {
+                let key = lock(&authn).describe();
+                *lock(&self.authn) = Some(authn);
+                Event::AuthenticatorOpened { key }
+            }
+        }
+    }
+
+    fn opened_key(&self) -> Result<SharedAuthn, Failure> {
+        lock(&self.authn)
+            .take()
+            .ok_or_else(|| Failure::Error("the security key is not open".into()))
+    }
+
+    async fn start_agent(&self, config: AgentConfig) -> Event {
+        let authn = match self.opened_key() {
+            Ok(a) => a,
+            Err(f) => return Event::FlowFailed(f),
+        };
+        match RunningAgent::start_with(config, authn, OnSessionEnd::Stop).await {
             Ok(agent) => {
-                let agent = Arc::new(agent);
-                let listeners = agent.listeners().to_vec();
-                self.inner.board.update(|v| {
-                    v.services = listeners
-                        .iter()
-                        .map(|(name, addr)| service_view(name, addr.port(), false))
-                        .collect();
+                let id = self.agents.fetch_add(1, Ordering::Relaxed) + 1;
+                let session = agent.session().as_ref().map(Session::from);
+                let listeners = agent
+                    .listeners()
+                    .iter()
+                    .map(|(name, addr)| (name.clone(), addr.port()))
+                    .collect();
+                *self.live.lock().await = Some(Live {
+                    id,
+                    agent: Arc::new(agent),
+                    watcher: None,
                 });
-                if let Some(session) = agent.session() {
-                    show_session(&self.inner.board, &session, cfg.renew_reminder);
+                Event::AgentStarted {
+                    agent: id,
+                    session,
+                    listeners,
                 }
-                let watcher = tokio::spawn(watch(
-                    Arc::downgrade(&self.inner),
-                    agent.state(),
-                    cfg.renew_reminder,
-                ));
-                *self.inner.live.lock().await = Some(Live { agent, watcher });
-                Ok(())
             }
-            Err(Failure::Cancelled) => {
-                self.inner
-                    .board
-                    .update(|v| v.phase = Phase::SignedOut { reason: None });
-                Err(ControllerError("cancelled".into()))
-            }
-            Err(Failure::Disabled(reason)) => {
-                self.inner.board.update(|v| {
-                    v.phase = Phase::SignedOut {
-                        reason: Some(reason.clone()),
-                    }
-                });
-                self.inner.board.ui.notify(&Notice::AccountDisabled {
-                    reason: reason.clone(),
-                });
-                Err(ControllerError(reason))
-            }
-            Err(Failure::Error(message)) => {
-                self.inner.board.update(|v| {
-                    v.phase = Phase::Error {
-                        message: message.clone(),
-                    }
-                });
-                Err(ControllerError(message))
-            }
+            Err(AgentError::Tunnel(e)) => Event::FlowFailed(failure(e)),
+            Err(e) => Event::FlowFailed(Failure::Error(e.to_string())),
         }
     }
 
-    async fn renew(&self) -> Result<(), ControllerError> {
-        let agent = self.agent().await;
+    async fn renew(&self) -> Event {
+        let agent = self.live.lock().await.as_ref().map(|l| l.agent.clone());
         let Some(agent) = agent else {
-            return self.sign_in().await;
+            return Event::FlowFailed(Failure::Error("not signed in".into()));
         };
-        let Ok(_busy) = self.inner.busy.try_lock() else {
-            return Err(ControllerError(BUSY.into()));
-        };
-        self.inner.prompts.begin(Purpose::Renew);
-        let key = agent.key_name();
-        self.inner.board.update(|v| {
-            v.error = None;
-            v.phase = Phase::WaitingForTouch {
-                key,
-                purpose: Purpose::Renew,
-            };
-        });
         match agent.renew().await {
-            Ok(session) => {
-                let reminder = self.config().map(|c| c.renew_reminder).unwrap_or_default();
-                show_session(&self.inner.board, &session, reminder);
-                Ok(())
-            }
-            Err(e) => {
-                let message = match failure(e) {
-                    Failure::Cancelled => return Err(ControllerError("cancelled".into())),
-                    // The agent has stopped; its watcher shows it signed out with the reason.
-                    Failure::Disabled(reason) => return Err(ControllerError(reason)),
-                    Failure::Error(m) => format!("The session was not renewed: {m}"),
-                };
-                self.inner.board.update(|v| v.error = Some(message.clone()));
-                Err(ControllerError(message))
-            }
+            Ok(s) => Event::Renewed(Session::from(&s)),
+            Err(e) => Event::FlowFailed(failure(e)),
         }
     }
 
-    async fn enrol(&self, code: &str) -> Result<(), ControllerError> {
-        if code.is_empty() {
-            return Err(ControllerError(
-                "enter the invite code your admin sent you".into(),
-            ));
-        }
-        let Ok(_busy) = self.inner.busy.try_lock() else {
-            return Err(ControllerError(BUSY.into()));
+    async fn enrol(&self, config: &AgentConfig, code: &str) -> Event {
+        let authn = match self.opened_key() {
+            Ok(a) => a,
+            Err(f) => return Event::FlowFailed(f),
         };
-        let cfg = self.config()?;
-        self.inner.prompts.begin(Purpose::Enrol);
-        let before = self.inner.board.get().phase;
-        self.inner.board.update(|v| {
-            v.phase = Phase::Connecting {
-                purpose: Purpose::Enrol,
-            };
-            v.error = None;
-        });
-        let result = async {
-            let authn = self.open_authenticator(&cfg, true).await?;
-            let key = key_name(&authn);
-            self.inner.board.update(|v| {
-                v.phase = Phase::WaitingForTouch {
-                    key: key.clone(),
-                    purpose: Purpose::Enrol,
-                }
-            });
-            crate::enroll(&cfg, &authn, code)
-                .await
-                .map(|_| key)
-                .map_err(failure)
-        }
-        .await;
-        match result {
-            Ok(key) => {
-                self.inner.board.update(|v| v.phase = before);
-                self.inner.board.ui.notify(&Notice::Enrolled { key });
-                Ok(())
-            }
-            Err(Failure::Cancelled) => {
-                self.inner.board.update(|v| v.phase = before);
-                Err(ControllerError("cancelled".into()))
-            }
-            Err(Failure::Error(m) | Failure::Disabled(m)) => {
-                let message = format!("The key was not enrolled: {m}");
-                self.inner.board.update(|v| {
-                    v.phase = before;
-                    v.error = Some(message.clone());
-                });
-                Err(ControllerError(message))
-            }
+        match crate::enroll(config, &authn, code).await {
+            Ok(_) => Event::Enrolled,
+            Err(e) => Event::FlowFailed(failure(e)),
         }
     }
 
-    async fn open_authenticator(
-        &self,
-        cfg: &AgentConfig,
-        create_soft: bool,
-    ) -> Result<SharedAuthn, Failure> {
-        let prompter: Arc<dyn Prompter> = Arc::new(ControllerPrompter(self.inner.prompts.clone()));
-        let cfg = cfg.clone();
-        let opener = self.inner.opener.clone();
-        tokio::task::spawn_blocking(move || opener(&cfg, create_soft, prompter))
-            .await
-            .map_err(|e| Failure::Error(e.to_string()))?
-            .map_err(|e| failure(TunnelError::Authenticator(e)))
-    }
-
-    /// Ends the session: stops the agent and shows `reason` (None: the user asked).
-    async fn stop(&self, reason: Option<(Phase, Notice)>) {
-        let live = self.inner.live.lock().await.take();
+    async fn stop_agent(&self) {
+        let live = self.live.lock().await.take();
         if let Some(live) = live {
-            live.watcher.abort();
+            if let Some(w) = &live.watcher {
+                abort_unless_current(w);
+            }
             live.agent.shutdown().await;
         }
-        end_view(&self.inner, reason);
+    }
+
+    /// Follows the agent `id`'s state from now on.
+    async fn watch(self: &Arc<Self>, id: u64) {
+        let mut live = self.live.lock().await;
+        let Some(l) = live.as_mut().filter(|l| l.id == id && l.watcher.is_none()) else {
+            return;
+        };
+        let (inner, agent, state) = (
+            Arc::downgrade(self),
+            Arc::downgrade(&l.agent),
+            l.agent.state(),
+        );
+        l.watcher = Some(tokio::spawn(watch(inner, id, agent, state)));
     }
 }
 
-enum Failure {
-    Cancelled,
-    /// The gateway refused the user as disabled (its words).
-    Disabled(String),
-    Error(String),
+/// Feeds every state of the agent `id` to the controller until it stops. (Boxed: the
+/// controller's own future starts it, so its type cannot name itself.)
+fn watch(
+    inner: Weak<Inner>,
+    id: u64,
+    agent: Weak<RunningAgent>,
+    mut state: tokio::sync::watch::Receiver<AgentState>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        loop {
+            let s = state.borrow_and_update().clone();
+            let done = matches!(s, AgentState::SignedOut { .. } | AgentState::KeyRemoved);
+            let account_disabled = done && agent.upgrade().is_some_and(|a| a.account_disabled());
+            let Some(this) = inner.upgrade() else { return };
+            let event = Event::Agent {
+                agent: id,
+                state: s,
+                account_disabled,
+            };
+            let _ = this.run(event).await;
+            drop(this);
+            if done || state.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// The key's prompts, fed to the controller from the blocking thread that talks to the key.
+struct ShellPrompter(Weak<Inner>);
+
+impl Prompter for ShellPrompter {
+    fn touch(&self, key: &str) {
+        if let Some(inner) = self.0.upgrade() {
+            let effects = inner.feed(Event::TouchNeeded {
+                key: key.to_owned(),
+            });
+            inner.perform_now(effects);
+        }
+    }
+
+    fn pin(&self, key: &str, retries: Option<i32>) -> Option<SecretString> {
+        let inner = self.0.upgrade()?;
+        let (tx, rx) = mpsc::channel();
+        *lock(&inner.pin) = Some(tx);
+        let effects = inner.feed(Event::PinNeeded {
+            key: key.to_owned(),
+            retries,
+        });
+        inner.perform_now(effects);
+        drop(inner);
+        // Answered by the user, a cancel, or the controller's PIN timer; or the controller is
+        // gone and the sender with it.
+        rx.recv().ok().flatten()
+    }
+
+    fn cancelled(&self) -> bool {
+        self.0
+            .upgrade()
+            .is_none_or(|inner| lock(&inner.state).cancelled())
+    }
 }
 
 fn failure(e: TunnelError) -> Failure {
@@ -835,280 +470,22 @@ fn failure(e: TunnelError) -> Failure {
     }
 }
 
-fn key_name(authn: &SharedAuthn) -> String {
-    authn.lock().unwrap_or_else(|e| e.into_inner()).describe()
-}
-
-fn service_view(name: &str, port: u16, live: bool) -> ServiceView {
-    ServiceView {
-        name: name.to_owned(),
-        local_port: port,
-        url: if port == 0 {
-            String::new()
-        } else {
-            format!("http://127.0.0.1:{port}")
-        },
-        live,
-    }
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// The instant `at` (seconds since the epoch) falls on.
 fn instant_at(at: u64) -> tokio::time::Instant {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let left = Duration::from_secs(at).saturating_sub(now);
-    tokio::time::Instant::now() + left
+    tokio::time::Instant::now() + Duration::from_secs(at).saturating_sub(now)
 }
 
-fn end_view(inner: &Inner, reason: Option<(Phase, Notice)>) {
-    let (phase, notice) = match reason {
-        Some((p, n)) => (p, Some(n)),
-        None => (Phase::SignedOut { reason: None }, None),
-    };
-    inner.board.update(|v| {
-        v.phase = phase;
-        v.session = None;
-        for s in &mut v.services {
-            s.live = false;
-        }
-    });
-    if let Some(n) = notice {
-        inner.board.ui.notify(&n);
+/// Stops a task, unless it is the one running this (a timer's or the watcher's own work
+/// ends with it stopping or replacing itself; aborting would cut that work short).
+fn abort_unless_current(task: &JoinHandle<()>) {
+    if tokio::task::try_id() != Some(task.id()) {
+        task.abort();
     }
 }
 
-/// Shows a live session: services offered by the gateway are live.
-fn show_connected(board: &Board, user: &str, exp: u64, offered: &[String], reminder: Duration) {
-    let soon = exp.saturating_sub(now_secs()) <= reminder.as_secs();
-    board.update(|v| {
-        v.phase = if soon {
-            Phase::ExpiringSoon
-        } else {
-            Phase::Connected
-        };
-        v.session = Some(SessionView {
-            user: user.to_owned(),
-            expires_at: exp,
-        });
-        for sv in &mut v.services {
-            sv.live = offered.contains(&sv.name);
-        }
-    });
-}
-
-fn show_session(board: &Board, session: &touchgate_proto::SessionInfo, reminder: Duration) {
-    let offered: Vec<String> = session.services.iter().map(|s| s.name.clone()).collect();
-    show_connected(board, &session.user, session.expires_at, &offered, reminder);
-}
-
-/// Follows the running agent: maps its states onto the view, warns before the session ends,
-/// and ends it at its expiry.
-async fn watch(
-    inner: Weak<Inner>,
-    mut state: tokio::sync::watch::Receiver<AgentState>,
-    reminder: Duration,
-) {
-    let mut lost = false;
-    let mut warned_for = None;
-    let mut expires_at = None;
-    loop {
-        let Some(this) = inner.upgrade() else { return };
-        let s = state.borrow_and_update().clone();
-        let board = &this.board;
-        match s {
-            AgentState::Starting => {}
-            AgentState::Connected {
-                user,
-                expires_at: exp,
-                services,
-            } => {
-                if lost {
-                    lost = false;
-                    board.ui.notify(&Notice::ConnectionRestored);
-                }
-                expires_at = Some(exp);
-                show_connected(board, &user, exp, &services, reminder);
-            }
-            AgentState::WaitingForTouch { authenticator } => {
-                let purpose = this.prompts.purpose();
-                board.update(|v| {
-                    v.phase = Phase::WaitingForTouch {
-                        key: authenticator,
-                        purpose,
-                    }
-                });
-            }
-            AgentState::Reconnecting { attempt, reason } => {
-                if !lost {
-                    lost = true;
-                    board.ui.notify(&Notice::ConnectionLost {
-                        reason: reason.clone(),
-                    });
-                }
-                board.update(|v| {
-                    v.phase = Phase::Reconnecting { attempt, reason };
-                    for sv in &mut v.services {
-                        sv.live = false;
-                    }
-                });
-            }
-            AgentState::SignedOut { reason } => {
-                let disabled = this
-                    .live
-                    .lock()
-                    .await
-                    .as_ref()
-                    .is_some_and(|l| l.agent.account_disabled());
-                let notice = if disabled {
-                    Notice::AccountDisabled {
-                        reason: reason.clone(),
-                    }
-                } else {
-                    Notice::SessionEnded {
-                        reason: reason.clone(),
-                    }
-                };
-                end_live(
-                    &this,
-                    Phase::SignedOut {
-                        reason: Some(reason),
-                    },
-                    notice,
-                )
-                .await;
-                return;
-            }
-            AgentState::KeyRemoved => {
-                end_live(
-                    &this,
-                    Phase::KeyRemoved,
-                    Notice::SessionEnded {
-                        reason: "The security key was unplugged, which ended your session.".into(),
-                    },
-                )
-                .await;
-                return;
-            }
-        }
-        let warn_at = expires_at
-            .filter(|e| warned_for != Some(*e))
-            .map(|e| instant_at(e.saturating_sub(reminder.as_secs())));
-        let end_at = expires_at.map(instant_at);
-        drop(this);
-        tokio::select! {
-            changed = state.changed() => if changed.is_err() { return },
-            () = sleep_until(warn_at) => {
-                let Some(this) = inner.upgrade() else { return };
-                warned_for = expires_at;
-                let left = expires_at.unwrap_or(0).saturating_sub(now_secs());
-                this.board.update(|v| {
-                    if matches!(v.phase, Phase::Connected) {
-                        v.phase = Phase::ExpiringSoon;
-                    }
-                });
-                this.board.ui.notify(&Notice::ExpiringSoon { minutes_left: left.div_ceil(60) });
-            }
-            () = sleep_until(end_at) => {
-                let Some(this) = inner.upgrade() else { return };
-                let reason = "Your session reached its end.".to_owned();
-                end_live(&this, Phase::SignedOut { reason: Some(reason.clone()) }, Notice::SessionEnded { reason }).await;
-                return;
-            }
-        }
-    }
-}
-
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Ends the session from the watcher (which must not abort itself).
-async fn end_live(inner: &Inner, phase: Phase, notice: Notice) {
-    let live = inner.live.lock().await.take();
-    if let Some(live) = live {
-        live.agent.shutdown().await;
-    }
-    end_view(inner, Some((phase, notice)));
-}
-
-/// The TypeScript declarations of every type that crosses the seam, for the tray app's web
-/// front end (`ui/src/bindings.ts`; a test keeps the file current).
-pub fn typescript_bindings() -> String {
-    let cfg = ts_rs::Config::default();
-    let decls = [
-        Request::decl(&cfg),
-        Purpose::decl(&cfg),
-        Phase::decl(&cfg),
-        SessionView::decl(&cfg),
-        ServiceView::decl(&cfg),
-        View::decl(&cfg),
-        Notice::decl(&cfg),
-        crate::settings::ServiceSetting::decl(&cfg),
-        Settings::decl(&cfg),
-        SettingsView::decl(&cfg),
-    ];
-    let mut out = String::from(
-        "// Generated from the Rust types in crates/agent (controller and settings): do not edit.\n\
-         // Regenerate with: TOUCHGATE_BLESS=1 cargo test -p touchgate-agent bindings\n\n",
-    );
-    for d in decls {
-        out.push_str("export ");
-        out.push_str(&d);
-        out.push_str("\n\n");
-    }
-    out.truncate(out.trim_end().len());
-    out.push('\n');
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The web front end's types come from these declarations; the committed file must be
-    /// what they generate today, so the two cannot drift.
-    #[test]
-    fn ui_bindings_are_current() {
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ui/src/bindings.ts");
-        let want = typescript_bindings();
-        if std::env::var_os("TOUCHGATE_BLESS").is_some() {
-            std::fs::write(&path, &want).expect("write bindings");
-        }
-        let have = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(
-            have == want,
-            "{} is out of date with the Rust types: run TOUCHGATE_BLESS=1 cargo test -p touchgate-agent bindings",
-            path.display()
-        );
-        assert!(want.contains("export type Request ="), "{want}");
-        assert!(want.contains("\"kind\": \"submit_pin\""), "{want}");
-    }
-
-    #[test]
-    fn notices_say_what_happened_in_words() {
-        let n = Notice::ExpiringSoon { minutes_left: 9 };
-        assert!(n.offers_renew());
-        assert!(n.body().contains("9 min"), "{}", n.body());
-        let ended = Notice::SessionEnded {
-            reason: "The security key was unplugged, which ended your session.".into(),
-        };
-        assert!(!ended.offers_renew());
-        assert!(
-            ended
-                .body()
-                .ends_with("Sign in again to use your services.")
-        );
-    }
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

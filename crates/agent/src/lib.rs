@@ -15,6 +15,15 @@ pub use config::AgentConfig;
 
 use std::sync::{Arc, Mutex};
 
+/// Seconds since the Unix epoch now (0 if the clock is before it): the one wall-clock reading
+/// of the agent and its front ends; session expiry is said in these.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Opens the configured authenticator and wraps it for sharing between tasks.
 pub fn shared_authenticator(
     cfg: &AgentConfig,

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use touchgate_agent::{
     AgentConfig,
-    controller::{ChannelUi, Controller, Notice, Phase, Request, Shown, View, describe},
+    controller::{ChannelUi, Controller, Notice, Phase, Request, Shown, View},
     settings::{ConfigPaths, Layered},
     shared_authenticator,
 };
@@ -174,7 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     Ok(std::process::ExitCode::from(3))
                 }
                 Some(report) => {
-                    println!("{}", describe(&report.view, now_secs()));
+                    println!("{}", report.view.summary);
                     print_services(&report.view);
                     Ok(std::process::ExitCode::SUCCESS)
                 }
@@ -256,13 +256,6 @@ fn keys() -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn print_services(view: &View) {
     for s in &view.services {
         if s.live {
@@ -298,12 +291,8 @@ async fn up(
         .await
         .context("sign-in failed")?;
     let view = controller.view();
-    if let Some(s) = &view.session {
-        eprintln!(
-            "signed in as {} until {} from now",
-            s.user,
-            touchgate_agent::controller::time_left(s.expires_at, now_secs())
-        );
+    if let (Some(s), Some(left)) = (&view.session, &view.time_left) {
+        eprintln!("signed in as {} until {left} from now", s.user);
     }
     print_services(&view);
     #[cfg(unix)]
@@ -339,7 +328,7 @@ async fn up(
                 // Changes of state, not every change of the time left.
                 let phase = std::mem::discriminant(&v.phase);
                 if phase != last_phase {
-                    eprintln!("{}", describe(&v, now_secs()));
+                    eprintln!("{}", v.summary);
                     last_phase = phase;
                 }
             }

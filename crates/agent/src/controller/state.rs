@@ -1,0 +1,832 @@
+//! The controller's logic as a state machine with no IO, in the way of quinn-proto's
+//! connection and firezone's `ClientState`: [`ControllerState::handle`] takes one [`Event`] (a
+//! front end's request, the result of an IO step, a prompt from the key, a change of the
+//! agent's state, a timer) and the time, and returns the [`Effect`]s to carry out. It reads no
+//! clock, opens no key and starts nothing; the async [`super::Controller`] does that and feeds
+//! the results back as events.
+//!
+//! Sign-in, renewal and enrolment are one [`Flow`]: the busy check, Connecting, opening the
+//! key, the touch and PIN prompts and the mapping of failures are written once, and only the
+//! step that needs the key and the ending differ by [`Purpose`]. While a flow runs its prompt is
+//! shown over the base phase (what the agent and the session say), which comes back when it
+//! ends.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use secrecy::SecretString;
+
+use super::error::ControllerError;
+use super::{
+    Notice, Phase, Purpose, Request, ServiceView, SessionView, View, view::time_left_changes,
+};
+use crate::{
+    AgentConfig, AgentState,
+    settings::{Layered, Settings},
+};
+
+/// How long a PIN prompt waits for an answer before it gives up.
+pub const PIN_WAIT: Duration = Duration::from_secs(300);
+
+/// What [`AgentState::KeyRemoved`] and the end of a session tell the user.
+const KEY_UNPLUGGED: &str = "The security key was unplugged, which ended your session.";
+const SESSION_END: &str = "Your session reached its end.";
+
+/// Something that happened, for [`ControllerState::handle`].
+#[derive(Debug)]
+pub enum Event {
+    /// A front end asks.
+    Request(Request),
+    /// The flow's key was opened ([`Effect::OpenAuthenticator`]); its name.
+    AuthenticatorOpened {
+        /// "YubiKey 5 NFC", "software key PATH".
+        key: String,
+    },
+    /// The agent signed in and serves its ports ([`Effect::StartAgent`]).
+    AgentStarted {
+        /// The shell's id for this agent; its later [`Event::Agent`]s carry it.
+        agent: u64,
+        /// The session (always there once the agent has started).
+        session: Option<Session>,
+        /// Each service's local port.
+        listeners: Vec<(String, u16)>,
+    },
+    /// The running agent renewed its session ([`Effect::Renew`]).
+    Renewed(Session),
+    /// The key was enrolled ([`Effect::Enrol`]).
+    Enrolled,
+    /// The flow's IO step failed.
+    FlowFailed(Failure),
+    /// The settings were written and read back ([`Effect::Save`]), or why not.
+    Saved(Result<Layered, String>),
+    /// The key asks for a touch.
+    TouchNeeded {
+        /// The key's name.
+        key: String,
+    },
+    /// The key asks for its PIN; answer with [`Effect::AnswerPin`].
+    PinNeeded {
+        /// The key's name.
+        key: String,
+        /// Tries left, when the key says.
+        retries: Option<i32>,
+    },
+    /// The running agent's state changed.
+    Agent {
+        /// Which agent ([`Event::AgentStarted`]); a stopped one's news is ignored.
+        agent: u64,
+        /// Its new state.
+        state: AgentState,
+        /// Whether it stopped because the gateway disabled the account.
+        account_disabled: bool,
+    },
+    /// A timer set by [`Effect::SetTimer`] is due.
+    Timer(Timer),
+}
+
+/// Something for the shell to do, in the order given.
+#[derive(Debug)]
+pub enum Effect {
+    /// Draw this view.
+    Show(Box<View>),
+    /// Tell the user once.
+    Notify(Notice),
+    /// Open the configured key for the flow; answer with [`Event::AuthenticatorOpened`] or
+    /// [`Event::FlowFailed`]. Its prompts come as [`Event::TouchNeeded`] and
+    /// [`Event::PinNeeded`], and it asks [`ControllerState::cancelled`].
+    OpenAuthenticator {
+        /// The checked config.
+        config: Box<AgentConfig>,
+        /// Create a software key file if there is none (enrolment).
+        create_soft: bool,
+    },
+    /// Start the agent with the opened key; answer with [`Event::AgentStarted`] or
+    /// [`Event::FlowFailed`].
+    StartAgent {
+        /// The checked config.
+        config: Box<AgentConfig>,
+    },
+    /// Renew on the running agent; answer with [`Event::Renewed`] or [`Event::FlowFailed`].
+    Renew,
+    /// Enrol the opened key; answer with [`Event::Enrolled`] or [`Event::FlowFailed`].
+    Enrol {
+        /// The checked config.
+        config: Box<AgentConfig>,
+        /// The invite code.
+        code: String,
+    },
+    /// Stop the running agent and close its ports.
+    StopAgent,
+    /// Write `settings` over `layers`; answer with [`Event::Saved`].
+    Save {
+        /// The layers the values were read from.
+        layers: Box<Layered>,
+        /// The new values.
+        settings: Box<Settings>,
+    },
+    /// Answer the key's PIN prompt (None: give up).
+    AnswerPin(Option<SecretString>),
+    /// Fire [`Event::Timer`] at `at` (seconds since the epoch), replacing the timer's last
+    /// setting.
+    SetTimer {
+        /// Which.
+        timer: Timer,
+        /// When.
+        at: u64,
+    },
+    /// Forget a timer.
+    ClearTimer(Timer),
+    /// The request being handled is done.
+    Reply(Result<(), ControllerError>),
+}
+
+impl Effect {
+    /// Whether the effect starts IO that answers with an event, or answers the request.
+    fn waits(&self) -> bool {
+        matches!(
+            self,
+            Self::OpenAuthenticator { .. }
+                | Self::StartAgent { .. }
+                | Self::Renew
+                | Self::Enrol { .. }
+                | Self::Save { .. }
+                | Self::Reply(_)
+        )
+    }
+}
+
+/// The controller's timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Timer {
+    /// The reminder before the session ends.
+    Warn,
+    /// The session's end.
+    End,
+    /// A PIN prompt nobody answered.
+    PinWait,
+    /// The time left changes its words.
+    Tick,
+}
+
+/// Why a flow's IO step failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The user cancelled the wait for the key.
+    Cancelled,
+    /// The gateway refused the user as disabled (its words).
+    Disabled(String),
+    /// Anything else, in words.
+    Error(String),
+}
+
+/// A session as the controller needs it (no token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// The user.
+    pub user: String,
+    /// When it ends, seconds since the epoch.
+    pub expires_at: u64,
+    /// The services the gateway offers.
+    pub services: Vec<String>,
+}
+
+impl From<&touchgate_proto::SessionInfo> for Session {
+    fn from(s: &touchgate_proto::SessionInfo) -> Self {
+        Self {
+            user: s.user.clone(),
+            expires_at: s.expires_at,
+            services: s.services.iter().map(|s| s.name.clone()).collect(),
+        }
+    }
+}
+
+/// The controller's state.
+pub struct ControllerState {
+    layers: Result<Layered, String>,
+    /// What the view shows besides the phase and its words.
+    view: View,
+    /// The phase when no flow runs.
+    base: Phase,
+    flow: Option<Flow>,
+    agent: Option<Running>,
+    /// The connection dropped and has not come back (one notice each way).
+    lost: bool,
+    pin_asked: bool,
+    timers: BTreeMap<Timer, u64>,
+    shown: Option<View>,
+}
+
+/// The one sign-in, renewal or enrolment in progress.
+struct Flow {
+    purpose: Purpose,
+    step: Step,
+    cancelled: bool,
+    /// The config it started with (sign-in and enrolment).
+    config: Option<AgentConfig>,
+    code: String,
+    key: String,
+}
+
+enum Step {
+    Connecting,
+    Touch { key: String },
+    Pin { key: String, retries: Option<i32> },
+}
+
+struct Running {
+    id: u64,
+    key: String,
+    reminder: u64,
+    /// The session end the reminder was given for.
+    warned_for: Option<u64>,
+}
+
+impl ControllerState {
+    /// Signed out over `layers` (an unreadable config: why), and the first view to show.
+    pub fn new(layers: Result<Layered, String>, now: u64) -> (Self, Vec<Effect>) {
+        let mut s = Self {
+            layers,
+            view: View::default(),
+            base: Phase::SignedOut { reason: None },
+            flow: None,
+            agent: None,
+            lost: false,
+            pin_asked: false,
+            timers: BTreeMap::new(),
+            shown: None,
+        };
+        s.show_configured(true);
+        let mut out = Vec::new();
+        s.render(now, &mut out);
+        (s, out)
+    }
+
+    /// What the front ends draw now.
+    pub fn view(&self) -> View {
+        self.shown.clone().unwrap_or_default()
+    }
+
+    /// The layers of settings, or why they cannot be read.
+    pub fn layers(&self) -> Result<&Layered, ControllerError> {
+        self.layers
+            .as_ref()
+            .map_err(|problem| ControllerError::NotConfigured {
+                problem: problem.clone(),
+            })
+    }
+
+    /// The merged config, checked.
+    pub fn config(&self) -> Result<AgentConfig, ControllerError> {
+        self.layers()?
+            .config()
+            .map_err(|e| ControllerError::NotConfigured {
+                problem: e.to_string(),
+            })
+    }
+
+    /// Whether the key should stop waiting: the user cancelled the flow in progress.
+    pub fn cancelled(&self) -> bool {
+        self.flow.as_ref().is_some_and(|f| f.cancelled)
+    }
+
+    /// Takes in `event` at `now` (seconds since the epoch); returns what to do.
+    pub fn handle(&mut self, event: Event, now: u64) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let mut notices = Vec::new();
+        match event {
+            Event::Request(r) => self.request(r, &mut out, &mut notices),
+            Event::AuthenticatorOpened { key } => self.opened(key, &mut out, &mut notices),
+            Event::AgentStarted {
+                agent,
+                session,
+                listeners,
+            } => self.started(
+                agent,
+                session.as_ref(),
+                &listeners,
+                now,
+                &mut out,
+                &mut notices,
+            ),
+            Event::Renewed(session) => {
+                if self.take_flow(Purpose::Renew, &mut out).is_some() {
+                    self.show_session(&session, now, &mut out, &mut notices);
+                    out.push(Effect::Reply(Ok(())));
+                }
+            }
+            Event::Enrolled => {
+                if let Some(f) = self.take_flow(Purpose::Enrol, &mut out) {
+                    notices.push(Notice::Enrolled { key: f.key });
+                    out.push(Effect::Reply(Ok(())));
+                }
+            }
+            Event::FlowFailed(failure) => self.failed(failure, &mut out, &mut notices),
+            Event::Saved(Ok(layers)) => {
+                self.layers = Ok(layers);
+                if self.view.session.is_none() {
+                    self.show_configured(false);
+                }
+                out.push(Effect::Reply(Ok(())));
+            }
+            Event::Saved(Err(message)) => {
+                out.push(Effect::Reply(Err(ControllerError::NotSaved { message })));
+            }
+            Event::TouchNeeded { key } => {
+                if let Some(f) = &mut self.flow {
+                    f.step = Step::Touch { key };
+                }
+            }
+            Event::PinNeeded { key, retries } => match &mut self.flow {
+                Some(f) if !f.cancelled => {
+                    f.step = Step::Pin { key, retries };
+                    self.pin_asked = true;
+                    self.arm(Timer::PinWait, Some(now + PIN_WAIT.as_secs()), &mut out);
+                }
+                _ => out.push(Effect::AnswerPin(None)),
+            },
+            Event::Agent {
+                agent,
+                state,
+                account_disabled,
+            } => {
+                if self.agent.as_ref().is_some_and(|a| a.id == agent) {
+                    self.agent_state(state, account_disabled, now, &mut out, &mut notices);
+                }
+            }
+            Event::Timer(t) => self.timer(t, now, &mut out, &mut notices),
+        }
+        // The view and the notices first, then what waits for IO: "Connecting" shows before
+        // the key is opened; a stopped agent has closed its ports before "Signed out" shows.
+        let (later, mut out): (Vec<_>, Vec<_>) = out.into_iter().partition(Effect::waits);
+        self.render(now, &mut out);
+        out.extend(notices.into_iter().map(Effect::Notify));
+        out.extend(later);
+        out
+    }
+
+    fn request(&mut self, request: Request, out: &mut Vec<Effect>, notices: &mut Vec<Notice>) {
+        let reply = |out: &mut Vec<Effect>, r| out.push(Effect::Reply(r));
+        match request {
+            Request::SignIn => self.begin(Purpose::SignIn, String::new(), out),
+            Request::Renew => self.begin(Purpose::Renew, String::new(), out),
+            Request::Enrol { code } => {
+                let code = code.trim();
+                if code.is_empty() {
+                    return reply(out, Err(ControllerError::NoInviteCode));
+                }
+                self.begin(Purpose::Enrol, code.to_owned(), out);
+            }
+            Request::Cancel => {
+                self.cancel(out);
+                reply(out, Ok(()));
+            }
+            Request::SignOut => {
+                self.cancel(out);
+                let phase = match &self.base {
+                    p @ Phase::NotConfigured { .. } => p.clone(),
+                    _ => Phase::SignedOut { reason: None },
+                };
+                self.end_session(phase, None, out, notices);
+                reply(out, Ok(()));
+            }
+            Request::SubmitPin { pin } => {
+                if !self.pin_asked {
+                    return reply(out, Err(ControllerError::NoPinAsked));
+                }
+                self.pin_asked = false;
+                self.arm(Timer::PinWait, None, out);
+                out.push(Effect::AnswerPin(Some(SecretString::from(pin))));
+                reply(out, Ok(()));
+            }
+            Request::SetServicePort { service, port } => {
+                let layers = match self.layers() {
+                    Ok(l) => l.clone(),
+                    Err(e) => return reply(out, Err(e)),
+                };
+                let mut settings = layers.view().values;
+                let Some(s) = settings.services.iter_mut().find(|s| s.name == service) else {
+                    return reply(out, Err(ControllerError::UnknownService { service }));
+                };
+                s.local_port = port;
+                out.push(Effect::Save {
+                    layers: Box::new(layers),
+                    settings: Box::new(settings),
+                });
+            }
+            Request::SaveSettings { settings } => match self.layers() {
+                Ok(l) => out.push(Effect::Save {
+                    layers: Box::new(l.clone()),
+                    settings: Box::new(settings),
+                }),
+                Err(e) => reply(out, Err(e)),
+            },
+        }
+    }
+
+    /// Starts a flow: one at a time; the key is opened unless the running agent holds it.
+    fn begin(&mut self, purpose: Purpose, code: String, out: &mut Vec<Effect>) {
+        let reply = |out: &mut Vec<Effect>, r| out.push(Effect::Reply(r));
+        if self.flow.is_some() {
+            return reply(out, Err(ControllerError::Busy));
+        }
+        let purpose = match (purpose, &self.agent) {
+            (Purpose::SignIn, Some(_)) => return reply(out, Ok(())),
+            (Purpose::Renew, None) => Purpose::SignIn,
+            (p, _) => p,
+        };
+        self.view.error = None;
+        if let (Purpose::Renew, Some(a)) = (purpose, &self.agent) {
+            self.flow = Some(Flow {
+                purpose,
+                step: Step::Touch { key: a.key.clone() },
+                cancelled: false,
+                config: None,
+                code,
+                key: a.key.clone(),
+            });
+            return out.push(Effect::Renew);
+        }
+        let config = match self.config() {
+            Ok(c) => c,
+            Err(e) => return reply(out, Err(e)),
+        };
+        out.push(Effect::OpenAuthenticator {
+            config: Box::new(config.clone()),
+            create_soft: purpose == Purpose::Enrol,
+        });
+        self.flow = Some(Flow {
+            purpose,
+            step: Step::Connecting,
+            cancelled: false,
+            config: Some(config),
+            code,
+            key: String::new(),
+        });
+    }
+
+    fn opened(&mut self, key: String, out: &mut Vec<Effect>, notices: &mut Vec<Notice>) {
+        let Some(f) = &mut self.flow else { return };
+        if f.cancelled {
+            return self.failed(Failure::Cancelled, out, notices);
+        }
+        f.key = key.clone();
+        f.step = Step::Touch { key };
+        let Some(config) = f.config.clone().map(Box::new) else {
+            return;
+        };
+        out.push(match f.purpose {
+            Purpose::Enrol => Effect::Enrol {
+                config,
+                code: f.code.clone(),
+            },
+            Purpose::SignIn | Purpose::Renew => Effect::StartAgent { config },
+        });
+    }
+
+    fn started(
+        &mut self,
+        agent: u64,
+        session: Option<&Session>,
+        listeners: &[(String, u16)],
+        now: u64,
+        out: &mut Vec<Effect>,
+        notices: &mut Vec<Notice>,
+    ) {
+        let Some(f) = self.take_flow(Purpose::SignIn, out) else {
+            // Nobody is waiting for this agent.
+            return out.push(Effect::StopAgent);
+        };
+        if f.cancelled {
+            out.push(Effect::StopAgent);
+            self.base = Phase::SignedOut { reason: None };
+            return out.push(Effect::Reply(Err(ControllerError::Cancelled)));
+        }
+        let reminder = f.config.as_ref().map(|c| c.renew_reminder.as_secs());
+        self.agent = Some(Running {
+            id: agent,
+            key: f.key,
+            reminder: reminder.unwrap_or_default(),
+            warned_for: None,
+        });
+        self.lost = false;
+        self.view.services = listeners
+            .iter()
+            .map(|(name, port)| ServiceView::new(name, *port, false))
+            .collect();
+        if let Some(session) = session {
+            self.show_session(session, now, out, notices);
+        }
+        out.push(Effect::Reply(Ok(())));
+    }
+
+    /// Ends the flow of `purpose` (a stale answer for another is dropped).
+    fn take_flow(&mut self, purpose: Purpose, out: &mut Vec<Effect>) -> Option<Flow> {
+        if self.flow.as_ref().map(|f| f.purpose) != Some(purpose) {
+            return None;
+        }
+        if std::mem::take(&mut self.pin_asked) {
+            out.push(Effect::AnswerPin(None));
+        }
+        self.arm(Timer::PinWait, None, out);
+        self.flow.take()
+    }
+
+    /// The one place a failed flow is worded and shown.
+    fn failed(&mut self, failure: Failure, out: &mut Vec<Effect>, notices: &mut Vec<Notice>) {
+        let Some(purpose) = self.flow.as_ref().map(|f| f.purpose) else {
+            return;
+        };
+        self.take_flow(purpose, out);
+        let error = match (purpose, failure) {
+            (Purpose::SignIn, Failure::Cancelled) => {
+                self.base = Phase::SignedOut { reason: None };
+                ControllerError::Cancelled
+            }
+            (_, Failure::Cancelled) => ControllerError::Cancelled,
+            (Purpose::SignIn, Failure::Disabled(reason)) => {
+                self.base = Phase::SignedOut {
+                    reason: Some(reason.clone()),
+                };
+                notices.push(Notice::AccountDisabled {
+                    reason: reason.clone(),
+                });
+                ControllerError::AccountDisabled { reason }
+            }
+            // The agent has stopped; its SignedOut state shows it, with the reason.
+            (Purpose::Renew, Failure::Disabled(reason)) => {
+                ControllerError::AccountDisabled { reason }
+            }
+            (Purpose::SignIn, Failure::Error(message)) => {
+                self.base = Phase::Error {
+                    message: message.clone(),
+                };
+                ControllerError::Failed { message }
+            }
+            (Purpose::Renew, Failure::Error(m)) => {
+                let message = format!("The session was not renewed: {m}");
+                self.view.error = Some(message.clone());
+                ControllerError::Failed { message }
+            }
+            (Purpose::Enrol, Failure::Error(m) | Failure::Disabled(m)) => {
+                let message = format!("The key was not enrolled: {m}");
+                self.view.error = Some(message.clone());
+                ControllerError::Failed { message }
+            }
+        };
+        out.push(Effect::Reply(Err(error)));
+    }
+
+    /// Stops any wait for the key: the key sees [`ControllerState::cancelled`], a pending
+    /// PIN prompt gets none.
+    fn cancel(&mut self, out: &mut Vec<Effect>) {
+        if let Some(f) = &mut self.flow {
+            f.cancelled = true;
+        }
+        if std::mem::take(&mut self.pin_asked) {
+            out.push(Effect::AnswerPin(None));
+        }
+        self.arm(Timer::PinWait, None, out);
+    }
+
+    fn agent_state(
+        &mut self,
+        state: AgentState,
+        account_disabled: bool,
+        now: u64,
+        out: &mut Vec<Effect>,
+        notices: &mut Vec<Notice>,
+    ) {
+        match state {
+            AgentState::Starting => {}
+            AgentState::Connected {
+                user,
+                expires_at,
+                services,
+            } => {
+                if std::mem::take(&mut self.lost) {
+                    notices.push(Notice::ConnectionRestored);
+                }
+                let session = Session {
+                    user,
+                    expires_at,
+                    services,
+                };
+                self.show_session(&session, now, out, notices);
+            }
+            AgentState::WaitingForTouch { authenticator } => {
+                if let Some(f) = &mut self.flow {
+                    f.step = Step::Touch { key: authenticator };
+                }
+            }
+            AgentState::Reconnecting { attempt, reason } => {
+                if !std::mem::replace(&mut self.lost, true) {
+                    notices.push(Notice::ConnectionLost {
+                        reason: reason.clone(),
+                    });
+                }
+                self.base = Phase::Reconnecting { attempt, reason };
+                self.view.services.iter_mut().for_each(|s| s.live = false);
+            }
+            AgentState::SignedOut { reason } => {
+                let notice = if account_disabled {
+                    Notice::AccountDisabled {
+                        reason: reason.clone(),
+                    }
+                } else {
+                    Notice::SessionEnded {
+                        reason: reason.clone(),
+                    }
+                };
+                let phase = Phase::SignedOut {
+                    reason: Some(reason),
+                };
+                self.end_session(phase, Some(notice), out, notices);
+            }
+            AgentState::KeyRemoved => {
+                let notice = Notice::SessionEnded {
+                    reason: KEY_UNPLUGGED.into(),
+                };
+                self.end_session(Phase::KeyRemoved, Some(notice), out, notices);
+            }
+        }
+    }
+
+    fn timer(&mut self, t: Timer, now: u64, out: &mut Vec<Effect>, notices: &mut Vec<Notice>) {
+        let Some(&at) = self.timers.get(&t) else {
+            return;
+        };
+        if now < at {
+            // Woken early (the wall clock and the timer's clock differ): wait again.
+            return out.push(Effect::SetTimer { timer: t, at });
+        }
+        self.timers.remove(&t);
+        match t {
+            Timer::Warn => self.warn(now, notices),
+            Timer::End => {
+                let notice = Notice::SessionEnded {
+                    reason: SESSION_END.into(),
+                };
+                let phase = Phase::SignedOut {
+                    reason: Some(SESSION_END.into()),
+                };
+                self.end_session(phase, Some(notice), out, notices);
+            }
+            Timer::PinWait => {
+                if std::mem::take(&mut self.pin_asked) {
+                    out.push(Effect::AnswerPin(None));
+                }
+            }
+            // The words are made again below.
+            Timer::Tick => {}
+        }
+    }
+
+    /// Shows a live session: the services the gateway offers are live; the reminder and the
+    /// end are set for its expiry.
+    fn show_session(
+        &mut self,
+        session: &Session,
+        now: u64,
+        out: &mut Vec<Effect>,
+        notices: &mut Vec<Notice>,
+    ) {
+        let Some(a) = &self.agent else { return };
+        let exp = session.expires_at;
+        self.base = if exp.saturating_sub(now) <= a.reminder {
+            Phase::ExpiringSoon
+        } else {
+            Phase::Connected
+        };
+        let warned = a.warned_for == Some(exp);
+        let warn_at = exp.saturating_sub(a.reminder);
+        self.view.session = Some(SessionView {
+            user: session.user.clone(),
+            expires_at: exp,
+        });
+        for s in &mut self.view.services {
+            s.live = session.services.contains(&s.name);
+        }
+        if warned {
+            self.arm(Timer::Warn, None, out);
+        } else if now >= warn_at {
+            self.warn(now, notices);
+        } else {
+            self.arm(Timer::Warn, Some(warn_at), out);
+        }
+        self.arm(Timer::End, Some(exp), out);
+    }
+
+    fn warn(&mut self, now: u64, notices: &mut Vec<Notice>) {
+        let (Some(a), Some(s)) = (&mut self.agent, &self.view.session) else {
+            return;
+        };
+        a.warned_for = Some(s.expires_at);
+        self.timers.remove(&Timer::Warn);
+        if self.base == Phase::Connected {
+            self.base = Phase::ExpiringSoon;
+        }
+        notices.push(Notice::ExpiringSoon {
+            minutes_left: s.expires_at.saturating_sub(now).div_ceil(60),
+        });
+    }
+
+    /// Ends the session (if any) and shows `phase`.
+    fn end_session(
+        &mut self,
+        phase: Phase,
+        notice: Option<Notice>,
+        out: &mut Vec<Effect>,
+        notices: &mut Vec<Notice>,
+    ) {
+        if self.agent.take().is_some() {
+            out.push(Effect::StopAgent);
+        }
+        self.base = phase;
+        self.lost = false;
+        self.view.session = None;
+        self.view.services.iter_mut().for_each(|s| s.live = false);
+        for t in [Timer::Warn, Timer::End] {
+            self.arm(t, None, out);
+        }
+        notices.extend(notice);
+    }
+
+    /// Shows the configured services and user while signed out; `first` also sets the phase.
+    fn show_configured(&mut self, first: bool) {
+        // One view of the layers gives both the values and the problem (one config check).
+        let (problem, values) = match &self.layers {
+            Ok(l) => {
+                let view = l.view();
+                (view.problem, Some(view.values))
+            }
+            Err(e) => (Some(e.clone()), None),
+        };
+        if let Some(values) = values {
+            self.view.gateway = values.gateway;
+            self.view.user = values.user;
+            self.view.services = values
+                .services
+                .iter()
+                .map(|s| ServiceView::new(&s.name, s.local_port, false))
+                .collect();
+        }
+        match (problem, &self.base) {
+            (Some(problem), _) => self.base = Phase::NotConfigured { problem },
+            (None, Phase::NotConfigured { .. }) => self.base = Phase::SignedOut { reason: None },
+            (None, _) if first => self.base = Phase::SignedOut { reason: None },
+            _ => {}
+        }
+    }
+
+    /// Sets, moves or clears `timer` (nothing when it is already so).
+    fn arm(&mut self, timer: Timer, at: Option<u64>, out: &mut Vec<Effect>) {
+        if self.timers.get(&timer).copied() == at {
+            return;
+        }
+        match at {
+            Some(at) => {
+                self.timers.insert(timer, at);
+                out.push(Effect::SetTimer { timer, at });
+            }
+            None => {
+                self.timers.remove(&timer);
+                out.push(Effect::ClearTimer(timer));
+            }
+        }
+    }
+
+    /// Words the view for `now` and shows it when it changed; keeps the time left current.
+    fn render(&mut self, now: u64, out: &mut Vec<Effect>) {
+        let mut v = self.view.clone();
+        v.phase = match &self.flow {
+            None => self.base.clone(),
+            Some(f) => {
+                let purpose = f.purpose;
+                match &f.step {
+                    Step::Connecting => Phase::Connecting { purpose },
+                    Step::Touch { key } => Phase::WaitingForTouch {
+                        key: key.clone(),
+                        purpose,
+                    },
+                    Step::Pin { key, retries } => Phase::PinNeeded {
+                        key: key.clone(),
+                        retries: *retries,
+                        purpose,
+                    },
+                }
+            }
+        };
+        v.set_words(now);
+        let tick = v
+            .session
+            .as_ref()
+            .and_then(|s| time_left_changes(s.expires_at, now));
+        self.arm(Timer::Tick, tick, out);
+        if self.shown.as_ref() != Some(&v) {
+            self.shown = Some(v.clone());
+            out.push(Effect::Show(Box::new(v)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,816 @@
+//! The controller's transitions, driven by hand with a fake clock: no key, no gateway, no
+//! sleeping. Each test feeds events as the shell would and checks the effects and the view.
+
+use super::*;
+use crate::settings::ConfigPaths;
+
+const PIN: &str = "abababababababababababababababababababababababababababababababab";
+/// The fake clock's start, seconds since the epoch.
+const T0: u64 = 1_700_000_000;
+const HOUR: u64 = 3600;
+/// The config's reminder: ten minutes.
+const REMINDER: u64 = 600;
+
+fn layers(text: &str) -> (tempfile::TempDir, Result<Layered, String>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let paths = ConfigPaths {
+        user: dir.path().join("agent.toml"),
+        managed: None,
+    };
+    std::fs::write(&paths.user, text).expect("write");
+    let l = Layered::load(&paths).map_err(|e| e.to_string());
+    (dir, l)
+}
+
+fn config_text() -> String {
+    format!(
+        "gateway = \"gw.example.com:4433\"\ngateway_cert_sha256 = \"{PIN}\"\nuser = \"alice\"\n\
+         authenticator = \"soft:key.tgk\"\nrenew_reminder = \"10m\"\n\
+         [[service]]\nname = \"api\"\nlocal_port = 8081\n[[service]]\nname = \"billing\"\nlocal_port = 8082\n"
+    )
+}
+
+/// A controller state and its fake clock.
+struct Rig {
+    s: ControllerState,
+    now: u64,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    fn new() -> Self {
+        let (dir, l) = layers(&config_text());
+        let (s, _) = ControllerState::new(l, T0);
+        Self {
+            s,
+            now: T0,
+            _dir: dir,
+        }
+    }
+
+    fn feed(&mut self, e: Event) -> Vec<Effect> {
+        self.s.handle(e, self.now)
+    }
+
+    fn ask(&mut self, r: Request) -> Vec<Effect> {
+        self.feed(Event::Request(r))
+    }
+
+    fn phase(&self) -> Phase {
+        self.s.view().phase
+    }
+
+    /// Signs in with a session of `length` seconds; returns the effects of the last step.
+    fn signed_in(&mut self, length: u64) -> Vec<Effect> {
+        self.ask(Request::SignIn);
+        self.feed(Event::AuthenticatorOpened {
+            key: "YubiKey 5".into(),
+        });
+        self.feed(Event::AgentStarted {
+            agent: 1,
+            session: Some(session(self.now + length)),
+            listeners: vec![("api".into(), 8081), ("billing".into(), 8082)],
+        })
+    }
+
+    fn agent(&mut self, state: AgentState) -> Vec<Effect> {
+        self.feed(Event::Agent {
+            agent: 1,
+            state,
+            account_disabled: false,
+        })
+    }
+
+    /// Moves the clock to `at` and fires `timer`.
+    fn fire_at(&mut self, timer: Timer, at: u64) -> Vec<Effect> {
+        self.now = at;
+        self.feed(Event::Timer(timer))
+    }
+}
+
+fn session(expires_at: u64) -> Session {
+    Session {
+        user: "alice".into(),
+        expires_at,
+        services: vec!["api".into()],
+    }
+}
+
+fn reply(effects: &[Effect]) -> Option<Result<(), ControllerError>> {
+    effects.iter().find_map(|e| match e {
+        Effect::Reply(r) => Some(r.clone()),
+        _ => None,
+    })
+}
+
+fn notices(effects: &[Effect]) -> Vec<Notice> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Notify(n) => Some(n.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn timer_at(effects: &[Effect], timer: Timer) -> Option<u64> {
+    effects.iter().find_map(|e| match e {
+        Effect::SetTimer { timer: t, at } if *t == timer => Some(*at),
+        _ => None,
+    })
+}
+
+fn stops(effects: &[Effect]) -> bool {
+    effects.iter().any(|e| matches!(e, Effect::StopAgent))
+}
+
+fn pin_answer(effects: &[Effect]) -> Option<Option<String>> {
+    use secrecy::ExposeSecret;
+    effects.iter().find_map(|e| match e {
+        Effect::AnswerPin(p) => Some(p.as_ref().map(|p| p.expose_secret().to_owned())),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_first_start_shows_the_configured_services_signed_out() {
+    let (_dir, l) = layers(&config_text());
+    let (s, effects) = ControllerState::new(l, T0);
+    let v = s.view();
+    assert!(matches!(&effects[..], [Effect::Show(shown)] if **shown == v));
+    assert_eq!(v.phase, Phase::SignedOut { reason: None });
+    assert_eq!(v.summary, "Signed out");
+    assert_eq!(v.services[0], ServiceView::new("api", 8081, false));
+    assert_eq!(
+        (v.gateway.as_str(), v.user.as_str()),
+        ("gw.example.com:4433", "alice")
+    );
+}
+
+#[test]
+fn an_unusable_config_shows_not_configured_and_refuses_to_sign_in() {
+    let (_dir, l) = layers("gateway = \"nowhere\"\nuser = \"a\"\n");
+    let (mut s, _) = ControllerState::new(l, T0);
+    assert!(
+        matches!(s.view().phase, Phase::NotConfigured { problem } if problem.contains("host:port"))
+    );
+    let effects = s.handle(Event::Request(Request::SignIn), T0);
+    assert!(
+        matches!(reply(&effects), Some(Err(ControllerError::NotConfigured { problem })) if problem.contains("host:port"))
+    );
+    assert!(
+        !effects
+            .iter()
+            .any(|e| matches!(e, Effect::OpenAuthenticator { .. }))
+    );
+}
+
+#[test]
+fn sign_in_opens_the_key_starts_the_agent_and_shows_the_session() {
+    let mut r = Rig::new();
+    let e = r.ask(Request::SignIn);
+    assert!(matches!(
+        e.last().expect("effects"),
+        Effect::OpenAuthenticator {
+            create_soft: false,
+            ..
+        }
+    ));
+    assert_eq!(
+        r.phase(),
+        Phase::Connecting {
+            purpose: Purpose::SignIn
+        }
+    );
+    assert_eq!(reply(&e), None, "the request waits for the key");
+
+    let e = r.feed(Event::AuthenticatorOpened {
+        key: "YubiKey 5".into(),
+    });
+    assert!(matches!(
+        e.last().expect("effects"),
+        Effect::StartAgent { .. }
+    ));
+    assert_eq!(
+        r.phase(),
+        Phase::WaitingForTouch {
+            key: "YubiKey 5".into(),
+            purpose: Purpose::SignIn
+        }
+    );
+    assert_eq!(r.s.view().summary, "Touch your security key (YubiKey 5)");
+
+    let e = r.feed(Event::AgentStarted {
+        agent: 1,
+        session: Some(session(T0 + 8 * HOUR)),
+        listeners: vec![("api".into(), 8081), ("billing".into(), 8082)],
+    });
+    assert_eq!(reply(&e), Some(Ok(())));
+    let v = r.s.view();
+    assert_eq!(v.phase, Phase::Connected);
+    assert_eq!(v.summary, "Connected as alice — 8 h 00 min left");
+    assert_eq!(v.time_left.as_deref(), Some("8 h 00 min"));
+    // Only the services the gateway offers are live.
+    assert_eq!(
+        v.services.iter().map(|s| s.live).collect::<Vec<_>>(),
+        [true, false]
+    );
+    assert_eq!(timer_at(&e, Timer::Warn), Some(T0 + 8 * HOUR - REMINDER));
+    assert_eq!(timer_at(&e, Timer::End), Some(T0 + 8 * HOUR));
+    assert_eq!(
+        timer_at(&e, Timer::Tick),
+        Some(T0 + 1),
+        "8 h 00 min becomes 7 h 59 min"
+    );
+    // Signing in again while signed in does nothing.
+    assert_eq!(reply(&r.ask(Request::SignIn)), Some(Ok(())));
+}
+
+#[test]
+fn a_second_request_for_the_key_is_busy() {
+    let mut r = Rig::new();
+    r.ask(Request::SignIn);
+    for again in [
+        Request::SignIn,
+        Request::Renew,
+        Request::Enrol {
+            code: "K7Q2".into(),
+        },
+    ] {
+        assert_eq!(reply(&r.ask(again)), Some(Err(ControllerError::Busy)));
+    }
+    assert_eq!(
+        r.phase(),
+        Phase::Connecting {
+            purpose: Purpose::SignIn
+        }
+    );
+}
+
+#[test]
+fn the_expiry_warning_comes_the_reminder_before_the_end_and_once() {
+    let mut r = Rig::new();
+    let e = r.signed_in(HOUR);
+    let warn_at = timer_at(&e, Timer::Warn).expect("warn timer");
+    assert_eq!(warn_at, T0 + HOUR - REMINDER);
+
+    let e = r.fire_at(Timer::Warn, warn_at);
+    assert_eq!(notices(&e), [Notice::ExpiringSoon { minutes_left: 10 }]);
+    assert_eq!(r.phase(), Phase::ExpiringSoon);
+    assert_eq!(r.s.view().summary, "Session ends in 10 min: renew it");
+    // A late or repeated wake-up warns no more.
+    assert!(notices(&r.fire_at(Timer::Warn, warn_at + 5)).is_empty());
+    // The same session seen again (a reconnect) is not warned again either.
+    let e = r.agent(AgentState::Connected {
+        user: "alice".into(),
+        expires_at: T0 + HOUR,
+        services: vec!["api".into()],
+    });
+    assert!(notices(&e).is_empty());
+    assert_eq!(r.phase(), Phase::ExpiringSoon);
+}
+
+#[test]
+fn a_session_that_starts_within_the_reminder_is_warned_at_once() {
+    let mut r = Rig::new();
+    let e = r.signed_in(5 * 60);
+    assert_eq!(r.phase(), Phase::ExpiringSoon);
+    assert_eq!(notices(&e), [Notice::ExpiringSoon { minutes_left: 5 }]);
+    assert_eq!(timer_at(&e, Timer::Warn), None);
+}
+
+#[test]
+fn a_timer_that_wakes_early_is_set_again() {
+    let mut r = Rig::new();
+    let e = r.signed_in(HOUR);
+    let end = timer_at(&e, Timer::End).expect("end timer");
+    let e = r.fire_at(Timer::End, end - 1);
+    assert_eq!(timer_at(&e, Timer::End), Some(end));
+    assert_eq!(r.phase(), Phase::Connected);
+}
+
+#[test]
+fn the_session_ends_at_its_expiry_with_a_notice_and_the_agent_stops() {
+    let mut r = Rig::new();
+    r.signed_in(HOUR);
+    let e = r.fire_at(Timer::End, T0 + HOUR);
+    assert!(stops(&e));
+    let stop = e.iter().position(|e| matches!(e, Effect::StopAgent));
+    let show = e.iter().position(|e| matches!(e, Effect::Show(_)));
+    assert!(
+        stop < show,
+        "the ports close before the view says signed out: {e:?}"
+    );
+    assert_eq!(
+        notices(&e),
+        [Notice::SessionEnded {
+            reason: "Your session reached its end.".into()
+        }]
+    );
+    let v = r.s.view();
+    assert_eq!(
+        v.phase,
+        Phase::SignedOut {
+            reason: Some("Your session reached its end.".into())
+        }
+    );
+    assert!(v.session.is_none() && v.time_left.is_none());
+    assert!(v.services.iter().all(|s| !s.live));
+    // The stopped agent's last words change nothing.
+    let e = r.agent(AgentState::Reconnecting {
+        attempt: 1,
+        reason: "closed".into(),
+    });
+    assert!(e.is_empty(), "{e:?}");
+}
+
+#[test]
+fn renew_asks_for_a_touch_and_moves_the_reminder_and_the_end() {
+    let mut r = Rig::new();
+    r.signed_in(HOUR);
+    r.fire_at(Timer::Warn, T0 + HOUR - REMINDER);
+    let e = r.ask(Request::Renew);
+    assert!(
+        matches!(e.last().expect("effects"), Effect::Renew),
+        "the running agent's key, not a new one: {e:?}"
+    );
+    assert_eq!(
+        r.phase(),
+        Phase::WaitingForTouch {
+            key: "YubiKey 5".into(),
+            purpose: Purpose::Renew
+        }
+    );
+    r.now += 30;
+    let new_end = r.now + 8 * HOUR;
+    let e = r.feed(Event::Renewed(session(new_end)));
+    assert_eq!(reply(&e), Some(Ok(())));
+    assert_eq!(r.phase(), Phase::Connected);
+    assert_eq!(timer_at(&e, Timer::Warn), Some(new_end - REMINDER));
+    assert_eq!(timer_at(&e, Timer::End), Some(new_end));
+    // The new session is warned about in its turn.
+    let e = r.fire_at(Timer::Warn, new_end - REMINDER);
+    assert_eq!(notices(&e), [Notice::ExpiringSoon { minutes_left: 10 }]);
+}
+
+#[test]
+fn a_failed_renewal_keeps_the_session_and_says_why() {
+    let mut r = Rig::new();
+    r.signed_in(HOUR);
+    r.ask(Request::Renew);
+    let e = r.feed(Event::FlowFailed(Failure::Error(
+        "no touch within 30s".into(),
+    )));
+    let message = "The session was not renewed: no touch within 30s".to_owned();
+    assert_eq!(
+        reply(&e),
+        Some(Err(ControllerError::Failed {
+            message: message.clone()
+        }))
+    );
+    let v = r.s.view();
+    assert_eq!(v.phase, Phase::Connected);
+    assert_eq!(v.error, Some(message));
+    assert!(!stops(&e));
+    // A cancelled renewal just goes back.
+    r.ask(Request::Renew);
+    assert_eq!(r.s.view().error, None);
+    r.ask(Request::Cancel);
+    let e = r.feed(Event::FlowFailed(Failure::Cancelled));
+    assert_eq!(reply(&e), Some(Err(ControllerError::Cancelled)));
+    assert_eq!(r.phase(), Phase::Connected);
+}
+
+#[test]
+fn renew_while_signed_out_signs_in() {
+    let mut r = Rig::new();
+    let e = r.ask(Request::Renew);
+    assert!(matches!(
+        e.last().expect("effects"),
+        Effect::OpenAuthenticator { .. }
+    ));
+    assert_eq!(
+        r.phase(),
+        Phase::Connecting {
+            purpose: Purpose::SignIn
+        }
+    );
+}
+
+#[test]
+fn cancel_at_the_pin_prompt_gives_the_key_no_pin_and_signs_out() {
+    let mut r = Rig::new();
+    r.ask(Request::SignIn);
+    r.feed(Event::AuthenticatorOpened {
+        key: "Acme Key".into(),
+    });
+    let e = r.feed(Event::PinNeeded {
+        key: "Acme Key".into(),
+        retries: Some(8),
+    });
+    assert_eq!(timer_at(&e, Timer::PinWait), Some(T0 + PIN_WAIT.as_secs()));
+    assert_eq!(
+        r.phase(),
+        Phase::PinNeeded {
+            key: "Acme Key".into(),
+            retries: Some(8),
+            purpose: Purpose::SignIn
+        }
+    );
+    assert!(!r.s.cancelled());
+
+    let e = r.ask(Request::Cancel);
+    assert_eq!(pin_answer(&e), Some(None));
+    assert_eq!(reply(&e), Some(Ok(())));
+    assert!(r.s.cancelled(), "the key's watchdog sees the cancel");
+    let e = r.feed(Event::FlowFailed(Failure::Cancelled));
+    assert_eq!(reply(&e), Some(Err(ControllerError::Cancelled)));
+    assert_eq!(r.phase(), Phase::SignedOut { reason: None });
+    assert_eq!(
+        reply(&r.ask(Request::SubmitPin { pin: "4321".into() })),
+        Some(Err(ControllerError::NoPinAsked))
+    );
+}
+
+#[test]
+fn each_pin_prompt_takes_one_pin_and_shows_the_tries_left() {
+    let mut r = Rig::new();
+    r.ask(Request::SignIn);
+    r.feed(Event::AuthenticatorOpened {
+        key: "Acme Key".into(),
+    });
+    r.feed(Event::PinNeeded {
+        key: "Acme Key".into(),
+        retries: Some(3),
+    });
+    let e = r.ask(Request::SubmitPin { pin: "0000".into() });
+    assert_eq!(pin_answer(&e), Some(Some("0000".into())));
+    assert!(
+        e.iter()
+            .any(|e| matches!(e, Effect::ClearTimer(Timer::PinWait)))
+    );
+    // The same prompt is not answered twice.
+    assert_eq!(
+        reply(&r.ask(Request::SubmitPin { pin: "1111".into() })),
+        Some(Err(ControllerError::NoPinAsked))
+    );
+    // The key refused it and asks again, with a try fewer.
+    r.feed(Event::TouchNeeded {
+        key: "Acme Key".into(),
+    });
+    r.feed(Event::PinNeeded {
+        key: "Acme Key".into(),
+        retries: Some(2),
+    });
+    assert!(matches!(
+        r.phase(),
+        Phase::PinNeeded {
+            retries: Some(2),
+            ..
+        }
+    ));
+    assert_eq!(r.s.view().summary, "Enter your key's PIN");
+    let e = r.ask(Request::SubmitPin { pin: "4321".into() });
+    assert_eq!(pin_answer(&e), Some(Some("4321".into())));
+    let e = r.feed(Event::AgentStarted {
+        agent: 1,
+        session: Some(session(T0 + HOUR)),
+        listeners: vec![("api".into(), 8081)],
+    });
+    assert_eq!(reply(&e), Some(Ok(())));
+    assert_eq!(r.phase(), Phase::Connected);
+}
+
+#[test]
+fn an_unanswered_pin_prompt_gives_up_after_its_wait() {
+    let mut r = Rig::new();
+    r.ask(Request::SignIn);
+    r.feed(Event::AuthenticatorOpened {
+        key: "Acme Key".into(),
+    });
+    r.feed(Event::PinNeeded {
+        key: "Acme Key".into(),
+        retries: None,
+    });
+    let e = r.fire_at(Timer::PinWait, T0 + PIN_WAIT.as_secs());
+    assert_eq!(pin_answer(&e), Some(None));
+    assert_eq!(
+        reply(&r.ask(Request::SubmitPin { pin: "4321".into() })),
+        Some(Err(ControllerError::NoPinAsked))
+    );
+}
+
+#[test]
+fn a_pin_prompt_after_a_cancel_is_answered_with_none_at_once() {
+    let mut r = Rig::new();
+    r.ask(Request::SignIn);
+    r.ask(Request::Cancel);
+    let e = r.feed(Event::PinNeeded {
+        key: "Acme Key".into(),
+        retries: None,
+    });
+    assert_eq!(pin_answer(&e), Some(None));
+    // The key opened after the cancel: nothing more is asked of it.
+    let e = r.feed(Event::AuthenticatorOpened {
+        key: "Acme Key".into(),
+    });
+    assert!(!e.iter().any(|e| matches!(e, Effect::StartAgent { .. })));
+    assert_eq!(reply(&e), Some(Err(ControllerError::Cancelled)));
+}
+
+#[test]
+fn sign_out_during_sign_in_stops_the_agent_that_starts_after() {
+    let mut r = Rig::new();
+    r.ask(Request::SignIn);
+    r.feed(Event::AuthenticatorOpened {
+        key: "YubiKey 5".into(),
+    });
+    assert_eq!(reply(&r.ask(Request::SignOut)), Some(Ok(())));
+    let e = r.feed(Event::AgentStarted {
+        agent: 1,
+        session: Some(session(T0 + HOUR)),
+        listeners: vec![],
+    });
+    assert!(stops(&e));
+    assert_eq!(reply(&e), Some(Err(ControllerError::Cancelled)));
+    assert_eq!(r.phase(), Phase::SignedOut { reason: None });
+}
+
+#[test]
+fn key_removal_ends_the_session_and_says_so() {
+    let mut r = Rig::new();
+    r.signed_in(HOUR);
+    let e = r.agent(AgentState::KeyRemoved);
+    assert!(stops(&e));
+    assert_eq!(
+        notices(&e),
+        [Notice::SessionEnded {
+            reason: "The security key was unplugged, which ended your session.".into()
+        }]
+    );
+    assert!(
+        e.iter()
+            .any(|e| matches!(e, Effect::ClearTimer(Timer::End)))
+    );
+    let v = r.s.view();
+    assert_eq!(v.phase, Phase::KeyRemoved);
+    assert_eq!(v.summary, "Signed out: the security key was unplugged");
+    assert!(v.services.iter().all(|s| !s.live));
+}
+
+#[test]
+fn a_lost_connection_is_told_once_and_so_is_its_return() {
+    let mut r = Rig::new();
+    r.signed_in(HOUR);
+    let e = r.agent(AgentState::Reconnecting {
+        attempt: 0,
+        reason: "connection lost".into(),
+    });
+    assert_eq!(
+        notices(&e),
+        [Notice::ConnectionLost {
+            reason: "connection lost".into()
+        }]
+    );
+    let e = r.agent(AgentState::Reconnecting {
+        attempt: 1,
+        reason: "timed out".into(),
+    });
+    assert!(notices(&e).is_empty());
+    let v = r.s.view();
+    assert_eq!(
+        v.phase,
+        Phase::Reconnecting {
+            attempt: 1,
+            reason: "timed out".into()
+        }
+    );
+    assert_eq!(v.summary, "Connection lost — reconnecting…");
+    assert!(v.services.iter().all(|s| !s.live));
+    let e = r.agent(AgentState::Connected {
+        user: "alice".into(),
+        expires_at: T0 + HOUR,
+        services: vec!["api".into()],
+    });
+    assert_eq!(notices(&e), [Notice::ConnectionRestored]);
+    assert_eq!(r.phase(), Phase::Connected);
+    assert!(r.s.view().services[0].live);
+}
+
+#[test]
+fn a_disabled_account_signs_out_with_the_gateways_words() {
+    let reason = crate::agent::ACCOUNT_DISABLED.to_owned();
+    // The agent stops while signed in.
+    let mut r = Rig::new();
+    r.signed_in(HOUR);
+    let e = r.feed(Event::Agent {
+        agent: 1,
+        state: AgentState::SignedOut {
+            reason: reason.clone(),
+        },
+        account_disabled: true,
+    });
+    assert!(stops(&e));
+    assert_eq!(
+        notices(&e),
+        [Notice::AccountDisabled {
+            reason: reason.clone()
+        }]
+    );
+    assert_eq!(
+        r.phase(),
+        Phase::SignedOut {
+            reason: Some(reason.clone())
+        }
+    );
+    // Signing in again is refused: signed out with the reason, not an error.
+    r.ask(Request::SignIn);
+    r.feed(Event::AuthenticatorOpened {
+        key: "YubiKey 5".into(),
+    });
+    let e = r.feed(Event::FlowFailed(Failure::Disabled(reason.clone())));
+    assert_eq!(
+        reply(&e),
+        Some(Err(ControllerError::AccountDisabled {
+            reason: reason.clone()
+        }))
+    );
+    assert_eq!(
+        notices(&e),
+        [Notice::AccountDisabled {
+            reason: reason.clone()
+        }]
+    );
+    assert_eq!(
+        r.phase(),
+        Phase::SignedOut {
+            reason: Some(reason)
+        }
+    );
+}
+
+#[test]
+fn a_session_the_gateway_ends_is_told_as_ended() {
+    let mut r = Rig::new();
+    r.signed_in(HOUR);
+    let e = r.agent(AgentState::SignedOut {
+        reason: "Your session was revoked.".into(),
+    });
+    assert!(stops(&e));
+    assert_eq!(
+        notices(&e),
+        [Notice::SessionEnded {
+            reason: "Your session was revoked.".into()
+        }]
+    );
+}
+
+#[test]
+fn a_failed_sign_in_shows_the_error_in_words() {
+    let mut r = Rig::new();
+    r.ask(Request::SignIn);
+    let e = r.feed(Event::FlowFailed(Failure::Error(
+        "no key enrolled: run `touchgate enroll` first".into(),
+    )));
+    let message = "no key enrolled: run `touchgate enroll` first".to_owned();
+    assert_eq!(
+        reply(&e),
+        Some(Err(ControllerError::Failed {
+            message: message.clone()
+        }))
+    );
+    assert_eq!(
+        r.phase(),
+        Phase::Error {
+            message: message.clone()
+        }
+    );
+    assert_eq!(r.s.view().summary, format!("Sign-in failed: {message}"));
+}
+
+#[test]
+fn enrolment_goes_back_to_where_it_was_and_tells_the_key() {
+    let mut r = Rig::new();
+    assert_eq!(
+        reply(&r.ask(Request::Enrol { code: "  ".into() })),
+        Some(Err(ControllerError::NoInviteCode))
+    );
+    let e = r.ask(Request::Enrol {
+        code: " K7Q2-MX4P ".into(),
+    });
+    assert!(matches!(
+        e.last().expect("effects"),
+        Effect::OpenAuthenticator {
+            create_soft: true,
+            ..
+        }
+    ));
+    assert_eq!(
+        r.phase(),
+        Phase::Connecting {
+            purpose: Purpose::Enrol
+        }
+    );
+    let e = r.feed(Event::AuthenticatorOpened {
+        key: "software key".into(),
+    });
+    assert!(
+        matches!(e.last().expect("effects"), Effect::Enrol { code, .. } if code == "K7Q2-MX4P")
+    );
+    let e = r.feed(Event::Enrolled);
+    assert_eq!(reply(&e), Some(Ok(())));
+    assert_eq!(
+        notices(&e),
+        [Notice::Enrolled {
+            key: "software key".into()
+        }]
+    );
+    assert_eq!(r.phase(), Phase::SignedOut { reason: None });
+    // A refused invite is said on the view, and the phase stays.
+    r.ask(Request::Enrol {
+        code: "used".into(),
+    });
+    r.feed(Event::AuthenticatorOpened {
+        key: "software key".into(),
+    });
+    let e = r.feed(Event::FlowFailed(Failure::Error(
+        "the gateway refused".into(),
+    )));
+    let message = "The key was not enrolled: the gateway refused".to_owned();
+    assert_eq!(
+        reply(&e),
+        Some(Err(ControllerError::Failed {
+            message: message.clone()
+        }))
+    );
+    assert_eq!(r.s.view().error, Some(message));
+    assert_eq!(r.phase(), Phase::SignedOut { reason: None });
+}
+
+#[test]
+fn the_time_left_is_worded_again_when_it_changes() {
+    let mut r = Rig::new();
+    let e = r.signed_in(2 * HOUR + 30);
+    assert_eq!(r.s.view().time_left.as_deref(), Some("2 h 00 min"));
+    let tick = timer_at(&e, Timer::Tick).expect("tick");
+    let e = r.fire_at(Timer::Tick, tick);
+    assert!(
+        matches!(&e[..], [.., Effect::Show(v)] if v.time_left.as_deref() == Some("1 h 59 min")),
+        "{e:?}"
+    );
+    assert_eq!(timer_at(&e, Timer::Tick), Some(tick + 60));
+    assert_eq!(r.s.view().summary, "Connected as alice — 1 h 59 min left");
+}
+
+#[test]
+fn sign_out_stops_the_agent_and_clears_the_timers() {
+    let mut r = Rig::new();
+    r.signed_in(HOUR);
+    let e = r.ask(Request::SignOut);
+    assert!(stops(&e));
+    for t in [Timer::Warn, Timer::End, Timer::Tick] {
+        assert!(
+            e.iter()
+                .any(|e| matches!(e, Effect::ClearTimer(x) if *x == t)),
+            "{t:?}: {e:?}"
+        );
+    }
+    assert!(notices(&e).is_empty(), "the user asked: no notice");
+    assert_eq!(r.phase(), Phase::SignedOut { reason: None });
+    // A timer that was already on its way finds nothing to do.
+    assert!(r.fire_at(Timer::End, T0 + HOUR).is_empty());
+}
+
+#[test]
+fn settings_are_saved_through_the_shell_and_a_port_of_an_unknown_service_is_refused() {
+    let mut r = Rig::new();
+    let e = r.ask(Request::SetServicePort {
+        service: "nope".into(),
+        port: 9,
+    });
+    assert_eq!(
+        reply(&e),
+        Some(Err(ControllerError::UnknownService {
+            service: "nope".into()
+        }))
+    );
+    let e = r.ask(Request::SetServicePort {
+        service: "api".into(),
+        port: 9000,
+    });
+    let Some(Effect::Save { layers, settings }) = e.into_iter().next() else {
+        panic!("a save")
+    };
+    assert_eq!(settings.services[0].local_port, 9000);
+    let saved = layers.save(&settings).map_err(|e| e.to_string());
+    let e = r.feed(Event::Saved(saved));
+    assert_eq!(reply(&e), Some(Ok(())));
+    assert_eq!(r.s.view().services[0].url, "http://127.0.0.1:9000");
+    let e = r.feed(Event::Saved(Err(
+        "gateway is set by your organisation".into()
+    )));
+    assert!(matches!(
+        reply(&e),
+        Some(Err(ControllerError::NotSaved { .. }))
+    ));
+}
