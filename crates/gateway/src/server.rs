@@ -242,6 +242,21 @@ impl Drop for OpenStream<'_> {
     }
 }
 
+impl Gateway {
+    /// Runs a store call on a blocking thread, off the connection's (single-threaded) shard,
+    /// and turns a store failure into the refusal a peer gets.
+    async fn db<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&crate::store::Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+    ) -> Result<T, Refusal> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| Refusal::new(RefusalCode::Internal, format!("store task failed: {e}")))?
+            .map_err(control::db_refusal)
+    }
+}
+
 impl ConnCtx {
     fn event(&self, event: AuditKind) -> AuditEvent {
         AuditEvent {

@@ -68,10 +68,13 @@ impl ConnCtx {
                 user,
                 invite_code,
                 software_ca_pem,
-            } => match self
-                .rate_limit(&user)
-                .and_then(|()| self.enrol_begin(&user, &invite_code, software_ca_pem.as_deref()))
-            {
+            } => match match self.rate_limit(&user) {
+                Ok(()) => {
+                    self.enrol_begin(&user, &invite_code, software_ca_pem.as_deref())
+                        .await
+                }
+                Err(r) => Err(r),
+            } {
                 Ok((options, p)) => {
                     pending.enrol = Some(p);
                     gw.audit.record(AuditEvent {
@@ -100,6 +103,7 @@ impl ConnCtx {
                 let user = p.user.clone();
                 match self
                     .enrol_finish(p, credential)
+                    .await
                     .inspect_err(|_| self.count_failure(&user))
                 {
                     Ok(cred_id) => {
@@ -119,10 +123,10 @@ impl ConnCtx {
                     }
                 }
             }
-            ClientMsg::LoginBegin { user } => match self
-                .rate_limit(&user)
-                .and_then(|()| self.login_begin(&user))
-            {
+            ClientMsg::LoginBegin { user } => match match self.rate_limit(&user) {
+                Ok(()) => self.login_begin(&user).await,
+                Err(r) => Err(r),
+            } {
                 Ok((options, p)) => {
                     pending.login = Some(p);
                     gw.audit.record(AuditEvent {
@@ -150,7 +154,7 @@ impl ConnCtx {
                     return ServerMsg::Error(r);
                 };
                 let user = p.user.clone();
-                match self.login_finish(p, credential).inspect_err(|r| {
+                match self.login_finish(p, credential).await.inspect_err(|r| {
                     if r.code != RefusalCode::AccountDisabled {
                         self.count_failure(&user);
                     }
@@ -258,19 +262,21 @@ impl ConnCtx {
         self.gw.limiter.failure(user, self.peer.ip());
     }
 
-    fn enrol_begin(
+    async fn enrol_begin(
         &self,
         user: &str,
         code: &str,
         software_ca_pem: Option<&str>,
     ) -> Result<(serde_json::Value, PendingEnrol), Refusal> {
         let gw = &self.gw;
-        invite_ok(gw.store.check_invite(user, code).map_err(db_refusal)?)?;
-        let user_id = gw.store.ensure_user(user).map_err(db_refusal)?;
+        let (u, c) = (user.to_owned(), code.to_owned());
+        invite_ok(gw.db(move |s| s.check_invite(&u, &c)).await?)?;
+        let u = user.to_owned();
+        let user_id = gw.db(move |s| s.ensure_user(&u)).await?;
+        let u = user.to_owned();
         let existing = gw
-            .store
-            .credentials(user)
-            .map_err(db_refusal)?
+            .db(move |s| s.credentials(&u))
+            .await?
             .iter()
             .filter_map(|c| base64_decode(&c.cred_id))
             .collect();
@@ -282,7 +288,7 @@ impl ConnCtx {
         Ok((v, p))
     }
 
-    fn enrol_finish(
+    async fn enrol_finish(
         &self,
         p: PendingEnrol,
         credential: serde_json::Value,
@@ -299,7 +305,7 @@ impl ConnCtx {
             key_json,
             aaguid: enrolled.aaguid.to_string(),
         };
-        invite_ok(gw.store.enrol(&code, &cred).map_err(db_refusal)?)?;
+        invite_ok(gw.db(move |s| s.enrol(&code, &cred)).await?)?;
         Ok(enrolled.cred_id)
     }
 
@@ -307,9 +313,10 @@ impl ConnCtx {
     /// looks the same, for a credential that does not exist (its id derived from a gateway
     /// secret, so it is stable per name): a peer cannot tell who is enrolled, and the
     /// answer fails as a wrong key's would.
-    fn login_begin(&self, user: &str) -> Result<(serde_json::Value, PendingLogin), Refusal> {
+    async fn login_begin(&self, user: &str) -> Result<(serde_json::Value, PendingLogin), Refusal> {
         let gw = &self.gw;
-        let keys = load_keys(&gw.store.credentials(user).map_err(db_refusal)?)?;
+        let u = user.to_owned();
+        let keys = load_keys(&gw.db(move |s| s.credentials(&u)).await?)?;
         let (rcr, p) = if keys.is_empty() {
             gw.rp.begin_decoy_login(user, &gw.reset_key)?
         } else {
@@ -320,7 +327,7 @@ impl ConnCtx {
         Ok((v, p))
     }
 
-    fn login_finish(
+    async fn login_finish(
         &self,
         p: PendingLogin,
         credential: serde_json::Value,
@@ -329,8 +336,9 @@ impl ConnCtx {
         let user = p.user.clone();
         let result = gw.rp.finish_login(p, credential, &self.binding)?;
         // Persist the new counter before the session exists, so a clone cannot race it.
-        let stored = gw.store.credentials(&user).map_err(db_refusal)?;
-        let mut updated = None;
+        let u = user.clone();
+        let stored = gw.db(move |s| s.credentials(&u)).await?;
+        let mut updated: Option<(String, String)> = None;
         for c in &stored {
             let mut key: webauthn_rs::prelude::SecurityKey = serde_json::from_str(&c.key_json)
                 .map_err(|e| {
@@ -342,13 +350,10 @@ impl ConnCtx {
             if key.update_credential(&result).is_some() {
                 let json = serde_json::to_string(&key)
                     .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?;
-                gw.store
-                    .update_credential(&c.cred_id, &json)
-                    .map_err(db_refusal)?;
-                updated = Some(c.cred_id.clone());
+                updated = Some((c.cred_id.clone(), json));
             }
         }
-        let Some(cred_id) = updated else {
+        let Some((cred_id, json)) = updated else {
             return Err(Refusal::new(
                 RefusalCode::VerificationFailed,
                 "the assertion's credential is not enrolled for this user",
@@ -356,11 +361,16 @@ impl ConnCtx {
         };
         // Told only to someone who just proved they hold the key: a disabled account is not
         // revealed to a peer that merely names it.
-        if gw.store.is_disabled(&user).map_err(db_refusal)? {
+        let (u, id) = (user.clone(), cred_id.clone());
+        gw.db(move |s| s.update_credential(&id, &json)).await?;
+        if gw.db(move |s| s.is_disabled(&u)).await? {
             return Err(disabled_refusal());
         }
-        gw.store
-            .record_sign_in(&user, &cred_id, now_secs())
+        let (u, id) = (user.clone(), cred_id);
+        let recorded = gw.store.clone();
+        tokio::task::spawn_blocking(move || recorded.record_sign_in(&u, &id, now_secs()))
+            .await
+            .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?
             .map_err(|e| {
                 tracing::warn!(error = %e, "the credential was removed during the sign-in");
                 Refusal::new(
@@ -427,7 +437,7 @@ fn invite_ok(r: Result<(), crate::store::InviteProblem>) -> Result<(), Refusal> 
     })
 }
 
-fn db_refusal(e: crate::store::StoreError) -> Refusal {
+pub(super) fn db_refusal(e: crate::store::StoreError) -> Refusal {
     tracing::error!(error = %e, "store failure");
     Refusal::new(
         RefusalCode::Internal,

@@ -132,17 +132,24 @@ impl Gateway {
             if polls.is_multiple_of(60) {
                 self.activity.prune(self.cfg.session.max_age);
             }
-            match self
-                .store
-                .epochs()
-                .and_then(|e| Ok((e, self.store.disabled_users()?)))
-            {
-                Ok((e, d)) => {
+            let store = self.store.clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                store
+                    .epochs()
+                    .and_then(|e| Ok((e, store.disabled_users()?)))
+            })
+            .await;
+            match loaded {
+                Ok(Ok((e, d))) => {
                     self.revocations.set_epochs(e);
                     self.revocations.set_disabled(d);
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::error!(error = %e, "cannot reload revocations");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the revocation reload task failed");
                     continue;
                 }
             }
