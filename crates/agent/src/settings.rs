@@ -17,6 +17,8 @@ use ts_rs::TS;
 
 use crate::config::{AgentConfig, ConfigError, resolve_relative_paths};
 
+mod fields;
+
 /// The managed-file key that says whether users may add services of their own.
 pub const ALLOW_USER_SERVICES: &str = "allow_user_services";
 
@@ -82,7 +84,7 @@ pub struct ServiceSetting {
 }
 
 /// The values a user can edit (unless the organisation set them).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, TS)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, TS)]
 pub struct Settings {
     /// Gateway address, `host:port`.
     pub gateway: String,
@@ -225,51 +227,29 @@ impl Layered {
 
     fn values(&self) -> Settings {
         let t = &self.merged;
-        let s = |k: &str| t.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
-        let b = |k: &str| t.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
-        let reminder = t
-            .get("renew_reminder")
-            .and_then(|v| v.as_str())
-            .and_then(|v| humantime::parse_duration(v).ok())
-            .map(|d| (d.as_secs() / 60) as u32)
-            .unwrap_or(10);
-        Settings {
-            gateway: s("gateway"),
-            gateway_cert_sha256: s("gateway_cert_sha256"),
-            user: s("user"),
-            authenticator: t
-                .get("authenticator")
-                .and_then(|v| v.as_str())
-                .unwrap_or("hid")
-                .to_owned(),
-            lock_on_key_removal: b("lock_on_key_removal"),
-            autostart: b("autostart"),
-            sign_in_on_launch: b("sign_in_on_launch"),
-            renew_reminder_minutes: reminder,
-            rp_id: s("rp_id"),
-            allow_other_users: b("allow_other_users"),
-            services: services_of(t)
-                .iter()
-                .filter_map(|v| {
-                    let list = |k: &str| {
-                        v.get(k)
-                            .and_then(|l| l.as_array())
-                            .map(|l| {
-                                l.iter()
-                                    .filter_map(|x| x.as_str().map(str::to_owned))
-                                    .collect()
-                            })
-                            .unwrap_or_default()
-                    };
-                    Some(ServiceSetting {
-                        name: v.get("name")?.as_str()?.to_owned(),
-                        local_port: u16::try_from(v.get("local_port")?.as_integer()?).ok()?,
-                        allowed_hosts: list("allowed_hosts"),
-                        allowed_origins: list("allowed_origins"),
-                    })
+        let mut values = fields::read(t);
+        values.services = services_of(t)
+            .iter()
+            .filter_map(|v| {
+                let list = |k: &str| {
+                    v.get(k)
+                        .and_then(|l| l.as_array())
+                        .map(|l| {
+                            l.iter()
+                                .filter_map(|x| x.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                };
+                Some(ServiceSetting {
+                    name: v.get("name")?.as_str()?.to_owned(),
+                    local_port: u16::try_from(v.get("local_port")?.as_integer()?).ok()?,
+                    allowed_hosts: list("allowed_hosts"),
+                    allowed_origins: list("allowed_origins"),
                 })
-                .collect(),
-        }
+            })
+            .collect();
+        values
     }
 
     /// Writes `new` to the user's file, keeping its comments and layout; refuses any change
@@ -281,60 +261,7 @@ impl Layered {
             .user_text
             .parse()
             .map_err(|e: toml_edit::TomlError| SaveError::Invalid(e.to_string()))?;
-        let mut set = |key: &str, changed: bool, value: toml_edit::Value| {
-            if !changed {
-                return Ok(());
-            }
-            if self.is_locked(key) {
-                return Err(SaveError::Locked(key.to_owned()));
-            }
-            doc[key] = toml_edit::value(value);
-            Ok(())
-        };
-        let text = |v: &str| toml_edit::Value::from(v);
-        set("gateway", old.gateway != new.gateway, text(&new.gateway))?;
-        set(
-            "gateway_cert_sha256",
-            old.gateway_cert_sha256 != new.gateway_cert_sha256,
-            text(&new.gateway_cert_sha256),
-        )?;
-        set("user", old.user != new.user, text(&new.user))?;
-        set(
-            "authenticator",
-            old.authenticator != new.authenticator,
-            text(&new.authenticator),
-        )?;
-        for (key, o, n) in [
-            (
-                "lock_on_key_removal",
-                old.lock_on_key_removal,
-                new.lock_on_key_removal,
-            ),
-            ("autostart", old.autostart, new.autostart),
-            (
-                "sign_in_on_launch",
-                old.sign_in_on_launch,
-                new.sign_in_on_launch,
-            ),
-            (
-                "allow_other_users",
-                old.allow_other_users,
-                new.allow_other_users,
-            ),
-        ] {
-            set(key, o != n, n.into())?;
-        }
-        set(
-            "renew_reminder",
-            old.renew_reminder_minutes != new.renew_reminder_minutes,
-            text(&format!("{}m", new.renew_reminder_minutes)),
-        )?;
-        set("rp_id", old.rp_id != new.rp_id, text(&new.rp_id))?;
-        for key in ["gateway_cert_sha256", "rp_id"] {
-            if doc.get(key).and_then(|v| v.as_str()) == Some("") {
-                doc.remove(key);
-            }
-        }
+        fields::write(&mut doc, &old, new, |key| self.is_locked(key))?;
         self.set_services(&mut doc, &old.services, &new.services)?;
 
         let text = doc.to_string();
