@@ -11,18 +11,19 @@
 //! shown over the base phase (what the agent and the session say), which comes back when it
 //! ends.
 
+mod events;
+
 use std::{collections::BTreeMap, time::Duration};
 
 use secrecy::SecretString;
+
+pub use events::{Effect, Event, Failure, Session, Timer};
 
 use super::error::ControllerError;
 use super::{
     Notice, Phase, Purpose, Request, ServiceView, SessionView, View, view::time_left_changes,
 };
-use crate::{
-    AgentConfig, AgentState,
-    settings::{Layered, Settings},
-};
+use crate::{AgentConfig, AgentState, settings::Layered};
 
 /// How long a PIN prompt waits for an answer before it gives up.
 pub const PIN_WAIT: Duration = Duration::from_secs(300);
@@ -30,174 +31,6 @@ pub const PIN_WAIT: Duration = Duration::from_secs(300);
 /// What [`AgentState::KeyRemoved`] and the end of a session tell the user.
 const KEY_UNPLUGGED: &str = "The security key was unplugged, which ended your session.";
 const SESSION_END: &str = "Your session reached its end.";
-
-/// Something that happened, for [`ControllerState::handle`].
-#[derive(Debug)]
-pub enum Event {
-    /// A front end asks.
-    Request(Request),
-    /// The flow's key was opened ([`Effect::OpenAuthenticator`]); its name.
-    AuthenticatorOpened {
-        /// "YubiKey 5 NFC", "software key PATH".
-        key: String,
-    },
-    /// The agent signed in and serves its ports ([`Effect::StartAgent`]).
-    AgentStarted {
-        /// The shell's id for this agent; its later [`Event::Agent`]s carry it.
-        agent: u64,
-        /// The session (always there once the agent has started).
-        session: Option<Session>,
-        /// Each service's local port.
-        listeners: Vec<(String, u16)>,
-    },
-    /// The running agent renewed its session ([`Effect::Renew`]).
-    Renewed(Session),
-    /// The key was enrolled ([`Effect::Enrol`]).
-    Enrolled,
-    /// The flow's IO step failed.
-    FlowFailed(Failure),
-    /// The settings were written and read back ([`Effect::Save`]), or why not.
-    Saved(Result<Layered, String>),
-    /// The key asks for a touch.
-    TouchNeeded {
-        /// The key's name.
-        key: String,
-    },
-    /// The key asks for its PIN; answer with [`Effect::AnswerPin`].
-    PinNeeded {
-        /// The key's name.
-        key: String,
-        /// Tries left, when the key says.
-        retries: Option<i32>,
-    },
-    /// The running agent's state changed.
-    Agent {
-        /// Which agent ([`Event::AgentStarted`]); a stopped one's news is ignored.
-        agent: u64,
-        /// Its new state.
-        state: AgentState,
-        /// Whether it stopped because the gateway disabled the account.
-        account_disabled: bool,
-    },
-    /// A timer set by [`Effect::SetTimer`] is due.
-    Timer(Timer),
-}
-
-/// Something for the shell to do, in the order given.
-#[derive(Debug)]
-pub enum Effect {
-    /// Draw this view.
-    Show(Box<View>),
-    /// Tell the user once.
-    Notify(Notice),
-    /// Open the configured key for the flow; answer with [`Event::AuthenticatorOpened`] or
-    /// [`Event::FlowFailed`]. Its prompts come as [`Event::TouchNeeded`] and
-    /// [`Event::PinNeeded`], and it asks [`ControllerState::cancelled`].
-    OpenAuthenticator {
-        /// The checked config.
-        config: Box<AgentConfig>,
-        /// Create a software key file if there is none (enrolment).
-        create_soft: bool,
-    },
-    /// Start the agent with the opened key; answer with [`Event::AgentStarted`] or
-    /// [`Event::FlowFailed`].
-    StartAgent {
-        /// The checked config.
-        config: Box<AgentConfig>,
-    },
-    /// Renew on the running agent; answer with [`Event::Renewed`] or [`Event::FlowFailed`].
-    Renew,
-    /// Enrol the opened key; answer with [`Event::Enrolled`] or [`Event::FlowFailed`].
-    Enrol {
-        /// The checked config.
-        config: Box<AgentConfig>,
-        /// The invite code.
-        code: String,
-    },
-    /// Stop the running agent and close its ports.
-    StopAgent,
-    /// Write `settings` over `layers`; answer with [`Event::Saved`].
-    Save {
-        /// The layers the values were read from.
-        layers: Box<Layered>,
-        /// The new values.
-        settings: Box<Settings>,
-    },
-    /// Answer the key's PIN prompt (None: give up).
-    AnswerPin(Option<SecretString>),
-    /// Fire [`Event::Timer`] at `at` (seconds since the epoch), replacing the timer's last
-    /// setting.
-    SetTimer {
-        /// Which.
-        timer: Timer,
-        /// When.
-        at: u64,
-    },
-    /// Forget a timer.
-    ClearTimer(Timer),
-    /// The request being handled is done.
-    Reply(Result<(), ControllerError>),
-}
-
-impl Effect {
-    /// Whether the effect starts IO that answers with an event, or answers the request.
-    fn waits(&self) -> bool {
-        matches!(
-            self,
-            Self::OpenAuthenticator { .. }
-                | Self::StartAgent { .. }
-                | Self::Renew
-                | Self::Enrol { .. }
-                | Self::Save { .. }
-                | Self::Reply(_)
-        )
-    }
-}
-
-/// The controller's timers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Timer {
-    /// The reminder before the session ends.
-    Warn,
-    /// The session's end.
-    End,
-    /// A PIN prompt nobody answered.
-    PinWait,
-    /// The time left changes its words.
-    Tick,
-}
-
-/// Why a flow's IO step failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
-    /// The user cancelled the wait for the key.
-    Cancelled,
-    /// The gateway refused the user as disabled (its words).
-    Disabled(String),
-    /// Anything else, in words.
-    Error(String),
-}
-
-/// A session as the controller needs it (no token).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Session {
-    /// The user.
-    pub user: String,
-    /// When it ends, seconds since the epoch.
-    pub expires_at: u64,
-    /// The services the gateway offers.
-    pub services: Vec<String>,
-}
-
-impl From<&touchgate_proto::SessionInfo> for Session {
-    fn from(s: &touchgate_proto::SessionInfo) -> Self {
-        Self {
-            user: s.user.clone(),
-            expires_at: s.expires_at,
-            services: s.services.iter().map(|s| s.name.clone()).collect(),
-        }
-    }
-}
 
 /// The controller's state.
 pub struct ControllerState {
