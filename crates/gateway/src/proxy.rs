@@ -24,6 +24,7 @@ mod headers;
 mod upstream;
 
 pub use error::ProxyError;
+pub use upstream::UPSTREAM_CONNECT_TIMEOUT;
 
 pub use crate::counted::Counted;
 use headers::{
@@ -125,6 +126,9 @@ impl StreamContext {
     }
 }
 
+/// How long the pooled client keeps an idle upstream connection (HTTPS upstreams).
+const POOL_IDLE: Duration = Duration::from_secs(60);
+
 /// The HTTP proxy shared by all streams.
 pub struct Proxy {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>,
@@ -149,7 +153,7 @@ impl Proxy {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        http.set_connect_timeout(Some(upstream::UPSTREAM_CONNECT_TIMEOUT));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))?
             .https_or_http()
@@ -158,7 +162,7 @@ impl Proxy {
             .wrap_connector(http);
         Ok(Self {
             client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(60))
+                .pool_idle_timeout(POOL_IDLE)
                 .build(https),
             id_tokens,
             signer,

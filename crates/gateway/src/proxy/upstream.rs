@@ -64,14 +64,26 @@ fn upstream_uri(base: &Uri, prefix: &str, req: &Uri) -> Result<Uri, String> {
     absolute(base, upstream_path(prefix, req)?)
 }
 
+/// How long the gateway waits for a TCP connection to an upstream (HTTP or TCP service).
+pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a stream's upstream connection may take to finish its last response before it
+/// is given back to the idle set (else it is dropped).
+const HAND_BACK_WAIT: Duration = Duration::from_secs(5);
+
 /// A new HTTP/1 connection to a plain-HTTP upstream, driven by a task of its own.
 pub(super) async fn connect_http1(addr: &str, metrics: &Metrics) -> Result<Http1Sender, String> {
     let tcp = tokio::time::timeout(
-        Duration::from_secs(10),
+        UPSTREAM_CONNECT_TIMEOUT,
         tokio::net::TcpStream::connect(addr),
     )
     .await
-    .map_err(|_| format!("no connection to {addr} within 10s"))?
+    .map_err(|_| {
+        format!(
+            "no connection to {addr} within {}",
+            humantime::format_duration(UPSTREAM_CONNECT_TIMEOUT)
+        )
+    })?
     .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
@@ -156,7 +168,7 @@ impl IdleConns {
         }
         let idle = self.clone();
         tokio::spawn(async move {
-            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(5), conn.ready()).await {
+            if let Ok(Ok(())) = tokio::time::timeout(HAND_BACK_WAIT, conn.ready()).await {
                 idle.put(key, conn);
             }
         });

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// How long a refusal to a stream opened before sign-in may take to be written.
+const REFUSAL_WRITE_WAIT: Duration = Duration::from_secs(5);
+
 /// Whether a stream for `service` may be served to the session `claims` (none: not signed
 /// in; `revoked`: ended by an admin) at `now`: the service it names, or the refusal to send.
 pub fn authorize_stream<'c>(
@@ -70,7 +73,13 @@ impl ConnCtx {
                 return;
             }
             Err(_) => {
-                let r = Refusal::new(RefusalCode::BadRequest, "no stream header within 10s");
+                let r = Refusal::new(
+                    RefusalCode::BadRequest,
+                    format!(
+                        "no stream header within {}",
+                        humantime::format_duration(STREAM_OPEN_TIMEOUT)
+                    ),
+                );
                 self.stream_refused(&mut send, None, None, r).await;
                 return;
             }
@@ -98,7 +107,7 @@ impl ConnCtx {
         let tcp = match svc.kind {
             touchgate_proto::ServiceKind::Tcp => {
                 match tokio::time::timeout(
-                    Duration::from_secs(10),
+                    crate::proxy::UPSTREAM_CONNECT_TIMEOUT,
                     tokio::net::TcpStream::connect(&svc.upstream),
                 )
                 .await
@@ -120,8 +129,9 @@ impl ConnCtx {
                         let r = Refusal::new(
                             RefusalCode::UpstreamUnavailable,
                             format!(
-                                "service {} did not accept a connection within 10s",
-                                svc.name
+                                "service {} did not accept a connection within {}",
+                                svc.name,
+                                humantime::format_duration(crate::proxy::UPSTREAM_CONNECT_TIMEOUT)
                             ),
                         );
                         self.stream_refused(&mut send, Some(user), Some(&svc.name), r)
@@ -246,7 +256,7 @@ impl ConnCtx {
         }
         tokio::spawn(async move {
             let _ = tokio::time::timeout(
-                Duration::from_secs(5),
+                REFUSAL_WRITE_WAIT,
                 write_frame(&mut send, &StreamReply::Refused(r)),
             )
             .await;
