@@ -1,5 +1,5 @@
 //! A software key that counts every time it is asked to sign, for tests that check no touch
-//! was asked. (A helper for the test files that include it, not a test target.)
+//! was asked.
 
 use std::sync::{
     Arc, Mutex,

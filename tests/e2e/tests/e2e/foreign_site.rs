@@ -5,12 +5,9 @@
 //! The lab's gateway signs for `localhost`; an agent configured for another relying party or
 //! origin sees exactly what it would see from a gateway relaying for that other site.
 
-#[path = "shared/counting_key.rs"]
-mod counting_key;
-
 use std::sync::atomic::Ordering;
 
-use counting_key::counting;
+use crate::counting_key::counting;
 use touchgate_agent::{RunningAgent, agent::AgentError, tunnel::TunnelError};
 use touchgate_e2e::enrolled;
 use touchgate_testkit::lab::{Lab, LabOptions};

@@ -2,15 +2,12 @@
 //! reason, does not reconnect, and asks for no touch, whether it was signed in (the gateway
 //! closes its connection) or signs in afterwards (the gateway refuses the sign-in).
 
-#[path = "shared/counting_key.rs"]
-mod counting_key;
-
 use std::{
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
-use counting_key::counting;
+use crate::counting_key::counting;
 use touchgate_agent::{
     AgentState, RunningAgent,
     agent::{ACCOUNT_DISABLED, AgentError},

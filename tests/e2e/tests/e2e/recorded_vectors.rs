@@ -21,7 +21,7 @@ use webauthn_rs_core::{
 };
 
 fn vectors() -> serde_json::Value {
-    let text = include_str!("../vectors/recorded-yubikeys.json");
+    let text = include_str!("../../vectors/recorded-yubikeys.json");
     serde_json::from_str(text).expect("vector file is JSON")
 }
 

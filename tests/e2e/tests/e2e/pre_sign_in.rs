@@ -39,6 +39,12 @@ fn rss_kib() -> u64 {
 #[tokio::test]
 async fn thousands_of_streams_announcing_large_frames_before_sign_in_cost_almost_nothing()
 -> anyhow::Result<()> {
+    // Measures the process's memory: alone in its process (see `alone`).
+    if let Some(alone) = crate::alone::unless_alone(
+        "pre_sign_in::thousands_of_streams_announcing_large_frames_before_sign_in_cost_almost_nothing",
+    ) {
+        return alone;
+    }
     let lab = Lab::start(LabOptions::default()).await?;
     let cfg = lab.agent_config(ALICE, &lab.dir.path().join("k"), &[])?;
     let (_ep, t) = tunnel_from(&cfg, "127.0.0.1").await?;

@@ -1,5 +1,6 @@
-//! Large bodies through the tunnel, in their own test binary so that the peak-memory check
-//! sees this test alone (under `cargo test` as under nextest).
+//! Large bodies through the tunnel, byte-identical and in bounded memory. The peak-memory
+//! check must see this test alone in its process: nextest gives every test its own, and under
+//! `cargo test` the test runs itself again alone (`alone`).
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -56,6 +57,12 @@ async fn upload(addr: std::net::SocketAddr, n: u64) -> anyhow::Result<serde_json
 
 #[tokio::test]
 async fn large_bodies_cross_the_tunnel_byte_identical_in_bounded_memory() -> anyhow::Result<()> {
+    // Measures the process's peak memory: alone in its process (see `alone`).
+    if let Some(alone) = crate::alone::unless_alone(
+        "large_bodies::large_bodies_cross_the_tunnel_byte_identical_in_bounded_memory",
+    ) {
+        return alone;
+    }
     let lab = Lab::start(LabOptions::default()).await?;
     let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
     let agent = RunningAgent::start(cfg, authn).await?;

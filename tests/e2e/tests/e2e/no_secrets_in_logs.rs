@@ -29,6 +29,12 @@ impl Write for Captured {
 
 #[tokio::test]
 async fn a_full_run_logs_no_secret_at_info_or_above() -> anyhow::Result<()> {
+    // Sets the process's log subscriber and reads everything logged: alone in its process (see `alone`).
+    if let Some(alone) =
+        crate::alone::unless_alone("no_secrets_in_logs::a_full_run_logs_no_secret_at_info_or_above")
+    {
+        return alone;
+    }
     let logs = Captured::default();
     let writer = logs.clone();
     tracing_subscriber::fmt()
