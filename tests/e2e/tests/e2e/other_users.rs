@@ -64,6 +64,73 @@ async fn with_allow_other_users_another_users_connection_is_served() -> anyhow::
     Ok(())
 }
 
+#[tokio::test]
+async fn another_user_cannot_take_the_ipv6_side_of_the_port() -> anyhow::Result<()> {
+    needs_root()?;
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let port = agent.local_addr("api").expect("api").port();
+    // `localhost` may resolve to ::1 first: the agent holds that side too, and serves it.
+    let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+    assert_eq!(get(v6, "/over-v6", &[]).await?.status, 200);
+    let bind = as_nobody(&format!(
+        "exec perl -MIO::Socket::IP -e 'IO::Socket::IP->new(LocalHost => q(::1), LocalPort => {port}, Listen => 1, ReuseAddr => 1) or exit 7; exit 0'"
+    ))
+    .await?;
+    assert_eq!(
+        bind.status.code(),
+        Some(7),
+        "user nobody could listen on [::1]:{port} beside the agent: {}",
+        String::from_utf8_lossy(&bind.stderr)
+    );
+    agent.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_agent_refuses_to_start_when_the_ipv6_side_of_its_port_is_taken() -> anyhow::Result<()>
+{
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (mut cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    // Someone already listens on [::1]:PORT (here: this test).
+    let squatter = std::net::TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, 0))?;
+    let port = squatter.local_addr()?.port();
+    cfg.services.retain(|s| s.name == "api");
+    cfg.services[0].local_port = port;
+    let err = match RunningAgent::start(cfg, authn).await {
+        Ok(_) => anyhow::bail!("the agent started beside a program holding [::1]:{port}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(&format!("[::1]:{port}")) && err.contains("localhost"),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// Runs a shell command as user nobody; its output.
+async fn as_nobody(script: &str) -> anyhow::Result<std::process::Output> {
+    let uid = NOBODY.to_string();
+    let script = script.to_owned();
+    Ok(tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("setpriv")
+                .args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
+                    "--clear-groups",
+                    "bash",
+                    "-c",
+                    &script,
+                ])
+                .output()
+        }),
+    )
+    .await???)
+}
+
 /// Fails the test, saying why, unless it runs as root (it must become another user).
 fn needs_root() -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt;
@@ -84,23 +151,7 @@ async fn request_as_nobody(addr: SocketAddr) -> anyhow::Result<String> {
          cat <&3",
         port = addr.port()
     );
-    let uid = NOBODY.to_string();
-    let out = tokio::time::timeout(
-        Duration::from_secs(20),
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new("setpriv")
-                .args([
-                    &format!("--reuid={uid}"),
-                    &format!("--regid={uid}"),
-                    "--clear-groups",
-                    "bash",
-                    "-c",
-                    &script,
-                ])
-                .output()
-        }),
-    )
-    .await???;
+    let out = as_nobody(&script).await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     // `cat` ends with "connection reset" when the agent closes at once; that is the refusal.
     anyhow::ensure!(

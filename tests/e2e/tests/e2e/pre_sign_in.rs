@@ -127,6 +127,8 @@ async fn a_connection_that_never_signs_in_is_closed_at_the_deadline() -> anyhow:
     .await?;
     let cfg = lab.agent_config(ALICE, &lab.dir.path().join("k"), &[])?;
     let (_ep, t) = tunnel_from(&cfg, "127.0.0.1").await?;
+    // The tunnel uses streams only: the gateway takes no datagrams to buffer.
+    assert_eq!(t.connection().max_datagram_size(), None);
     let reason = tokio::time::timeout(Duration::from_secs(10), t.connection().closed()).await?;
     assert!(
         reason.to_string().contains("no sign-in within 1s"),

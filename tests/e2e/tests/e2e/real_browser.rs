@@ -29,7 +29,10 @@ async fn a_page_on_another_site_cannot_reach_the_service_through_a_real_browser(
     let agent = RunningAgent::start(cfg, authn).await?;
     let api = agent.local_addr("api").expect("api");
     let target = format!("127.0.0.1:{}", api.port());
-    let attacker = AttackerSite::start(ATTACK_PAGE.replace("__TARGET__", &target)).await?;
+    // The attacker's page is served on another loopback address but the same port number as
+    // the service (another OS user could do that): its origin must not pass as the port's own.
+    let attacker =
+        AttackerSite::start(ATTACK_PAGE.replace("__TARGET__", &target), api.port()).await?;
     let attacker_origin = format!("http://{}", attacker.addr);
     let before = lab.upstream.request_count();
 
@@ -169,8 +172,8 @@ struct AttackerSite {
 }
 
 impl AttackerSite {
-    async fn start(page: String) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await?;
+    async fn start(page: String, port: u16) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.2", port)).await?;
         let addr = listener.local_addr()?;
         let page = Bytes::from(page);
         let (finished, _) = tokio::sync::watch::channel(false);
