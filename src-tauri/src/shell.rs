@@ -17,7 +17,8 @@ use tauri_plugin_opener::OpenerExt as _;
 use tokio::sync::mpsc;
 use touchgate_agent::{
     controller::{
-        AppInfo, Controller, NAVIGATE_EVENT, NOTICE_EVENT, Request, Route, Shown, VIEW_EVENT, View,
+        AppInfo, Controller, ControllerError, NAVIGATE_EVENT, NOTICE_EVENT, Request, Route, Shown,
+        VIEW_EVENT, View,
     },
     settings::SettingsView,
 };
@@ -276,13 +277,9 @@ pub async fn request<R: Runtime>(
     app: AppHandle<R>,
     state: tauri::State<'_, Arc<Desk>>,
     request: Request,
-) -> Result<(), String> {
+) -> Result<(), ControllerError> {
     let saving = matches!(request, Request::SaveSettings { .. });
-    state
-        .controller
-        .handle(request)
-        .await
-        .map_err(|e| e.to_string())?;
+    state.controller.handle(request).await?;
     if saving && let Ok(s) = state.controller.settings() {
         apply_autostart(&app, s.values.autostart);
     }
@@ -297,8 +294,8 @@ pub fn view(state: tauri::State<'_, Arc<Desk>>) -> View {
 
 /// The settings, with what the organisation fixed.
 #[tauri::command]
-pub fn settings(state: tauri::State<'_, Arc<Desk>>) -> Result<SettingsView, String> {
-    state.controller.settings().map_err(|e| e.to_string())
+pub fn settings(state: tauri::State<'_, Arc<Desk>>) -> Result<SettingsView, ControllerError> {
+    state.controller.settings()
 }
 
 /// Version and log file, for the status view.
@@ -311,7 +308,7 @@ pub fn app_info(state: tauri::State<'_, Arc<Desk>>) -> AppInfo {
     }
 }
 
-fn live_url(state: &Desk, url: &str) -> Result<(), String> {
+fn live_url(state: &Desk, url: &str) -> Result<(), ControllerError> {
     if state
         .controller
         .view()
@@ -321,7 +318,9 @@ fn live_url(state: &Desk, url: &str) -> Result<(), String> {
     {
         Ok(())
     } else {
-        Err(format!("{url} is not the address of a live service"))
+        Err(ControllerError::failed(format!(
+            "{url} is not the address of a live service"
+        )))
     }
 }
 
@@ -331,11 +330,11 @@ pub fn open_url<R: Runtime>(
     app: AppHandle<R>,
     state: tauri::State<'_, Arc<Desk>>,
     url: String,
-) -> Result<(), String> {
+) -> Result<(), ControllerError> {
     live_url(&state, &url)?;
     app.opener()
         .open_url(url, None::<&str>)
-        .map_err(|e| e.to_string())
+        .map_err(ControllerError::failed)
 }
 
 /// Copies a live service's URL (nothing else).
@@ -344,9 +343,11 @@ pub fn copy_text<R: Runtime>(
     app: AppHandle<R>,
     state: tauri::State<'_, Arc<Desk>>,
     text: String,
-) -> Result<(), String> {
+) -> Result<(), ControllerError> {
     live_url(&state, &text)?;
-    app.clipboard().write_text(text).map_err(|e| e.to_string())
+    app.clipboard()
+        .write_text(text)
+        .map_err(ControllerError::failed)
 }
 
 /// Opens the log file.

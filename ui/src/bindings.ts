@@ -170,6 +170,18 @@ title: string,
  */
 body: string, };
 
+export type ErrorKind = "cancelled" | "busy" | "not_configured" | "account_disabled" | "no_pin_asked" | "no_invite_code" | "unknown_service" | "not_saved" | "failed";
+
+export type ControllerError = { 
+/**
+ * What kind of failure.
+ */
+kind: ErrorKind, 
+/**
+ * What happened and what to do, in words.
+ */
+message: string, };
+
 export type Route = "signin" | "enrol" | "settings" | "status";
 
 export type AppInfo = { 

@@ -6,8 +6,8 @@ import { mockIPC, mockWindows } from "@tauri-apps/api/mocks";
 interface Scenario {
   view: unknown;
   settings?: unknown;
-  /** Request kinds that fail, with the controller's words. */
-  fail?: Record<string, string>;
+  /** Request kinds that fail, with the controller's error (`{ kind, message }`). */
+  fail?: Record<string, { kind: string; message: string }>;
 }
 
 declare global {

@@ -216,7 +216,7 @@ describe("touchgate windows", () => {
   test("errors are shown in words", async () => {
     const w = await open("signin", {
       view: view({ kind: "signed_out", reason: null }),
-      fail: { sign_in: "no touch within 30s: try again, and touch the key when it blinks" },
+      fail: { sign_in: { kind: "failed", message: "no touch within 30s: try again, and touch the key when it blinks" } },
     });
     await w.page.getByRole("button", { name: "Sign in" }).click();
     await w.page.getByRole("alert").waitFor();
@@ -234,7 +234,7 @@ describe("touchgate windows", () => {
     const s = await open("settings", {
       view: view({ kind: "signed_out", reason: null }),
       settings: settings(["gateway"], "/etc/touchgate/managed.toml"),
-      fail: { save_settings: "gateway is set by your organisation and cannot be changed here" },
+      fail: { save_settings: { kind: "not_saved", message: "gateway is set by your organisation and cannot be changed here" } },
     });
     await s.page.getByRole("button", { name: "Save" }).click();
     await s.page.getByRole("alert").waitFor();
@@ -246,6 +246,27 @@ describe("touchgate windows", () => {
     await n.page.getByRole("button", { name: "Open settings" }).click();
     await n.page.waitForFunction(() => location.hash === "#settings");
     await n.context.close();
+  });
+
+  test("a cancelled request says nothing: the window checks the error's kind, not its words", async () => {
+    const w = await open("signin", {
+      view: view({ kind: "signed_out", reason: null }),
+      fail: { sign_in: { kind: "cancelled", message: "cancelled" } },
+    });
+    await w.page.getByRole("button", { name: "Sign in" }).click();
+    await w.page.waitForFunction(() => window.__calls.some((c) => c.cmd === "request"));
+    assert.equal(await w.page.getByRole("alert").count(), 0);
+    await w.context.close();
+
+    // Any other kind is said in its words, even one that reads "cancelled".
+    const b = await open("signin", {
+      view: view({ kind: "signed_out", reason: null }),
+      fail: { sign_in: { kind: "failed", message: "cancelled" } },
+    });
+    await b.page.getByRole("button", { name: "Sign in" }).click();
+    await b.page.getByRole("alert").waitFor();
+    assert.equal(await b.page.getByRole("alert").innerText(), "cancelled");
+    await b.context.close();
   });
 
   test("the tray's navigate event switches the view", async () => {

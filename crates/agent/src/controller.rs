@@ -26,6 +26,7 @@ use std::{
 use secrecy::SecretString;
 use tokio::task::JoinHandle;
 
+pub use error::{ControllerError, ErrorKind, WireError};
 pub use seam::{AppInfo, NAVIGATE_EVENT, NOTICE_EVENT, Route, VIEW_EVENT, typescript_bindings};
 pub use view::{
     Notice, Phase, Purpose, Request, ServiceView, SessionView, ShownNotice, View, time_left,
@@ -86,17 +87,6 @@ impl Ui for ChannelUi {
     }
 }
 
-/// A request that failed, in words for the user.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ControllerError(pub String);
-
-impl From<error::ControllerError> for ControllerError {
-    fn from(e: error::ControllerError) -> Self {
-        Self(e.to_string())
-    }
-}
-
 /// The controller. Cheap to clone; every clone drives the same agent.
 #[derive(Clone)]
 pub struct Controller {
@@ -136,12 +126,12 @@ impl Controller {
 
     /// The settings with what the organisation fixed.
     pub fn settings(&self) -> Result<SettingsView, ControllerError> {
-        Ok(lock(&self.inner.state).layers().map(|l| l.view())?)
+        lock(&self.inner.state).layers().map(|l| l.view())
     }
 
     /// The merged config, checked.
     pub fn config(&self) -> Result<AgentConfig, ControllerError> {
-        Ok(lock(&self.inner.state).config()?)
+        lock(&self.inner.state).config()
     }
 
     /// The running agent, when signed in.
@@ -157,7 +147,7 @@ impl Controller {
     /// Carries out `request`; returns when it is done (a sign-in returns after the touch).
     /// Failures come back as a [`ControllerError`], and show in the view.
     pub async fn handle(&self, request: Request) -> Result<(), ControllerError> {
-        Ok(self.inner.run(Event::Request(request)).await?)
+        self.inner.run(Event::Request(request)).await
     }
 
     /// Signs out and stops every task (Quit).
@@ -199,7 +189,7 @@ impl Inner {
 
     /// Feeds `event` and everything its IO leads to; returns the answer to the request that
     /// started it (if it was one).
-    async fn run(self: &Arc<Self>, event: Event) -> Result<(), error::ControllerError> {
+    async fn run(self: &Arc<Self>, event: Event) -> Result<(), ControllerError> {
         let mut reply = Ok(());
         let mut queue = VecDeque::from([event]);
         while let Some(event) = queue.pop_front() {

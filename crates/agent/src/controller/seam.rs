@@ -6,7 +6,10 @@
 use serde::{Deserialize, Serialize};
 use ts_rs::TS;
 
-use super::{Notice, Phase, Purpose, Request, ServiceView, SessionView, ShownNotice, View};
+use super::{
+    ErrorKind, Notice, Phase, Purpose, Request, ServiceView, SessionView, ShownNotice, View,
+    WireError,
+};
 use crate::settings::{ServiceSetting, Settings, SettingsView};
 
 /// The event that carries each new [`View`] to the window.
@@ -70,6 +73,8 @@ pub fn typescript_bindings() -> String {
         View::decl(&cfg),
         Notice::decl(&cfg),
         ShownNotice::decl(&cfg),
+        ErrorKind::decl(&cfg),
+        WireError::decl(&cfg),
         Route::decl(&cfg),
         AppInfo::decl(&cfg),
         ServiceSetting::decl(&cfg),
@@ -121,6 +126,7 @@ mod tests {
         );
         assert!(want.contains("export type Request ="), "{want}");
         assert!(want.contains("\"kind\": \"submit_pin\""), "{want}");
+        assert!(want.contains("export type ControllerError = { "), "{want}");
         assert!(want.contains("\"touchgate://view\""), "{want}");
     }
 

@@ -309,7 +309,7 @@ async fn failures_are_shown_in_words() -> anyhow::Result<()> {
     assert_eq!(
         c.view().phase,
         Phase::Error {
-            message: e.0.clone()
+            message: e.to_string()
         }
     );
     // A used invite.
@@ -321,7 +321,7 @@ async fn failures_are_shown_in_words() -> anyhow::Result<()> {
             .starts_with("The key was not enrolled: the gateway refused"),
         "{e}"
     );
-    assert_eq!(c.view().error, Some(e.0.clone()));
+    assert_eq!(c.view().error, Some(e.to_string()));
     // An unknown service port, and a port change that works.
     let e = c
         .handle(Request::SetServicePort {
