@@ -23,7 +23,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::task::JoinHandle;
 
 pub use error::{ControllerError, ErrorKind, WireError};
@@ -213,7 +213,9 @@ impl Inner {
                     } => self.open(*config, create_soft).await,
                     Effect::StartAgent { config } => self.start_agent(*config).await,
                     Effect::Renew => self.renew().await,
-                    Effect::Enrol { config, code } => self.enrol(&config, &code).await,
+                    Effect::Enrol { config, code } => {
+                        self.enrol(&config, code.expose_secret()).await
+                    }
                     Effect::Save { layers, settings } => {
                         Event::Saved(layers.save(&settings).map_err(|e| e.to_string()))
                     }

@@ -309,7 +309,7 @@ impl ControllerState {
         out.push(match f.purpose {
             Purpose::Enrol => Effect::Enrol {
                 config,
-                code: f.code.clone(),
+                code: SecretString::from(f.code.clone()),
             },
             Purpose::SignIn | Purpose::Renew => Effect::StartAgent { config },
         });

@@ -90,8 +90,8 @@ pub enum Effect {
     Enrol {
         /// The checked config.
         config: Box<AgentConfig>,
-        /// The invite code.
-        code: String,
+        /// The invite code (a secret: kept out of logs).
+        code: SecretString,
     },
     /// Stop the running agent and close its ports.
     StopAgent,
