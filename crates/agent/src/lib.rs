@@ -57,7 +57,8 @@ pub async fn enroll(
     let id = t
         .enroll(authn, &cfg.user, code, cfg.origin.as_deref())
         .await;
-    t.connection().close(0u32.into(), b"done");
+    t.connection()
+        .close(touchgate_proto::close::AGENT_DONE.into(), b"done");
     endpoint.wait_idle().await;
     id
 }

@@ -67,7 +67,7 @@ pub async fn run(once: bool, port: u16) -> anyhow::Result<std::process::ExitCode
     if let Some(s) = agent.session() {
         println!(
             "  signed in    one touch, session bound to this agent's in-memory key for {}",
-            touchgate_agent::controller::time_left(s.expires_at, crate::now_secs())
+            touchgate_agent::controller::time_left(s.expires_at, touchgate_agent::unix_now())
         );
     }
     println!("\n  service api on http://{addr}\n");

@@ -42,10 +42,3 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
