@@ -133,6 +133,35 @@ impl BrowserPolicy {
     }
 }
 
+impl BrowserPolicy {
+    /// Whether `origin` is the port's own (a page the service itself served through the
+    /// port), with the port taken from `host` when the agent did not say it.
+    pub fn is_own_origin(&self, origin: &str, host: Option<&str>) -> bool {
+        let own_port = self
+            .port
+            .or_else(|| host.and_then(|h| split_host_port(h).1))
+            .unwrap_or(80);
+        parse_origin(origin).is_some_and(|(scheme, name, port)| {
+            scheme == "http" && is_own_host(&name) && port == own_port
+        })
+    }
+
+    /// The origin the caller reached the service on: `http://` and the request's `Host`
+    /// (already checked), else the port's own on 127.0.0.1.
+    pub fn local_origin(&self, host: Option<&str>) -> String {
+        let port = self.port.unwrap_or(80);
+        match host {
+            // A `Host` without a port means 80; a tool that left it out still came in on the
+            // port.
+            Some(h) if !h.is_empty() && split_host_port(h).1.is_none() && port != 80 => {
+                format!("http://{h}:{port}")
+            }
+            Some(h) if !h.is_empty() => format!("http://{h}"),
+            _ => format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
 /// What the first bytes of a TCP service's stream are.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FirstBytes {

@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 mod error;
 mod headers;
+mod rewrite;
 mod upstream;
 
 pub use error::ProxyError;
@@ -29,6 +30,9 @@ pub use upstream::UPSTREAM_CONNECT_TIMEOUT;
 pub use crate::counted::Counted;
 use headers::{
     check_browser, clean_trailers, sanitise_request_headers, strip_hop_by_hop, wants_upgrade,
+};
+use rewrite::{
+    UpstreamOrigins, remove_forwarding_headers, rewrite_request_origin, rewrite_response,
 };
 use upstream::{IdleConns, absolute, connect_http1, upstream_path};
 
@@ -63,6 +67,8 @@ pub struct StreamContext {
     /// The agent's address, for the audit log.
     peer: Option<String>,
     audience: String,
+    /// The upstream's own origins, for rewriting `Origin`, `Location` and cookies.
+    origins: UpstreamOrigins,
     upstream: Result<Upstream, String>,
     user_header: Option<HeaderValue>,
     assertion: std::sync::Mutex<Option<(HeaderValue, u64)>>,
@@ -109,6 +115,7 @@ impl StreamContext {
             browser,
             peer: None,
             audience: service.audience(),
+            origins: UpstreamOrigins::new(&service.upstream, &service.audience()),
             upstream,
             user_header: HeaderValue::from_str(user).ok(),
             assertion: Default::default(),
@@ -260,8 +267,22 @@ impl Proxy {
                     reason: e.to_string(),
                 })?;
         let assertion = self.assertion(ctx).map_err(ProxyError::Assertion)?;
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .map(str::to_owned);
+        let local_origin = ctx.browser.local_origin(host.as_deref());
         let (mut parts, body) = req.into_parts();
         sanitise_request_headers(&mut parts.headers, upgrade);
+        remove_forwarding_headers(&mut parts.headers);
+        rewrite_request_origin(
+            &mut parts.headers,
+            &ctx.browser,
+            host.as_deref(),
+            &ctx.origins,
+        );
         // The upstream request is framed by what hyper read, never by a header it did not use
         // (hyper drops Content-Length when Transfer-Encoding is present, and re-frames).
         if hyper::body::Body::size_hint(&body).exact().is_none() {
@@ -327,6 +348,7 @@ impl Proxy {
         } else {
             strip_hop_by_hop(resp.headers_mut(), false);
         }
+        rewrite_response(resp.headers_mut(), &ctx.origins, &local_origin);
         Ok(resp.map(|b| b.boxed()))
     }
 }

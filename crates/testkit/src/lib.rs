@@ -316,6 +316,25 @@ async fn cloud_run(mut req: Request<Incoming>, audience: &str) -> Response<Body>
         return r;
     }
     match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/redirect") => {
+            // Where a real service would send the caller: its own absolute URL.
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("localhost")
+                .to_owned();
+            let name = host.split(':').next().unwrap_or_default().to_owned();
+            let mut r = text(StatusCode::FOUND, "moved\n");
+            if let (Ok(loc), Ok(cookie)) = (
+                header::HeaderValue::from_str(&format!("http://{host}/dir/?from=redirect")),
+                header::HeaderValue::from_str(&format!("sid=abc; Path=/; Domain={name}; HttpOnly")),
+            ) {
+                r.headers_mut().insert(header::LOCATION, loc);
+                r.headers_mut().insert(header::SET_COOKIE, cookie);
+            }
+            r
+        }
         ("GET", "/slow") => {
             let ms: u64 = query(&req)
                 .into_iter()

@@ -13,6 +13,7 @@ mod browsers;
 mod controller;
 mod disabled_agent;
 mod examples;
+mod faithful;
 mod foreign_site;
 mod hardware_keys;
 mod hostile_http;

@@ -1,0 +1,82 @@
+//! Tools behave as if they talked to the service: a redirect to the service's own URL stays
+//! in the tunnel, its cookie is kept for localhost, the service's own page is seen as
+//! same-origin, and forwarding headers a caller forged never arrive.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use touchgate_agent::RunningAgent;
+use touchgate_e2e::{enrolled, get, http1};
+use touchgate_testkit::lab::{Lab, LabOptions};
+
+const ALICE: &str = "alice@example.com";
+
+async fn started() -> anyhow::Result<(Lab, RunningAgent)> {
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    let agent = RunningAgent::start(cfg, authn).await?;
+    Ok((lab, agent))
+}
+
+#[tokio::test]
+async fn a_redirect_to_the_service_comes_back_to_the_local_port_with_its_cookie()
+-> anyhow::Result<()> {
+    let (_lab, agent) = started().await?;
+    let api = agent.local_addr("api").expect("api");
+    let mut sender = http1(api).await?;
+    let host = format!("127.0.0.1:{}", api.port());
+    let resp = sender
+        .send_request(
+            hyper::Request::get("/redirect")
+                .header("host", &host)
+                .body(Empty::<Bytes>::new())?,
+        )
+        .await?;
+    assert_eq!(resp.status(), 302);
+    let location = resp.headers()["location"].to_str()?.to_owned();
+    assert_eq!(location, format!("http://{host}/dir/?from=redirect"));
+    let cookie = resp.headers()["set-cookie"].to_str()?.to_owned();
+    assert_eq!(cookie, "sid=abc; Path=/; HttpOnly");
+    resp.into_body().collect().await?;
+    // Following it stays in the tunnel and reaches the service.
+    let path = location.trim_start_matches(&format!("http://{host}"));
+    let next = get(api, path, &[]).await?;
+    assert_eq!(next.status, 200);
+    assert_eq!(next.json()?["path"], "/dir/");
+    agent.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_services_own_page_is_same_origin_and_forged_forwarding_headers_are_dropped()
+-> anyhow::Result<()> {
+    let (lab, agent) = started().await?;
+    let api = agent.local_addr("api").expect("api");
+    let own = format!("http://localhost:{}", api.port());
+    let seen = get(
+        api,
+        "/form",
+        &[
+            ("origin", own.as_str()),
+            ("referer", &format!("{own}/page?x=1")),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("forwarded", "for=1.2.3.4"),
+            ("x-real-ip", "1.2.3.4"),
+        ],
+    )
+    .await?
+    .json()?;
+    let upstream = lab.upstream.url();
+    let upstream = upstream.trim_end_matches('/');
+    let h = &seen["headers"];
+    assert_eq!(h["origin"], upstream, "{seen}");
+    assert_eq!(h["referer"], format!("{upstream}/page?x=1"), "{seen}");
+    assert_eq!(h["host"], upstream.trim_start_matches("http://"), "{seen}");
+    for forged in ["x-forwarded-for", "forwarded", "x-real-ip"] {
+        assert!(
+            h.get(forged).is_none(),
+            "{forged} reached the service: {seen}"
+        );
+    }
+    agent.shutdown().await;
+    Ok(())
+}
