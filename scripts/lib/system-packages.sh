@@ -49,5 +49,7 @@ ensure_desktop_packages() {
   command -v xwininfo >/dev/null 2>&1 || need+=(x11-utils)
   command -v xdotool >/dev/null 2>&1 || need+=(xdotool)
   command -v import >/dev/null 2>&1 || need+=(imagemagick)
+  # The gRPC end-to-end test's real client and server.
+  /usr/bin/python3 -c 'import grpc' >/dev/null 2>&1 || need+=(python3-grpcio)
   install_packages "${need[@]}"
 }

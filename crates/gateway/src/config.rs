@@ -280,6 +280,11 @@ pub struct ServiceConfig {
     /// upgrade, `h2c` above all, is dropped and the request served as a plain one.
     #[serde(default = "default_upgrade_protocols")]
     pub upgrade_protocols: Vec<String>,
+    /// Send every request over HTTP/2: h2c with prior knowledge to an `http://` upstream
+    /// (Cloud Run's "end-to-end HTTP/2"), ALPN h2 to an `https://` one. gRPC requests go out
+    /// as HTTP/2 without it.
+    #[serde(default)]
+    pub http2: bool,
 }
 
 fn default_upgrade_protocols() -> Vec<String> {
@@ -560,6 +565,7 @@ mod tests {
             timeout: default_upstream_timeout(),
             allow: vec!["*".into()],
             upgrade_protocols: default_upgrade_protocols(),
+            http2: false,
         };
         assert_eq!(s.audience(), "https://api-xyz.a.run.app");
         assert!(s.allows("anyone"));

@@ -29,7 +29,8 @@ pub use upstream::UPSTREAM_CONNECT_TIMEOUT;
 
 pub use crate::counted::Counted;
 use headers::{
-    check_browser, clean_trailers, sanitise_request_headers, strip_hop_by_hop, wants_upgrade,
+    check_browser, clean_trailers, is_grpc, sanitise_request_headers, strip_hop_by_hop,
+    wants_trailers, wants_upgrade,
 };
 use rewrite::{
     UpstreamOrigins, remove_forwarding_headers, rewrite_request_origin, rewrite_response,
@@ -139,6 +140,9 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 /// The HTTP proxy shared by all streams.
 pub struct Proxy {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>,
+    /// HTTP/2 only: h2c with prior knowledge to plain-HTTP upstreams, ALPN h2 to HTTPS ones
+    /// (gRPC, and services with `http2 = true`).
+    h2: Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>,
     id_tokens: Arc<IdTokens>,
     signer: TokenSigner,
     metrics: Arc<Metrics>,
@@ -170,6 +174,10 @@ impl Proxy {
         Ok(Self {
             client: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(POOL_IDLE)
+                .build(https.clone()),
+            h2: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(POOL_IDLE)
+                .http2_only(true)
                 .build(https),
             id_tokens,
             signer,
@@ -250,10 +258,14 @@ impl Proxy {
         let path = upstream_path(&upstream.prefix, req.uri()).map_err(ProxyError::BadPath)?;
         // On a connection of the stream's own the request names only the path (origin form;
         // `Host` is set below); the pooled client takes the whole URL.
+        // gRPC (HTTP/2 with an application/grpc content type) goes out as HTTP/2 as it came,
+        // with its `TE: trailers`; so does every request of a service with `http2 = true`.
+        let h2 = svc.http2 || (req.version() == http::Version::HTTP_2 && is_grpc(req.headers()));
+        let te_trailers = h2 && wants_trailers(req.headers());
         let own = upstream
             .plain
             .as_deref()
-            .filter(|_| req.version() != http::Version::HTTP_2);
+            .filter(|_| req.version() != http::Version::HTTP_2 && !h2);
         let uri = match own {
             Some(_) => Uri::from(path),
             None => absolute(&upstream.base, path).map_err(ProxyError::BadUpstream)?,
@@ -299,15 +311,25 @@ impl Proxy {
         }
         parts.headers.insert(ASSERTION_HEADER, assertion);
         parts.uri = uri;
-        parts.version = http::Version::HTTP_11;
+        parts.version = if h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+        if te_trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         // Trailers are headers too: a caller must not smuggle identity headers in them.
         let body = body.map_frame(clean_trailers);
         let out = Request::from_parts(parts, body.boxed());
         let sent = match own {
             Some(addr) => tokio::time::timeout(svc.timeout, self.send_own(ctx, addr, out)).await,
             _ => {
+                let client = if h2 { &self.h2 } else { &self.client };
                 tokio::time::timeout(svc.timeout, async {
-                    self.client.request(out).await.map_err(|e| {
+                    client.request(out).await.map_err(|e| {
                         std::error::Error::source(&e)
                             .map(|s| s.to_string())
                             .unwrap_or_else(|| e.to_string())

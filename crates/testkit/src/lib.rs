@@ -403,6 +403,7 @@ async fn cloud_run(mut req: Request<Incoming>, audience: &str) -> Response<Body>
                 "service": "fake-cloud-run",
                 "method": req.method().as_str(),
                 "path": req.uri().path(),
+                "version": format!("{:?}", req.version()),
                 "headers": headers,
                 "id_token": { "aud": claims.aud, "email": claims.email, "iss": claims.iss },
             }))

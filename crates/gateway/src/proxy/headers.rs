@@ -30,6 +30,30 @@ pub(super) fn check_browser<B>(
     }
 }
 
+/// Whether a request is gRPC: its content type is `application/grpc` or `application/grpc+…`
+/// (not gRPC-Web, which is HTTP/1-friendly).
+pub(super) fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .is_some_and(|v| {
+            v == "application/grpc"
+                || v.starts_with("application/grpc+")
+                || v.starts_with("application/grpc;")
+        })
+}
+
+/// Whether the caller said it accepts trailers (`TE: trailers`), which HTTP/2 upstreams such
+/// as gRPC servers expect to see.
+pub(super) fn wants_trailers(h: &HeaderMap) -> bool {
+    h.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    })
+}
+
 /// Whether the request asks for a protocol upgrade the service allows (`websocket` unless it
 /// lists others); any other `Upgrade` (`h2c` above all) is dropped and the request is served
 /// as a plain one.
@@ -151,6 +175,23 @@ mod tests {
         assert!(h.get("x-touchgate-assertion").is_none());
         assert!(h.get("x-secret").is_none());
         assert!(h.get(header::CONNECTION).is_none());
+    }
+
+    #[test]
+    fn grpc_requests_are_recognised_and_grpc_web_is_not() {
+        let h = |ct: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            h
+        };
+        assert!(is_grpc(&h("application/grpc")));
+        assert!(is_grpc(&h("application/grpc+proto")));
+        assert!(!is_grpc(&h("application/grpc-web+proto")));
+        assert!(!is_grpc(&h("application/json")));
+        let mut te = HeaderMap::new();
+        te.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        assert!(wants_trailers(&te));
+        assert!(!wants_trailers(&HeaderMap::new()));
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod disabled_agent;
 mod examples;
 mod faithful;
 mod foreign_site;
+mod grpc;
 mod hardware_keys;
 mod hostile_http;
 mod large_bodies;

@@ -1,0 +1,152 @@
+//! gRPC through the tunnel with a real third-party stack (grpcio, Debian's python3-grpcio): a
+//! server behind the gateway, a client on the agent's local port. Unary with trailing metadata,
+//! server streaming, bidirectional streaming, an error with details and trailing metadata, and
+//! a deadline all behave as against the server directly.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use touchgate_agent::RunningAgent;
+use touchgate_e2e::enrolled;
+use touchgate_testkit::lab::{Lab, LabOptions};
+
+const ALICE: &str = "alice@example.com";
+const PYTHON: &str = "/usr/bin/python3";
+
+fn peer_script() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("grpc/peer.py")
+}
+
+/// The grpcio server, stopped when dropped (its stdin closes).
+struct GrpcServer {
+    child: Child,
+    port: u16,
+}
+
+impl GrpcServer {
+    fn start() -> anyhow::Result<Self> {
+        let mut child = Command::new(PYTHON)
+            .arg(peer_script())
+            .arg("server")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot start {PYTHON} (this test needs Debian's python3-grpcio; the test command installs it): {e}"
+                )
+            })?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let port = line.trim().parse().map_err(|_| {
+            anyhow::anyhow!(
+                "the grpcio server did not print its port (is python3-grpcio installed?): {line:?}"
+            )
+        })?;
+        Ok(Self { child, port })
+    }
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take().map(|mut s| s.flush()));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the grpcio client against `target` and returns what it saw.
+async fn client(target: String) -> anyhow::Result<serde_json::Value> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || {
+            Command::new(PYTHON)
+                .arg(peer_script())
+                .arg("client")
+                .arg(target)
+                .output()
+        }),
+    )
+    .await???;
+    anyhow::ensure!(
+        out.status.success(),
+        "the grpcio client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[tokio::test]
+async fn a_grpcio_client_reaches_a_grpcio_server_through_the_tunnel() -> anyhow::Result<()> {
+    let server = GrpcServer::start()?;
+    let mut lab = Lab::start(LabOptions::default()).await?;
+    // The `api` service now points at the gRPC server (plain HTTP: h2c behind the gateway).
+    let upstream = lab.upstream.url();
+    lab.reconfigure(
+        &format!("name = \"api\"\nkind = \"http\"\nupstream = \"{upstream}\""),
+        &format!(
+            "name = \"api\"\nkind = \"http\"\nupstream = \"http://127.0.0.1:{}\"",
+            server.port
+        ),
+    )
+    .await?;
+    let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let api = agent.local_addr("api").expect("api");
+
+    let seen = client(format!("127.0.0.1:{}", api.port())).await?;
+    assert_eq!(seen["unary"]["echo"], "hello", "{seen}");
+    // The service learns who called from the gateway, and a forged assertion never arrives.
+    assert_eq!(seen["unary"]["user"], ALICE, "{seen}");
+    assert_eq!(seen["unary"]["forged_assertion"], false, "{seen}");
+    assert_eq!(seen["unary_trailer"], "peer.py", "{seen}");
+    assert_eq!(
+        seen["server_stream"],
+        serde_json::json!(["n-0", "n-1", "n-2"])
+    );
+    assert_eq!(
+        seen["bidi"],
+        serde_json::json!(["echo:a", "echo:b", "echo:c"])
+    );
+    assert_eq!(seen["not_found"]["code"], "NOT_FOUND", "{seen}");
+    assert_eq!(
+        seen["not_found"]["details"], "no such item: item-7",
+        "{seen}"
+    );
+    assert_eq!(seen["not_found"]["why"], "gone", "{seen}");
+    assert_eq!(seen["deadline"]["code"], "DEADLINE_EXCEEDED", "{seen}");
+    assert!(
+        seen["deadline"]["seconds"]
+            .as_f64()
+            .is_some_and(|s| s < 1.5),
+        "{seen}"
+    );
+    agent.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_service_with_http2_gets_every_request_over_h2c() -> anyhow::Result<()> {
+    let mut lab = Lab::start(LabOptions::default()).await?;
+    let upstream = lab.upstream.url();
+    let api = format!("name = \"api\"\nkind = \"http\"\nupstream = \"{upstream}\"");
+    lab.reconfigure(&api, &format!("{api}\nhttp2 = true"))
+        .await?;
+    let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    let agent = RunningAgent::start(cfg, authn).await?;
+    // A plain HTTP/1.1 tool; the gateway speaks HTTP/2 to the upstream.
+    let seen = touchgate_e2e::get(agent.local_addr("api").expect("api"), "/v1", &[])
+        .await?
+        .json()?;
+    assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
+    assert_eq!(seen["headers"]["x-touchgate-user"], ALICE);
+    agent.shutdown().await;
+    Ok(())
+}
