@@ -11,7 +11,7 @@ use http::{
     HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header,
     uri::PathAndQuery,
 };
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -20,6 +20,7 @@ use hyper_util::{
 use tokio::io::{AsyncRead, AsyncWrite};
 
 mod error;
+mod expect;
 mod headers;
 mod rewrite;
 mod upstream;
@@ -323,7 +324,13 @@ impl Proxy {
         }
         // Trailers are headers too: a caller must not smuggle identity headers in them.
         let body = body.map_frame(clean_trailers);
-        let out = Request::from_parts(parts, body.boxed());
+        let continues = own.is_some() && expect::expects_continue(&parts.headers);
+        let mut out = Request::from_parts(parts, body.boxed());
+        if continues {
+            // Only the stream's own HTTP/1 connection reports the upstream's 100; elsewhere
+            // hyper answers the expectation itself, as before.
+            expect::hold_until_continue(&mut out);
+        }
         let sent = match own {
             Some(addr) => tokio::time::timeout(svc.timeout, self.send_own(ctx, addr, out)).await,
             _ => {

@@ -316,6 +316,8 @@ async fn cloud_run(mut req: Request<Incoming>, audience: &str) -> Response<Body>
         return r;
     }
     match (req.method().as_str(), req.uri().path()) {
+        // Refuses at once, without reading the body (as a size or auth check would).
+        ("PUT", "/too-large") => text(StatusCode::PAYLOAD_TOO_LARGE, "too large\n"),
         ("GET", "/redirect") => {
             // Where a real service would send the caller: its own absolute URL.
             let host = req

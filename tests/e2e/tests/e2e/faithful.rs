@@ -80,3 +80,52 @@ async fn the_services_own_page_is_same_origin_and_forged_forwarding_headers_are_
     agent.shutdown().await;
     Ok(())
 }
+
+/// Sends a request head with `Expect: 100-continue` and returns the first response head.
+async fn first_answer_to_expect(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<(tokio::net::TcpStream, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+            addr.port()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n =
+            tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut byte)).await??;
+        anyhow::ensure!(n == 1, "closed before an answer");
+        head.push(byte[0]);
+    }
+    Ok((s, String::from_utf8_lossy(&head).into_owned()))
+}
+
+#[tokio::test]
+async fn an_upstream_that_refuses_at_once_is_heard_before_the_body_is_sent() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_lab, agent) = started().await?;
+    let api = agent.local_addr("api").expect("api");
+    // Refused: the first thing the client hears is the upstream's 413, not a 100 from the
+    // gateway, so it never sends the body.
+    let (_s, head) = first_answer_to_expect(api, "PUT", "/too-large").await?;
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    // Accepted: the upstream's 100 comes through, then the body, then the answer.
+    let (mut s, head) = first_answer_to_expect(api, "POST", "/upload").await?;
+    assert!(head.starts_with("HTTP/1.1 100"), "{head}");
+    s.write_all(b"hello").await?;
+    let mut rest = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut rest)).await??;
+    let rest = String::from_utf8_lossy(&rest[..n]);
+    assert!(rest.starts_with("HTTP/1.1 200"), "{rest}");
+    assert!(rest.contains("\"len\":5"), "{rest}");
+    agent.shutdown().await;
+    Ok(())
+}
