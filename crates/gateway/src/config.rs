@@ -285,6 +285,11 @@ pub struct ServiceConfig {
     /// as HTTP/2 without it.
     #[serde(default)]
     pub http2: bool,
+    /// A PEM file of the CA(s) that sign an `https://` upstream's certificate, for internal
+    /// services behind a private CA; only these are trusted for this service (without it, the
+    /// public web roots).
+    #[serde(default)]
+    pub upstream_ca: Option<PathBuf>,
 }
 
 fn default_upgrade_protocols() -> Vec<String> {
@@ -350,6 +355,11 @@ impl GatewayConfig {
         fix(&mut self.tls.key);
         for t in &mut self.attestation.trusted {
             fix(&mut t.ca);
+        }
+        for s in &mut self.services {
+            if let Some(ca) = &mut s.upstream_ca {
+                fix(ca);
+            }
         }
         if let Some(a) = &mut self.audit_log
             && a != "-"
@@ -433,6 +443,13 @@ impl GatewayConfig {
         }
         if let Err(e) = crate::tls::load_key(&self.tls.key) {
             problems.push(format!("tls.key: {e}"));
+        }
+        for s in &self.services {
+            if let Some(ca) = &s.upstream_ca
+                && let Err(e) = crate::tls::load_certs(ca)
+            {
+                problems.push(format!("service {} upstream_ca: {e}", s.name));
+            }
         }
         for t in &self.attestation.trusted {
             match crate::tls::load_certs(&t.ca) {
@@ -566,6 +583,7 @@ mod tests {
             allow: vec!["*".into()],
             upgrade_protocols: default_upgrade_protocols(),
             http2: false,
+            upstream_ca: None,
         };
         assert_eq!(s.audience(), "https://api-xyz.a.run.app");
         assert!(s.allows("anyone"));

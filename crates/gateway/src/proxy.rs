@@ -151,6 +151,56 @@ pub struct Proxy {
     limits: LimitsConfig,
     assertions: std::sync::Mutex<std::collections::HashMap<(String, String), (HeaderValue, u64)>>,
     idle: Arc<IdleConns>,
+    /// Clients (any protocol, HTTP/2 only) that trust a service's `upstream_ca`, by its path.
+    private_ca: std::sync::Mutex<
+        std::collections::HashMap<std::path::PathBuf, (PooledClient, PooledClient)>,
+    >,
+}
+
+type PooledClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
+
+/// The HTTP and HTTPS connector for a service with its own CA: TLS with `tls`, ALPN h2 and
+/// http/1.1.
+fn connector(tls: rustls::ClientConfig) -> hyper_rustls::HttpsConnector<HttpConnector> {
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http_connector())
+}
+
+/// TCP connections to upstreams: any scheme (TLS is layered on top), no Nagle, a connect
+/// timeout.
+fn http_connector() -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(upstream::UPSTREAM_CONNECT_TIMEOUT));
+    http
+}
+
+/// A pooled client and its HTTP/2-only twin over `https`.
+fn clients(https: hyper_rustls::HttpsConnector<HttpConnector>) -> (PooledClient, PooledClient) {
+    (
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .build(https.clone()),
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .http2_only(true)
+            .build(https),
+    )
+}
+
+/// TLS trusting `roots`, TLS 1.2 and 1.3, ring.
+fn tls_with(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, rustls::Error> {
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
 }
 
 impl Proxy {
@@ -162,24 +212,16 @@ impl Proxy {
         audit: AuditLog,
         limits: LimitsConfig,
     ) -> Result<Self, rustls::Error> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(upstream::UPSTREAM_CONNECT_TIMEOUT));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))?
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(http_connector());
+        let (client, h2) = clients(https);
         Ok(Self {
-            client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(POOL_IDLE)
-                .build(https.clone()),
-            h2: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(POOL_IDLE)
-                .http2_only(true)
-                .build(https),
+            client,
+            h2,
             id_tokens,
             signer,
             metrics,
@@ -187,6 +229,7 @@ impl Proxy {
             limits,
             assertions: Default::default(),
             idle: Arc::default(),
+            private_ca: Default::default(),
         })
     }
 
@@ -334,7 +377,11 @@ impl Proxy {
         let sent = match own {
             Some(addr) => tokio::time::timeout(svc.timeout, self.send_own(ctx, addr, out)).await,
             _ => {
-                let client = if h2 { &self.h2 } else { &self.client };
+                let (client, h2_client) = match &svc.upstream_ca {
+                    Some(ca) => self.private_ca_clients(ca)?,
+                    None => (self.client.clone(), self.h2.clone()),
+                };
+                let client = if h2 { h2_client } else { client };
                 tokio::time::timeout(svc.timeout, async {
                     client.request(out).await.map_err(|e| {
                         std::error::Error::source(&e)
@@ -485,6 +532,27 @@ impl Proxy {
             });
         }
         conn
+    }
+
+    /// The clients that trust the CA in `path` (made at the first request of a service that
+    /// names it, then kept).
+    fn private_ca_clients(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<(PooledClient, PooledClient), ProxyError> {
+        let mut cache = self.private_ca.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.get(path) {
+            return Ok(c.clone());
+        }
+        let bad =
+            |e: String| ProxyError::BadUpstream(format!("upstream_ca {}: {e}", path.display()));
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in crate::tls::load_certs(path).map_err(|e| bad(e.to_string()))? {
+            roots.add(cert).map_err(|e| bad(e.to_string()))?;
+        }
+        let made = clients(connector(tls_with(roots).map_err(|e| bad(e.to_string()))?));
+        cache.insert(path.to_owned(), made.clone());
+        Ok(made)
     }
 
     /// The one failure path: answers the caller with the error's status and words, counts it,

@@ -133,7 +133,7 @@ fn check_prints_every_problem_at_once() {
         "listen = \"0.0.0.0:4433\"\nadmin_listen = \"0.0.0.0:9090\"\nrp_id = \"gw.example.com\"\norigin = \"https://evil.example.net\"\n\
          database = \"state/gw.db\"\n[tls]\ncert = \"missing-cert.pem\"\nkey = \"missing-key.pem\"\n\
          [attestation]\nallow_software = true\n\
-         [[service]]\nname = \"api\"\nkind = \"http\"\nupstream = \"ftp://api\"\n[[service]]\nname = \"api\"\nkind = \"http\"\nupstream = \"https://api-xyz.a.run.app\"\n",
+         [[service]]\nname = \"api\"\nkind = \"http\"\nupstream = \"ftp://api\"\n[[service]]\nname = \"api\"\nkind = \"http\"\nupstream = \"https://api-xyz.a.run.app\"\nupstream_ca = \"missing-ca.pem\"\n",
     )
     .expect("write config");
     let out = gateway()
@@ -150,9 +150,10 @@ fn check_prints_every_problem_at_once() {
         "problem: tls.cert: ",
         "problem: tls.key: ",
         "does not exist",
+        "problem: service api upstream_ca: ",
         "warning: attestation.allow_software = true",
         "warning: admin_listen 0.0.0.0:9090 is not on loopback",
-        ": 6 problems",
+        ": 7 problems",
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }

@@ -267,6 +267,69 @@ pub async fn start_cloud_run(listener: TcpListener, audience: &str) -> FakeServe
     .await
 }
 
+/// [`start_cloud_run`] over HTTPS, with a certificate for `localhost` and 127.0.0.1 signed by
+/// a private CA made here: what an internal service behind a company CA looks like. Returns
+/// the server and the CA's PEM.
+pub async fn start_cloud_run_private_ca(
+    listener: TcpListener,
+    audience: &str,
+) -> anyhow::Result<(FakeServer, String)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256};
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?
+        .signed_by(&leaf_key, &rcgen::Issuer::from_params(&ca_params, &ca_key))?;
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+    )?;
+    let mut tls = tls;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let addr = listener.local_addr()?;
+    let requests = Arc::new(AtomicU64::new(0));
+    let counter = requests.clone();
+    let audience: Arc<str> = audience.into();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, counter, audience) =
+                (acceptor.clone(), counter.clone(), audience.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| {
+                    counter.fetch_add(1, Relaxed);
+                    let audience = audience.clone();
+                    async move { Ok::<_, Infallible>(cloud_run(req, &audience).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok((
+        FakeServer {
+            addr,
+            requests,
+            task,
+        },
+        ca.pem(),
+    ))
+}
+
 async fn cloud_run(mut req: Request<Incoming>, audience: &str) -> Response<Body> {
     let h = req.headers();
     let bearer = h

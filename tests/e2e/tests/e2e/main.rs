@@ -31,4 +31,5 @@ mod revoke;
 mod session_expiry;
 mod tunnel;
 mod upstream_failures;
+mod upstream_tls;
 mod webauthn_refusals;
