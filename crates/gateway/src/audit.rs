@@ -264,21 +264,17 @@ impl AuditLog {
         })
     }
 
-    /// Whether a refusal of a request from `peer` (`ip:port`) should be logged and audited:
+    /// Whether a refusal of a request from `peer` should be logged and audited:
     /// at most [`REFUSAL_LINES_PER_MINUTE`] per source address, so a peer cannot fill the
     /// disk or bury other lines. Writes a `refusals_suppressed` line when a source that went
     /// over the limit is refused again in a later minute, and one when it first goes over.
-    pub fn allow_refusal(&self, peer: Option<&str>) -> bool {
-        let source = peer.map(|p| {
-            p.parse::<std::net::SocketAddr>()
-                .map(|a| crate::limits::source(a.ip()).to_string())
-                .unwrap_or_else(|_| p.to_owned())
-        });
+    pub fn allow_refusal(&self, peer: Option<std::net::SocketAddr>) -> bool {
+        let source = peer.map(|a| crate::limits::source(a.ip()));
         let hit = self.refusals.hit(&source);
         let limit = REFUSAL_LINES_PER_MINUTE;
         let note = |suppressed: Option<u64>, reason: String| {
             self.record(AuditEvent {
-                peer: source.clone(),
+                peer: source.map(|s| s.to_string()),
                 suppressed,
                 reason: Some(reason),
                 ..AuditEvent::new(AuditKind::RefusalsSuppressed)
@@ -346,11 +342,13 @@ mod tests {
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::open(Some(path.to_str().expect("utf8 path"))).expect("open");
         let allowed = (0..100)
-            .filter(|i| log.allow_refusal(Some(&format!("192.0.2.7:{}", 1000 + i))))
+            .filter(|i| {
+                log.allow_refusal(Some(std::net::SocketAddr::from(([192, 0, 2, 7], 1000 + i))))
+            })
             .count();
         assert_eq!(allowed, REFUSAL_LINES_PER_MINUTE as usize);
         // Another source is not held back by the first.
-        assert!(log.allow_refusal(Some("198.51.100.1:443")));
+        assert!(log.allow_refusal(Some(std::net::SocketAddr::from(([198, 51, 100, 1], 443)))));
         let text = std::fs::read_to_string(&path).expect("read");
         let notes: Vec<serde_json::Value> = text
             .lines()

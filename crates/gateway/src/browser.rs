@@ -73,20 +73,15 @@ impl BrowserPolicy {
     /// Checks one HTTP request head: its `Host` (or h2 `:authority`, passed as `host`),
     /// `Origin` and `Sec-Fetch-Site`.
     pub fn check(&self, host: Option<&str>, headers: &HeaderMap) -> Result<(), BrowserRefusal> {
-        let host_port = match host {
-            Some(h) => {
-                let (name, port) = split_host_port(h);
-                if !is_loopback_name(&name) && !self.hosts.contains(&name) {
-                    return Err(BrowserRefusal {
-                        what: format!("Host {} is not a loopback name", untrusted(h)),
-                        setting: Some("allowed_hosts"),
-                    });
-                }
-                port
+        if let Some(h) = host {
+            let (name, _) = split_host_port(h);
+            if !is_loopback_name(&name) && !self.hosts.contains(&name) {
+                return Err(BrowserRefusal {
+                    what: format!("Host {} is not a loopback name", untrusted(h)),
+                    setting: Some("allowed_hosts"),
+                });
             }
-            None => None,
-        };
-        let own_port = self.port.or(host_port).unwrap_or(80);
+        }
         // An Origin the port accepts (its own or a listed one) decides; `Sec-Fetch-Site`
         // matters only without one (a no-cors GET: an image, a followed link). Note that
         // `localhost` and `127.0.0.1` are different sites to a browser.
@@ -106,10 +101,8 @@ impl BrowserPolicy {
                     setting: None,
                 });
             }
-            let own = parse_origin(&text).is_some_and(|(scheme, name, port)| {
-                scheme == "http" && is_own_host(&name) && port == own_port
-            });
-            origin_ok = own || normalise_origin(&text).is_some_and(|o| self.origins.contains(&o));
+            origin_ok = self.is_own_origin(&text, host)
+                || normalise_origin(&text).is_some_and(|o| self.origins.contains(&o));
             if !origin_ok {
                 return Err(BrowserRefusal {
                     what: format!("Origin {} is another site", untrusted(&text)),

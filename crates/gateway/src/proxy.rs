@@ -67,7 +67,7 @@ pub struct StreamContext {
     /// Who may use the agent's port from a browser.
     browser: BrowserPolicy,
     /// The agent's address, for the audit log.
-    peer: Option<String>,
+    peer: Option<std::net::SocketAddr>,
     audience: String,
     /// The upstream's own origins, for rewriting `Origin`, `Location` and cookies.
     origins: UpstreamOrigins,
@@ -129,7 +129,7 @@ impl StreamContext {
 
 impl StreamContext {
     /// Names the agent's address in the stream's audit lines.
-    pub fn with_peer(mut self, peer: String) -> Self {
+    pub fn with_peer(mut self, peer: std::net::SocketAddr) -> Self {
         self.peer = Some(peer);
         self
     }
@@ -571,12 +571,12 @@ impl Proxy {
             ProxyError::BadPath(_) => Metrics::inc(&self.metrics.requests_refused_total),
             _ => Metrics::inc(&self.metrics.upstream_errors_total),
         }
-        if !e.caused_by_caller() || self.audit.allow_refusal(ctx.peer.as_deref()) {
+        if !e.caused_by_caller() || self.audit.allow_refusal(ctx.peer) {
             tracing::warn!(service = %ctx.service.name, status = status.as_u16(), reason = %msg, "request answered by the gateway");
             self.audit.record(AuditEvent {
                 user: Some(ctx.user.clone()),
                 service: Some(ctx.service.name.clone()),
-                peer: ctx.peer.clone(),
+                peer: ctx.peer.map(|p| p.to_string()),
                 method: Some(method.to_string()),
                 outcome: Some(status.as_u16().to_string()),
                 reason: Some(msg.clone()),

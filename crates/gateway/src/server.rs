@@ -95,8 +95,7 @@ impl Gateway {
                 .connection(ip, self.cfg.limits.connections_per_minute)
             {
                 Metrics::inc(&self.metrics.auth_refused_total);
-                let peer = incoming.remote_address().to_string();
-                if !self.audit.allow_refusal(Some(&peer)) {
+                if !self.audit.allow_refusal(Some(incoming.remote_address())) {
                     incoming.refuse();
                     continue;
                 }
@@ -268,7 +267,7 @@ impl ConnCtx {
 
     fn refused(&self, event: AuditKind, user: Option<&str>, r: &Refusal) {
         Metrics::inc(&self.gw.metrics.auth_refused_total);
-        if !self.gw.audit.allow_refusal(Some(&self.peer.to_string())) {
+        if !self.gw.audit.allow_refusal(Some(self.peer)) {
             return;
         }
         let user = user.map(untrusted_user);

@@ -28,18 +28,18 @@ pub(super) fn upstream_path(prefix: &str, req: &Uri) -> Result<PathAndQuery, Str
 /// some servers strip: `/..;/admin`), or an encoded `/` or `\\`.
 pub(super) fn escapes_base(path: &str) -> bool {
     let mut decoded = path.to_owned();
-    // Decode until nothing changes, so `%252e%252e` is seen as `..` too.
+    // Decode until nothing changes, so `%252e%252e` is seen as `..` too; an encoded `/` or
+    // `\\` at any level is refused.
     for _ in 0..4 {
+        let lower = decoded.to_ascii_lowercase();
+        if lower.contains("%2f") || lower.contains("%5c") {
+            return true;
+        }
         let next = percent_encoding::percent_decode_str(&decoded)
             .decode_utf8_lossy()
             .into_owned();
         if next == decoded {
             break;
-        }
-        if next.contains(['/', '\\'])
-            && next.matches(['/', '\\']).count() > decoded.matches(['/', '\\']).count()
-        {
-            return true;
         }
         decoded = next;
     }

@@ -183,8 +183,7 @@ impl ConnCtx {
                 }
             }
             None => {
-                let ctx =
-                    StreamContext::new(user, svc.clone(), browser).with_peer(self.peer.to_string());
+                let ctx = StreamContext::new(user, svc.clone(), browser).with_peer(self.peer);
                 gw.proxy.clone().serve_http(io, ctx).await;
                 "ok".to_owned()
             }
@@ -210,7 +209,7 @@ impl ConnCtx {
     /// before anything was forwarded; counted, logged and audited.
     fn tcp_browser_refused(&self, user: &str, service: &str, r: &crate::browser::BrowserRefusal) {
         Metrics::inc(&self.gw.metrics.browser_refused_total);
-        if !self.gw.audit.allow_refusal(Some(&self.peer.to_string())) {
+        if !self.gw.audit.allow_refusal(Some(self.peer)) {
             return;
         }
         let msg = r.message(service);
@@ -240,7 +239,7 @@ impl ConnCtx {
             RefusalCode::Unauthenticated,
             "sign in (or resume the session) on the control stream before opening streams",
         );
-        if gw.audit.allow_refusal(Some(&self.peer.to_string())) {
+        if gw.audit.allow_refusal(Some(self.peer)) {
             tracing::info!(code = ?r.code, "stream refused before sign-in");
             gw.audit.record(AuditEvent {
                 outcome: Some(code_name(r.code)),
