@@ -82,8 +82,41 @@ where
 
 /// One HTTP/1.1 request on a new TCP connection to `addr`, with extra headers.
 pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<Answer> {
+    request(addr, "GET", path, "localhost", headers).await
+}
+
+/// A new HTTP/2 (prior knowledge) client connection to `addr`, driven by a background task.
+pub async fn http2<B>(
+    addr: SocketAddr,
+) -> anyhow::Result<hyper::client::conn::http2::SendRequest<B>>
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// One HTTP/1.1 request with `method`, `Host` and extra headers on a new TCP connection.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Answer> {
     let mut sender = http1(addr).await?;
-    let mut req = hyper::Request::get(path).header("host", "localhost");
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }

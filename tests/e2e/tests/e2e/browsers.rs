@@ -9,32 +9,20 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use touchgate_agent::RunningAgent;
-use touchgate_e2e::{enrolled, http1};
+use touchgate_e2e::{enrolled, http1, http2, request};
 use touchgate_testkit::lab::{Lab, LabOptions};
 
 const ALICE: &str = "alice@example.com";
 
-/// One request with the given method, `Host` and headers; the status and body.
+/// One request to `/v1/items` with the given method, `Host` and headers; the status and body.
 async fn ask(
     addr: SocketAddr,
     method: &str,
     host: &str,
     headers: &[(&str, &str)],
 ) -> anyhow::Result<(u16, String)> {
-    let mut sender = http1(addr).await?;
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri("/v1/items")
-        .header("host", host);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = sender
-        .send_request(req.body(Empty::<Bytes>::new())?)
-        .await?;
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    let a = request(addr, method, "/v1/items", host, headers).await?;
+    Ok((a.status, String::from_utf8_lossy(&a.body).into_owned()))
 }
 
 async fn lab_with_agent(
@@ -244,13 +232,7 @@ async fn a_cross_site_websocket_is_refused_and_a_same_origin_one_is_relayed() ->
 async fn an_h2_authority_of_another_site_is_refused() -> anyhow::Result<()> {
     let (lab, agent) = lab_with_agent(&[], &[]).await?;
     let api = agent.local_addr("api").expect("api");
-    let tcp = tokio::net::TcpStream::connect(api).await?;
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await?;
-    tokio::spawn(conn);
+    let mut sender = http2(api).await?;
     let before = lab.upstream.request_count();
     let req = hyper::Request::get(format!("http://evil.example:{}/v1", api.port()))
         .body(Empty::<Bytes>::new())?;
@@ -330,13 +312,7 @@ async fn metrics_text(admin: SocketAddr) -> anyhow::Result<String> {
 async fn identity_headers_smuggled_as_trailers_are_removed() -> anyhow::Result<()> {
     let (_lab, agent) = lab_with_agent(&[], &[]).await?;
     let api = agent.local_addr("api").expect("api");
-    let tcp = tokio::net::TcpStream::connect(api).await?;
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await?;
-    tokio::spawn(conn);
+    let mut sender = http2(api).await?;
     let mut trailers = hyper::HeaderMap::new();
     trailers.insert("x-touchgate-user", "root@example.com".parse()?);
     trailers.insert("x-serverless-authorization", "Bearer forged".parse()?);
