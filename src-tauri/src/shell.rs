@@ -189,8 +189,8 @@ fn service_url<R: Runtime>(app: &AppHandle<R>, name: &str) -> Option<String> {
         .view()
         .services
         .into_iter()
-        .find(|s| s.name == name && s.live && !s.url.is_empty())
-        .map(|s| s.url)
+        .find(|s| s.name == name && s.live && !s.best_url().is_empty())
+        .map(|s| s.best_url().to_owned())
 }
 
 fn on_action<R: Runtime>(app: &AppHandle<R>, action: Action) {
@@ -314,7 +314,7 @@ fn live_url(state: &Desk, url: &str) -> Result<(), ControllerError> {
         .view()
         .services
         .iter()
-        .any(|s| s.live && s.url == url)
+        .any(|s| s.live && (s.url == url || s.by_name == url))
     {
         Ok(())
     } else {

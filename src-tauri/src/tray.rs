@@ -189,10 +189,11 @@ pub fn tray(view: &View) -> Tray {
         items.push(Item::Separator);
     }
     for s in &view.services {
-        let where_ = if s.url.is_empty() {
-            "a free port at sign-in".to_owned()
-        } else {
-            s.url.clone()
+        let where_ = match (s.url.is_empty(), s.by_name.is_empty()) {
+            (true, true) => "a free port at sign-in".to_owned(),
+            (true, false) => s.by_name.clone(),
+            (false, true) => s.url.clone(),
+            (false, false) => format!("{} (port {})", s.by_name, s.local_port),
         };
         let text = if s.live {
             format!("{} — {where_}", s.name)
@@ -309,6 +310,26 @@ mod tests {
                     action: Action::OpenUrl("api".into()),
                     enabled: true
                 },
+            ]
+        );
+    }
+
+    #[test]
+    fn services_served_by_name_show_their_name_url() {
+        let mut v = view(Phase::Connected, true);
+        v.services[0].by_name = "http://api.localhost:8080/".into();
+        let mut web = ServiceView::new("web", 0, true);
+        web.by_name = "http://web.localhost:8080/".into();
+        v.services.push(web);
+        let shown: Vec<_> = texts(&tray(&v))
+            .into_iter()
+            .filter(|t| t.starts_with("> "))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "> api — http://api.localhost:8080/ (port 8081)",
+                "> web — http://web.localhost:8080/",
             ]
         );
     }

@@ -97,7 +97,11 @@ url: string,
 /**
  * Whether it answers now (signed in, and offered by the gateway).
  */
-live: boolean, };
+live: boolean, 
+/**
+ * `http://NAME.localhost:PORT/` on the by-name port (empty: not served by name).
+ */
+by_name: string, };
 
 export type View = { 
 /**
@@ -257,6 +261,11 @@ rp_id: string,
  * Serve local connections from other OS users of this machine too (Linux checks).
  */
 allow_other_users: boolean, 
+/**
+ * The port that serves every web service by name at `http://NAME.localhost:PORT/`
+ * (0: off).
+ */
+router_port: number, 
 /**
  * Services and their local ports.
  */

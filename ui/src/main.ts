@@ -145,21 +145,24 @@ function serviceList(services: ServiceView[]): HTMLElement {
   return h(
     "ul",
     { class: "services", "aria-label": "Services" },
-    services.map((s) =>
-      h(
+    services.map((s) => {
+      // By name when it is served by name: an origin of its own for cookies and storage.
+      const best = s.by_name || s.url;
+      const where = s.by_name && s.url ? `${s.by_name} (port ${s.local_port})` : best || "a free port at sign-in";
+      return h(
         "li",
         { "data-service": s.name, class: s.live ? "live" : "idle" },
         h("span", { class: "dot", "aria-hidden": "true" }),
         h("span", { class: "name" }, s.name),
-        h("span", { class: "url" }, s.url || "a free port at sign-in"),
-        s.live && s.url
+        h("span", { class: "url" }, where),
+        s.live && best
           ? [
-              h("button", { type: "button", class: "small", onclick: () => void copyText(s.url) }, "Copy URL"),
-              h("button", { type: "button", class: "small", onclick: () => void openUrl(s.url) }, "Open in browser"),
+              h("button", { type: "button", class: "small", onclick: () => void copyText(best) }, "Copy URL"),
+              h("button", { type: "button", class: "small", onclick: () => void openUrl(best) }, "Open in browser"),
             ]
           : h("span", { class: "muted" }, "not live"),
-      ),
-    ),
+      );
+    }),
   );
 }
 
@@ -349,6 +352,18 @@ function settingsView(): HTMLElement {
       check("sign_in_on_launch", "Ask for a touch when touchgate starts"),
       check("autostart", "Start touchgate when I log in"),
       check("allow_other_users", "Serve other users of this computer too (less safe)"),
+    ),
+    h(
+      "fieldset",
+      {},
+      h("legend", {}, "By name"),
+      h(
+        "div",
+        { class: "field" },
+        h("label", { for: "f-router" }, "Serve every web service by name on port", lockNote("router_port")),
+        h("input", { id: "f-router", type: "number", min: 0, max: 65535, value: values.router_port, disabled: locked.has("router_port"), oninput: (e: Event) => { values.router_port = Number((e.target as HTMLInputElement).value); } }),
+        h("p", { class: "hint" }, "e.g. 8080 for http://NAME.localhost:8080/ (0: off)"),
+      ),
     ),
     h("div", { class: "buttons" }, h("button", { type: "submit" }, "Save")),
     h("p", { class: "hint" }, `Your settings file: ${sv.user_file}`),

@@ -94,6 +94,7 @@ const settings = (locked = [], managed = null) => ({
     autostart: false,
     sign_in_on_launch: false,
     renew_reminder_minutes: 10,
+    router_port: 0,
     services: [
       { name: "api", local_port: 8081 },
       { name: "billing", local_port: 8082 },
@@ -211,6 +212,29 @@ describe("touchgate windows", () => {
     ]);
     assert.equal(save.settings.autostart, true);
     await w.context.close();
+  });
+
+  test("services served by name show and open their name URL, and the by-name port is a setting", async () => {
+    const byName = connected();
+    byName.services = [
+      { name: "api", local_port: 8081, url: "http://127.0.0.1:8081", by_name: "http://api.localhost:8080/", live: true },
+      { name: "web", local_port: 0, url: "", by_name: "http://web.localhost:8080/", live: true },
+    ];
+    const w = await open("status", { view: byName });
+    const list = w.page.locator("ul.services");
+    assert.equal(await list.locator("li[data-service=api] .url").innerText(), "http://api.localhost:8080/ (port 8081)");
+    assert.equal(await list.locator("li[data-service=web] .url").innerText(), "http://web.localhost:8080/");
+    await list.locator("li[data-service=web]").getByRole("button", { name: "Open in browser" }).click();
+    const opened = (await w.calls()).filter((c) => c.cmd === "open_url").map((c) => c.args.url);
+    assert.deepEqual(opened, ["http://web.localhost:8080/"]);
+    await w.context.close();
+
+    const s = await open("settings", { view: view({ kind: "signed_out", reason: null }), settings: settings() });
+    await s.page.locator("#f-router").fill("8080");
+    await s.page.getByRole("button", { name: "Save" }).click();
+    const [save] = await requests(s);
+    assert.equal(save.settings.router_port, 8080);
+    await s.context.close();
   });
 
   test("errors are shown in words", async () => {

@@ -17,8 +17,10 @@ use touchgate_common::wire::read_frame;
 use touchgate_proto::{StreamOpen, StreamReply, encode};
 
 mod local;
+mod router;
 
 use local::{Local, bind_local, serve_local};
+use router::{Router, serve_router};
 
 use crate::{
     authenticator::Authenticator,
@@ -67,6 +69,9 @@ pub enum AgentState {
         expires_at: u64,
         /// Services offered by the gateway.
         services: Vec<String>,
+        /// Those of them that are TCP services.
+        #[serde(default)]
+        tcp: Vec<String>,
     },
     /// The connection dropped; reconnecting with the same session.
     Reconnecting {
@@ -89,11 +94,13 @@ pub enum AgentState {
 pub enum AgentError {
     /// A local port could not be bound.
     #[error(
-        "cannot listen on 127.0.0.1:{port} for service {service}: {source} (is another program using the port? change local_port in the agent config)"
+        "cannot listen on 127.0.0.1:{port} for {service}: {source} (is another program using the port? change {setting} in the agent config)"
     )]
     Bind {
-        /// The service.
+        /// What the port is for: "service NAME", or the by-name port.
         service: String,
+        /// The setting that chooses the port.
+        setting: &'static str,
         /// The port.
         port: u16,
         /// The error.
@@ -101,11 +108,13 @@ pub enum AgentError {
     },
     /// Another program holds the IPv6 loopback side of a service's port.
     #[error(
-        "another program holds [::1]:{port}, the IPv6 side of service {service}'s local port: it would get what tools send to localhost:{port}. Stop it (see `ss -ltnp 'sport = :{port}'`), or change local_port in the agent config"
+        "another program holds [::1]:{port}, the IPv6 side of the local port of {service}: it would get what tools send to localhost:{port}. Stop it (see `ss -ltnp 'sport = :{port}'`), or change {setting} in the agent config"
     )]
     BindV6Taken {
-        /// The service.
+        /// What the port is for.
         service: String,
+        /// The setting that chooses the port.
+        setting: &'static str,
         /// The port.
         port: u16,
     },
@@ -126,6 +135,7 @@ pub enum OnSessionEnd {
 /// A running agent.
 pub struct RunningAgent {
     listeners: Vec<(String, SocketAddr)>,
+    router: Option<SocketAddr>,
     state: watch::Receiver<AgentState>,
     conn: watch::Receiver<Option<quinn::Connection>>,
     shared: Arc<Shared>,
@@ -163,9 +173,14 @@ impl RunningAgent {
         let endpoint = client_endpoint(&cfg, &key)?;
         let mut bound = Vec::new();
         for s in &cfg.services {
-            let (l, l6) = bind_local(s).await?;
+            let what = format!("service {}", s.name);
+            let (l, l6) = bind_local(&what, "local_port", s.local_port).await?;
             bound.push((s.name.clone(), l, l6));
         }
+        let router = match cfg.router_port {
+            Some(port) => Some(bind_local("the by-name port", "router_port", port).await?),
+            None => None,
+        };
         let (state_tx, state_rx) = watch::channel(AgentState::Starting);
         let (conn_tx, conn_rx) = watch::channel(None);
         let shared = Arc::new(Shared {
@@ -185,7 +200,8 @@ impl RunningAgent {
         let mut listeners = Vec::new();
         for ((name, l, l6), svc) in bound.into_iter().zip(&shared.cfg.services) {
             let addr = l.local_addr().map_err(|source| AgentError::Bind {
-                service: name.clone(),
+                service: format!("service {name}"),
+                setting: "local_port",
                 port: 0,
                 source,
             })?;
@@ -209,6 +225,26 @@ impl RunningAgent {
                 ));
             }
         }
+        let mut router_addr = None;
+        if let Some((l, l6)) = router {
+            router_addr = l.local_addr().ok();
+            let router = Arc::new(Router {
+                port: router_addr.map_or(0, |a| a.port()),
+                session: shared.session.clone(),
+                services: shared.cfg.services.clone(),
+                ports: listeners
+                    .iter()
+                    .map(|(n, a): &(String, SocketAddr)| (n.clone(), a.port()))
+                    .collect(),
+                check_owner: !shared.cfg.allow_other_users && OwnerCheck::supported(),
+            });
+            for l in std::iter::once(l).chain(l6) {
+                tasks.push(tokio::spawn(
+                    serve_router(l, router.clone(), conn_rx.clone())
+                        .instrument(tracing::info_span!("router")),
+                ));
+            }
+        }
         let s = shared.clone();
         tasks.push(tokio::spawn(async move { s.supervise().await }));
         if shared.cfg.lock_on_key_removal {
@@ -217,6 +253,7 @@ impl RunningAgent {
         }
         Ok(Self {
             listeners,
+            router: router_addr,
             state: state_rx,
             conn: conn_rx,
             shared,
@@ -227,6 +264,11 @@ impl RunningAgent {
     /// The local address of each service.
     pub fn listeners(&self) -> &[(String, SocketAddr)] {
         &self.listeners
+    }
+
+    /// The by-name port's address (`router_port`), when it is on.
+    pub fn router_addr(&self) -> Option<SocketAddr> {
+        self.router
     }
 
     /// The local address of `service`.
@@ -526,6 +568,7 @@ fn connected_state(session: &SessionInfo) -> AgentState {
         user: session.user.clone(),
         expires_at: session.expires_at,
         services: session.services.iter().map(|s| s.name.clone()).collect(),
+        tcp: crate::controller::tcp_services(session),
     }
 }
 

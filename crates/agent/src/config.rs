@@ -81,6 +81,10 @@ pub struct AgentConfig {
     /// Services to expose on localhost.
     #[serde(default, rename = "service")]
     pub services: Vec<LocalService>,
+    /// One more local port that serves every HTTP service the user may use by name, at
+    /// `http://NAME.localhost:PORT/` (0 picks a free port). Off when absent.
+    #[serde(default)]
+    pub router_port: Option<u16>,
     /// How long before the session ends the front ends warn and offer to renew it.
     #[serde(default = "default_renew_reminder", with = "humantime_serde")]
     pub renew_reminder: std::time::Duration,
@@ -118,6 +122,7 @@ impl LocalService {
             port,
             allowed_hosts: self.allowed_hosts.clone(),
             allowed_origins: self.allowed_origins.clone(),
+            name_host: None,
         }
     }
 }

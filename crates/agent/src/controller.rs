@@ -40,6 +40,7 @@ use crate::{
     tunnel::TunnelError,
     unix_now,
 };
+pub(crate) use state::tcp_services;
 use state::{ControllerState, Effect, Event, Failure, Session, Timer};
 
 /// Opens the configured authenticator: `(config, create_soft_key, prompter)`. The default is
@@ -326,6 +327,7 @@ impl Inner {
                     .iter()
                     .map(|(name, addr)| (name.clone(), addr.port()))
                     .collect();
+                let router = agent.router_addr().map(|a| a.port());
                 *self.live.lock().await = Some(Live {
                     id,
                     agent: Arc::new(agent),
@@ -335,6 +337,7 @@ impl Inner {
                     agent: id,
                     session,
                     listeners,
+                    router,
                 }
             }
             Err(AgentError::Tunnel(e)) => Event::FlowFailed(failure(e)),

@@ -108,6 +108,10 @@ pub struct Settings {
     /// Serve local connections from other OS users of this machine too (Linux checks).
     #[serde(default)]
     pub allow_other_users: bool,
+    /// The port that serves every web service by name at `http://NAME.localhost:PORT/`
+    /// (0: off).
+    #[serde(default)]
+    pub router_port: u16,
     /// Services and their local ports.
     pub services: Vec<ServiceSetting>,
 }

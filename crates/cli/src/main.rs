@@ -258,14 +258,14 @@ fn keys() -> anyhow::Result<std::process::ExitCode> {
 
 fn print_services(view: &View) {
     for s in &view.services {
-        if s.live {
-            println!("service {} on 127.0.0.1:{}", s.name, s.local_port);
-        } else {
-            println!(
-                "service {} on 127.0.0.1:{} (not live)",
-                s.name, s.local_port
-            );
-        }
+        let at = match (s.local_port, s.by_name.as_str()) {
+            (0, "") => "on a free port at sign-in".to_owned(),
+            (0, by_name) => format!("at {by_name}"),
+            (port, "") => format!("on 127.0.0.1:{port}"),
+            (port, by_name) => format!("on 127.0.0.1:{port} and at {by_name}"),
+        };
+        let live = if s.live { "" } else { " (not live)" };
+        println!("service {} {at}{live}", s.name);
     }
 }
 

@@ -2,6 +2,7 @@
 //! async streams, the QUIC transport settings both ends use, and the one place that sets up
 //! logging for the binaries.
 
+pub mod host;
 pub mod wire;
 
 use std::time::Duration;

@@ -7,9 +7,8 @@
 //! the HTTP the agent carries, so it refuses those here, before anything reaches the upstream,
 //! against the policy the agent sent for its port ([`LocalAccess`]). Pure decisions: no IO.
 
-use std::net::IpAddr;
-
 use http::HeaderMap;
+use touchgate_common::host::{is_loopback_name, split_host_port};
 use touchgate_proto::LocalAccess;
 
 /// The browser access allowed on one local port.
@@ -21,6 +20,9 @@ pub struct BrowserPolicy {
     hosts: Vec<String>,
     /// Extra origins, normalised (`scheme://host:port`).
     origins: Vec<String>,
+    /// The by-name port's `NAME.localhost`, lower case: the only `Host` accepted, and the
+    /// host of the port's own origin.
+    named: Option<String>,
 }
 
 /// Why a request was refused: what was wrong, and the agent setting that would allow it.
@@ -67,13 +69,29 @@ impl BrowserPolicy {
                 .iter()
                 .filter_map(|o| normalise_origin(o))
                 .collect(),
+            named: l
+                .name_host
+                .as_ref()
+                .map(|h| h.trim_end_matches('.').to_ascii_lowercase()),
         }
     }
 
     /// Checks one HTTP request head: its `Host` (or h2 `:authority`, passed as `host`),
     /// `Origin` and `Sec-Fetch-Site`.
     pub fn check(&self, host: Option<&str>, headers: &HeaderMap) -> Result<(), BrowserRefusal> {
-        if let Some(h) = host {
+        if let Some(named) = &self.named {
+            // One connection to the by-name port carries one service: a request naming
+            // another (or none) would reach this service under the wrong name.
+            if host.is_none_or(|h| split_host_port(h).0 != *named) {
+                return Err(BrowserRefusal {
+                    what: format!(
+                        "Host {} on a connection opened for {named} (open a new connection for another name)",
+                        untrusted(host.unwrap_or_default())
+                    ),
+                    setting: None,
+                });
+            }
+        } else if let Some(h) = host {
             let (name, _) = split_host_port(h);
             if !is_loopback_name(&name) && !self.hosts.contains(&name) {
                 return Err(BrowserRefusal {
@@ -135,7 +153,12 @@ impl BrowserPolicy {
             .or_else(|| host.and_then(|h| split_host_port(h).1))
             .unwrap_or(80);
         parse_origin(origin).is_some_and(|(scheme, name, port)| {
-            scheme == "http" && is_own_host(&name) && port == own_port
+            let own_name = match &self.named {
+                // `127.0.0.1:PORT` on the by-name port is the agent's list, not this service.
+                Some(named) => name == *named,
+                None => is_own_host(&name),
+            };
+            scheme == "http" && own_name && port == own_port
         })
     }
 
@@ -143,6 +166,9 @@ impl BrowserPolicy {
     /// (already checked), else the port's own on 127.0.0.1.
     pub fn local_origin(&self, host: Option<&str>) -> String {
         let port = self.port.unwrap_or(80);
+        if let Some(named) = &self.named {
+            return format!("http://{named}:{port}");
+        }
         match host {
             // A `Host` without a port means 80; a tool that left it out still came in on the
             // port.
@@ -237,46 +263,6 @@ fn is_own_host(name: &str) -> bool {
     matches!(name, "127.0.0.1" | "::1" | "localhost")
 }
 
-/// Whether a host name (without port, brackets removed) names this machine: a loopback IP
-/// literal, `localhost`, or a name under `.localhost` (which browsers resolve to loopback
-/// themselves, RFC 6761).
-pub fn is_loopback_name(name: &str) -> bool {
-    let name = name.trim_end_matches('.');
-    if let Ok(ip) = name.parse::<IpAddr>() {
-        return ip.is_loopback();
-    }
-    name.eq_ignore_ascii_case("localhost")
-        || name
-            .get(name.len().saturating_sub(".localhost".len())..)
-            .is_some_and(|t| t.eq_ignore_ascii_case(".localhost"))
-}
-
-/// Splits `host[:port]` / `[v6][:port]` into a lower-case name (brackets removed, trailing
-/// dot dropped) and the port.
-fn split_host_port(h: &str) -> (String, Option<u16>) {
-    let h = h.trim();
-    let (name, port) = if let Some(rest) = h.strip_prefix('[') {
-        match rest.split_once(']') {
-            Some((name, "")) => (name, None),
-            Some((name, tail)) => match tail.strip_prefix(':') {
-                Some(port) => (name, Some(port)),
-                // `[::1]evil.example`: not a host; never a loopback one.
-                None => (h, None),
-            },
-            None => (rest, None),
-        }
-    } else {
-        match h.rsplit_once(':') {
-            Some((name, port)) if !name.contains(':') => (name, Some(port)),
-            _ => (h, None),
-        }
-    };
-    (
-        name.trim_end_matches('.').to_ascii_lowercase(),
-        port.and_then(|p| p.parse().ok()),
-    )
-}
-
 /// `scheme://host[:port]` → (scheme, host, port with the scheme's default); `None` for
 /// anything else (a path, userinfo, an unknown scheme).
 fn parse_origin(o: &str) -> Option<(String, String, u16)> {
@@ -335,7 +321,51 @@ mod tests {
             port,
             allowed_hosts: hosts.iter().map(|s| s.to_string()).collect(),
             allowed_origins: origins.iter().map(|s| s.to_string()).collect(),
+            name_host: None,
         }))
+    }
+
+    fn named(port: u16, name: &str) -> BrowserPolicy {
+        BrowserPolicy::new(Some(&LocalAccess {
+            port,
+            name_host: Some(name.into()),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn the_by_name_port_takes_only_its_own_name_and_origin() {
+        let p = named(8080, "api.localhost");
+        let none = HeaderMap::new();
+        assert!(p.check(Some("api.localhost:8080"), &none).is_ok());
+        assert!(p.check(Some("API.localhost."), &none).is_ok());
+        for other in [
+            "web.localhost:8080",
+            "localhost:8080",
+            "127.0.0.1:8080",
+            "evil.example",
+        ] {
+            let e = p.check(Some(other), &none).expect_err("refused");
+            assert!(
+                e.what.contains("opened for api.localhost"),
+                "{other}: {e:?}"
+            );
+        }
+        assert!(p.check(None, &none).is_err());
+        let own = headers(&[
+            ("origin", "http://api.localhost:8080"),
+            ("sec-fetch-site", "same-origin"),
+        ]);
+        assert!(p.check(Some("api.localhost:8080"), &own).is_ok());
+        // Another service behind the same port is another site.
+        let web = headers(&[("origin", "http://web.localhost:8080")]);
+        assert!(p.check(Some("api.localhost:8080"), &web).is_err());
+        let list = headers(&[("origin", "http://127.0.0.1:8080")]);
+        assert!(p.check(Some("api.localhost:8080"), &list).is_err());
+        assert_eq!(
+            p.local_origin(Some("api.localhost:8080")),
+            "http://api.localhost:8080"
+        );
     }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {

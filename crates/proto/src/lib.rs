@@ -223,6 +223,12 @@ pub struct LocalAccess {
     /// allowed to call the service from a browser, e.g. `http://localhost:3000`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_origins: Vec<String>,
+    /// Set when the stream came in on the agent's by-name port (`router_port`) for
+    /// `http://NAME.localhost:PORT/`: the name (`NAME.localhost`, lower case) every request's
+    /// `Host` must carry, and the host of the port's own origin. Another name on the same
+    /// connection would be another service; plain loopback names are not this service's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_host: Option<String>,
 }
 
 /// The gateway's answer to [`StreamOpen`].
@@ -341,6 +347,7 @@ mod tests {
                 port: 8081,
                 allowed_hosts: vec!["api.dev.test".into()],
                 allowed_origins: vec!["http://localhost:3000".into()],
+                name_host: Some("api.localhost".into()),
             }),
         });
         roundtrip(StreamReply::Refused(Refusal::new(

@@ -8,25 +8,29 @@ use super::*;
 /// user, who would then get what tools and browsers send to localhost:PORT. A port picked by
 /// the system (`local_port = 0`) is picked again when its IPv6 twin is taken.
 pub(super) async fn bind_local(
-    s: &crate::config::LocalService,
+    name: &str,
+    setting: &'static str,
+    local_port: u16,
 ) -> Result<(TcpListener, Option<TcpListener>), AgentError> {
     let mut tries = 0;
     loop {
-        let l = TcpListener::bind(("127.0.0.1", s.local_port))
+        let l = TcpListener::bind(("127.0.0.1", local_port))
             .await
             .map_err(|source| AgentError::Bind {
-                service: s.name.clone(),
-                port: s.local_port,
+                service: name.to_owned(),
+                setting,
+                port: local_port,
                 source,
             })?;
-        let port = l.local_addr().map(|a| a.port()).unwrap_or(s.local_port);
+        let port = l.local_addr().map(|a| a.port()).unwrap_or(local_port);
         match TcpListener::bind(("::1", port)).await {
             Ok(l6) => return Ok((l, Some(l6))),
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
                 tries += 1;
-                if s.local_port != 0 || tries == 5 {
+                if local_port != 0 || tries == 5 {
                     return Err(AgentError::BindV6Taken {
-                        service: s.name.clone(),
+                        service: name.to_owned(),
+                        setting,
                         port,
                     });
                 }
@@ -51,15 +55,35 @@ pub(super) struct Local {
 /// How often a refused local connection is logged at most, per service; the rest are counted.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// Serves one service's local port: each connection is carried over a stream of the tunnel.
 pub(super) async fn serve_local(
     listener: TcpListener,
     local: Arc<Local>,
     conn: watch::Receiver<Option<quinn::Connection>>,
 ) {
+    let (name, check_owner) = (local.service.clone(), local.check_owner);
+    accept_loop(listener, &name, check_owner, move |tcp| {
+        let (local, conn) = (local.clone(), conn.clone());
+        async move { handle_local(tcp, &local, &[], conn).await }
+    })
+    .await
+}
+
+/// Accepts connections on a local port and hands each one of this OS user to `handle`, on a
+/// task of its own. `name` (a service, or the by-name port) is for the log.
+pub(super) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    name: &str,
+    check_owner: bool,
+    handle: F,
+) where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let mut owners = OwnerCheck::new();
     let mut refusals = RefusalLog::default();
-    if local.check_owner && owners.own_uid().is_none() {
-        tracing::warn!(service = %local.service, "cannot tell which OS user this agent runs as, so every local connection will be refused (set allow_other_users = true to serve them all)");
+    if check_owner && owners.own_uid().is_none() {
+        tracing::warn!(service = %name, "cannot tell which OS user this agent runs as, so every local connection will be refused (set allow_other_users = true to serve them all)");
     }
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -70,21 +94,14 @@ pub(super) async fn serve_local(
                 continue;
             }
         };
-        if local.check_owner
-            && let Err(why) = same_user(&mut owners, &tcp, peer)
-        {
+        if check_owner && let Err(why) = same_user(&mut owners, &tcp, peer) {
             // Closed before any stream is opened: the gateway never hears of it.
             drop(tcp);
-            refusals.note(&local.service, peer, why);
+            refusals.note(name, peer, why);
             continue;
         }
         let _ = tcp.set_nodelay(true);
-        let local = local.clone();
-        let conn = conn.clone();
-        tokio::spawn(
-            async move { handle_local(tcp, &local, conn).await }
-                .instrument(tracing::debug_span!("local", %peer)),
-        );
+        tokio::spawn(handle(tcp).instrument(tracing::debug_span!("local", %peer)));
     }
 }
 
@@ -148,9 +165,11 @@ impl RefusalLog {
     }
 }
 
-async fn handle_local(
+/// Carries one local connection over a stream, `head` (bytes already read from it) first.
+pub(super) async fn handle_local(
     tcp: tokio::net::TcpStream,
     local: &Local,
+    head: &[u8],
     mut conn: watch::Receiver<Option<quinn::Connection>>,
 ) {
     let service = local.service.as_str();
@@ -160,7 +179,9 @@ async fn handle_local(
         if let Some(c) = current.filter(|c| c.close_reason().is_none()) {
             match tokio::time::timeout_at(deadline, c.open_bi()).await {
                 Ok(Ok((mut send, recv))) => {
-                    if send.write_all(&local.open).await.is_ok() {
+                    if send.write_all(&local.open).await.is_ok()
+                        && send.write_all(head).await.is_ok()
+                    {
                         pipe(tcp, send, recv, service).await;
                         return;
                     }

@@ -17,6 +17,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use secrecy::SecretString;
 
+pub(crate) use events::tcp_services;
 pub use events::{Effect, Event, Failure, Session, Timer};
 
 use super::error::ControllerError;
@@ -71,6 +72,8 @@ struct Running {
     reminder: u64,
     /// The session end the reminder was given for.
     warned_for: Option<u64>,
+    /// The by-name port, when it is on.
+    router: Option<u16>,
 }
 
 impl ControllerState {
@@ -132,10 +135,11 @@ impl ControllerState {
                 agent,
                 session,
                 listeners,
+                router,
             } => self.started(
                 agent,
                 session.as_ref(),
-                &listeners,
+                (&listeners, router),
                 now,
                 &mut out,
                 &mut notices,
@@ -319,7 +323,7 @@ impl ControllerState {
         &mut self,
         agent: u64,
         session: Option<&Session>,
-        listeners: &[(String, u16)],
+        (listeners, router): (&[(String, u16)], Option<u16>),
         now: u64,
         out: &mut Vec<Effect>,
         notices: &mut Vec<Notice>,
@@ -339,6 +343,7 @@ impl ControllerState {
             key: f.key,
             reminder: reminder.unwrap_or_default(),
             warned_for: None,
+            router,
         });
         self.lost = false;
         self.view.services = listeners
@@ -434,6 +439,7 @@ impl ControllerState {
                 user,
                 expires_at,
                 services,
+                tcp,
             } => {
                 if std::mem::take(&mut self.lost) {
                     notices.push(Notice::ConnectionRestored);
@@ -442,6 +448,7 @@ impl ControllerState {
                     user,
                     expires_at,
                     services,
+                    tcp,
                 };
                 self.show_session(&session, now, out, notices);
             }
@@ -537,6 +544,17 @@ impl ControllerState {
         });
         for s in &mut self.view.services {
             s.live = session.services.contains(&s.name);
+            s.by_name = by_name_url(a.router, &s.name, session).unwrap_or_default();
+        }
+        // The by-name port serves every web service offered, configured or not.
+        for name in &session.services {
+            if let Some(url) = by_name_url(a.router, name, session)
+                && !self.view.services.iter().any(|s| s.name == *name)
+            {
+                let mut s = ServiceView::new(name, 0, true);
+                s.by_name = url;
+                self.view.services.push(s);
+            }
         }
         if warned {
             self.arm(Timer::Warn, None, out);
@@ -663,3 +681,10 @@ impl ControllerState {
 
 #[cfg(test)]
 mod tests;
+
+/// `http://NAME.localhost:PORT/` for a web service `name` of `session` on the by-name port.
+fn by_name_url(router: Option<u16>, name: &str, session: &Session) -> Option<String> {
+    let port = router?;
+    (session.services.iter().any(|s| s == name) && !session.tcp.iter().any(|s| s == name))
+        .then(|| format!("http://{}.localhost:{port}/", name.to_ascii_lowercase()))
+}

@@ -151,6 +151,8 @@ pub struct ServiceView {
     pub url: String,
     /// Whether it answers now (signed in, and offered by the gateway).
     pub live: bool,
+    /// `http://NAME.localhost:PORT/` on the by-name port (empty: not served by name).
+    pub by_name: String,
 }
 
 impl ServiceView {
@@ -165,6 +167,17 @@ impl ServiceView {
                 format!("http://127.0.0.1:{port}")
             },
             live,
+            by_name: String::new(),
+        }
+    }
+
+    /// Where to open it: by name when it is served by name (an origin of its own), else its
+    /// port.
+    pub fn best_url(&self) -> &str {
+        if self.by_name.is_empty() {
+            &self.url
+        } else {
+            &self.by_name
         }
     }
 }

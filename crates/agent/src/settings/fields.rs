@@ -14,6 +14,12 @@ pub(super) fn read(t: &toml::Table) -> Settings {
                 *at(&mut values) = v.and_then(|v| v.as_str()).unwrap_or(default).to_owned();
             }
             Kind::Flag(at) => *at(&mut values) = v.and_then(|v| v.as_bool()).unwrap_or(false),
+            Kind::Port(at) => {
+                *at(&mut values) = v
+                    .and_then(|v| v.as_integer())
+                    .and_then(|p| u16::try_from(p).ok())
+                    .unwrap_or(0);
+            }
             Kind::Minutes(at, default) => {
                 *at(&mut values) = v
                     .and_then(|v| v.as_str())
@@ -39,6 +45,7 @@ pub(super) fn write(
         let value: toml_edit::Value = match f.kind {
             Kind::Text(at, _) if at(&mut old) != at(&mut new) => at(&mut new).as_str().into(),
             Kind::Flag(at) if at(&mut old) != at(&mut new) => (*at(&mut new)).into(),
+            Kind::Port(at) if at(&mut old) != at(&mut new) => i64::from(*at(&mut new)).into(),
             Kind::Minutes(at, _) if at(&mut old) != at(&mut new) => {
                 format!("{}m", at(&mut new)).into()
             }
@@ -50,7 +57,8 @@ pub(super) fn write(
         doc[f.key] = toml_edit::value(value);
     }
     for f in FIELDS.iter().filter(|f| f.optional) {
-        if doc.get(f.key).and_then(|v| v.as_str()) == Some("") {
+        let v = doc.get(f.key);
+        if v.and_then(|v| v.as_str()) == Some("") || v.and_then(|v| v.as_integer()) == Some(0) {
             doc.remove(f.key);
         }
     }
@@ -77,6 +85,11 @@ const FIELDS: &[Field] = &[
     },
     Field::optional("rp_id", |s| &mut s.rp_id),
     Field::flag("allow_other_users", |s| &mut s.allow_other_users),
+    Field {
+        key: "router_port",
+        kind: Kind::Port(|s| &mut s.router_port),
+        optional: true,
+    },
 ];
 
 /// One setting and its TOML key.
@@ -95,6 +108,8 @@ enum Kind {
     Flag(fn(&mut Settings) -> &mut bool),
     /// A humantime duration in the file, whole minutes in the settings.
     Minutes(fn(&mut Settings) -> &mut u32, u32),
+    /// A TCP port (default 0: off).
+    Port(fn(&mut Settings) -> &mut u16),
 }
 
 impl Field {
@@ -141,6 +156,7 @@ mod tests {
             renew_reminder_minutes: 25,
             rp_id: "example.com".into(),
             allow_other_users: true,
+            router_port: 8080,
             services: Vec::new(),
         };
         let mut doc = toml_edit::DocumentMut::new();
@@ -152,8 +168,10 @@ mod tests {
         // Empty optional values leave no key; a locked key is refused by its name.
         let mut cleared = values.clone();
         cleared.rp_id.clear();
+        cleared.router_port = 0;
         write(&mut doc, &values, &cleared, |_| false).expect("write");
         assert!(doc.get("rp_id").is_none(), "{doc}");
+        assert!(doc.get("router_port").is_none(), "{doc}");
         let e = write(&mut doc, &cleared, &values, |k| k == "rp_id").expect_err("locked");
         assert_eq!(
             e.to_string(),

@@ -28,6 +28,7 @@ mod real_browser;
 mod recorded_vectors;
 mod refusals;
 mod revoke;
+mod router;
 mod session_expiry;
 mod tunnel;
 mod upstream_failures;

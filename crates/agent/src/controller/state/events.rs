@@ -28,6 +28,8 @@ pub enum Event {
         session: Option<Session>,
         /// Each service's local port.
         listeners: Vec<(String, u16)>,
+        /// The by-name port (`router_port`), when it is on.
+        router: Option<u16>,
     },
     /// The running agent renewed its session ([`Effect::Renew`]).
     Renewed(Session),
@@ -158,7 +160,7 @@ pub enum Failure {
 }
 
 /// A session as the controller needs it (no token).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Session {
     /// The user.
     pub user: String,
@@ -166,6 +168,8 @@ pub struct Session {
     pub expires_at: u64,
     /// The services the gateway offers.
     pub services: Vec<String>,
+    /// Those of them that are TCP services (not served by name).
+    pub tcp: Vec<String>,
 }
 
 impl From<&touchgate_proto::SessionInfo> for Session {
@@ -174,6 +178,16 @@ impl From<&touchgate_proto::SessionInfo> for Session {
             user: s.user.clone(),
             expires_at: s.expires_at,
             services: s.services.iter().map(|s| s.name.clone()).collect(),
+            tcp: tcp_services(s),
         }
     }
+}
+
+/// The names of the TCP services a session offers.
+pub(crate) fn tcp_services(s: &touchgate_proto::SessionInfo) -> Vec<String> {
+    s.services
+        .iter()
+        .filter(|s| s.kind == touchgate_proto::ServiceKind::Tcp)
+        .map(|s| s.name.clone())
+        .collect()
 }

@@ -70,6 +70,7 @@ impl Rig {
             agent: 1,
             session: Some(session(self.now + length)),
             listeners: vec![("api".into(), 8081), ("billing".into(), 8082)],
+            router: None,
         })
     }
 
@@ -93,6 +94,7 @@ fn session(expires_at: u64) -> Session {
         user: "alice".into(),
         expires_at,
         services: vec!["api".into()],
+        tcp: Vec::new(),
     }
 }
 
@@ -204,6 +206,7 @@ fn sign_in_opens_the_key_starts_the_agent_and_shows_the_session() {
         agent: 1,
         session: Some(session(T0 + 8 * HOUR)),
         listeners: vec![("api".into(), 8081), ("billing".into(), 8082)],
+        router: None,
     });
     assert_eq!(reply(&e), Some(Ok(())));
     let v = r.s.view();
@@ -326,6 +329,7 @@ fn each_pin_prompt_takes_one_pin_and_shows_the_tries_left() {
         agent: 1,
         session: Some(session(T0 + HOUR)),
         listeners: vec![("api".into(), 8081)],
+        router: None,
     });
     assert_eq!(reply(&e), Some(Ok(())));
     assert_eq!(r.phase(), Phase::Connected);
@@ -380,6 +384,7 @@ fn sign_out_during_sign_in_stops_the_agent_that_starts_after() {
         agent: 1,
         session: Some(session(T0 + HOUR)),
         listeners: vec![],
+        router: None,
     });
     assert!(stops(&e));
     assert_eq!(reply(&e), Some(Err(ControllerError::Cancelled)));
@@ -504,3 +509,57 @@ fn settings_are_saved_through_the_shell_and_a_port_of_an_unknown_service_is_refu
 
 /// A live session: its reminder, end, renewal, and what the agent reports.
 mod session;
+
+#[test]
+fn the_by_name_port_names_every_web_service_offered() {
+    let mut r = Rig::new();
+    r.ask(Request::SignIn);
+    r.feed(Event::AuthenticatorOpened {
+        key: "YubiKey 5".into(),
+    });
+    let offered = Session {
+        user: "alice".into(),
+        expires_at: T0 + HOUR,
+        services: vec!["api".into(), "Web".into(), "db".into()],
+        tcp: vec!["db".into()],
+    };
+    r.feed(Event::AgentStarted {
+        agent: 1,
+        session: Some(offered),
+        listeners: vec![("api".into(), 8081), ("db".into(), 5432)],
+        router: Some(8080),
+    });
+    let v = r.s.view();
+    let shown: Vec<_> = v
+        .services
+        .iter()
+        .map(|s| {
+            (
+                s.name.as_str(),
+                s.local_port,
+                s.by_name.as_str(),
+                s.best_url(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (
+                "api",
+                8081,
+                "http://api.localhost:8080/",
+                "http://api.localhost:8080/"
+            ),
+            // A TCP service has its own port only.
+            ("db", 5432, "", "http://127.0.0.1:5432"),
+            // Offered but not configured: reachable by name alone.
+            (
+                "Web",
+                0,
+                "http://web.localhost:8080/",
+                "http://web.localhost:8080/"
+            ),
+        ]
+    );
+}

@@ -21,6 +21,7 @@ fn the_expiry_warning_comes_the_reminder_before_the_end_and_once() {
         user: "alice".into(),
         expires_at: T0 + HOUR,
         services: vec!["api".into()],
+        tcp: Vec::new(),
     });
     assert!(notices(&e).is_empty());
     assert_eq!(r.phase(), Phase::ExpiringSoon);
@@ -208,6 +209,7 @@ fn a_lost_connection_is_told_once_and_so_is_its_return() {
         user: "alice".into(),
         expires_at: T0 + HOUR,
         services: vec!["api".into()],
+        tcp: Vec::new(),
     });
     assert_eq!(notices(&e), [Notice::ConnectionRestored]);
     assert_eq!(r.phase(), Phase::Connected);
