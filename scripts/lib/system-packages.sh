@@ -51,5 +51,7 @@ ensure_desktop_packages() {
   command -v import >/dev/null 2>&1 || need+=(imagemagick)
   # The gRPC end-to-end test's real client and server.
   /usr/bin/python3 -c 'import grpc' >/dev/null 2>&1 || need+=(python3-grpcio)
+  # The end-to-end tests' real HTTP client.
+  command -v curl >/dev/null 2>&1 || need+=(curl)
   install_packages "${need[@]}"
 }

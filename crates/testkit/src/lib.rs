@@ -256,6 +256,11 @@ pub fn pattern_sha256(n: u64) -> String {
 /// - `GET /bytes?n=N` streams N bytes of the bulk pattern;
 /// - `GET /slow?ms=N` answers after N milliseconds;
 /// - `POST /upload` streams the body in and answers its length and SHA-256;
+/// - `GET /redirect` sets a cookie for the service's own domain and redirects to its own
+///   absolute URL of `GET /landing`, an HTML page showing the request's headers and, by script,
+///   the address the browser is on;
+/// - `GET /app` is a page of an app that checks `Origin` against `Host` as web frameworks do:
+///   its `POST /app/submit` and WebSocket `/app/ws` answer 403 to another origin;
 /// - a request with `Upgrade: echo` is switched to a raw echo of bytes;
 /// - anything else answers a JSON echo of method, path, headers and the token's claims.
 pub async fn start_cloud_run(listener: TcpListener, audience: &str) -> FakeServer {
@@ -360,6 +365,9 @@ async fn cloud_run(mut req: Request<Incoming>, audience: &str) -> Response<Body>
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    if upgrade.as_deref() == Some("websocket") && req.uri().path() == "/app/ws" {
+        return app_websocket(req);
+    }
     if upgrade.as_deref() == Some("echo") {
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
@@ -392,7 +400,7 @@ async fn cloud_run(mut req: Request<Incoming>, audience: &str) -> Response<Body>
             let name = host.split(':').next().unwrap_or_default().to_owned();
             let mut r = text(StatusCode::FOUND, "moved\n");
             if let (Ok(loc), Ok(cookie)) = (
-                header::HeaderValue::from_str(&format!("http://{host}/dir/?from=redirect")),
+                header::HeaderValue::from_str(&format!("http://{host}/landing?from=redirect")),
                 header::HeaderValue::from_str(&format!("sid=abc; Path=/; Domain={name}; HttpOnly")),
             ) {
                 r.headers_mut().insert(header::LOCATION, loc);
@@ -400,6 +408,20 @@ async fn cloud_run(mut req: Request<Incoming>, audience: &str) -> Response<Body>
             }
             r
         }
+        ("GET", "/landing") => {
+            // Escaped for HTML: a header value may hold `<` or `&`.
+            let seen = headers_json(&req)
+                .to_string()
+                .replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;");
+            html(LANDING_PAGE.replace("__REQUEST__", &seen))
+        }
+        ("GET", "/app") => html(APP_PAGE),
+        ("POST", "/app/submit") => match origin_of_host(&req) {
+            Ok(origin) => text(StatusCode::OK, format!("accepted from {origin}")),
+            Err(refusal) => text(StatusCode::FORBIDDEN, refusal),
+        },
         ("GET", "/slow") => {
             let ms: u64 = query(&req)
                 .into_iter()
@@ -458,22 +480,149 @@ async fn cloud_run(mut req: Request<Incoming>, audience: &str) -> Response<Body>
                 "trailers": trailers,
             }))
         }
-        _ => {
-            let headers: serde_json::Map<String, serde_json::Value> = req
-                .headers()
-                .iter()
-                .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").into()))
-                .collect();
-            json(&serde_json::json!({
-                "service": "fake-cloud-run",
-                "method": req.method().as_str(),
-                "path": req.uri().path(),
-                "version": format!("{:?}", req.version()),
-                "headers": headers,
-                "id_token": { "aud": claims.aud, "email": claims.email, "iss": claims.iss },
-            }))
-        }
+        _ => json(&serde_json::json!({
+            "service": "fake-cloud-run",
+            "method": req.method().as_str(),
+            "path": req.uri().path(),
+            "version": format!("{:?}", req.version()),
+            "headers": headers_json(&req),
+            "id_token": { "aud": claims.aud, "email": claims.email, "iss": claims.iss },
+        })),
     }
+}
+
+/// A request's headers as a JSON object.
+fn headers_json(req: &Request<Incoming>) -> serde_json::Value {
+    req.headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").into()))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+fn html(body: impl Into<String>) -> Response<Body> {
+    let mut r = text(StatusCode::OK, body);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    r
+}
+
+/// Where `/redirect` sends the caller. `#url` shows the address the browser ended on.
+const LANDING_PAGE: &str = r#"<!doctype html>
+<html><head><title>landing</title></head><body>
+<p id="landed">landed</p>
+<pre id="request">__REQUEST__</pre>
+<p id="url"></p>
+<script>document.getElementById("url").textContent = location.href;</script>
+</body></html>
+"#;
+
+/// The origin-checking app's page: it posts to `/app/submit` and opens `/app/ws`, writes each
+/// outcome into `#submit` and `#ws`, then sets the title to `done`. With `?hold=ORIGIN` its
+/// load event (when a headless browser prints the page) waits for `ORIGIN/hold`, which a test's
+/// own site answers once the page has asked for `ORIGIN/finished`.
+const APP_PAGE: &str = r#"<!doctype html>
+<html><head><title>running</title></head><body>
+<img id="hold" alt="">
+<p id="submit"></p>
+<p id="ws"></p>
+<script>
+const hold = new URLSearchParams(location.search).get("hold");
+if (hold) document.getElementById("hold").src = hold + "/hold";
+const show = (id, what) => { document.getElementById(id).textContent = what; };
+async function run() {
+  try {
+    const r = await fetch("/app/submit", { method: "POST", body: "hello" });
+    show("submit", r.status + " " + (await r.text()));
+  } catch (e) { show("submit", "failed " + e); }
+  await new Promise((done) => {
+    const ws = new WebSocket("ws://" + location.host + "/app/ws");
+    ws.onopen = () => ws.send("hello");
+    ws.onmessage = (e) => { show("ws", "message " + e.data); done(); };
+    ws.onclose = (e) => {
+      if (!document.getElementById("ws").textContent) show("ws", "closed " + e.code);
+      done();
+    };
+  });
+  document.title = "done";
+  if (hold) await fetch(hold + "/finished", { mode: "no-cors" });
+}
+run();
+</script></body></html>
+"#;
+
+/// The request's `Origin` when it names the host and port of its `Host`, the check frameworks
+/// make against cross-site requests (gorilla/websocket's default `CheckOrigin`, for one); else
+/// why not.
+fn origin_of_host(req: &Request<Incoming>) -> Result<String, String> {
+    let h = req.headers();
+    let origin = h
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let host = h
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    match url::Url::parse(origin) {
+        Ok(u)
+            if u[url::Position::BeforeHost..url::Position::AfterPort]
+                .eq_ignore_ascii_case(host) =>
+        {
+            Ok(origin.to_owned())
+        }
+        _ => Err(format!("refused: Origin {origin:?} is not Host {host:?}\n")),
+    }
+}
+
+/// The app's WebSocket: refused to another origin; else accepted (RFC 6455 handshake), and
+/// once the browser's first message has arrived the app sends one text message back. The
+/// browser's frames are masked and are not decoded: hearing bytes is enough for the test.
+fn app_websocket(mut req: Request<Incoming>) -> Response<Body> {
+    use base64::Engine as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if let Err(refusal) = origin_of_host(&req) {
+        return text(StatusCode::FORBIDDEN, refusal);
+    }
+    let Some(key) = req.headers().get("sec-websocket-key") else {
+        return text(StatusCode::BAD_REQUEST, "no Sec-WebSocket-Key\n");
+    };
+    let accept = <sha1::Sha1 as sha1::Digest>::digest(
+        [key.as_bytes(), b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"].concat(),
+    );
+    let Ok(accept) =
+        header::HeaderValue::from_str(&base64::engine::general_purpose::STANDARD.encode(accept))
+    else {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "bad accept key\n");
+    };
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(up) = on.await else { return };
+        let mut io = TokioIo::new(up);
+        let mut first = [0u8; 1024];
+        if matches!(io.read(&mut first).await, Ok(n) if n > 0) {
+            // One unmasked, final text frame (RFC 6455 section 5.2).
+            let message = b"heard you";
+            let mut frame = vec![0x81, message.len() as u8];
+            frame.extend_from_slice(message);
+            let _ = io.write_all(&frame).await;
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()).boxed());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("upgrade"),
+    );
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    r
 }
 
 #[cfg(test)]

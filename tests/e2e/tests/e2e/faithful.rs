@@ -1,6 +1,7 @@
 //! Tools behave as if they talked to the service: a redirect to the service's own URL stays
 //! in the tunnel, its cookie is kept for localhost, the service's own page is seen as
-//! same-origin, and forwarding headers a caller forged never arrive.
+//! same-origin, and forwarding headers a caller forged never arrive. Shown with a raw client
+//! and with Debian's `curl` (without it a test fails); `real_browser.rs` shows it in Chromium.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -8,9 +9,10 @@ use touchgate_agent::RunningAgent;
 use touchgate_e2e::{enrolled, get, http1};
 use touchgate_testkit::lab::{Lab, LabOptions};
 
-const ALICE: &str = "alice@example.com";
+pub(super) const ALICE: &str = "alice@example.com";
 
-async fn started() -> anyhow::Result<(Lab, RunningAgent)> {
+/// A lab and a running agent for Alice, enrolled with a software key.
+pub(super) async fn started() -> anyhow::Result<(Lab, RunningAgent)> {
     let lab = Lab::start(LabOptions::default()).await?;
     let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
     let agent = RunningAgent::start(cfg, authn).await?;
@@ -33,15 +35,50 @@ async fn a_redirect_to_the_service_comes_back_to_the_local_port_with_its_cookie(
         .await?;
     assert_eq!(resp.status(), 302);
     let location = resp.headers()["location"].to_str()?.to_owned();
-    assert_eq!(location, format!("http://{host}/dir/?from=redirect"));
+    assert_eq!(location, format!("http://{host}/landing?from=redirect"));
     let cookie = resp.headers()["set-cookie"].to_str()?.to_owned();
     assert_eq!(cookie, "sid=abc; Path=/; HttpOnly");
     resp.into_body().collect().await?;
-    // Following it stays in the tunnel and reaches the service.
-    let path = location.trim_start_matches(&format!("http://{host}"));
-    let next = get(api, path, &[]).await?;
-    assert_eq!(next.status, 200);
-    assert_eq!(next.json()?["path"], "/dir/");
+    agent.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn curl_follows_a_redirect_to_the_service_back_to_the_local_port_without_its_forged_header()
+-> anyhow::Result<()> {
+    let (_lab, agent) = started().await?;
+    let local = format!(
+        "http://127.0.0.1:{}",
+        agent.local_addr("api").expect("api").port()
+    );
+    let mut curl = std::process::Command::new("curl");
+    // `-q` first: no `.curlrc`; no proxy from the environment.
+    curl.args(["-q", "-sS", "-L", "--noproxy", "*", "--max-time", "20"])
+        .args(["-H", "X-Forwarded-For: 1.2.3.4", "-w", "\n%{url_effective}"])
+        .arg(format!("{local}/redirect"));
+
+    let out = tokio::task::spawn_blocking(move || curl.output()).await?;
+    let out = out.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot run curl ({e}): install Debian's curl (scripts/lib/system-packages.sh does)"
+        )
+    })?;
+
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "curl {}: {stderr}\n{stdout}",
+        out.status
+    );
+    let (page, url) = stdout.rsplit_once('\n').unwrap_or_default();
+    assert_eq!(url, format!("{local}/landing?from=redirect"), "{stdout}");
+    assert!(page.contains(r#"<p id="landed">landed</p>"#), "{page}");
+    assert!(page.contains(r#""user-agent":"curl/"#), "{page}");
+    assert!(
+        !page.contains("x-forwarded-for") && !page.contains("1.2.3.4"),
+        "the forged header reached the service: {page}"
+    );
     agent.shutdown().await;
     Ok(())
 }

@@ -4,6 +4,12 @@
 //! checks that what Chromium really sends is refused before the upstream, and that a
 //! navigation the user types still reaches the service.
 //!
+//! And the service's own pages in that browser, as if it talked to the service directly: a
+//! redirect to the service's absolute URL keeps it on the local port with the cookie the
+//! service set for its own domain, and an app that checks `Origin` against `Host` accepts the
+//! page's POST and WebSocket. The browser opens `localhost`, not the upstream's 127.0.0.1, so a
+//! cookie `Domain` left in place would be refused.
+//!
 //! Needs Debian's `chromium` (`CHROMIUM` names another binary); without it the test fails.
 
 use std::{io::Read, net::SocketAddr, path::Path, process::Stdio, sync::Arc, time::Duration};
@@ -12,11 +18,10 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, body::Incoming, header, service::service_fn};
 use hyper_util::rt::TokioIo;
-use touchgate_agent::RunningAgent;
-use touchgate_e2e::enrolled;
-use touchgate_testkit::lab::{Lab, LabOptions};
+use touchgate_e2e::request;
+use touchgate_testkit::{lab::API_AUDIENCE, mint_id_token};
 
-const ALICE: &str = "alice@example.com";
+use super::faithful::{ALICE, started};
 
 /// Longest a Chromium run may take before it is killed.
 const BROWSER_TIMEOUT: Duration = Duration::from_secs(20);
@@ -24,15 +29,16 @@ const BROWSER_TIMEOUT: Duration = Duration::from_secs(20);
 #[tokio::test]
 async fn a_page_on_another_site_cannot_reach_the_service_through_a_real_browser()
 -> anyhow::Result<()> {
-    let lab = Lab::start(LabOptions::default()).await?;
-    let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
-    let agent = RunningAgent::start(cfg, authn).await?;
+    let (lab, agent) = started().await?;
     let api = agent.local_addr("api").expect("api");
     let target = format!("127.0.0.1:{}", api.port());
     // The attacker's page is served on another loopback address but the same port number as
     // the service (another OS user could do that): its origin must not pass as the port's own.
-    let attacker =
-        AttackerSite::start(ATTACK_PAGE.replace("__TARGET__", &target), api.port()).await?;
+    let attacker = Site::start(
+        ATTACK_PAGE.replace("__TARGET__", &target),
+        ("127.0.0.2", api.port()),
+    )
+    .await?;
     let attacker_origin = format!("http://{}", attacker.addr);
     let before = lab.upstream.request_count();
 
@@ -48,7 +54,7 @@ async fn a_page_on_another_site_cannot_reach_the_service_through_a_real_browser(
         page.details()
     );
     // What the page could learn: nothing readable.
-    let seen = page.log();
+    let seen: Vec<&str> = page.text_of("log").lines().collect();
     for expected in ["no-cors=opaque", "cors=failed", "ws=closed", "form=loaded"] {
         assert!(
             seen.iter().any(|l| l.starts_with(expected)),
@@ -123,6 +129,109 @@ async fn a_page_on_another_site_cannot_reach_the_service_through_a_real_browser(
     Ok(())
 }
 
+#[tokio::test]
+async fn a_redirect_to_the_services_own_url_keeps_a_real_browser_on_the_local_port_with_its_cookie()
+-> anyhow::Result<()> {
+    let (lab, agent) = started().await?;
+    let local = format!(
+        "http://localhost:{}",
+        agent.local_addr("api").expect("api").port()
+    );
+
+    // `/redirect` answers `Location: http://127.0.0.1:UPSTREAM/landing?from=redirect` and
+    // `Set-Cookie: sid=abc; Path=/; Domain=127.0.0.1; HttpOnly`.
+    let page = run_chromium(
+        &lab.dir.path().join("redirect"),
+        &format!("{local}/redirect"),
+    )
+    .await?;
+
+    assert_eq!(
+        page.text_of("url"),
+        format!("{local}/landing?from=redirect"),
+        "the browser did not end on the local port\n{}",
+        page.details()
+    );
+    assert_eq!(page.text_of("landed"), "landed", "{}", page.details());
+    assert!(
+        page.text_of("request").contains(r#""cookie":"sid=abc""#),
+        "the cookie did not come back\n{}",
+        page.details()
+    );
+    agent.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_app_that_checks_origin_accepts_a_real_browsers_post_and_websocket() -> anyhow::Result<()>
+{
+    let (lab, agent) = started().await?;
+    let local = format!(
+        "http://localhost:{}",
+        agent.local_addr("api").expect("api").port()
+    );
+    let hold = Site::start(String::new(), ("127.0.0.1", 0)).await?;
+
+    let page = run_chromium(
+        &lab.dir.path().join("app"),
+        &format!("{local}/app?hold=http://{}", hold.addr),
+    )
+    .await?;
+
+    assert!(
+        page.dom.contains("<title>done</title>"),
+        "the app page did not finish\n{}",
+        page.details()
+    );
+    // The app saw its own origin: the gateway put the upstream's in place of the local one.
+    assert_eq!(
+        page.text_of("submit"),
+        format!("200 accepted from {}", lab.upstream.url()),
+        "{}",
+        page.details()
+    );
+    assert_eq!(
+        page.text_of("ws"),
+        "message heard you",
+        "{}",
+        page.details()
+    );
+
+    // The app's check is real: what Chromium sent, were it passed on as it was, is refused.
+    let upstream = lab.upstream.addr.to_string();
+    let bearer = format!("Bearer {}", mint_id_token(API_AUDIENCE)?);
+    let as_sent = [
+        ("authorization", bearer.as_str()),
+        ("origin", local.as_str()),
+    ];
+    let post = request(
+        lab.upstream.addr,
+        "POST",
+        "/app/submit",
+        &upstream,
+        &as_sent,
+    )
+    .await?;
+    assert_eq!(post.status, 403, "{:?}", post.body);
+    let handshake = [
+        ("upgrade", "websocket"),
+        ("connection", "upgrade"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    let ws = request(
+        lab.upstream.addr,
+        "GET",
+        "/app/ws",
+        &upstream,
+        &[as_sent.as_slice(), &handshake].concat(),
+    )
+    .await?;
+    assert_eq!(ws.status, 403, "{:?}", ws.body);
+    agent.shutdown().await;
+    Ok(())
+}
+
 /// The attacker's page. It writes what it saw into `#log`, sets the title to `done` once
 /// every attempt has settled, and then tells its site, which releases the `/hold` image: the
 /// page's load event (when `--dump-dom` prints) waits for the attacks, in real time.
@@ -164,16 +273,16 @@ attack();
 </script></body></html>
 "#;
 
-/// Another site to the browser, on 127.0.0.2: serves the attacker page at `/`, and holds
-/// `/hold` until the page has asked for `/finished`.
-struct AttackerSite {
+/// A site of the test's own: serves `page` at `/`, and holds `/hold` until a page has asked
+/// for `/finished`.
+struct Site {
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl AttackerSite {
-    async fn start(page: String, port: u16) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.2", port)).await?;
+impl Site {
+    async fn start(page: String, addr: (&str, u16)) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let page = Bytes::from(page);
         let (finished, _) = tokio::sync::watch::channel(false);
@@ -215,7 +324,7 @@ impl AttackerSite {
     }
 }
 
-impl Drop for AttackerSite {
+impl Drop for Site {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -232,12 +341,12 @@ struct BrowserRun {
 }
 
 impl BrowserRun {
-    /// The lines the attacker page wrote into `#log`, one per attempt's outcome.
-    fn log(&self) -> Vec<&str> {
+    /// The text of the element with `id` (holding no other element), as the DOM shows it.
+    fn text_of(&self, id: &str) -> &str {
         self.dom
-            .split_once("<pre id=\"log\">")
-            .and_then(|(_, rest)| rest.split_once("</pre>"))
-            .map(|(log, _)| log.lines().collect())
+            .split_once(&format!(" id=\"{id}\">"))
+            .and_then(|(_, rest)| rest.split_once("</"))
+            .map(|(text, _)| text)
             .unwrap_or_default()
     }
 
@@ -275,8 +384,9 @@ async fn run_chromium(dir: &Path, url: &str) -> anyhow::Result<BrowserRun> {
             "--disable-sync",
             "--disable-extensions",
             "--no-proxy-server",
-            // Loopback only: every host name fails to resolve.
-            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE 127.0.0.2",
+            // Loopback only: every other host name fails to resolve.
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE 127.0.0.2, \
+             EXCLUDE localhost",
             "--dump-dom",
             // Prints the DOM even if the page never finishes loading.
             "--timeout=15000",
