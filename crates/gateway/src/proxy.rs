@@ -367,11 +367,11 @@ impl Proxy {
         }
         // Trailers are headers too: a caller must not smuggle identity headers in them.
         let body = body.map_frame(clean_trailers);
-        let continues = own.is_some() && expect::expects_continue(&parts.headers);
+        let continues = expect::expects_continue(&parts.headers);
         let mut out = Request::from_parts(parts, body.boxed());
         if continues {
-            // Only the stream's own HTTP/1 connection reports the upstream's 100; elsewhere
-            // hyper answers the expectation itself, as before.
+            // HTTP/1 upstreams (plain or TLS) report their 100; over HTTP/2 hyper has no 1xx,
+            // so the upstream's final answer or the wait decides.
             expect::hold_until_continue(&mut out);
         }
         let sent = match own {

@@ -272,6 +272,39 @@ pub async fn start_cloud_run(listener: TcpListener, audience: &str) -> FakeServe
     .await
 }
 
+/// A private CA and a server certificate it signed for `localhost` and 127.0.0.1: what an
+/// internal service behind a company CA has.
+pub struct PrivateCa {
+    /// The CA certificate, PEM (what `upstream_ca` names).
+    pub ca_pem: String,
+    /// The server's certificate, DER.
+    pub leaf: rustls::pki_types::CertificateDer<'static>,
+    /// The server's key, PKCS#8 DER.
+    pub leaf_key: Vec<u8>,
+    /// The server's certificate and key, PEM (for servers started as other programs).
+    pub leaf_pem: (String, String),
+}
+
+impl PrivateCa {
+    /// A fresh CA and server certificate.
+    pub fn new() -> anyhow::Result<Self> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256};
+        let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key)?;
+        let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?
+            .signed_by(&leaf_key, &rcgen::Issuer::from_params(&ca_params, &ca_key))?;
+        Ok(Self {
+            ca_pem: ca.pem(),
+            leaf: leaf.der().clone(),
+            leaf_key: leaf_key.serialize_der(),
+            leaf_pem: (leaf.pem(), leaf_key.serialize_pem()),
+        })
+    }
+}
+
 /// [`start_cloud_run`] over HTTPS, with a certificate for `localhost` and 127.0.0.1 signed by
 /// a private CA made here: what an internal service behind a company CA looks like. Returns
 /// the server and the CA's PEM.
@@ -279,22 +312,15 @@ pub async fn start_cloud_run_private_ca(
     listener: TcpListener,
     audience: &str,
 ) -> anyhow::Result<(FakeServer, String)> {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256};
-    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key)?;
-    let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?
-        .signed_by(&leaf_key, &rcgen::Issuer::from_params(&ca_params, &ca_key))?;
+    let ca = PrivateCa::new()?;
     let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
     .with_no_client_auth()
     .with_single_cert(
-        vec![leaf.der().clone()],
-        rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        vec![ca.leaf.clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(ca.leaf_key.clone().into()),
     )?;
     let mut tls = tls;
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -331,7 +357,7 @@ pub async fn start_cloud_run_private_ca(
             requests,
             task,
         },
-        ca.pem(),
+        ca.ca_pem,
     ))
 }
 

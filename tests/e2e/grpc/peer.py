@@ -1,6 +1,7 @@
 """A real gRPC server and client (grpcio) for touchgate's end-to-end test.
 
     peer.py server             serves demo.Echo on 127.0.0.1, prints its port, runs until stdin closes
+    peer.py server CERT KEY    the same over TLS (PEM files)
     peer.py client HOST:PORT   calls every method through HOST:PORT and prints one JSON object
 
 Methods use raw bytes (no generated code): Unary echoes and reports who the gateway said the
@@ -49,7 +50,7 @@ def slow(request, context):
     return b"late"
 
 
-def serve():
+def serve(tls=None):
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
@@ -59,7 +60,13 @@ def serve():
     }
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("demo.Echo", handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    if tls:
+        # tls = (certificate PEM file, key PEM file): HTTPS with ALPN h2, as behind a company CA.
+        with open(tls[0], "rb") as c, open(tls[1], "rb") as k:
+            creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+        port = server.add_secure_port("127.0.0.1:0", creds)
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(port, flush=True)
     sys.stdin.read()
@@ -96,8 +103,10 @@ def client(target):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["server"]:
+    if sys.argv[1:] == ["server"]:
         serve()
+    elif sys.argv[1:2] == ["server"] and len(sys.argv) == 4:
+        serve(tls=(sys.argv[2], sys.argv[3]))
     elif sys.argv[1:2] == ["client"] and len(sys.argv) == 3:
         client(sys.argv[2])
     else:

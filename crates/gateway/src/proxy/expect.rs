@@ -2,7 +2,9 @@
 //! expectation with `100 Continue` as soon as the request body is first read, so the body is
 //! held back until the upstream itself says `100 Continue` (or a second passes, as a client
 //! may stop waiting): an upstream that refuses at once (413, 401) is heard before the caller
-//! sends a byte of the body.
+//! sends a byte of the body. HTTP/1 upstreams, plain or TLS, report their `100` through
+//! hyper's informational callback; hyper's HTTP/2 client has no 1xx, so there the upstream's
+//! final answer (a refusal) or the wait decides, as curl's own one-second wait would.
 
 use std::{
     future::Future,
@@ -32,7 +34,14 @@ pub(super) fn hold_until_continue(req: &mut Request<ProxyBody>) {
         }
     });
     let opened = Box::pin(async move {
-        let _ = tokio::time::timeout(CONTINUE_WAIT, rx.wait_for(|go| *go)).await;
+        let _ = tokio::time::timeout(CONTINUE_WAIT, async move {
+            if rx.wait_for(|go| *go).await.is_err() {
+                // The callback is gone: an HTTP/2 connection drops it with the request's
+                // extensions (it has no 1xx). The final answer or the wait decides.
+                std::future::pending::<()>().await;
+            }
+        })
+        .await;
     });
     let body = std::mem::replace(
         req.body_mut(),

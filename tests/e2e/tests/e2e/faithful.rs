@@ -119,7 +119,7 @@ async fn the_services_own_page_is_same_origin_and_forged_forwarding_headers_are_
 }
 
 /// Sends a request head with `Expect: 100-continue` and returns the first response head.
-async fn first_answer_to_expect(
+pub(super) async fn first_answer_to_expect(
     addr: std::net::SocketAddr,
     method: &str,
     path: &str,

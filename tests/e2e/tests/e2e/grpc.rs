@@ -1,7 +1,8 @@
 //! gRPC through the tunnel with a real third-party stack (grpcio, Debian's python3-grpcio): a
 //! server behind the gateway, a client on the agent's local port. Unary with trailing metadata,
 //! server streaming, bidirectional streaming, an error with details and trailing metadata, and
-//! a deadline all behave as against the server directly.
+//! a deadline all behave as against the server directly, over h2c and over TLS behind a
+//! company CA (`upstream_ca`, HTTP/2 by ALPN).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -27,10 +28,12 @@ struct GrpcServer {
 }
 
 impl GrpcServer {
-    fn start() -> anyhow::Result<Self> {
+    /// Plain HTTP/2 (h2c), or TLS with the certificate and key PEM files in `tls`.
+    fn start(tls: Option<(&std::path::Path, &std::path::Path)>) -> anyhow::Result<Self> {
         let mut child = Command::new(PYTHON)
             .arg(peer_script())
             .arg("server")
+            .args(tls.into_iter().flat_map(|(c, k)| [c, k]))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -85,16 +88,45 @@ async fn client(target: String) -> anyhow::Result<serde_json::Value> {
 
 #[tokio::test]
 async fn a_grpcio_client_reaches_a_grpcio_server_through_the_tunnel() -> anyhow::Result<()> {
-    let server = GrpcServer::start()?;
-    let mut lab = Lab::start(LabOptions::default()).await?;
+    let server = GrpcServer::start(None)?;
     // The `api` service now points at the gRPC server (plain HTTP: h2c behind the gateway).
-    let upstream = lab.upstream.url();
-    lab.reconfigure(
-        &format!("name = \"api\"\nkind = \"http\"\nupstream = \"{upstream}\""),
+    every_call_works(
+        &format!("upstream = \"http://127.0.0.1:{}\"", server.port),
+        None,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_grpcio_server_over_tls_behind_a_company_ca_is_reached_too() -> anyhow::Result<()> {
+    let ca = touchgate_testkit::PrivateCa::new()?;
+    let dir = tempfile::tempdir()?;
+    let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+    std::fs::write(&cert, &ca.leaf_pem.0)?;
+    std::fs::write(&key, &ca.leaf_pem.1)?;
+    let server = GrpcServer::start(Some((&cert, &key)))?;
+    // HTTPS to the server, HTTP/2 chosen by ALPN, its certificate checked against the CA.
+    every_call_works(
         &format!(
-            "name = \"api\"\nkind = \"http\"\nupstream = \"http://127.0.0.1:{}\"",
+            "upstream = \"https://localhost:{}\"\nupstream_ca = \"company-ca.pem\"",
             server.port
         ),
+        Some(&ca.ca_pem),
+    )
+    .await
+}
+
+/// Points `api` at the gRPC server with `upstream` (TOML lines), writes `ca_pem` beside the
+/// gateway config, and checks every kind of call through the agent's port.
+async fn every_call_works(upstream: &str, ca_pem: Option<&str>) -> anyhow::Result<()> {
+    let mut lab = Lab::start(LabOptions::default()).await?;
+    if let Some(pem) = ca_pem {
+        std::fs::write(lab.dir.path().join("company-ca.pem"), pem)?;
+    }
+    let fake = lab.upstream.url();
+    lab.reconfigure(
+        &format!("name = \"api\"\nkind = \"http\"\nupstream = \"{fake}\""),
+        &format!("name = \"api\"\nkind = \"http\"\n{upstream}"),
     )
     .await?;
     let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;

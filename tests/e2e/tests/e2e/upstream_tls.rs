@@ -31,6 +31,25 @@ async fn an_https_service_behind_a_private_ca_is_reached_with_upstream_ca_and_re
     let seen = touchgate_e2e::get(api, "/internal", &[]).await?;
     assert_eq!(seen.status, 200, "{}", String::from_utf8_lossy(&seen.body));
     assert_eq!(seen.json()?["headers"]["x-touchgate-user"], ALICE);
+    // `Expect: 100-continue` to an HTTPS service (HTTP/2 by ALPN here, which has no 1xx in
+    // hyper): a refusal is still the first thing the caller hears, and an accepted upload
+    // goes through.
+    let (_s, head) = super::faithful::first_answer_to_expect(api, "PUT", "/too-large").await?;
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    let (mut s, head) = super::faithful::first_answer_to_expect(api, "POST", "/upload").await?;
+    assert!(head.starts_with("HTTP/1.1 100"), "{head}");
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"hello").await?;
+        let mut rest = vec![0u8; 4096];
+        let n =
+            tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut rest)).await??;
+        let rest = String::from_utf8_lossy(&rest[..n]);
+        assert!(
+            rest.starts_with("HTTP/1.1 200") && rest.contains("\"len\":5"),
+            "{rest}"
+        );
+    }
     agent.shutdown().await;
 
     // Without the setting the public roots do not know the company CA: 502, said in words.
@@ -42,7 +61,8 @@ async fn an_https_service_behind_a_private_ca_is_reached_with_upstream_ca_and_re
     assert_eq!(refused.status, 502);
     let text = String::from_utf8_lossy(&refused.body);
     assert!(text.contains("unreachable"), "{text}");
-    assert_eq!(internal.request_count(), 1);
+    // The three requests above, and none since: the refused certificate ended the call.
+    assert_eq!(internal.request_count(), 3);
     agent.shutdown().await;
     Ok(())
 }
