@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 pub mod hardware;
+pub mod idp;
 pub mod lab;
 pub mod relay;
 
