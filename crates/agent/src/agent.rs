@@ -154,6 +154,8 @@ struct Shared {
     /// The gateway refused the user as disabled: the agent has stopped for good.
     disabled: std::sync::atomic::AtomicBool,
     on_session_end: OnSessionEnd,
+    /// Shows the identity provider's sign-in page when the gateway asks for a fresh check.
+    browser: crate::idp::Browser,
 }
 
 impl RunningAgent {
@@ -168,6 +170,22 @@ impl RunningAgent {
         cfg: AgentConfig,
         authn: SharedAuthn,
         on_session_end: OnSessionEnd,
+    ) -> Result<Self, AgentError> {
+        let browser: crate::idp::Browser = Arc::new(|url: &str| {
+            // Said in the log too, for a machine where no browser opens.
+            tracing::warn!("sign in with your organisation in the browser: {url}");
+            crate::idp::system_browser(url)
+        });
+        Self::start_with_browser(cfg, authn, on_session_end, browser).await
+    }
+
+    /// [`RunningAgent::start_with`], showing the identity provider's sign-in page (when the
+    /// gateway wants a fresh check with it) through `browser` instead of the system browser.
+    pub async fn start_with_browser(
+        cfg: AgentConfig,
+        authn: SharedAuthn,
+        on_session_end: OnSessionEnd,
+        browser: crate::idp::Browser,
     ) -> Result<Self, AgentError> {
         let key = SessionKey::generate()?;
         let endpoint = client_endpoint(&cfg, &key)?;
@@ -194,6 +212,7 @@ impl RunningAgent {
             locked: std::sync::atomic::AtomicBool::new(false),
             disabled: std::sync::atomic::AtomicBool::new(false),
             on_session_end,
+            browser,
         });
         shared.sign_in().await?;
         let mut tasks = Vec::new();
@@ -357,7 +376,12 @@ impl Shared {
     async fn login_on(&self, tunnel: Tunnel) -> Result<(), TunnelError> {
         self.waiting_for_touch();
         let session = tunnel
-            .login(&self.authn, &self.cfg.user, self.cfg.origin.as_deref())
+            .login_or_recheck(
+                &self.authn,
+                &self.cfg.user,
+                self.cfg.origin.as_deref(),
+                &*self.browser,
+            )
             .await?;
         self.live(tunnel, session).await;
         Ok(())
@@ -373,7 +397,12 @@ impl Shared {
         };
         self.waiting_for_touch();
         match tunnel
-            .login(&self.authn, &self.cfg.user, self.cfg.origin.as_deref())
+            .login_or_recheck(
+                &self.authn,
+                &self.cfg.user,
+                self.cfg.origin.as_deref(),
+                &*self.browser,
+            )
             .await
         {
             Ok(session) => {

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod authenticator;
 pub mod config;
 pub mod controller;
+pub mod idp;
 pub mod peer;
 pub mod settings;
 pub mod status;
@@ -61,4 +62,24 @@ pub async fn enroll(
         .close(touchgate_proto::close::AGENT_DONE.into(), b"done");
     endpoint.wait_idle().await;
     id
+}
+
+/// Enrols the configured authenticator through the organisation's identity provider (the
+/// gateway's `[oidc]`): `browser` opens the sign-in page. Returns the credential id and the
+/// user the provider named.
+pub async fn enroll_with_idp(
+    cfg: &AgentConfig,
+    authn: &SharedAuthn,
+    browser: &(dyn Fn(&str) -> Result<(), String> + Send + Sync),
+) -> Result<(String, String), tunnel::TunnelError> {
+    let key = tunnel::SessionKey::generate()?;
+    let endpoint = tunnel::client_endpoint(cfg, &key)?;
+    let t = tunnel::Tunnel::connect(&endpoint, cfg).await?;
+    let done = t
+        .enroll_with_idp(authn, cfg.origin.as_deref(), browser)
+        .await;
+    t.connection()
+        .close(touchgate_proto::close::AGENT_DONE.into(), b"done");
+    endpoint.wait_idle().await;
+    done
 }

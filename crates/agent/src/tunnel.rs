@@ -39,6 +39,9 @@ pub enum TunnelError {
     /// The gateway refused the request.
     #[error("the gateway refused: {0}")]
     Refused(#[from] Refusal),
+    /// The sign-in with the identity provider in the browser failed.
+    #[error("signing in with your organisation failed: {0}")]
+    Idp(String),
     /// The gateway answered something unexpected.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -383,13 +386,99 @@ impl Tunnel {
         origin_override: Option<&str>,
     ) -> Result<String, TunnelError> {
         let software_ca_pem = lock(authn).software_ca_pem();
-        let reply = self
-            .request(&ClientMsg::EnrollBegin {
-                user: user.to_owned(),
-                invite_code: invite_code.trim().to_owned(),
-                software_ca_pem,
+        let begin = ClientMsg::EnrollBegin {
+            user: user.to_owned(),
+            invite_code: invite_code.trim().to_owned(),
+            software_ca_pem,
+        };
+        self.register(authn, &begin, origin_override)
+            .await
+            .map(|(id, _)| id)
+    }
+
+    /// Enrols through the organisation's identity provider: the gateway says where to sign
+    /// in (with a nonce for this connection), `browser` is shown the URL (the system browser,
+    /// or a test's driver), the browser comes back to a loopback listener with the code, and
+    /// the gateway redeems it and asks for the key's registration. Returns the credential id
+    /// and the user the provider named.
+    pub async fn enroll_with_idp(
+        &self,
+        authn: &Arc<std::sync::Mutex<Box<dyn Authenticator>>>,
+        origin_override: Option<&str>,
+        browser: &(dyn Fn(&str) -> Result<(), String> + Send + Sync),
+    ) -> Result<(String, String), TunnelError> {
+        let back = self.idp_sign_in(browser).await?;
+        let software_ca_pem = lock(authn).software_ca_pem();
+        let begin = ClientMsg::EnrollWithIdp {
+            code: back.code,
+            code_verifier: back.code_verifier,
+            redirect_uri: back.redirect_uri,
+            software_ca_pem,
+        };
+        self.register(authn, &begin, origin_override).await
+    }
+
+    /// Asks the gateway where to sign in (with a nonce for this connection) and does the
+    /// browser step; returns what the browser brought back.
+    async fn idp_sign_in(
+        &self,
+        browser: &(dyn Fn(&str) -> Result<(), String> + Send + Sync),
+    ) -> Result<crate::idp::SignedIn, TunnelError> {
+        let reply = self.request(&ClientMsg::IdpBegin).await?;
+        let ServerMsg::IdpStart {
+            name,
+            authorization_endpoint,
+            client_id,
+            scopes,
+            nonce,
+        } = reply
+        else {
+            return Err(TunnelError::Protocol(format!(
+                "expected where to sign in, got {reply:?}"
+            )));
+        };
+        crate::idp::sign_in(
+            &name,
+            &authorization_endpoint,
+            &client_id,
+            &scopes,
+            &nonce,
+            browser,
+        )
+        .await
+    }
+
+    /// After the gateway asked for a fresh check with the identity provider (the key's answer
+    /// already verified): signs in there in the browser and gets the session.
+    pub async fn idp_recheck(
+        &self,
+        browser: &(dyn Fn(&str) -> Result<(), String> + Send + Sync),
+    ) -> Result<SessionInfo, TunnelError> {
+        let back = self.idp_sign_in(browser).await?;
+        match self
+            .request(&ClientMsg::IdpRecheck {
+                code: back.code,
+                code_verifier: back.code_verifier,
+                redirect_uri: back.redirect_uri,
             })
-            .await?;
+            .await?
+        {
+            ServerMsg::Session(s) => Ok(s),
+            other => Err(TunnelError::Protocol(format!(
+                "expected a session, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Sends `begin`, has the authenticator answer the registration challenge it brings, and
+    /// returns the new credential's id and the user it is for.
+    async fn register(
+        &self,
+        authn: &Arc<std::sync::Mutex<Box<dyn Authenticator>>>,
+        begin: &ClientMsg,
+        origin_override: Option<&str>,
+    ) -> Result<(String, String), TunnelError> {
+        let reply = self.request(begin).await?;
         let ServerMsg::EnrollChallenge { options, origin } = reply else {
             return Err(TunnelError::Protocol(format!(
                 "expected an enrolment challenge, got {reply:?}"
@@ -398,6 +487,7 @@ impl Tunnel {
         let ccr: CreationChallengeResponse = serde_json::from_value(options)
             .map_err(|e| TunnelError::Protocol(format!("bad creation options: {e}")))?;
         self.sign_for.check_creation(&ccr, &origin)?;
+        let user = ccr.public_key.user.name.clone();
         let origin = origin_override.map(str::to_owned).unwrap_or(origin);
         let cdj = client_data_json(
             Ceremony::Create,
@@ -416,7 +506,7 @@ impl Tunnel {
             .request(&ClientMsg::EnrollFinish { credential })
             .await?
         {
-            ServerMsg::Enrolled { credential_id } => Ok(credential_id),
+            ServerMsg::Enrolled { credential_id } => Ok((credential_id, user)),
             other => Err(TunnelError::Protocol(format!(
                 "expected enrolment result, got {other:?}"
             ))),
@@ -481,6 +571,26 @@ impl Tunnel {
     ) -> Result<SessionInfo, TunnelError> {
         let cred = self.make_assertion(authn, user, origin_override).await?;
         self.finish_login(cred).await
+    }
+
+    /// [`Tunnel::login`], then the identity provider in `browser` when the gateway says its
+    /// last check is too old.
+    pub async fn login_or_recheck(
+        &self,
+        authn: &Arc<std::sync::Mutex<Box<dyn Authenticator>>>,
+        user: &str,
+        origin_override: Option<&str>,
+        browser: &(dyn Fn(&str) -> Result<(), String> + Send + Sync),
+    ) -> Result<SessionInfo, TunnelError> {
+        match self.login(authn, user, origin_override).await {
+            Err(TunnelError::Refused(r))
+                if r.code == touchgate_proto::RefusalCode::IdpCheckNeeded =>
+            {
+                tracing::info!("{}", r.message);
+                self.idp_recheck(browser).await
+            }
+            done => done,
+        }
     }
 
     /// Resumes a session with its token (no touch).

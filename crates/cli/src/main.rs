@@ -36,6 +36,10 @@ enum Cmd {
         /// users of this machine (in `ps`).
         #[arg(long, env = "TOUCHGATE_INVITE_CODE", hide_env_values = true)]
         code: Option<String>,
+        /// Enrol by signing in with your organisation's account in the browser instead of an
+        /// invite (gateways with an identity provider).
+        #[arg(long, conflicts_with = "code")]
+        org: bool,
         #[command(flatten)]
         pin: PinArgs,
     },
@@ -151,7 +155,27 @@ fn load_config(path: Option<PathBuf>) -> anyhow::Result<AgentConfig> {
 
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.cmd {
-        Cmd::Enroll { config, code, pin } => {
+        Cmd::Enroll {
+            config,
+            org: true,
+            pin,
+            ..
+        } => {
+            let cfg = load_config(config)?;
+            let authn = shared_authenticator(&cfg, true, pin.prompter())?;
+            let what = authn.lock().map(|a| a.describe()).unwrap_or_default();
+            let (id, user) = touchgate_agent::enroll_with_idp(&cfg, &authn, &open_browser).await?;
+            println!("enrolled {what} for {user} (credential {id})");
+            if user != cfg.user {
+                eprintln!(
+                    "your organisation names you {user}: set user = \"{user}\" in the agent config"
+                );
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Cmd::Enroll {
+            config, code, pin, ..
+        } => {
             let cfg = load_config(config)?;
             let code = invite_code(code)?;
             let authn = shared_authenticator(&cfg, true, pin.prompter())?;
@@ -480,6 +504,16 @@ fn show_settings(layers: &Layered) -> String {
     out
 }
 
+/// Shows the sign-in page: in the system browser when there is one, and always on the
+/// terminal (the loopback address it returns to must be reached from this computer).
+fn open_browser(url: &str) -> Result<(), String> {
+    eprintln!("Sign in with your organisation in the browser:\n  {url}");
+    if let Err(e) = touchgate_agent::idp::system_browser(url) {
+        eprintln!("({e}: open the address above on this computer)");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,3 +592,4 @@ mod tests {
         );
     }
 }
+

@@ -49,6 +49,12 @@ pub enum AuditKind {
     EnrolRefused,
     /// A control frame could not be read.
     FrameRefused,
+    /// A key was enrolled on the word of the organisation's identity provider.
+    IdpEnrolled,
+    /// An identity provider step was refused (its answer, its token or its identity).
+    IdpRefused,
+    /// The identity provider's ID token verified for this connection.
+    IdpVerified,
     /// An admin made an invite.
     InviteCreated,
     /// An invite was used: a key was enrolled.
@@ -91,7 +97,7 @@ pub enum AuditKind {
 
 impl AuditKind {
     /// Every kind, for documentation and tests.
-    pub const ALL: [AuditKind; 28] = [
+    pub const ALL: [AuditKind; 31] = [
         Self::BrowserRequestRefused,
         Self::ChallengeIssued,
         Self::ChallengeRefused,
@@ -101,6 +107,9 @@ impl AuditKind {
         Self::EnrolChallengeIssued,
         Self::EnrolRefused,
         Self::FrameRefused,
+        Self::IdpEnrolled,
+        Self::IdpRefused,
+        Self::IdpVerified,
         Self::InviteCreated,
         Self::InviteUsed,
         Self::KeyRemoved,
@@ -134,6 +143,9 @@ impl AuditKind {
             Self::EnrolChallengeIssued => "enrol_challenge_issued",
             Self::EnrolRefused => "enrol_refused",
             Self::FrameRefused => "frame_refused",
+            Self::IdpEnrolled => "idp_enrolled",
+            Self::IdpRefused => "idp_refused",
+            Self::IdpVerified => "idp_verified",
             Self::InviteCreated => "invite_created",
             Self::InviteUsed => "invite_used",
             Self::KeyRemoved => "key_removed",
@@ -201,6 +213,9 @@ pub struct AuditEvent {
     /// Session or invite expiry, seconds since the epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+    /// What let the user use the service: `user`, `everyone` or `group:NAME`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub granted_by: Option<String>,
     /// HTTP method, for request events.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
@@ -225,6 +240,7 @@ impl AuditEvent {
             bytes_down: None,
             duration_ms: None,
             expires_at: None,
+            granted_by: None,
             method: None,
             suppressed: None,
         }

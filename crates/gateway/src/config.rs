@@ -62,6 +62,9 @@ pub struct GatewayConfig {
     /// Invites.
     #[serde(default)]
     pub invite: InviteConfig,
+    /// The organisation's OpenID provider, for enrolment through it.
+    #[serde(default)]
+    pub oidc: Option<OidcConfig>,
     /// Size and rate limits.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -247,14 +250,118 @@ pub struct InviteConfig {
     /// How long an invite stays valid.
     #[serde(default = "default_invite_ttl", with = "humantime_serde")]
     pub ttl: Duration,
+    /// Whether invites enrol at all (turn off once everyone enrols through `[oidc]`; keep on
+    /// as a break-glass path otherwise).
+    #[serde(default = "yes")]
+    pub enabled: bool,
 }
 
 impl Default for InviteConfig {
     fn default() -> Self {
         Self {
             ttl: default_invite_ttl(),
+            enabled: true,
         }
     }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `[oidc]`: the organisation's OpenID provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The issuer; its discovery document is at `{issuer}/.well-known/openid-configuration`.
+    pub issuer: String,
+    /// This gateway's client id at the provider.
+    pub client_id: String,
+    /// A confidential client's secret (prefer `client_secret_file`; a public client with
+    /// PKCE needs none).
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    /// A file holding the client secret.
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// Scopes asked for.
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+    /// The ID token claim that names the touchgate user (an `email` must be verified).
+    #[serde(default = "default_user_claim")]
+    pub user_claim: String,
+    /// The ID token claim that lists the user's groups.
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// Only accounts of these domains (the email's, or Google's `hd`); empty: any.
+    #[serde(default)]
+    pub allowed_domains: Vec<String>,
+    /// How old the last check with the provider may be before a sign-in needs it again.
+    #[serde(default = "default_idp_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+    /// The provider's name as users know it ("Example Corp Google account").
+    #[serde(default)]
+    pub display_name: Option<String>,
+    /// Clock difference allowed when checking an ID token's times.
+    #[serde(default = "default_clock_skew", with = "humantime_serde")]
+    pub clock_skew: Duration,
+}
+
+impl OidcConfig {
+    /// The defaults for `issuer` and `client_id`.
+    pub fn new(issuer: &str, client_id: &str) -> Self {
+        Self {
+            issuer: issuer.to_owned(),
+            client_id: client_id.to_owned(),
+            client_secret: None,
+            client_secret_file: None,
+            scopes: default_scopes(),
+            user_claim: default_user_claim(),
+            groups_claim: default_groups_claim(),
+            allowed_domains: Vec::new(),
+            max_age: default_idp_max_age(),
+            display_name: None,
+            clock_skew: default_clock_skew(),
+        }
+    }
+
+    /// The name users see: `display_name`, else the issuer's host.
+    pub fn name(&self) -> String {
+        self.display_name.clone().unwrap_or_else(|| {
+            url::Url::parse(&self.issuer)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .unwrap_or_else(|| self.issuer.clone())
+        })
+    }
+
+    /// The client secret, from the file (resolved against the config's folder) or the config.
+    pub fn secret(&self) -> std::io::Result<Option<String>> {
+        match &self.client_secret_file {
+            Some(f) => Ok(Some(std::fs::read_to_string(f)?.trim().to_owned())),
+            None => Ok(self.client_secret.clone()),
+        }
+    }
+}
+
+fn default_scopes() -> Vec<String> {
+    ["openid", "email", "profile"].map(String::from).to_vec()
+}
+
+fn default_user_claim() -> String {
+    "email".into()
+}
+
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+
+fn default_clock_skew() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_idp_max_age() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
 }
 
 /// One service behind the gateway.
@@ -273,6 +380,10 @@ pub struct ServiceConfig {
     /// Users allowed to use it; `"*"` allows every enrolled user.
     #[serde(default)]
     pub allow: Vec<String>,
+    /// Groups allowed to use it, as the organisation's identity provider names them (its
+    /// groups claim, or SCIM); a user may use the service when `allow` or this matches.
+    #[serde(default)]
+    pub allow_groups: Vec<String>,
     /// How long an HTTP upstream may take to start answering before the caller gets a 504.
     #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
     pub timeout: Duration,
@@ -297,9 +408,24 @@ fn default_upgrade_protocols() -> Vec<String> {
 }
 
 impl ServiceConfig {
-    /// Whether `user` may use this service.
-    pub fn allows(&self, user: &str) -> bool {
-        self.allow.iter().any(|a| a == "*" || a == user)
+    /// What lets `user`, in `groups`, use this service: `"user"` (named in `allow`),
+    /// `"everyone"` (`"*"`) or `"group:NAME"`; `None` when nothing does. Names match exactly.
+    pub fn grant(&self, user: &str, groups: &[String]) -> Option<String> {
+        if self.allow.iter().any(|a| a == user) {
+            return Some("user".into());
+        }
+        if let Some(g) = self.allow_groups.iter().find(|g| groups.contains(g)) {
+            return Some(format!("group:{g}"));
+        }
+        self.allow
+            .iter()
+            .any(|a| a == "*")
+            .then(|| "everyone".into())
+    }
+
+    /// Whether `user`, in `groups`, may use this service.
+    pub fn allows(&self, user: &str, groups: &[String]) -> bool {
+        self.grant(user, groups).is_some()
     }
 
     /// The ID token audience for this service.
@@ -360,6 +486,13 @@ impl GatewayConfig {
             if let Some(ca) = &mut s.upstream_ca {
                 fix(ca);
             }
+        }
+        if let Some(f) = self
+            .oidc
+            .as_mut()
+            .and_then(|o| o.client_secret_file.as_mut())
+        {
+            fix(f);
         }
         if let Some(a) = &mut self.audit_log
             && a != "-"
@@ -426,6 +559,19 @@ impl GatewayConfig {
         if self.session.max_age.is_zero() {
             problems.push("session.max_age must be more than zero".into());
         }
+        if let Some(o) = &self.oidc {
+            if let Err(e) = crate::oidc::check_issuer(&o.issuer) {
+                problems.push(format!("oidc.issuer: {e}"));
+            }
+            if o.client_secret.is_some() && o.client_secret_file.is_some() {
+                problems.push("oidc: set client_secret or client_secret_file, not both".into());
+            }
+            if !o.scopes.iter().any(|s| s == "openid") {
+                problems.push("oidc.scopes must include openid".into());
+            }
+        } else if !self.invite.enabled {
+            problems.push("invite.enabled = false without [oidc]: nobody could enrol a key".into());
+        }
         problems
     }
 
@@ -473,6 +619,14 @@ impl GatewayConfig {
                 ));
             }
         };
+        if let Some(f) = self
+            .oidc
+            .as_ref()
+            .and_then(|o| o.client_secret_file.as_ref())
+            && let Err(e) = std::fs::read_to_string(f)
+        {
+            problems.push(format!("oidc.client_secret_file {}: {e}", f.display()));
+        }
         folder_of("database", &self.database, &mut problems);
         if let Some(a) = self.audit_log.as_deref().filter(|a| *a != "-") {
             folder_of("audit_log", std::path::Path::new(a), &mut problems);
@@ -497,6 +651,24 @@ impl GatewayConfig {
         }
         if self.services.is_empty() {
             w.push("no [[service]] is defined: signed-in users can reach nothing".to_owned());
+        }
+        if self
+            .oidc
+            .as_ref()
+            .is_some_and(|o| o.client_secret.is_some())
+        {
+            w.push(
+                "oidc.client_secret is in the config file: prefer client_secret_file (mode 0600)"
+                    .to_owned(),
+            );
+        }
+        if self.oidc.is_none() {
+            for s in self.services.iter().filter(|s| !s.allow_groups.is_empty()) {
+                w.push(format!(
+                    "service {} has allow_groups but there is no [oidc]: groups come from the identity provider",
+                    s.name
+                ));
+            }
         }
         w
     }
@@ -581,11 +753,33 @@ mod tests {
             audience: None,
             timeout: default_upstream_timeout(),
             allow: vec!["*".into()],
+            allow_groups: Vec::new(),
             upgrade_protocols: default_upgrade_protocols(),
             http2: false,
             upstream_ca: None,
         };
         assert_eq!(s.audience(), "https://api-xyz.a.run.app");
-        assert!(s.allows("anyone"));
+        assert!(s.allows("anyone", &[]));
+    }
+
+    #[test]
+    fn users_groups_and_everyone_each_grant_and_say_so() {
+        let s: ServiceConfig = toml::from_str(
+            "name = \"api\"\nkind = \"http\"\nupstream = \"https://a.run.app\"\nallow = [\"bob@example.com\"]\nallow_groups = [\"eng@example.com\", \"oncall\"]\n",
+        )
+        .expect("service");
+        let groups = |g: &[&str]| g.iter().map(|g| g.to_string()).collect::<Vec<_>>();
+        assert_eq!(s.grant("bob@example.com", &[]).as_deref(), Some("user"));
+        assert_eq!(
+            s.grant("alice@example.com", &groups(&["staff", "oncall"]))
+                .as_deref(),
+            Some("group:oncall")
+        );
+        assert_eq!(s.grant("alice@example.com", &groups(&["staff"])), None);
+        // Names match exactly: no case folding, no prefixes.
+        assert_eq!(
+            s.grant("alice@example.com", &groups(&["OnCall", "eng"])),
+            None
+        );
     }
 }

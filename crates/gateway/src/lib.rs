@@ -16,6 +16,7 @@ pub mod counted;
 pub mod idtoken;
 pub mod limits;
 pub mod metrics;
+pub mod oidc;
 pub mod proxy;
 pub mod rp;
 pub mod server;
@@ -59,6 +60,9 @@ pub enum GatewayError {
         /// The error.
         source: std::io::Error,
     },
+    /// `[oidc]` is unusable (its issuer, or its secret file).
+    #[error("[oidc]: {0}")]
+    Oidc(String),
     /// The upstream TLS client could not be built.
     #[error("cannot build the upstream TLS client: {0}")]
     UpstreamTls(#[from] rustls::Error),
@@ -85,6 +89,8 @@ pub struct Gateway {
     revocations: server::Revocations,
     limiter: server::RateLimiter,
     reset_key: Vec<u8>,
+    /// The organisation's provider, when `[oidc]` is set.
+    oidc: Option<Arc<oidc::Oidc>>,
 }
 
 impl Gateway {
@@ -117,6 +123,19 @@ impl Gateway {
         };
         revocations.set_epochs(store.epochs().map_err(store_err)?);
         revocations.set_disabled(store.disabled_users().map_err(store_err)?);
+        revocations.set_groups(store.user_groups().map_err(store_err)?);
+        let oidc = match &cfg.oidc {
+            Some(o) => {
+                let secret = o.secret().map_err(|e| {
+                    GatewayError::Oidc(format!("cannot read client_secret_file: {e}"))
+                })?;
+                Some(
+                    oidc::Oidc::new(o.clone(), secret)
+                        .map_err(|e| GatewayError::Oidc(e.to_string()))?,
+                )
+            }
+            None => None,
+        };
         let metrics = Arc::new(metrics::Metrics::default());
         let id_tokens = Arc::new(idtoken::IdTokens::new(&cfg.id_tokens));
         let proxy = Arc::new(proxy::Proxy::new(
@@ -138,6 +157,7 @@ impl Gateway {
             revocations,
             limiter: server::RateLimiter::default(),
             reset_key,
+            oidc,
         }))
     }
 

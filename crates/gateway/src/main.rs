@@ -168,6 +168,12 @@ fn check(path: &std::path::Path) -> std::process::ExitCode {
     };
     let mut problems = cfg.problems();
     problems.extend(cfg.file_problems());
+    if let Some(o) = cfg.oidc.clone().filter(|_| problems.is_empty()) {
+        match check_oidc(o) {
+            Ok(found) => println!("{found}"),
+            Err(e) => problems.push(format!("oidc: {e}")),
+        }
+    }
     for p in &problems {
         println!("problem: {p}");
     }
@@ -193,6 +199,28 @@ fn check(path: &std::path::Path) -> std::process::ExitCode {
         );
         std::process::ExitCode::FAILURE
     }
+}
+
+/// Fetches the provider's discovery document and keys, and says what it found.
+fn check_oidc(o: touchgate_gateway::config::OidcConfig) -> Result<String, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let secret = o.secret().map_err(|e| e.to_string())?;
+        let (issuer, name) = (o.issuer.clone(), o.name());
+        let oidc = touchgate_gateway::oidc::Oidc::new(o, secret).map_err(|e| e.to_string())?;
+        let p = oidc.provider().await.map_err(|e| e.to_string())?;
+        let keys = oidc.fetch_keys().await.map_err(|e| e.to_string())?;
+        Ok(format!(
+            "oidc: {name} ({issuer}): sign-in at {}, codes redeemed at {}, {keys} signing key{}, device sign-in {}",
+            p.authorization_endpoint,
+            p.token_endpoint,
+            if keys == 1 { "" } else { "s" },
+            if p.device_authorization_endpoint.is_some() { "offered" } else { "not offered" },
+        ))
+    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

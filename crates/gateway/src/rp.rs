@@ -42,12 +42,21 @@ pub enum RpSetupError {
     },
 }
 
+/// What entitles a user to enrol a key.
+#[derive(Debug, Clone)]
+pub enum EnrolSource {
+    /// A one-time invite code an admin made.
+    Invite(String),
+    /// The organisation's identity provider vouched for the user on this connection.
+    Idp(crate::oidc::Identity),
+}
+
 /// A registration in progress on one connection.
 pub struct PendingEnrol {
     /// The user.
     pub user: String,
-    /// The invite code (checked again when storing).
-    pub invite_code: String,
+    /// What entitles the user to enrol (checked again when storing).
+    pub source: EnrolSource,
     state: SecurityKeyRegistration,
     issued: Instant,
 }
@@ -134,7 +143,7 @@ impl RelyingParty {
         &self,
         user: &str,
         user_id: Uuid,
-        invite_code: &str,
+        source: EnrolSource,
         existing: Vec<Vec<u8>>,
         software_ca_pem: Option<&str>,
     ) -> Result<(CreationChallengeResponse, PendingEnrol), Refusal> {
@@ -190,7 +199,7 @@ impl RelyingParty {
             ccr,
             PendingEnrol {
                 user: user.to_owned(),
-                invite_code: invite_code.to_owned(),
+                source,
                 state,
                 issued: Instant::now(),
             },

@@ -70,6 +70,19 @@ pub enum InviteProblem {
     UserDisabled,
 }
 
+/// Why the provider's identity cannot enrol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IdpProblem {
+    /// The user's account is disabled (`touchgate-gateway disable`).
+    #[error("the account is disabled on this gateway")]
+    UserDisabled,
+    /// The user name belongs to another account of the provider.
+    #[error(
+        "this user name belongs to another account of the identity provider (an address that was reassigned?): ask your admin"
+    )]
+    OtherSubject,
+}
+
 /// A stored credential.
 #[derive(Debug, Clone)]
 pub struct StoredCredential {
@@ -208,6 +221,11 @@ const MIGRATIONS: &[&str] = &[
 const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("users", "disabled", "INTEGER NOT NULL DEFAULT 0"),
     ("users", "last_sign_in", "INTEGER"),
+    // The organisation's identity provider: its subject for the user (an email handed to
+    // someone else later is not the same account), the groups it last said, and when.
+    ("users", "idp_subject", "TEXT"),
+    ("users", "idp_groups", "TEXT"),
+    ("users", "idp_checked", "INTEGER"),
 ];
 
 /// Owner read and write only: the database holds the token signing keys.
@@ -221,6 +239,15 @@ pub fn now_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Stores a newly enrolled credential.
+fn insert_credential(conn: &Connection, cred: &StoredCredential) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO credentials (cred_id, user, key_json, aaguid, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![cred.cred_id, cred.user, cred.key_json, cred.aaguid, now_secs() as i64],
+    )?;
+    Ok(())
 }
 
 /// SHA-256 of an invite code, hex: the only form in which codes are stored.
@@ -379,12 +406,81 @@ impl Store {
             "UPDATE invites SET used = ?1 WHERE code_hash = ?2",
             params![now_secs() as i64, hash_code(code)],
         )?;
-        tx.execute(
-            "INSERT INTO credentials (cred_id, user, key_json, aaguid, created) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![cred.cred_id, cred.user, cred.key_json, cred.aaguid, now_secs() as i64],
-        )?;
+        insert_credential(&tx, cred)?;
         tx.commit()?;
         Ok(Ok(()))
+    }
+
+    /// Whether the provider's identity may enrol as its user: refused for a disabled user, and
+    /// for a user the provider knew under another subject (the address was reassigned).
+    pub fn check_idp_identity(
+        &self,
+        id: &crate::oidc::Identity,
+    ) -> Result<Result<(), IdpProblem>, StoreError> {
+        Self::idp_state(&self.lock(), id)
+    }
+
+    fn idp_state(
+        conn: &Connection,
+        id: &crate::oidc::Identity,
+    ) -> Result<Result<(), IdpProblem>, StoreError> {
+        let row: Option<(bool, Option<String>)> = conn
+            .query_row(
+                "SELECT disabled <> 0, idp_subject FROM users WHERE name = ?1",
+                [&id.user],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(match row {
+            Some((true, _)) => Err(IdpProblem::UserDisabled),
+            Some((_, Some(sub))) if sub != id.subject => Err(IdpProblem::OtherSubject),
+            _ => Ok(()),
+        })
+    }
+
+    /// Stores a credential enrolled on the provider's word, with what the provider said about
+    /// the user, in one transaction (checked again, as [`Store::check_idp_identity`]).
+    pub fn enrol_via_idp(
+        &self,
+        id: &crate::oidc::Identity,
+        cred: &StoredCredential,
+    ) -> Result<Result<(), IdpProblem>, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        if let Err(p) = Self::idp_state(&tx, id)? {
+            return Ok(Err(p));
+        }
+        let groups = serde_json::to_string(&id.groups).unwrap_or_else(|_| "[]".into());
+        tx.execute(
+            "UPDATE users SET idp_subject = ?1, idp_groups = ?2, idp_checked = ?3 WHERE name = ?4",
+            params![id.subject, groups, now_secs() as i64, id.user],
+        )?;
+        insert_credential(&tx, cred)?;
+        tx.commit()?;
+        Ok(Ok(()))
+    }
+
+    /// The identity provider's subject for `user` and when it last vouched for them; `None`
+    /// for a user it never did (invited).
+    pub fn idp_state_of(&self, user: &str) -> Result<Option<(String, u64)>, StoreError> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT idp_subject, idp_checked FROM users WHERE name = ?1 AND idp_subject IS NOT NULL",
+                [user],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?.unwrap_or(0) as u64)),
+            )
+            .optional()?)
+    }
+
+    /// Records a fresh check by the identity provider: when, and the groups it said.
+    pub fn record_idp_check(&self, id: &crate::oidc::Identity) -> Result<(), StoreError> {
+        let groups = serde_json::to_string(&id.groups).unwrap_or_else(|_| "[]".into());
+        self.lock().execute(
+            "UPDATE users SET idp_groups = ?1, idp_checked = ?2 WHERE name = ?3 AND idp_subject = ?4",
+            params![groups, now_secs() as i64, id.user, id.subject],
+        )?;
+        Ok(())
     }
 
     /// All credentials of `user`.
@@ -435,6 +531,23 @@ impl Store {
             Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The groups the identity provider (or SCIM) last gave each user who has any.
+    pub fn user_groups(
+        &self,
+    ) -> Result<std::collections::HashMap<String, Vec<String>>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT name, idp_groups FROM users WHERE idp_groups IS NOT NULL AND idp_groups <> '[]'",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let (name, json) = row?;
+            out.insert(name, serde_json::from_str(&json).unwrap_or_default());
+        }
+        Ok(out)
     }
 
     /// Every user, by name: state, last sign-in, enrolled credentials and open invites. Users

@@ -128,6 +128,34 @@ pub enum ClientMsg {
         /// A WebAuthn `PublicKeyCredential`, as JSON.
         credential: serde_json::Value,
     },
+    /// Ask how to enrol through the organisation's identity provider; the gateway answers
+    /// [`ServerMsg::IdpStart`] with a nonce for this connection only.
+    IdpBegin,
+    /// Start enrolling with the authorization code the browser brought back from the
+    /// provider (the gateway redeems it and checks the ID token against this connection's
+    /// nonce); the answer is [`ServerMsg::EnrollChallenge`] for the identity it names.
+    EnrollWithIdp {
+        /// The authorization code.
+        code: String,
+        /// The PKCE verifier the agent made for this sign-in.
+        code_verifier: String,
+        /// The loopback redirect URI the browser was sent back to.
+        redirect_uri: String,
+        /// As in [`ClientMsg::EnrollBegin`].
+        #[serde(default)]
+        software_ca_pem: Option<String>,
+    },
+    /// After [`RefusalCode::IdpCheckNeeded`]: the code of a fresh sign-in with the identity
+    /// provider (with this connection's nonce, from [`ClientMsg::IdpBegin`]); the gateway
+    /// checks it names the same account and issues the session the key already earned.
+    IdpRecheck {
+        /// The authorization code.
+        code: String,
+        /// The PKCE verifier.
+        code_verifier: String,
+        /// The loopback redirect URI.
+        redirect_uri: String,
+    },
     /// Present an existing session token on a new connection (reconnect, no new touch).
     Resume {
         /// The session token issued earlier.
@@ -157,6 +185,19 @@ pub enum ServerMsg {
         options: serde_json::Value,
         /// The origin the agent must put in `clientDataJSON`.
         origin: String,
+    },
+    /// How to sign in with the organisation's identity provider.
+    IdpStart {
+        /// The provider as users know it.
+        name: String,
+        /// Where the browser goes.
+        authorization_endpoint: String,
+        /// The gateway's client id there.
+        client_id: String,
+        /// The scopes to ask for.
+        scopes: Vec<String>,
+        /// The nonce the ID token must carry: made for this connection.
+        nonce: String,
     },
     /// A session is live on this connection.
     Session(SessionInfo),
@@ -303,6 +344,13 @@ pub enum RefusalCode {
     UpstreamUnavailable,
     /// Something failed inside the gateway.
     Internal,
+    /// The organisation's identity provider refused the sign-in, or its identity is not one
+    /// this gateway takes.
+    IdpRefused,
+    /// The key's answer verified, but the last check with the organisation's identity
+    /// provider is older than the gateway allows: sign in there again on this connection
+    /// ([`ClientMsg::IdpRecheck`]).
+    IdpCheckNeeded,
 }
 
 #[cfg(test)]

@@ -22,11 +22,15 @@ pub struct LabOptions {
     pub challenge_ttl: Duration,
     /// Users allowed on the `api` service.
     pub api_users: Vec<String>,
+    /// Groups allowed on the `api` service (`allow_groups`).
+    pub api_groups: Vec<String>,
     /// Extra TOML lines for the `[attestation]` table (plain keys first, then any
     /// `[[attestation.trusted]]` tables).
     pub attestation: String,
     /// TOML lines for the `[limits]` table.
     pub limits: String,
+    /// Whole extra tables (e.g. `[oidc]`), placed before the services.
+    pub tables: String,
 }
 
 impl Default for LabOptions {
@@ -36,8 +40,10 @@ impl Default for LabOptions {
             max_age: Duration::from_secs(3600),
             challenge_ttl: Duration::from_secs(60),
             api_users: vec!["*".into()],
+            api_groups: Vec::new(),
             attestation: String::new(),
             limits: "header_read_timeout = \"2s\"".into(),
+            tables: String::new(),
         }
     }
 }
@@ -127,12 +133,7 @@ impl Lab {
             };
             tokio::join!(echoes, resets, oneshots);
         });
-        let users = opts
-            .api_users
-            .iter()
-            .map(|u| format!("{u:?}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let (users, groups) = (toml_list(&opts.api_users), toml_list(&opts.api_groups));
         let text = format!(
             r#"# touchgate gateway config written by the lab
 listen = "127.0.0.1:0"
@@ -162,12 +163,15 @@ max_age = "{max_age}"
 idle_timeout = "1h"
 challenge_ttl = "{challenge_ttl}"
 
+{tables}
+
 [[service]]
 name = "api"
 kind = "http"
 upstream = "{upstream}"
 audience = "{API_AUDIENCE}"
 allow = [{users}]
+allow_groups = [{groups}]
 upgrade_protocols = ["websocket", "echo"]
 
 [[service]]
@@ -220,6 +224,7 @@ allow = ["*"]
             reset_addr = reset_addr,
             oneshot_addr = oneshot_addr,
             limits = opts.limits,
+            tables = opts.tables,
             metadata = metadata.url(),
             max_age = humantime::format_duration(opts.max_age),
             challenge_ttl = humantime::format_duration(opts.challenge_ttl),
@@ -388,4 +393,13 @@ async fn launch(
         tokio::spawn(gateway.clone().serve_admin(admin)),
     ];
     Ok((gateway, endpoint, quic_addr, admin_addr, tasks))
+}
+
+/// `"a", "b"`: the items of a TOML array of strings.
+fn toml_list(items: &[String]) -> String {
+    items
+        .iter()
+        .map(|i| format!("{i:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -335,7 +335,13 @@ async fn verify(count: usize, threads: Option<usize>) -> anyhow::Result<()> {
     let binding = [7u8; 32];
     let ca = key.software_ca_pem();
     let (ccr, pending) = rp
-        .begin_enrol("bench", uuid::Uuid::new_v4(), "code", vec![], ca.as_deref())
+        .begin_enrol(
+            "bench",
+            uuid::Uuid::new_v4(),
+            touchgate_gateway::rp::EnrolSource::Invite("code".into()),
+            vec![],
+            ca.as_deref(),
+        )
         .map_err(|r| anyhow::anyhow!("{r}"))?;
     let cdj = client_data_json(
         Ceremony::Create,

@@ -2,11 +2,19 @@
 //! relying party and store glue.
 
 use super::*;
+use crate::rp::EnrolSource;
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 
 #[derive(Default)]
 struct Pending {
     enrol: Option<PendingEnrol>,
     login: Option<PendingLogin>,
+    /// The nonce issued for a sign-in with the identity provider on this connection
+    /// (single-use: a second code on the same connection is refused).
+    idp_nonce: Option<String>,
+    /// A user whose key's answer verified but whose last check with the identity provider is
+    /// too old: the session waits for [`ClientMsg::IdpRecheck`].
+    idp_recheck: Option<String>,
 }
 
 impl ConnCtx {
@@ -64,6 +72,53 @@ impl ConnCtx {
             return ServerMsg::Error(r);
         }
         match msg {
+            ClientMsg::EnrollBegin { user, .. } if !gw.cfg.invite.enabled => {
+                let r = Refusal::new(
+                    RefusalCode::InvalidInvite,
+                    "this gateway takes no invites: enrol by signing in with your organisation (touchgate enroll)",
+                );
+                self.refused(AuditKind::EnrolRefused, Some(&user), &r);
+                ServerMsg::Error(r)
+            }
+            ClientMsg::IdpBegin => match self.idp_begin().await {
+                Ok((start, nonce)) => {
+                    pending.idp_nonce = Some(nonce);
+                    start
+                }
+                Err(r) => {
+                    self.refused(AuditKind::IdpRefused, None, &r);
+                    ServerMsg::Error(r)
+                }
+            },
+            ClientMsg::EnrollWithIdp {
+                code,
+                code_verifier,
+                redirect_uri,
+                software_ca_pem,
+            } => {
+                let nonce = pending.idp_nonce.take();
+                match self
+                    .enrol_with_idp(nonce, &code, &code_verifier, &redirect_uri, software_ca_pem)
+                    .await
+                {
+                    Ok((options, p)) => {
+                        gw.audit.record(AuditEvent {
+                            user: Some(p.user.clone()),
+                            ..self.event(AuditKind::EnrolChallengeIssued)
+                        });
+                        pending.enrol = Some(p);
+                        ServerMsg::EnrollChallenge {
+                            options,
+                            origin: gw.rp.origin().to_owned(),
+                        }
+                    }
+                    Err(r) => {
+                        self.count_failure("");
+                        self.refused(AuditKind::IdpRefused, None, &r);
+                        ServerMsg::Error(r)
+                    }
+                }
+            }
             ClientMsg::EnrollBegin {
                 user,
                 invite_code,
@@ -101,6 +156,10 @@ impl ConnCtx {
                     return ServerMsg::Error(r);
                 };
                 let user = p.user.clone();
+                let kind = match p.source {
+                    EnrolSource::Invite(_) => AuditKind::InviteUsed,
+                    EnrolSource::Idp(_) => AuditKind::IdpEnrolled,
+                };
                 match self
                     .enrol_finish(p, credential)
                     .await
@@ -111,7 +170,7 @@ impl ConnCtx {
                         gw.audit.record(AuditEvent {
                             user: Some(user),
                             outcome: Some("ok".into()),
-                            ..self.event(AuditKind::InviteUsed)
+                            ..self.event(kind)
                         });
                         ServerMsg::Enrolled {
                             credential_id: cred_id,
@@ -159,24 +218,43 @@ impl ConnCtx {
                         self.count_failure(&user);
                     }
                 }) {
-                    Ok(claims_token) => {
-                        let (token, claims) = claims_token;
+                    Ok(()) => {
                         gw.audit.record(AuditEvent {
                             user: Some(user.clone()),
                             outcome: Some("ok".into()),
                             ..self.event(AuditKind::ChallengeVerified)
                         });
-                        Metrics::inc(&gw.metrics.sessions_issued_total);
-                        gw.audit.record(AuditEvent {
-                            user: Some(user),
-                            session: Some(claims.jti.clone()),
-                            expires_at: Some(claims.exp),
-                            ..self.event(AuditKind::SessionIssued)
-                        });
-                        self.start_session(token, claims, session)
+                        match self.idp_fresh(&user).await {
+                            Ok(()) => self.issue_session(&user, session),
+                            Err(r) => {
+                                if r.code == RefusalCode::IdpCheckNeeded {
+                                    pending.idp_recheck = Some(user.clone());
+                                }
+                                self.refused(AuditKind::IdpRefused, Some(&user), &r);
+                                ServerMsg::Error(r)
+                            }
+                        }
                     }
                     Err(r) => {
                         self.refused(AuditKind::ChallengeRefused, Some(&user), &r);
+                        ServerMsg::Error(r)
+                    }
+                }
+            }
+            ClientMsg::IdpRecheck {
+                code,
+                code_verifier,
+                redirect_uri,
+            } => {
+                let (user, nonce) = (pending.idp_recheck.take(), pending.idp_nonce.take());
+                match self
+                    .idp_recheck(user, nonce, &code, &code_verifier, &redirect_uri)
+                    .await
+                {
+                    Ok(user) => self.issue_session(&user, session),
+                    Err(r) => {
+                        self.count_failure("");
+                        self.refused(AuditKind::IdpRefused, None, &r);
                         ServerMsg::Error(r)
                     }
                 }
@@ -200,6 +278,102 @@ impl ConnCtx {
         }
     }
 
+    /// Issues a session to `user`, whose key just answered, and starts it on this connection.
+    fn issue_session(
+        &self,
+        user: &str,
+        session: &watch::Sender<Option<Arc<SessionClaims>>>,
+    ) -> ServerMsg {
+        let gw = &self.gw;
+        let now = now_secs();
+        let exp = now + gw.cfg.session.max_age.as_secs();
+        let epoch = gw.revocations.epoch(user);
+        let (token, claims) =
+            match gw
+                .signer
+                .issue_session_at_epoch(user, &self.thumb, now, exp, epoch)
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    return ServerMsg::Error(Refusal::new(RefusalCode::Internal, e.to_string()));
+                }
+            };
+        Metrics::inc(&gw.metrics.sessions_issued_total);
+        gw.audit.record(AuditEvent {
+            user: Some(user.to_owned()),
+            session: Some(claims.jti.clone()),
+            expires_at: Some(claims.exp),
+            ..self.event(AuditKind::SessionIssued)
+        });
+        self.start_session(token, claims, session)
+    }
+
+    /// For a user enrolled through the identity provider: whether its last check is recent
+    /// enough (`[oidc] max_age`). Asked only once the key has answered, so a peer that merely
+    /// names someone learns nothing.
+    async fn idp_fresh(&self, user: &str) -> Result<(), Refusal> {
+        let gw = &self.gw;
+        let Some(oidc) = gw.oidc.as_deref() else {
+            return Ok(());
+        };
+        let u = user.to_owned();
+        let Some((_, checked)) = gw.db(move |s| s.idp_state_of(&u)).await? else {
+            return Ok(());
+        };
+        let max_age = oidc.config().max_age;
+        if now_secs().saturating_sub(checked) <= max_age.as_secs() {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            RefusalCode::IdpCheckNeeded,
+            format!(
+                "sign in with {} again: the last check is more than {} old",
+                oidc.config().name(),
+                humantime::format_duration(max_age)
+            ),
+        ))
+    }
+
+    /// The fresh check with the identity provider a stale sign-in waits for: the same account
+    /// (its subject) as enrolled, with this connection's nonce. Records the check and the
+    /// groups it brings; returns the user.
+    async fn idp_recheck(
+        &self,
+        user: Option<String>,
+        nonce: Option<String>,
+        code: &str,
+        code_verifier: &str,
+        redirect_uri: &str,
+    ) -> Result<String, Refusal> {
+        let gw = &self.gw;
+        self.oidc()?;
+        self.rate_limit("")?;
+        let (Some(user), Some(nonce)) = (user, nonce) else {
+            return Err(Refusal::new(
+                RefusalCode::ChallengeExpired,
+                "no sign-in waits for the identity provider on this connection",
+            ));
+        };
+        let id = self
+            .idp_identity(&nonce, code, code_verifier, redirect_uri)
+            .await?;
+        let u = user.clone();
+        let stored = gw.db(move |s| s.idp_state_of(&u)).await?;
+        if id.user != user || stored.is_none_or(|(sub, _)| sub != id.subject) {
+            return Err(Refusal::new(
+                RefusalCode::IdpRefused,
+                format!(
+                    "you signed in with the identity provider as {}, not as {user}",
+                    id.user
+                ),
+            ));
+        }
+        let groups = id.groups.clone();
+        gw.db(move |s| s.record_idp_check(&id)).await?;
+        gw.revocations.set_user_groups(&user, groups);
+        Ok(user)
+    }
+
     fn start_session(
         &self,
         token: String,
@@ -212,7 +386,7 @@ impl ConnCtx {
             .cfg
             .services
             .iter()
-            .filter(|s| s.allows(&claims.sub))
+            .filter(|s| s.allows(&claims.sub, &gw.revocations.groups(&claims.sub)))
             .map(|s| ServiceInfo {
                 name: s.name.clone(),
                 kind: s.kind,
@@ -271,6 +445,19 @@ impl ConnCtx {
         let gw = &self.gw;
         let (u, c) = (user.to_owned(), code.to_owned());
         invite_ok(gw.db(move |s| s.check_invite(&u, &c)).await?)?;
+        self.registration(user, EnrolSource::Invite(code.to_owned()), software_ca_pem)
+            .await
+    }
+
+    /// The registration challenge for `user` (made if new), entitled by `source`; their keys
+    /// already enrolled are excluded.
+    async fn registration(
+        &self,
+        user: &str,
+        source: EnrolSource,
+        software_ca_pem: Option<&str>,
+    ) -> Result<(serde_json::Value, PendingEnrol), Refusal> {
+        let gw = &self.gw;
         let u = user.to_owned();
         let user_id = gw.db(move |s| s.ensure_user(&u)).await?;
         let u = user.to_owned();
@@ -282,7 +469,7 @@ impl ConnCtx {
             .collect();
         let (ccr, p) = gw
             .rp
-            .begin_enrol(user, user_id, code, existing, software_ca_pem)?;
+            .begin_enrol(user, user_id, source, existing, software_ca_pem)?;
         let v = serde_json::to_value(&ccr)
             .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?;
         Ok((v, p))
@@ -295,7 +482,7 @@ impl ConnCtx {
     ) -> Result<String, Refusal> {
         let gw = &self.gw;
         let user = p.user.clone();
-        let code = p.invite_code.clone();
+        let source = p.source.clone();
         let enrolled = gw.rp.finish_enrol(p, credential, &self.binding)?;
         let key_json = serde_json::to_string(&enrolled.key)
             .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?;
@@ -305,8 +492,95 @@ impl ConnCtx {
             key_json,
             aaguid: enrolled.aaguid.to_string(),
         };
-        invite_ok(gw.db(move |s| s.enrol(&code, &cred)).await?)?;
+        match source {
+            EnrolSource::Invite(code) => invite_ok(gw.db(move |s| s.enrol(&code, &cred)).await?)?,
+            EnrolSource::Idp(id) => {
+                let (user, groups) = (id.user.clone(), id.groups.clone());
+                idp_ok(gw.db(move |s| s.enrol_via_idp(&id, &cred)).await?)?;
+                gw.revocations.set_user_groups(&user, groups);
+            }
+        }
         Ok(enrolled.cred_id)
+    }
+
+    /// Where to send the browser, with a nonce made for this connection.
+    async fn idp_begin(&self) -> Result<(ServerMsg, String), Refusal> {
+        let oidc = self.oidc()?;
+        let p = oidc.provider().await.map_err(idp_refusal)?;
+        let nonce = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+        let cfg = oidc.config();
+        Ok((
+            ServerMsg::IdpStart {
+                name: cfg.name(),
+                authorization_endpoint: p.authorization_endpoint,
+                client_id: cfg.client_id.clone(),
+                scopes: cfg.scopes.clone(),
+                nonce: nonce.clone(),
+            },
+            nonce,
+        ))
+    }
+
+    /// Redeems the browser's code, checks the ID token against this connection's nonce and
+    /// the gateway's rules, and starts the registration for the identity it names.
+    async fn enrol_with_idp(
+        &self,
+        nonce: Option<String>,
+        code: &str,
+        code_verifier: &str,
+        redirect_uri: &str,
+        software_ca_pem: Option<String>,
+    ) -> Result<(serde_json::Value, PendingEnrol), Refusal> {
+        let gw = &self.gw;
+        self.oidc()?;
+        self.rate_limit("")?;
+        let nonce = nonce.ok_or_else(|| {
+            Refusal::new(
+                RefusalCode::ChallengeExpired,
+                "no sign-in with the identity provider is in progress on this connection (each one is single-use)",
+            )
+        })?;
+        let id = self
+            .idp_identity(&nonce, code, code_verifier, redirect_uri)
+            .await?;
+        let check = id.clone();
+        idp_ok(gw.db(move |s| s.check_idp_identity(&check)).await?)?;
+        let user = id.user.clone();
+        self.registration(&user, EnrolSource::Idp(id), software_ca_pem.as_deref())
+            .await
+    }
+
+    /// Redeems the browser's code and checks the ID token against this connection's `nonce`;
+    /// audits who the provider vouched for.
+    async fn idp_identity(
+        &self,
+        nonce: &str,
+        code: &str,
+        code_verifier: &str,
+        redirect_uri: &str,
+    ) -> Result<crate::oidc::Identity, Refusal> {
+        let oidc = self.oidc()?;
+        check_loopback_redirect(redirect_uri)?;
+        let token = oidc
+            .redeem(code, code_verifier, redirect_uri)
+            .await
+            .map_err(idp_refusal)?;
+        let id = oidc.verify(&token, nonce).await.map_err(idp_refusal)?;
+        self.gw.audit.record(AuditEvent {
+            user: Some(id.user.clone()),
+            outcome: Some(format!("groups: {}", id.groups.join(", "))),
+            ..self.event(AuditKind::IdpVerified)
+        });
+        Ok(id)
+    }
+
+    fn oidc(&self) -> Result<&crate::oidc::Oidc, Refusal> {
+        self.gw.oidc.as_deref().ok_or_else(|| {
+            Refusal::new(
+                RefusalCode::BadRequest,
+                "this gateway does not enrol through an identity provider: ask your admin for an invite",
+            )
+        })
     }
 
     /// A sign-in challenge. A user with no key (unknown, or removed) gets a challenge that
@@ -331,7 +605,7 @@ impl ConnCtx {
         &self,
         p: PendingLogin,
         credential: serde_json::Value,
-    ) -> Result<(String, SessionClaims), Refusal> {
+    ) -> Result<(), Refusal> {
         let gw = &self.gw;
         let user = p.user.clone();
         let result = gw.rp.finish_login(p, credential, &self.binding)?;
@@ -378,12 +652,7 @@ impl ConnCtx {
                     "this key was removed from your account during the sign-in: ask your admin",
                 )
             })?;
-        let now = now_secs();
-        let exp = now + gw.cfg.session.max_age.as_secs();
-        let epoch = gw.revocations.epoch(&user);
-        gw.signer
-            .issue_session_at_epoch(&user, &self.thumb, now, exp, epoch)
-            .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))
+        Ok(())
     }
 
     fn resume(&self, token: &str) -> Result<SessionClaims, Refusal> {
@@ -424,6 +693,35 @@ impl ConnCtx {
             ));
         }
         Ok(claims)
+    }
+}
+
+fn idp_ok(r: Result<(), crate::store::IdpProblem>) -> Result<(), Refusal> {
+    r.map_err(|p| match p {
+        crate::store::IdpProblem::UserDisabled => disabled_refusal(),
+        p => Refusal::new(RefusalCode::IdpRefused, p.to_string()),
+    })
+}
+
+fn idp_refusal(e: crate::oidc::OidcError) -> Refusal {
+    Refusal::new(RefusalCode::IdpRefused, e.to_string())
+}
+
+/// The browser comes back to the agent on this machine: `http://127.0.0.1:PORT/…` (RFC 8252
+/// §7.3). Anything else would send the code elsewhere.
+fn check_loopback_redirect(uri: &str) -> Result<(), Refusal> {
+    let ok = url::Url::parse(uri).is_ok_and(|u| {
+        u.scheme() == "http"
+            && matches!(u.host(), Some(url::Host::Ipv4(ip)) if ip.is_loopback())
+            && u.port().is_some()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(Refusal::new(
+            RefusalCode::BadRequest,
+            "the redirect URI must be the agent's loopback address (http://127.0.0.1:PORT/…)",
+        ))
     }
 }
 

@@ -43,6 +43,8 @@ impl Activity {
 pub(crate) struct Revocations {
     epochs: std::sync::RwLock<HashMap<String, u64>>,
     disabled: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// Each user's groups (identity provider or SCIM), for `allow_groups`.
+    groups: std::sync::RwLock<HashMap<String, Arc<[String]>>>,
     live: Mutex<HashMap<u64, (Arc<SessionClaims>, quinn::Connection)>>,
 }
 
@@ -56,6 +58,29 @@ impl Revocations {
 
     pub(crate) fn set_disabled(&self, d: std::collections::HashSet<String>) {
         *self.disabled.write().unwrap_or_else(|e| e.into_inner()) = d;
+    }
+
+    pub(crate) fn set_groups(&self, g: HashMap<String, Vec<String>>) {
+        *self.groups.write().unwrap_or_else(|e| e.into_inner()) =
+            g.into_iter().map(|(u, g)| (u, g.into())).collect();
+    }
+
+    /// Sets one user's groups at once (the store has them too; the next reload agrees).
+    pub(super) fn set_user_groups(&self, user: &str, groups: Vec<String>) {
+        self.groups
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(user.to_owned(), groups.into());
+    }
+
+    /// `user`'s groups as last loaded (none for a user without any).
+    pub(super) fn groups(&self, user: &str) -> Arc<[String]> {
+        self.groups
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(user)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(Vec::new()))
     }
 
     pub(super) fn disabled(&self, user: &str) -> bool {
@@ -136,13 +161,14 @@ impl Gateway {
             let loaded = tokio::task::spawn_blocking(move || {
                 store
                     .epochs()
-                    .and_then(|e| Ok((e, store.disabled_users()?)))
+                    .and_then(|e| Ok((e, store.disabled_users()?, store.user_groups()?)))
             })
             .await;
             match loaded {
-                Ok(Ok((e, d))) => {
+                Ok(Ok((e, d, g))) => {
                     self.revocations.set_epochs(e);
                     self.revocations.set_disabled(d);
+                    self.revocations.set_groups(g);
                 }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "cannot reload revocations");

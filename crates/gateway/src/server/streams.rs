@@ -7,14 +7,17 @@ use super::*;
 const REFUSAL_WRITE_WAIT: Duration = Duration::from_secs(5);
 
 /// Whether a stream for `service` may be served to the session `claims` (none: not signed
-/// in; `revoked`: ended by an admin) at `now`: the service it names, or the refusal to send.
+/// in; `revoked`: ended by an admin), whose user is in `groups`, at `now`: the service it
+/// names and what granted it (see [`crate::config::ServiceConfig::grant`]), or the refusal to
+/// send.
 pub fn authorize_stream<'c>(
     claims: Option<&SessionClaims>,
+    groups: &[String],
     revoked: bool,
     cfg: &'c crate::GatewayConfig,
     service: &str,
     now: u64,
-) -> Result<&'c crate::config::ServiceConfig, Refusal> {
+) -> Result<(&'c crate::config::ServiceConfig, String), Refusal> {
     let Some(claims) = claims else {
         return Err(Refusal::new(
             RefusalCode::Unauthenticated,
@@ -39,16 +42,16 @@ pub fn authorize_stream<'c>(
             ),
         ));
     };
-    if !svc.allows(&claims.sub) {
-        return Err(Refusal::new(
+    match svc.grant(&claims.sub, groups) {
+        Some(grant) => Ok((svc, grant)),
+        None => Err(Refusal::new(
             RefusalCode::Forbidden,
             format!(
                 "{} may not use service {:?}: ask your admin for access",
                 claims.sub, svc.name
             ),
-        ));
+        )),
     }
-    Ok(svc)
 }
 
 impl ConnCtx {
@@ -86,14 +89,19 @@ impl ConnCtx {
         };
         let claims = session.borrow().clone();
         let revoked = claims.as_deref().is_some_and(|c| gw.revocations.revoked(c));
-        let svc = match authorize_stream(
+        let groups = claims
+            .as_deref()
+            .map(|c| gw.revocations.groups(&c.sub))
+            .unwrap_or_else(|| Arc::from(Vec::new()));
+        let (svc, grant) = match authorize_stream(
             claims.as_deref(),
+            &groups,
             revoked,
             &gw.cfg,
             &open.service,
             now_secs(),
         ) {
-            Ok(svc) => svc,
+            Ok(granted) => granted,
             Err(r) => {
                 let user = claims.as_deref().map(|c| c.sub.as_str());
                 self.stream_refused(&mut send, user, Some(&open.service), r)
@@ -156,6 +164,7 @@ impl ConnCtx {
             user: Some(user.to_owned()),
             service: Some(svc.name.clone()),
             session: Some(claims.jti.clone()),
+            granted_by: Some(grant),
             ..self.event(AuditKind::StreamOpened)
         });
         let started = Instant::now();
@@ -319,8 +328,9 @@ allow = ["alice@example.com"]
     fn a_live_session_reaches_a_service_it_is_allowed() {
         let cfg = cfg();
         let c = claims("alice@example.com", 100);
-        let svc = authorize_stream(Some(&c), false, &cfg, "api", 99).expect("allowed");
-        assert_eq!(svc.name, "api");
+        let (svc, grant) =
+            authorize_stream(Some(&c), &[], false, &cfg, "api", 99).expect("allowed");
+        assert_eq!((svc.name.as_str(), grant.as_str()), ("api", "user"));
     }
 
     #[test]
@@ -328,25 +338,33 @@ allow = ["alice@example.com"]
         let cfg = cfg();
         let alice = claims("alice@example.com", 100);
         let bob = claims("bob@example.com", 100);
-        let code = |r: Result<&crate::config::ServiceConfig, Refusal>| r.err().map(|r| r.code);
+        let code =
+            |r: Result<(&crate::config::ServiceConfig, String), Refusal>| r.err().map(|r| r.code);
         assert_eq!(
-            code(authorize_stream(None, false, &cfg, "api", 1)),
+            code(authorize_stream(None, &[], false, &cfg, "api", 1)),
             Some(RefusalCode::Unauthenticated)
         );
         assert_eq!(
-            code(authorize_stream(Some(&alice), false, &cfg, "api", 100)),
+            code(authorize_stream(Some(&alice), &[], false, &cfg, "api", 100)),
             Some(RefusalCode::SessionExpired)
         );
         assert_eq!(
-            code(authorize_stream(Some(&alice), true, &cfg, "api", 1)),
+            code(authorize_stream(Some(&alice), &[], true, &cfg, "api", 1)),
             Some(RefusalCode::SessionRevoked)
         );
         assert_eq!(
-            code(authorize_stream(Some(&alice), false, &cfg, "nosuch", 1)),
+            code(authorize_stream(
+                Some(&alice),
+                &[],
+                false,
+                &cfg,
+                "nosuch",
+                1
+            )),
             Some(RefusalCode::UnknownService)
         );
         assert_eq!(
-            code(authorize_stream(Some(&bob), false, &cfg, "api", 1)),
+            code(authorize_stream(Some(&bob), &[], false, &cfg, "api", 1)),
             Some(RefusalCode::Forbidden)
         );
     }

@@ -18,6 +18,7 @@ mod foreign_site;
 mod grpc;
 mod hardware_keys;
 mod hostile_http;
+mod identity;
 mod large_bodies;
 mod migration;
 mod no_secrets_in_logs;

@@ -1,0 +1,357 @@
+//! Enrolment through the organisation's identity provider, against a real OpenID provider
+//! (oidc-provider, started by the test): the loopback flow end to end with a group granting
+//! the service, and each refusal with its audit line: a verified email is needed, a domain
+//! must be allowed, a code is good only on the connection whose nonce it carries and only for
+//! the gateway's client, the browser's `state` must match, and a second callback finds
+//! nobody.
+
+use std::sync::Arc;
+
+use touchgate_agent::{RunningAgent, agent::OnSessionEnd, tunnel::Tunnel};
+use touchgate_e2e::{get, request, soft_authn};
+use touchgate_proto::{ClientMsg, ServerMsg};
+use touchgate_testkit::{
+    idp::{Idp, IdpConfig, IdpUser, OTHER_CLIENT_ID},
+    lab::{Lab, LabOptions},
+};
+
+const ALICE_EMAIL: &str = "alice@example.com";
+
+/// A lab whose gateway enrols through `idp` (accounts of example.com only) and whose `api`
+/// service is for the `oncall` group and no one by name.
+async fn lab_with(idp: &Idp) -> anyhow::Result<Lab> {
+    Lab::start(LabOptions {
+        api_users: Vec::new(),
+        api_groups: vec!["oncall".into()],
+        tables: oidc_table(idp, ""),
+        ..LabOptions::default()
+    })
+    .await
+}
+
+/// The default IdP, a lab on it, and Alice's agent config and key path (not enrolled).
+async fn alice_at_lab() -> anyhow::Result<(
+    Arc<Idp>,
+    Lab,
+    IdpUser,
+    std::path::PathBuf,
+    touchgate_agent::AgentConfig,
+)> {
+    let idp = Arc::new(Idp::start_default().await?);
+    let lab = lab_with(&idp).await?;
+    let alice = IdpUser::alice();
+    let key_path = lab.dir.path().join("alice.softkey");
+    let cfg = lab.agent_config(&alice.email, &key_path, &[])?;
+    Ok((idp, lab, alice, key_path, cfg))
+}
+
+/// The gateway's `[oidc]` for `idp`: accounts of example.com, groups asked for, and `extra`.
+fn oidc_table(idp: &Idp, extra: &str) -> String {
+    format!(
+        "[oidc]\nissuer = \"{}\"\nclient_id = \"touchgate\"\nallowed_domains = [\"example.com\"]\n\
+         display_name = \"Example Corp\"\nscopes = [\"openid\", \"email\", \"profile\", \"groups\"]\n{extra}",
+        idp.issuer
+    )
+}
+
+/// What the test's browser does with the IdP's final redirect to the agent's loopback
+/// listener: the URLs to open, in order.
+type Deliver = fn(String) -> Vec<String>;
+
+/// The statuses the agent's loopback listener answered the test's browser.
+type Statuses = tokio::sync::oneshot::Receiver<anyhow::Result<Vec<u16>>>;
+
+/// A browser for `enroll_with_idp`: signs in at the IdP as `who`, then opens what `deliver`
+/// makes of the redirect. The statuses the loopback listener answered (0: no one listened)
+/// come back through the handle.
+fn browser(
+    idp: Arc<Idp>,
+    who: IdpUser,
+    deliver: Deliver,
+) -> (impl Fn(&str) -> Result<(), String> + Send + Sync, Statuses) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let tx = std::sync::Mutex::new(Some(tx));
+    let open = move |url: &str| {
+        let (idp, who, url) = (idp.clone(), who.clone(), url.to_owned());
+        let tx = tx.lock().ok().and_then(|mut t| t.take());
+        tokio::spawn(async move {
+            let done = async {
+                let back = idp.authorize(&url, &who.email, &who.password).await?;
+                let mut statuses = Vec::new();
+                for u in deliver(back) {
+                    statuses.push(open_loopback(&u).await);
+                }
+                Ok(statuses)
+            }
+            .await;
+            if let Some(tx) = tx {
+                let _ = tx.send(done);
+            }
+        });
+        Ok(())
+    };
+    (open, rx)
+}
+
+/// Opens `url` on the agent's loopback listener; 0 when nothing listens there.
+async fn open_loopback(url: &str) -> u16 {
+    let Ok(u) = url::Url::parse(url) else {
+        return 0;
+    };
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], u.port().unwrap_or(80)));
+    let path = format!("{}?{}", u.path(), u.query().unwrap_or_default());
+    match request(
+        addr,
+        "GET",
+        &path,
+        &format!("127.0.0.1:{}", addr.port()),
+        &[],
+    )
+    .await
+    {
+        Ok(a) => a.status,
+        Err(_) => 0,
+    }
+}
+
+fn as_is(url: String) -> Vec<String> {
+    vec![url]
+}
+
+#[tokio::test]
+async fn a_developer_enrols_with_the_company_account_and_a_group_grants_the_service()
+-> anyhow::Result<()> {
+    let (idp, lab, alice, key_path, cfg) = alice_at_lab().await?;
+    let authn = soft_authn(&key_path)?;
+    let (open, seen) = browser(idp.clone(), alice.clone(), as_is);
+
+    let (_cred, user) = touchgate_agent::enroll_with_idp(&cfg, &authn, &open).await?;
+    assert_eq!(user, alice.email);
+    assert_eq!(seen.await??, [200], "the browser ends on the agent's page");
+    let verified = lab.audit_events("idp_verified");
+    assert_eq!(verified.len(), 1, "{:?}", lab.audit());
+    assert_eq!(verified[0]["user"], alice.email);
+    assert_eq!(verified[0]["outcome"], "groups: eng@example.com, oncall");
+    assert_eq!(lab.audit_events("idp_enrolled").len(), 1);
+    assert!(lab.audit_events("invite_used").is_empty());
+
+    // The key signs in as usual; `api` is Alice's through her `oncall` group.
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let api = agent.local_addr("api").expect("api");
+    let answer = get(api, "/hello", &[]).await?;
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(answer.json()?["headers"]["x-touchgate-user"], alice.email);
+    let opened = lab.audit_events("stream_opened");
+    assert_eq!(opened[0]["granted_by"], "group:oncall", "{opened:?}");
+    agent.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_gateway_takes_only_verified_accounts_of_allowed_domains() -> anyhow::Result<()> {
+    let idp = Arc::new(Idp::start_default().await?);
+    let lab = lab_with(&idp).await?;
+    for (who, why) in [
+        (
+            IdpUser::bob(),
+            "has not verified the email address bob@example.com",
+        ),
+        (
+            IdpUser::carol(),
+            "accounts of \"other.example\" may not use this gateway",
+        ),
+    ] {
+        let key_path = lab.dir.path().join(format!("{}.softkey", who.sub));
+        let cfg = lab.agent_config(&who.email, &key_path, &[])?;
+        let (open, seen) = browser(idp.clone(), who.clone(), as_is);
+        let e = touchgate_agent::enroll_with_idp(&cfg, &soft_authn(&key_path)?, &open)
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains(why), "{}: {e}", who.email);
+        assert_eq!(seen.await??, [200]);
+    }
+    let refused = lab.audit_events("idp_refused");
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(lab.audit_events("idp_enrolled").is_empty());
+    let store = touchgate_gateway::store::Store::open(&lab.dir.path().join("gateway.db"))?;
+    assert!(store.credentials("bob@example.com")?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_browser_must_come_back_with_its_own_state_and_only_once() -> anyhow::Result<()> {
+    let (idp, lab, alice, key_path, cfg) = alice_at_lab().await?;
+
+    // A page that sends the browser to the listener with a code and a state of its own.
+    let (open, seen) = browser(idp.clone(), alice.clone(), |url| {
+        vec![url.replace("state=", "state=forged")]
+    });
+    let e = touchgate_agent::enroll_with_idp(&cfg, &soft_authn(&key_path)?, &open)
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("another sign-in's state"), "{e}");
+    assert_eq!(seen.await??, [400]);
+    // Nothing reached the gateway: no code was redeemed.
+    assert!(lab.audit_events("idp_verified").is_empty());
+
+    // The same callback twice: the first enrols, the second finds no one listening.
+    let (open, seen) = browser(idp.clone(), alice.clone(), |url| vec![url.clone(), url]);
+    touchgate_agent::enroll_with_idp(&cfg, &soft_authn(&key_path)?, &open).await?;
+    let statuses = seen.await??;
+    assert_eq!(statuses[0], 200);
+    assert_ne!(statuses[1], 200, "a second callback must not be taken");
+    assert_eq!(lab.audit_events("idp_enrolled").len(), 1);
+    Ok(())
+}
+
+/// A code obtained with another connection's nonce, or for another client, is refused by
+/// the gateway: what an attacker who phished a code, or a page that ran its own flow, has.
+#[tokio::test]
+async fn a_code_is_good_only_on_its_own_connection_and_for_the_gateways_client()
+-> anyhow::Result<()> {
+    let (idp, lab, alice, _, cfg) = alice_at_lab().await?;
+    let key = touchgate_agent::tunnel::SessionKey::generate()?;
+    let endpoint = touchgate_agent::tunnel::client_endpoint(&cfg, &key)?;
+    let first = Tunnel::connect(&endpoint, &cfg).await?;
+    let second = Tunnel::connect(&endpoint, &cfg).await?;
+    let start = |reply: ServerMsg| match reply {
+        ServerMsg::IdpStart {
+            authorization_endpoint,
+            client_id,
+            scopes,
+            nonce,
+            name,
+        } => Ok((authorization_endpoint, client_id, scopes, nonce, name)),
+        other => Err(anyhow::anyhow!("expected IdpStart, got {other:?}")),
+    };
+    let (endpoint_url, client_id, scopes, nonce, name) =
+        start(first.request(&ClientMsg::IdpBegin).await?)?;
+    assert_eq!(name, "Example Corp");
+    start(second.request(&ClientMsg::IdpBegin).await?)?;
+
+    for (client, what) in [
+        (
+            client_id.as_str(),
+            "its nonce is not the one issued for this connection",
+        ),
+        (OTHER_CLIENT_ID, "the identity provider refused the sign-in"),
+    ] {
+        // A flow run with the first connection's nonce (and, second, another client).
+        let pkce = touchgate_agent::idp::Pkce::new();
+        let redirect = "http://127.0.0.1:9/callback";
+        let url = touchgate_agent::idp::authorization_url(
+            &endpoint_url,
+            client,
+            &scopes,
+            redirect,
+            &pkce,
+            &nonce,
+        )?;
+        let back = url::Url::parse(&idp.authorize(&url, &alice.email, &alice.password).await?)?;
+        let code = back
+            .query_pairs()
+            .find(|(k, _)| k == "code")
+            .map(|(_, v)| v.into_owned())
+            .ok_or_else(|| anyhow::anyhow!("no code in {back}"))?;
+        // … presented on the second connection.
+        let reply = second
+            .request(&ClientMsg::EnrollWithIdp {
+                code,
+                code_verifier: pkce.verifier.clone(),
+                redirect_uri: redirect.into(),
+                software_ca_pem: None,
+            })
+            .await;
+        let e = reply.expect_err("refused").to_string();
+        assert!(e.contains(what), "{client}: {e}");
+        // Each connection's nonce is single-use: ask for a fresh one for the next round.
+        start(second.request(&ClientMsg::IdpBegin).await?)?;
+    }
+    assert_eq!(
+        lab.audit_events("idp_refused").len(),
+        2,
+        "{:?}",
+        lab.audit()
+    );
+    assert!(lab.audit_events("idp_verified").is_empty());
+    Ok(())
+}
+
+/// Past `[oidc] max_age` a sign-in needs the identity provider again: the key's answer
+/// verifies, the browser step follows on the same connection, and the session comes without a
+/// second touch; a check as another account is refused.
+#[tokio::test]
+async fn a_sign_in_after_max_age_checks_with_the_identity_provider_again() -> anyhow::Result<()> {
+    let dave = IdpUser {
+        sub: "dave".into(),
+        email: "dave@example.com".into(),
+        name: "Dave Example".into(),
+        password: "dave-password".into(),
+        ..IdpUser::alice()
+    };
+    let idp = Arc::new(
+        Idp::start(&IdpConfig {
+            users: vec![IdpUser::alice(), dave.clone()],
+            ..IdpConfig::default()
+        })
+        .await?,
+    );
+    let lab = Lab::start(LabOptions {
+        tables: oidc_table(&idp, "max_age = \"1s\"\n"),
+        ..LabOptions::default()
+    })
+    .await?;
+    let alice = IdpUser::alice();
+    let key_path = lab.dir.path().join("alice.softkey");
+    let cfg = lab.agent_config(&alice.email, &key_path, &[])?;
+    let authn = soft_authn(&key_path)?;
+    let (open, _) = browser(idp.clone(), alice.clone(), as_is);
+    touchgate_agent::enroll_with_idp(&cfg, &authn, &open).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+
+    // Someone else's account in the browser: the key's answer is not enough.
+    let (open, _) = browser(idp.clone(), dave, as_is);
+    let refused = RunningAgent::start_with_browser(
+        cfg.clone(),
+        authn.clone(),
+        OnSessionEnd::Stop,
+        Arc::new(open),
+    )
+    .await;
+    let e = refused.err().expect("refused").to_string();
+    assert!(
+        e.contains("as dave@example.com, not as alice@example.com"),
+        "{e}"
+    );
+
+    let (open, seen) = browser(idp.clone(), alice.clone(), as_is);
+    let agent =
+        RunningAgent::start_with_browser(cfg, authn, OnSessionEnd::Stop, Arc::new(open)).await?;
+    assert_eq!(seen.await??, [200]);
+    let api = agent.local_addr("api").expect("api");
+    assert_eq!(get(api, "/after-recheck", &[]).await?.status, 200);
+    let needed: Vec<_> = lab
+        .audit_events("idp_refused")
+        .into_iter()
+        .filter(|e| e["outcome"] == "idp_check_needed")
+        .collect();
+    assert_eq!(needed.len(), 2, "{:?}", lab.audit());
+    // The provider vouched three times: the enrolment, Dave (then refused as not Alice), and
+    // the recheck that passed.
+    let vouched: Vec<_> = lab
+        .audit_events("idp_verified")
+        .iter()
+        .map(|e| e["user"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(vouched, [ALICE_EMAIL, "dave@example.com", ALICE_EMAIL]);
+    assert_eq!(lab.audit_events("session_issued").len(), 1);
+    agent.shutdown().await;
+    Ok(())
+}
