@@ -65,6 +65,24 @@ pub enum AuditKind {
     RefusalsSuppressed,
     /// A request was refused for its own shape (a path leaving the base path).
     RequestRefused,
+    /// The identity provider created a group over SCIM.
+    ScimGroupCreated,
+    /// A SCIM group changed: a member added or removed (one line per user), renamed.
+    ScimGroupChanged,
+    /// The identity provider deleted a group over SCIM.
+    ScimGroupRemoved,
+    /// A SCIM request was refused (bearer token, body, filter, unknown id, conflict).
+    ScimRefused,
+    /// The identity provider changed a user's other attributes over SCIM.
+    ScimUserChanged,
+    /// The identity provider created (provisioned) a user over SCIM.
+    ScimUserCreated,
+    /// The identity provider deactivated a user over SCIM: as `disable`.
+    ScimUserDisabled,
+    /// The identity provider reactivated a user over SCIM: as `enable`.
+    ScimUserEnabled,
+    /// The identity provider deleted a user over SCIM: as `remove`.
+    ScimUserRemoved,
     /// A live session ended because an admin disabled the account.
     SessionDisabled,
     /// A live session ended: expired or idle.
@@ -97,7 +115,7 @@ pub enum AuditKind {
 
 impl AuditKind {
     /// Every kind, for documentation and tests.
-    pub const ALL: [AuditKind; 31] = [
+    pub const ALL: [AuditKind; 40] = [
         Self::BrowserRequestRefused,
         Self::ChallengeIssued,
         Self::ChallengeRefused,
@@ -115,6 +133,15 @@ impl AuditKind {
         Self::KeyRemoved,
         Self::RefusalsSuppressed,
         Self::RequestRefused,
+        Self::ScimGroupCreated,
+        Self::ScimGroupChanged,
+        Self::ScimGroupRemoved,
+        Self::ScimRefused,
+        Self::ScimUserChanged,
+        Self::ScimUserCreated,
+        Self::ScimUserDisabled,
+        Self::ScimUserEnabled,
+        Self::ScimUserRemoved,
         Self::SessionDisabled,
         Self::SessionEnded,
         Self::SessionIssued,
@@ -151,6 +178,15 @@ impl AuditKind {
             Self::KeyRemoved => "key_removed",
             Self::RefusalsSuppressed => "refusals_suppressed",
             Self::RequestRefused => "request_refused",
+            Self::ScimGroupCreated => "scim_group_created",
+            Self::ScimGroupChanged => "scim_group_changed",
+            Self::ScimGroupRemoved => "scim_group_removed",
+            Self::ScimRefused => "scim_refused",
+            Self::ScimUserChanged => "scim_user_changed",
+            Self::ScimUserCreated => "scim_user_created",
+            Self::ScimUserDisabled => "scim_user_disabled",
+            Self::ScimUserEnabled => "scim_user_enabled",
+            Self::ScimUserRemoved => "scim_user_removed",
             Self::SessionDisabled => "session_disabled",
             Self::SessionEnded => "session_ended",
             Self::SessionIssued => "session_issued",
@@ -186,6 +222,9 @@ pub struct AuditEvent {
     /// The service, for stream events.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// The group, for SCIM group events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// The peer's address.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
@@ -231,6 +270,7 @@ impl AuditEvent {
             event: kind,
             user: None,
             service: None,
+            group: None,
             peer: None,
             conn: None,
             session: None,

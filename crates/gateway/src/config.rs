@@ -5,6 +5,9 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use serde::Deserialize;
 use touchgate_proto::ServiceKind;
 
+mod scim;
+pub use scim::ScimConfig;
+
 /// Errors loading or checking a gateway config.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -65,6 +68,9 @@ pub struct GatewayConfig {
     /// The organisation's OpenID provider, for enrolment through it.
     #[serde(default)]
     pub oidc: Option<OidcConfig>,
+    /// The SCIM 2.0 provisioning endpoint the identity provider pushes users and groups to.
+    #[serde(default)]
+    pub scim: Option<ScimConfig>,
     /// Size and rate limits.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -494,6 +500,9 @@ impl GatewayConfig {
         {
             fix(f);
         }
+        if let Some(s) = &mut self.scim {
+            fix(&mut s.token_file);
+        }
         if let Some(a) = &mut self.audit_log
             && a != "-"
             && std::path::Path::new(a).is_relative()
@@ -572,6 +581,9 @@ impl GatewayConfig {
         } else if !self.invite.enabled {
             problems.push("invite.enabled = false without [oidc]: nobody could enrol a key".into());
         }
+        if let Some(s) = &self.scim {
+            problems.extend(s.problems(self.admin_listen));
+        }
         problems
     }
 
@@ -627,6 +639,11 @@ impl GatewayConfig {
         {
             problems.push(format!("oidc.client_secret_file {}: {e}", f.display()));
         }
+        if let Some(s) = &self.scim
+            && let Err(e) = crate::scim::read_token(&s.token_file)
+        {
+            problems.push(format!("scim.token_file: {e}"));
+        }
         folder_of("database", &self.database, &mut problems);
         if let Some(a) = self.audit_log.as_deref().filter(|a| *a != "-") {
             folder_of("audit_log", std::path::Path::new(a), &mut problems);
@@ -662,13 +679,24 @@ impl GatewayConfig {
                     .to_owned(),
             );
         }
-        if self.oidc.is_none() {
+        if self.oidc.is_none() && self.scim.is_none() {
             for s in self.services.iter().filter(|s| !s.allow_groups.is_empty()) {
                 w.push(format!(
-                    "service {} has allow_groups but there is no [oidc]: groups come from the identity provider",
+                    "service {} has allow_groups but there is neither [oidc] nor [scim]: groups come from the identity provider",
                     s.name
                 ));
             }
+        }
+        // Off loopback it is a problem, not a warning.
+        if let Some(s) = self
+            .scim
+            .as_ref()
+            .filter(|s| s.insecure_plain_http && s.listen.ip().is_loopback())
+        {
+            w.push(format!(
+                "scim.insecure_plain_http = true: SCIM on {} is plain HTTP; keep a TLS-terminating proxy in front of it",
+                s.listen
+            ));
         }
         w
     }

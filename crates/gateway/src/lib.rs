@@ -4,9 +4,10 @@
 //! access policy, writes the audit log, and proxies each tunnel stream to a Cloud Run service
 //! with a Google-signed ID token (or splices it to a TCP service).
 //!
-//! Listeners are passed in ([`Gateway::serve_quic`], [`Gateway::serve_admin`]), so tests bind
-//! 127.0.0.1 port 0 and a binary binds the configured addresses. The binary runs connections
-//! thread-per-core ([`shards`], [`Gateway::serve_quic_on`]).
+//! Listeners are passed in ([`Gateway::serve_quic`], [`Gateway::serve_admin`],
+//! [`Gateway::serve_scim`]), so tests bind 127.0.0.1 port 0 and a binary binds the configured
+//! addresses. The binary runs connections thread-per-core ([`shards`],
+//! [`Gateway::serve_quic_on`]).
 
 pub mod admin;
 pub mod audit;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod oidc;
 pub mod proxy;
 pub mod rp;
+pub mod scim;
 pub mod server;
 pub mod shards;
 pub mod store;
@@ -63,6 +65,9 @@ pub enum GatewayError {
     /// `[oidc]` is unusable (its issuer, or its secret file).
     #[error("[oidc]: {0}")]
     Oidc(String),
+    /// `[scim]` is unusable (its token file, or the certificate for HTTPS).
+    #[error(transparent)]
+    Scim(#[from] scim::ScimSetupError),
     /// The upstream TLS client could not be built.
     #[error("cannot build the upstream TLS client: {0}")]
     UpstreamTls(#[from] rustls::Error),
@@ -91,6 +96,8 @@ pub struct Gateway {
     reset_key: Vec<u8>,
     /// The organisation's provider, when `[oidc]` is set.
     oidc: Option<Arc<oidc::Oidc>>,
+    /// The provisioning endpoint, when `[scim]` is set.
+    scim: Option<Arc<scim::Scim>>,
 }
 
 impl Gateway {
@@ -136,6 +143,10 @@ impl Gateway {
             }
             None => None,
         };
+        let scim = match &cfg.scim {
+            Some(s) => Some(Arc::new(scim::Scim::new(s, &cfg.tls)?)),
+            None => None,
+        };
         let metrics = Arc::new(metrics::Metrics::default());
         let id_tokens = Arc::new(idtoken::IdTokens::new(&cfg.id_tokens));
         let proxy = Arc::new(proxy::Proxy::new(
@@ -158,6 +169,7 @@ impl Gateway {
             limiter: server::RateLimiter::default(),
             reset_key,
             oidc,
+            scim,
         }))
     }
 

@@ -28,7 +28,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Serve QUIC tunnels and the admin endpoint.
+    /// Serve QUIC tunnels, the admin endpoint and, with `[scim]`, SCIM provisioning.
     Serve {
         /// The gateway config file.
         #[arg(long, env = "TOUCHGATE_GATEWAY_CONFIG")]
@@ -179,6 +179,15 @@ fn check(path: &std::path::Path) -> std::process::ExitCode {
     }
     for w in cfg.warnings() {
         println!("warning: {w}");
+    }
+    if let Some(s) = cfg.scim.as_ref().filter(|_| problems.is_empty()) {
+        println!(
+            "scim: {}://{}{} with the bearer token in {}",
+            s.scheme(),
+            s.listen,
+            touchgate_gateway::scim::PREFIX,
+            s.token_file.display()
+        );
     }
     if problems.is_empty() {
         println!(
@@ -466,6 +475,7 @@ fn plural(n: usize, what: &str) -> String {
 async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
     let listen = cfg.listen;
     let admin_listen = cfg.admin_listen;
+    let scim_listen = cfg.scim.as_ref().map(|s| (s.listen, s.scheme()));
     let gw = Gateway::new(cfg)?;
     let socket = std::net::UdpSocket::bind(listen)
         .with_context(|| format!("cannot bind UDP {listen} for QUIC"))?;
@@ -482,6 +492,21 @@ async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
     tracing::info!(threads = shards.len(), "connections run thread-per-core");
     let quic = tokio::spawn(gw.clone().serve_quic_on(endpoint.clone(), shards.clone()));
     let admin_task = tokio::spawn(gw.clone().serve_admin(admin));
+    let scim_task = match scim_listen {
+        Some((addr, scheme)) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot bind TCP {addr} for SCIM ([scim] listen)"))?;
+            let addr = l.local_addr().context("no local address")?;
+            tracing::info!(scim = %addr, scheme, "SCIM provisioning listening");
+            println!(
+                "SCIM provisioning on {scheme}://{addr}{}",
+                touchgate_gateway::scim::PREFIX
+            );
+            Some(tokio::spawn(gw.clone().serve_scim(l)))
+        }
+        None => None,
+    };
     touchgate_common::shutdown_signal().await;
     tracing::info!("shutting down");
     endpoint.close(
@@ -491,5 +516,8 @@ async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
     quic.abort();
     admin_task.abort();
+    if let Some(t) = scim_task {
+        t.abort();
+    }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! Gateway state in SQLite: users, invites (hashed), credentials and their counters, signing keys.
+//! Gateway state in SQLite: users, invites (hashed), credentials and their counters, signing keys,
+//! and SCIM's groups and memberships (`store/scim`).
 //!
 //! The database holds the token signing keys, so its file (and SQLite's `-wal`/`-shm` files) is
 //! kept at mode 0600 and a folder the store creates for it at 0700, whatever the umask.
@@ -213,6 +214,23 @@ const MIGRATIONS: &[&str] = &[
         value BLOB NOT NULL
     );
 "#,
+    // SCIM groups as the identity provider pushes them, and their members by user name.
+    r#"
+    CREATE TABLE IF NOT EXISTS scim_groups (
+        id TEXT PRIMARY KEY,
+        display_name TEXT NOT NULL,
+        external_id TEXT,
+        created INTEGER NOT NULL,
+        modified INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX IF NOT EXISTS scim_groups_name ON scim_groups(display_name COLLATE NOCASE);
+    CREATE TABLE IF NOT EXISTS scim_members (
+        group_id TEXT NOT NULL REFERENCES scim_groups(id) ON DELETE CASCADE,
+        user TEXT NOT NULL REFERENCES users(name),
+        PRIMARY KEY (group_id, user)
+    );
+    CREATE INDEX IF NOT EXISTS scim_members_user ON scim_members(user);
+"#,
 ];
 
 /// Columns added after the versioned migrations, each added only where missing, so a database
@@ -226,6 +244,12 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("users", "idp_subject", "TEXT"),
     ("users", "idp_groups", "TEXT"),
     ("users", "idp_checked", "INTEGER"),
+    // SCIM: the provider's own id and display name for the user, when SCIM last changed the
+    // user, and when SCIM deleted them (the row stays, as `remove` keeps it).
+    ("users", "scim_external_id", "TEXT"),
+    ("users", "scim_display_name", "TEXT"),
+    ("users", "scim_modified", "INTEGER"),
+    ("users", "scim_deleted", "INTEGER"),
 ];
 
 /// Owner read and write only: the database holds the token signing keys.
@@ -313,9 +337,12 @@ impl Store {
         }
         // The revocation poller reads the disabled users every second: a partial index keeps
         // that to the few disabled rows however many users there are.
+        // SCIM finds users by their id (`uuid`) and by name in any case.
         tx.execute_batch(
             "CREATE INDEX IF NOT EXISTS users_disabled ON users(name) WHERE disabled <> 0;
-             CREATE INDEX IF NOT EXISTS invites_user ON invites(user);",
+             CREATE INDEX IF NOT EXISTS invites_user ON invites(user);
+             CREATE INDEX IF NOT EXISTS users_uuid ON users(uuid);
+             CREATE INDEX IF NOT EXISTS users_name_nocase ON users(name COLLATE NOCASE);",
         )?;
         tx.commit()?;
         Ok(())
@@ -533,19 +560,32 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// The groups the identity provider (or SCIM) last gave each user who has any.
+    /// Each user's groups, for those who have any: the groups the identity provider's ID token
+    /// last gave, then the display names of the SCIM groups they are a member of.
     pub fn user_groups(
         &self,
     ) -> Result<std::collections::HashMap<String, Vec<String>>, StoreError> {
         let conn = self.lock();
-        let mut stmt = conn.prepare(
+        let mut out: HashMap<String, Vec<String>> = HashMap::new();
+        let mut stmt = conn.prepare_cached(
             "SELECT name, idp_groups FROM users WHERE idp_groups IS NOT NULL AND idp_groups <> '[]'",
         )?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-        let mut out = std::collections::HashMap::new();
         for row in rows {
             let (name, json) = row?;
             out.insert(name, serde_json::from_str(&json).unwrap_or_default());
+        }
+        let mut stmt = conn.prepare_cached(
+            "SELECT m.user, g.display_name FROM scim_members m \
+             JOIN scim_groups g ON g.id = m.group_id ORDER BY g.display_name",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (name, group) = row?;
+            let groups = out.entry(name).or_default();
+            if !groups.contains(&group) {
+                groups.push(group);
+            }
         }
         Ok(out)
     }
@@ -661,15 +701,9 @@ impl Store {
     pub fn remove_user(&self, user: &str) -> Result<RemovedUser, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let epoch = bump_epoch(&tx, user)?;
-        let credentials = tx.execute("DELETE FROM credentials WHERE user = ?1", [user])?;
-        let invites = tx.execute("DELETE FROM invites WHERE user = ?1", [user])?;
+        let removed = remove_in(&tx, user)?;
         tx.commit()?;
-        Ok(RemovedUser {
-            credentials,
-            invites,
-            epoch,
-        })
+        Ok(removed)
     }
 
     /// Removes the one credential of `user` whose id starts with `prefix` (a whole id always
@@ -801,6 +835,18 @@ impl Store {
     }
 }
 
+/// [`Store::remove_user`] inside `tx`.
+fn remove_in(tx: &Connection, user: &str) -> Result<RemovedUser, StoreError> {
+    let epoch = bump_epoch(tx, user)?;
+    let credentials = tx.execute("DELETE FROM credentials WHERE user = ?1", [user])?;
+    let invites = tx.execute("DELETE FROM invites WHERE user = ?1", [user])?;
+    Ok(RemovedUser {
+        credentials,
+        invites,
+        epoch,
+    })
+}
+
 /// Bumps `user`'s revocation epoch inside `tx` and returns the new one.
 fn bump_epoch(tx: &Connection, user: &str) -> Result<u64, StoreError> {
     tx.query_row(
@@ -814,7 +860,13 @@ fn bump_epoch(tx: &Connection, user: &str) -> Result<u64, StoreError> {
 }
 
 mod files;
+mod scim;
 #[cfg(test)]
 mod tests;
+
+pub use scim::{
+    GroupChange, GroupEdit, NewScimUser, RemovedScimUser, ScimGroup, ScimProblem, ScimQuery,
+    ScimRef, ScimUser, UserChange, UserEdit,
+};
 
 use files::{create_private_dirs, create_private_file, tighten};

@@ -31,6 +31,9 @@ pub struct LabOptions {
     pub limits: String,
     /// Whole extra tables (e.g. `[oidc]`), placed before the services.
     pub tables: String,
+    /// A SCIM bearer token: when set, the gateway serves `[scim]` with it (in `scim.token`,
+    /// mode 0600) over plain HTTP on loopback, at [`Lab::scim_addr`].
+    pub scim_token: Option<String>,
 }
 
 impl Default for LabOptions {
@@ -44,6 +47,7 @@ impl Default for LabOptions {
             attestation: String::new(),
             limits: "header_read_timeout = \"2s\"".into(),
             tables: String::new(),
+            scim_token: None,
         }
     }
 }
@@ -60,6 +64,8 @@ pub struct Lab {
     pub quic_addr: SocketAddr,
     /// The gateway's admin address.
     pub admin_addr: SocketAddr,
+    /// The gateway's SCIM address, with [`LabOptions::scim_token`].
+    pub scim_addr: Option<SocketAddr>,
     /// SHA-256 fingerprint of the gateway certificate.
     pub fingerprint: String,
     /// The fake metadata server.
@@ -134,6 +140,13 @@ impl Lab {
             tokio::join!(echoes, resets, oneshots);
         });
         let (users, groups) = (toml_list(&opts.api_users), toml_list(&opts.api_groups));
+        let mut tables = opts.tables.clone();
+        if let Some(token) = &opts.scim_token {
+            write_private(&dir.path().join("scim.token"), token)?;
+            tables.push_str(
+                "\n[scim]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"scim.token\"\ninsecure_plain_http = true\n",
+            );
+        }
         let text = format!(
             r#"# touchgate gateway config written by the lab
 listen = "127.0.0.1:0"
@@ -224,7 +237,7 @@ allow = ["*"]
             reset_addr = reset_addr,
             oneshot_addr = oneshot_addr,
             limits = opts.limits,
-            tables = opts.tables,
+            tables = tables,
             metadata = metadata.url(),
             max_age = humantime::format_duration(opts.max_age),
             challenge_ttl = humantime::format_duration(opts.challenge_ttl),
@@ -234,7 +247,7 @@ allow = ["*"]
         std::fs::write(&gateway_config_path, text)?;
         let cfg = GatewayConfig::load(&gateway_config_path)?;
         let shards = Arc::new(Shards::start(2).context("cannot start a shard thread")?);
-        let (gateway, endpoint, quic_addr, admin_addr, tasks) =
+        let (gateway, endpoint, quic_addr, admin_addr, scim_addr, tasks) =
             launch(cfg, None, shards.clone()).await?;
         Ok(Self {
             dir,
@@ -242,6 +255,7 @@ allow = ["*"]
             gateway,
             quic_addr,
             admin_addr,
+            scim_addr,
             fingerprint: cert.fingerprint,
             metadata,
             upstream,
@@ -303,7 +317,7 @@ allow = ["*"]
         // The old endpoint's socket closes once its connection tasks have seen the close; give
         // them a moment, as a restarting process would wait for its old port.
         let mut tries = 0;
-        let (gateway, endpoint, quic_addr, admin_addr, tasks) = loop {
+        let (gateway, endpoint, quic_addr, admin_addr, scim_addr, tasks) = loop {
             match launch(cfg.clone(), Some(self.quic_addr), self.shards.clone()).await {
                 Ok(l) => break l,
                 Err(e) if tries < 100 => {
@@ -318,6 +332,7 @@ allow = ["*"]
         self.endpoint = Some(endpoint);
         self.quic_addr = quic_addr;
         self.admin_addr = admin_addr;
+        self.scim_addr = scim_addr;
         self.tasks = tasks;
         Ok(())
     }
@@ -372,6 +387,7 @@ type Launched = (
     quinn::Endpoint,
     SocketAddr,
     SocketAddr,
+    Option<SocketAddr>,
     Vec<tokio::task::JoinHandle<()>>,
 );
 
@@ -381,6 +397,11 @@ async fn launch(
     shards: Arc<Shards>,
 ) -> anyhow::Result<Launched> {
     let quic_bind = quic.unwrap_or(cfg.listen);
+    let scim = match &cfg.scim {
+        Some(_) => Some(TcpListener::bind("127.0.0.1:0").await?),
+        None => None,
+    };
+    let scim_addr = scim.as_ref().map(|l| l.local_addr()).transpose()?;
     let gateway = Gateway::new(cfg)?;
     let socket = std::net::UdpSocket::bind(quic_bind)
         .with_context(|| format!("cannot bind UDP {quic_bind}"))?;
@@ -388,11 +409,23 @@ async fn launch(
     let quic_addr = endpoint.local_addr()?;
     let admin = TcpListener::bind("127.0.0.1:0").await?;
     let admin_addr = admin.local_addr()?;
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(gateway.clone().serve_quic_on(endpoint.clone(), shards)),
         tokio::spawn(gateway.clone().serve_admin(admin)),
     ];
-    Ok((gateway, endpoint, quic_addr, admin_addr, tasks))
+    tasks.extend(scim.map(|l| tokio::spawn(gateway.clone().serve_scim(l))));
+    Ok((gateway, endpoint, quic_addr, admin_addr, scim_addr, tasks))
+}
+
+/// Writes `text` to a new file only its owner can read.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    std::fs::write(path, text)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
 }
 
 /// `"a", "b"`: the items of a TOML array of strings.

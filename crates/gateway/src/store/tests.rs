@@ -2,7 +2,8 @@
 
 use super::*;
 
-fn store() -> (tempfile::TempDir, Store) {
+/// A new store in a temporary folder.
+pub(super) fn store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = Store::open(&dir.path().join("gw.db")).expect("open");
     (dir, s)

@@ -30,6 +30,7 @@ mod recorded_vectors;
 mod refusals;
 mod revoke;
 mod router;
+mod scim;
 mod session_expiry;
 mod tunnel;
 mod upstream_failures;
