@@ -9,7 +9,7 @@ pin: string, } | { "kind": "enrol",
 /**
  * The code from the admin.
  */
-code: string, } | { "kind": "set_service_port", 
+code: string, } | { "kind": "enrol_with_organisation" } | { "kind": "set_service_port", 
 /**
  * The service.
  */

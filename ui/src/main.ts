@@ -235,13 +235,19 @@ function enrolView(v: View): HTMLElement {
     code,
     h("button", { type: "submit" }, "Enrol key"),
   );
+  // Gateways with the organisation's identity provider: sign in there, then touch the key.
+  const org = h(
+    "div",
+    { class: "buttons" },
+    h("button", { type: "button", "data-testid": "enrol-org", onclick: () => void act("enrol", () => request({ kind: "enrol_with_organisation" })) }, "Sign in with your organisation"),
+  );
   return h(
     "section",
     { "aria-labelledby": "t-enrol" },
     h("h1", { id: "t-enrol" }, "Enrol a security key"),
-    h("p", {}, v.user ? `Your admin sends you a one-time invite code. Enrolling registers your key for ${v.user}.` : "Your admin sends you a one-time invite code."),
+    h("p", {}, "Sign in with your organisation's account in the browser, then touch your key. Or use the one-time invite code your admin sent you" + (v.user ? ` (it registers your key for ${v.user}).` : ".")),
     flash("enrol"),
-    flow ?? form,
+    flow ?? [org, form],
   );
 }
 

@@ -127,7 +127,7 @@ describe("touchgate windows", () => {
     for (const [route, scenario, heading, text] of [
       ["signin", { view: view({ kind: "signed_out", reason: null }) }, "Sign in", "Sign in as alice@example.com on gw.example.com:4433"],
       ["signin", { view: connected() }, "Sign in", "Signed in as alice@example.com\\. Your session ends at .* \\(3 h 10 min left\\)"],
-      ["enrol", { view: view({ kind: "signed_out", reason: null }) }, "Enrol a security key", "one-time invite code"],
+      ["enrol", { view: view({ kind: "signed_out", reason: null }) }, "Enrol a security key", "Sign in with your organisation"],
       ["settings", { view: view({ kind: "signed_out", reason: null }), settings: settings() }, "Settings", "Your settings file"],
       ["status", { view: connected() }, "Status", "Connected as alice@example.com — 3 h 10 min left"],
     ]) {
@@ -177,6 +177,8 @@ describe("touchgate windows", () => {
     await w.page.getByLabel("Invite code").fill("  K7Q2-MX4P-9RTA  ");
     await w.page.getByRole("button", { name: "Enrol key" }).click();
     assert.deepEqual(await requests(w), [{ kind: "enrol", code: "K7Q2-MX4P-9RTA" }]);
+    await w.page.getByRole("button", { name: "Sign in with your organisation" }).click();
+    assert.deepEqual((await requests(w)).at(-1), { kind: "enrol_with_organisation" });
     await w.page.evaluate(() => window.__emit("touchgate://notice", {
       notice: { kind: "enrolled", key: "YubiKey 5 NFC" },
       title: "Security key enrolled",

@@ -70,6 +70,12 @@ pub struct AgentConfig {
     /// that is not ours cannot relay a sign-in to another site.
     #[serde(default)]
     pub rp_id: Option<String>,
+    /// The organisation's identity provider (its issuer URL) this agent signs in with when it
+    /// enrols without an invite. Set in the managed file, it pins the provider: a gateway
+    /// that sends the browser anywhere else is refused. Unset, any https page the gateway
+    /// names is taken.
+    #[serde(default)]
+    pub idp_issuer: Option<String>,
     /// Serve connections from other OS users of this machine too. Off by default: on Linux a
     /// local connection whose socket belongs to another user is closed before it reaches the
     /// gateway (other systems have no such check).

@@ -361,8 +361,15 @@ impl Inner {
             Ok(a) => a,
             Err(f) => return Event::FlowFailed(f),
         };
-        match crate::enroll(config, &authn, code).await {
-            Ok(_) => Event::Enrolled,
+        let done = if code.is_empty() {
+            crate::enroll_with_idp(config, &authn, &crate::idp::system_browser)
+                .await
+                .map(|_| ())
+        } else {
+            crate::enroll(config, &authn, code).await.map(|_| ())
+        };
+        match done {
+            Ok(()) => Event::Enrolled,
             Err(e) => Event::FlowFailed(failure(e)),
         }
     }

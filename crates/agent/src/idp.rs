@@ -51,6 +51,58 @@ impl Default for Pkce {
     }
 }
 
+/// The scopes a sign-in may ask for: who the user is and their groups, nothing that reaches
+/// their other data (a hostile gateway could otherwise name another app's client and scopes
+/// and get tokens for the user's cloud account through this browser step).
+const SCOPES: [&str; 4] = ["openid", "email", "profile", "groups"];
+
+/// Checks the sign-in page the gateway named before the browser is sent there: `https://`
+/// (plain `http://` on this machine only), on the pinned provider's host when `idp_issuer` is
+/// set, asking for no more than [`SCOPES`].
+pub fn check_sign_in_page(
+    endpoint: &str,
+    scopes: &[String],
+    pinned_issuer: Option<&str>,
+) -> Result<(), TunnelError> {
+    let refuse = |why: String| {
+        Err(TunnelError::Idp(format!(
+            "the gateway's sign-in page {why}: refused"
+        )))
+    };
+    let Some(u) = web_page(endpoint) else {
+        return refuse(format!("{endpoint:?} is not https://"));
+    };
+    if let Some(issuer) = pinned_issuer {
+        let pinned = url::Url::parse(issuer)
+            .ok()
+            .and_then(|i| i.host_str().map(str::to_owned));
+        if pinned.as_deref() != u.host_str() {
+            return refuse(format!(
+                "{endpoint} is not at the identity provider this agent is set up for ({issuer})"
+            ));
+        }
+    }
+    if let Some(extra) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
+        return refuse(format!(
+            "asks for the scope {extra:?}, which touchgate never needs"
+        ));
+    }
+    Ok(())
+}
+
+/// `url` parsed, when it is a page the agent may show: `https://`, or `http://` on this
+/// machine's loopback (a provider run beside the gateway, as in tests).
+pub fn web_page(url: &str) -> Option<url::Url> {
+    let u = url::Url::parse(url).ok()?;
+    let loopback = match u.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    };
+    (u.scheme() == "https" || (u.scheme() == "http" && loopback)).then_some(u)
+}
+
 /// The authorization URL (code flow with PKCE, the gateway's nonce).
 pub fn authorization_url(
     endpoint: &str,
@@ -129,8 +181,8 @@ pub async fn sign_in(
     })
 }
 
-/// What came back to the loopback listener.
-type Arrival = Result<Vec<(String, String)>, ()>;
+/// What came back to the loopback listener with this sign-in's `state`.
+type Arrival = Vec<(String, String)>;
 
 /// The loopback listener the browser is sent back to: `http://127.0.0.1:PORT/callback`.
 pub struct Callback {
@@ -156,9 +208,10 @@ impl Callback {
     }
 
     /// Waits for the browser's return and gives the code, once: the listener closes after
-    /// the first request to `/callback`, so a second one finds nobody. A wrong `state` (a
-    /// page that sent the browser here with a code of its own) or the provider's error ends
-    /// the sign-in.
+    /// the first request to `/callback` with this sign-in's `state`, so a second one finds
+    /// nobody. A request with another `state` (a page that sent the browser here with a code
+    /// of its own, or another local user) is answered 400 and changes nothing; the
+    /// provider's error ends the sign-in.
     pub async fn code(self, state: &str) -> Result<String, TunnelError> {
         let (tx, mut rx) = mpsc::channel::<Arrival>(1);
         let state: Arc<str> = state.into();
@@ -190,13 +243,8 @@ impl Callback {
                 )));
             }
         };
-        let pairs = pairs
-            .ok_or_else(|| TunnelError::Idp("the browser did not come back".into()))?
-            .map_err(|()| {
-                TunnelError::Idp(
-                    "the browser came back with another sign-in's state: refused (was a web page trying to sign you in as someone else?)".into(),
-                )
-            })?;
+        let pairs =
+            pairs.ok_or_else(|| TunnelError::Idp("the browser did not come back".into()))?;
         let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         if let Some(e) = get("error") {
             let why = get("error_description").unwrap_or_default();
@@ -219,22 +267,25 @@ fn arrive(
         url::form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
             .into_owned()
             .collect();
-    let state_ok = pairs.iter().any(|(k, v)| k == "state" && v == state);
-    let first = tx
-        .try_send(if state_ok { Ok(pairs) } else { Err(()) })
-        .is_ok();
-    match (first, state_ok) {
-        (true, true) => page(StatusCode::OK, DONE_PAGE, "text/html; charset=utf-8"),
-        (true, false) => page(
+    if !pairs.iter().any(|(k, v)| k == "state" && v == state) {
+        // Only this sign-in's return goes on: a flood of others cannot crowd it out.
+        tracing::warn!(
+            "refused a request to the sign-in's loopback address with another sign-in's state (a web page trying to sign you in as someone else?)"
+        );
+        return page(
             StatusCode::BAD_REQUEST,
             "touchgate: this sign-in was not started here; nothing was done\n",
             "text/plain",
-        ),
-        (false, _) => page(
+        );
+    }
+    if tx.try_send(pairs).is_ok() {
+        page(StatusCode::OK, DONE_PAGE, "text/html; charset=utf-8")
+    } else {
+        page(
             StatusCode::CONFLICT,
             "touchgate: this sign-in has already come back\n",
             "text/plain",
-        ),
+        )
     }
 }
 
@@ -279,5 +330,36 @@ mod tests {
         );
         assert_eq!(q["state"], p.state);
         assert!(authorization_url("javascript:alert(1)", "c", &[], "r", &p, "n").is_err());
+    }
+
+    #[test]
+    fn the_gateways_sign_in_page_must_be_https_the_pinned_provider_and_ask_for_little() {
+        let scopes = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ok = scopes(&["openid", "email", "profile", "groups"]);
+        let google = "https://accounts.google.com/o/oauth2/v2/auth";
+        assert!(check_sign_in_page(google, &ok, None).is_ok());
+        assert!(check_sign_in_page(google, &ok, Some("https://accounts.google.com")).is_ok());
+        assert!(check_sign_in_page("http://127.0.0.1:4000/auth", &ok, None).is_ok());
+        for (page, s, pinned, why) in [
+            ("http://idp.example.com/auth", ok.clone(), None, "not https"),
+            ("file:///etc/passwd", ok.clone(), None, "not https"),
+            (
+                "https://evil.example/auth",
+                ok.clone(),
+                Some("https://accounts.google.com"),
+                "not at the identity provider",
+            ),
+            (
+                google,
+                scopes(&["openid", "https://www.googleapis.com/auth/cloud-platform"]),
+                None,
+                "never needs",
+            ),
+        ] {
+            let e = check_sign_in_page(page, &s, pinned)
+                .expect_err(page)
+                .to_string();
+            assert!(e.contains(why), "{page}: {e}");
+        }
     }
 }

@@ -46,22 +46,41 @@ pub fn shared_authenticator(
     )?)))
 }
 
+/// A connection for one request (an enrolment), closed cleanly afterwards.
+struct OneOff {
+    endpoint: quinn::Endpoint,
+    tunnel: tunnel::Tunnel,
+}
+
+impl OneOff {
+    async fn open(cfg: &AgentConfig) -> Result<Self, tunnel::TunnelError> {
+        let key = tunnel::SessionKey::generate()?;
+        let endpoint = tunnel::client_endpoint(cfg, &key)?;
+        let tunnel = tunnel::Tunnel::connect(&endpoint, cfg).await?;
+        Ok(Self { endpoint, tunnel })
+    }
+
+    async fn close(self) {
+        self.tunnel
+            .connection()
+            .close(touchgate_proto::close::AGENT_DONE.into(), b"done");
+        self.endpoint.wait_idle().await;
+    }
+}
+
 /// Enrols the configured authenticator with an invite code, on a fresh connection.
 pub async fn enroll(
     cfg: &AgentConfig,
     authn: &SharedAuthn,
     code: &str,
 ) -> Result<String, tunnel::TunnelError> {
-    let key = tunnel::SessionKey::generate()?;
-    let endpoint = tunnel::client_endpoint(cfg, &key)?;
-    let t = tunnel::Tunnel::connect(&endpoint, cfg).await?;
-    let id = t
+    let c = OneOff::open(cfg).await?;
+    let done = c
+        .tunnel
         .enroll(authn, &cfg.user, code, cfg.origin.as_deref())
         .await;
-    t.connection()
-        .close(touchgate_proto::close::AGENT_DONE.into(), b"done");
-    endpoint.wait_idle().await;
-    id
+    c.close().await;
+    done
 }
 
 /// Enrols the configured authenticator through the organisation's identity provider (the
@@ -72,14 +91,28 @@ pub async fn enroll_with_idp(
     authn: &SharedAuthn,
     browser: &(dyn Fn(&str) -> Result<(), String> + Send + Sync),
 ) -> Result<(String, String), tunnel::TunnelError> {
-    let key = tunnel::SessionKey::generate()?;
-    let endpoint = tunnel::client_endpoint(cfg, &key)?;
-    let t = tunnel::Tunnel::connect(&endpoint, cfg).await?;
-    let done = t
+    let c = OneOff::open(cfg).await?;
+    let done = c
+        .tunnel
         .enroll_with_idp(authn, cfg.origin.as_deref(), browser)
         .await;
-    t.connection()
-        .close(touchgate_proto::close::AGENT_DONE.into(), b"done");
-    endpoint.wait_idle().await;
+    c.close().await;
+    done
+}
+
+/// Enrols through the identity provider's device flow, for a machine without a browser:
+/// `show` tells the user where to sign in and the code to enter. Returns the credential id
+/// and the user the provider named.
+pub async fn enroll_with_device(
+    cfg: &AgentConfig,
+    authn: &SharedAuthn,
+    show: &(dyn Fn(&tunnel::DeviceCode) + Send + Sync),
+) -> Result<(String, String), tunnel::TunnelError> {
+    let c = OneOff::open(cfg).await?;
+    let done = c
+        .tunnel
+        .enroll_with_device(authn, cfg.origin.as_deref(), show)
+        .await;
+    c.close().await;
     done
 }

@@ -25,6 +25,21 @@ use crate::{
 };
 use touchgate_common::wire::{WireError, read_frame, write_frame};
 
+/// Where the user finishes a device enrolment (RFC 8628), as the gateway relays it.
+#[derive(Debug, Clone)]
+pub struct DeviceCode {
+    /// The provider as users know it.
+    pub name: String,
+    /// The page to open on any device.
+    pub verification_uri: String,
+    /// The same page with the code filled in, if the provider has one.
+    pub verification_uri_complete: Option<String>,
+    /// The code to enter.
+    pub user_code: String,
+    /// Seconds until the code expires.
+    pub expires_in: u64,
+}
+
 /// Errors talking to the gateway.
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -240,6 +255,8 @@ pub struct SignFor {
     pub rp_id: String,
     /// The origin that goes into `clientDataJSON`.
     pub origin: String,
+    /// The identity provider the agent may send the browser to (`idp_issuer`), if pinned.
+    pub idp_issuer: Option<String>,
 }
 
 impl SignFor {
@@ -249,6 +266,7 @@ impl SignFor {
         Self {
             rp_id: cfg.rp_id(),
             origin: cfg.expected_origin(),
+            idp_issuer: cfg.idp_issuer.clone(),
         }
     }
 
@@ -437,6 +455,11 @@ impl Tunnel {
                 "expected where to sign in, got {reply:?}"
             )));
         };
+        crate::idp::check_sign_in_page(
+            &authorization_endpoint,
+            &scopes,
+            self.sign_for.idp_issuer.as_deref(),
+        )?;
         crate::idp::sign_in(
             &name,
             &authorization_endpoint,
@@ -470,6 +493,72 @@ impl Tunnel {
         }
     }
 
+    /// Enrols through the identity provider with the device flow (RFC 8628), for a machine
+    /// without a browser: `show` tells the user where to go and what code to enter (on any
+    /// device); the agent then polls until they have, and the key is registered.
+    pub async fn enroll_with_device(
+        &self,
+        authn: &Arc<std::sync::Mutex<Box<dyn Authenticator>>>,
+        origin_override: Option<&str>,
+        show: &(dyn Fn(&DeviceCode) + Send + Sync),
+    ) -> Result<(String, String), TunnelError> {
+        let software_ca_pem = lock(authn).software_ca_pem();
+        let reply = self
+            .request(&ClientMsg::EnrollWithDevice { software_ca_pem })
+            .await?;
+        let ServerMsg::DeviceCode {
+            name,
+            verification_uri,
+            verification_uri_complete,
+            user_code,
+            expires_in,
+            mut interval,
+        } = reply
+        else {
+            return Err(TunnelError::Protocol(format!(
+                "expected a device code, got {reply:?}"
+            )));
+        };
+        // Shown on a terminal: no control characters, and only web pages.
+        let shown = |s: String| s.chars().filter(|c| !c.is_control()).collect::<String>();
+        let https = |u: &str| crate::idp::web_page(u).is_some();
+        if !https(&verification_uri) {
+            return Err(TunnelError::Idp(format!(
+                "the gateway named a sign-in page that is not https: {}",
+                shown(verification_uri)
+            )));
+        }
+        show(&DeviceCode {
+            name: shown(name),
+            verification_uri: shown(verification_uri),
+            verification_uri_complete: verification_uri_complete.filter(|u| https(u)).map(shown),
+            user_code: shown(user_code),
+            expires_in,
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(expires_in);
+        loop {
+            tokio::time::sleep(Duration::from_secs(interval.clamp(1, 60))).await;
+            if tokio::time::Instant::now() >= deadline {
+                return Err(TunnelError::Idp(
+                    "the code expired before the sign-in finished: start again".into(),
+                ));
+            }
+            match self.request(&ClientMsg::DevicePoll).await? {
+                ServerMsg::DevicePending { interval: next } => interval = next,
+                reply @ ServerMsg::EnrollChallenge { .. } => {
+                    return self
+                        .answer_registration(authn, reply, origin_override)
+                        .await;
+                }
+                other => {
+                    return Err(TunnelError::Protocol(format!(
+                        "expected the sign-in's progress, got {other:?}"
+                    )));
+                }
+            }
+        }
+    }
+
     /// Sends `begin`, has the authenticator answer the registration challenge it brings, and
     /// returns the new credential's id and the user it is for.
     async fn register(
@@ -479,6 +568,17 @@ impl Tunnel {
         origin_override: Option<&str>,
     ) -> Result<(String, String), TunnelError> {
         let reply = self.request(begin).await?;
+        self.answer_registration(authn, reply, origin_override)
+            .await
+    }
+
+    /// Has the authenticator answer the registration challenge in `reply` and sends it.
+    async fn answer_registration(
+        &self,
+        authn: &Arc<std::sync::Mutex<Box<dyn Authenticator>>>,
+        reply: ServerMsg,
+        origin_override: Option<&str>,
+    ) -> Result<(String, String), TunnelError> {
         let ServerMsg::EnrollChallenge { options, origin } = reply else {
             return Err(TunnelError::Protocol(format!(
                 "expected an enrolment challenge, got {reply:?}"
@@ -654,6 +754,7 @@ mod tests {
         SignFor {
             rp_id: "gw.corp.example".into(),
             origin: "https://gw.corp.example".into(),
+            idp_issuer: None,
         }
     }
 

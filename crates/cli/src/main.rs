@@ -37,9 +37,14 @@ enum Cmd {
         #[arg(long, env = "TOUCHGATE_INVITE_CODE", hide_env_values = true)]
         code: Option<String>,
         /// Enrol by signing in with your organisation's account in the browser instead of an
-        /// invite (gateways with an identity provider).
+        /// invite (gateways with an identity provider). Without `--code`, on a terminal, this
+        /// is tried first anyway.
         #[arg(long, conflicts_with = "code")]
         org: bool,
+        /// For a machine without a browser: sign in with your organisation on any other
+        /// device, with a code this prints.
+        #[arg(long, conflicts_with = "code")]
+        device: bool,
         #[command(flatten)]
         pin: PinArgs,
     },
@@ -157,33 +162,11 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.cmd {
         Cmd::Enroll {
             config,
-            org: true,
+            code,
+            org,
+            device,
             pin,
-            ..
-        } => {
-            let cfg = load_config(config)?;
-            let authn = shared_authenticator(&cfg, true, pin.prompter())?;
-            let what = authn.lock().map(|a| a.describe()).unwrap_or_default();
-            let (id, user) = touchgate_agent::enroll_with_idp(&cfg, &authn, &open_browser).await?;
-            println!("enrolled {what} for {user} (credential {id})");
-            if user != cfg.user {
-                eprintln!(
-                    "your organisation names you {user}: set user = \"{user}\" in the agent config"
-                );
-            }
-            Ok(std::process::ExitCode::SUCCESS)
-        }
-        Cmd::Enroll {
-            config, code, pin, ..
-        } => {
-            let cfg = load_config(config)?;
-            let code = invite_code(code)?;
-            let authn = shared_authenticator(&cfg, true, pin.prompter())?;
-            let what = authn.lock().map(|a| a.describe()).unwrap_or_default();
-            let id = touchgate_agent::enroll(&cfg, &authn, &code).await?;
-            println!("enrolled {what} for {} (credential {id})", cfg.user);
-            Ok(std::process::ExitCode::SUCCESS)
-        }
+        } => enroll(load_config(config)?, code, org, device, pin).await,
         Cmd::Up { config, pin } => up(config_paths(config)?, pin.prompter()).await,
         Cmd::Config { config, cmd } => config_cmd(config_paths(config)?, cmd),
         Cmd::Keys => keys(),
@@ -504,6 +487,65 @@ fn show_settings(layers: &Layered) -> String {
     out
 }
 
+/// `touchgate enroll`: through the organisation's identity provider when asked (`--org`,
+/// `--device`) or when no invite was given on a terminal and the gateway has one; else with
+/// the invite code.
+async fn enroll(
+    cfg: touchgate_agent::AgentConfig,
+    code: Option<String>,
+    org: bool,
+    device: bool,
+    pin: PinArgs,
+) -> anyhow::Result<std::process::ExitCode> {
+    use touchgate_agent::tunnel::TunnelError;
+    let authn = shared_authenticator(&cfg, true, pin.prompter())?;
+    let what = authn.lock().map(|a| a.describe()).unwrap_or_default();
+    let try_org =
+        org || device || (code.is_none() && std::io::IsTerminal::is_terminal(&std::io::stdin()));
+    if try_org {
+        let done = if device {
+            touchgate_agent::enroll_with_device(&cfg, &authn, &show_device_code).await
+        } else {
+            touchgate_agent::enroll_with_idp(&cfg, &authn, &open_browser).await
+        };
+        match done {
+            Ok((id, user)) => {
+                println!("enrolled {what} for {user} (credential {id})");
+                if user != cfg.user {
+                    eprintln!(
+                        "your organisation names you {user}: set user = \"{user}\" in the agent config"
+                    );
+                }
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
+            // The gateway has no identity provider: an invite it is, unless one was asked for.
+            Err(TunnelError::Refused(r))
+                if r.code == touchgate_proto::RefusalCode::NoIdentityProvider
+                    && !org
+                    && !device => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let code = invite_code(code)?;
+    let id = touchgate_agent::enroll(&cfg, &authn, &code).await?;
+    println!("enrolled {what} for {} (credential {id})", cfg.user);
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Tells the user where to finish a device enrolment.
+fn show_device_code(d: &touchgate_agent::tunnel::DeviceCode) {
+    eprintln!(
+        "Sign in with {} on any device: open {} and enter the code {} (within {} minutes).",
+        d.name,
+        d.verification_uri,
+        d.user_code,
+        d.expires_in / 60
+    );
+    if let Some(full) = &d.verification_uri_complete {
+        eprintln!("(or open {full})");
+    }
+}
+
 /// Shows the sign-in page: in the system browser when there is one, and always on the
 /// terminal (the loopback address it returns to must be reached from this computer).
 fn open_browser(url: &str) -> Result<(), String> {
@@ -592,4 +634,3 @@ mod tests {
         );
     }
 }
-

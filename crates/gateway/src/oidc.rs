@@ -76,6 +76,26 @@ pub struct Identity {
     pub groups: Vec<String>,
 }
 
+/// The nonce an ID token must carry.
+#[derive(Clone, Copy)]
+enum Nonce<'a> {
+    /// This one (the code flow: the gateway put it in the authorization request).
+    Required(&'a str),
+    /// This one or none (the device flow, where providers may leave it out).
+    IfPresent(&'a str),
+}
+
+/// What the token endpoint answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenAnswer {
+    /// The ID token.
+    IdToken(String),
+    /// Device flow: the user has not finished yet.
+    Pending,
+    /// Device flow: not yet, and poll less often (RFC 8628 §3.5: five seconds more).
+    SlowDown,
+}
+
 /// The answer of a device authorization request (RFC 8628 §3.2).
 #[derive(Debug, Clone, Deserialize)]
 pub struct DeviceAuthorization {
@@ -109,7 +129,13 @@ pub struct Oidc {
     secret: Option<String>,
     http: HttpsClient,
     cache: Mutex<Cache>,
+    /// Calls to the provider at once: peers cannot make the gateway hammer it (and exhaust an
+    /// organisation-wide rate limit every re-check needs).
+    calls: tokio::sync::Semaphore,
 }
+
+/// How many calls to the provider may be in flight at once.
+const MAX_CALLS: usize = 16;
 
 impl Oidc {
     /// A client for `cfg` (nothing is fetched yet). `secret` is the client secret, if any.
@@ -125,6 +151,7 @@ impl Oidc {
             secret,
             http: Client::builder(TokioExecutor::new()).build(https),
             cache: Mutex::new(Cache::default()),
+            calls: tokio::sync::Semaphore::new(MAX_CALLS),
         }))
     }
 
@@ -155,14 +182,40 @@ impl Oidc {
             )));
         }
         for (what, url) in [
-            ("authorization_endpoint", &p.authorization_endpoint),
-            ("token_endpoint", &p.token_endpoint),
-            ("jwks_uri", &p.jwks_uri),
+            ("authorization_endpoint", Some(&p.authorization_endpoint)),
+            ("token_endpoint", Some(&p.token_endpoint)),
+            ("jwks_uri", Some(&p.jwks_uri)),
+            (
+                "device_authorization_endpoint",
+                p.device_authorization_endpoint.as_ref(),
+            ),
         ] {
-            check_endpoint(what, url)?;
+            if let Some(url) = url {
+                check_endpoint(what, url)?;
+            }
         }
         cache.provider = Some((p.clone(), Instant::now()));
         Ok(p)
+    }
+
+    /// What `touchgate-gateway check` says about the provider: fetches its discovery document
+    /// and keys.
+    pub async fn describe(&self) -> Result<String, OidcError> {
+        let p = self.provider().await?;
+        let keys = self.fetch_keys().await?;
+        Ok(format!(
+            "oidc: {} ({}): sign-in at {}, codes redeemed at {}, {keys} signing key{}, device sign-in {}",
+            self.cfg.name(),
+            self.cfg.issuer,
+            p.authorization_endpoint,
+            p.token_endpoint,
+            if keys == 1 { "" } else { "s" },
+            if p.device_authorization_endpoint.is_some() {
+                "offered"
+            } else {
+                "not offered"
+            },
+        ))
     }
 
     /// Fetches the provider's signing keys into the cache; returns how many there are.
@@ -194,23 +247,36 @@ impl Oidc {
             ],
         )
         .await
-        .and_then(|t| t.ok_or_else(|| OidcError::Refused("no ID token in the answer".into())))
+        .and_then(|t| match t {
+            TokenAnswer::IdToken(t) => Ok(t),
+            _ => Err(OidcError::Refused("no ID token in the answer".into())),
+        })
     }
 
-    /// Starts a device authorization (RFC 8628) for the configured scopes.
-    pub async fn device_begin(&self) -> Result<DeviceAuthorization, OidcError> {
+    /// Starts a device authorization (RFC 8628) for the configured scopes, with `nonce` for
+    /// the ID token (an OpenID extension providers honour; the device code itself never leaves
+    /// the gateway, which binds the flow to one connection anyway).
+    pub async fn device_begin(&self, nonce: &str) -> Result<DeviceAuthorization, OidcError> {
         let p = self.provider().await?;
         let url = p.device_authorization_endpoint.ok_or_else(|| {
             OidcError::Provider("it does not offer the device authorization grant".into())
         })?;
         let scopes = self.cfg.scopes.join(" ");
-        let body = self.post_form(&url, &[("scope", scopes.as_str())]).await?;
+        let mut form = vec![
+            ("client_id", self.cfg.client_id.as_str()),
+            ("scope", scopes.as_str()),
+            ("nonce", nonce),
+        ];
+        if let Some(s) = &self.secret {
+            form.push(("client_secret", s));
+        }
+        let body = self.post_form(&url, &form).await?;
         serde_json::from_slice(&body)
             .map_err(|e| OidcError::Provider(format!("its device authorization answer: {e}")))
     }
 
-    /// Polls for a device authorization: `Ok(None)` while the user has not finished.
-    pub async fn device_poll(&self, device_code: &str) -> Result<Option<String>, OidcError> {
+    /// Polls for a device authorization.
+    pub async fn device_poll(&self, device_code: &str) -> Result<TokenAnswer, OidcError> {
         let p = self.provider().await?;
         self.token_request(
             &p.token_endpoint,
@@ -226,6 +292,17 @@ impl Oidc {
     /// `iss`, `aud` (and `azp`), `exp`, the `nonce` issued for this connection, a verified
     /// email, an allowed domain. Returns who it names.
     pub async fn verify(&self, id_token: &str, nonce: &str) -> Result<Identity, OidcError> {
+        self.check(id_token, Nonce::Required(nonce)).await
+    }
+
+    /// [`Oidc::verify`] for the device flow, which has no nonce of its own (RFC 8628): the
+    /// device code never left the gateway, which binds the flow to the connection; a nonce
+    /// the provider did carry must still be this one.
+    pub async fn verify_device(&self, id_token: &str, nonce: &str) -> Result<Identity, OidcError> {
+        self.check(id_token, Nonce::IfPresent(nonce)).await
+    }
+
+    async fn check(&self, id_token: &str, nonce: Nonce<'_>) -> Result<Identity, OidcError> {
         let header = jsonwebtoken::decode_header(id_token)
             .map_err(|e| OidcError::Token(format!("not a JWT: {e}")))?;
         let kid = header.kid.clone().unwrap_or_default();
@@ -241,8 +318,12 @@ impl Oidc {
     }
 
     /// The checks after the signature, on the claims.
-    fn identity(&self, c: &serde_json::Value, nonce: &str) -> Result<Identity, OidcError> {
-        if c["nonce"].as_str() != Some(nonce) {
+    fn identity(&self, c: &serde_json::Value, nonce: Nonce<'_>) -> Result<Identity, OidcError> {
+        let nonce_ok = match nonce {
+            Nonce::Required(n) => c["nonce"].as_str() == Some(n),
+            Nonce::IfPresent(n) => c["nonce"].is_null() || c["nonce"].as_str() == Some(n),
+        };
+        if !nonce_ok {
             return Err(OidcError::Token(
                 "its nonce is not the one issued for this connection (a token from another sign-in)"
                     .into(),
@@ -318,6 +399,9 @@ impl Oidc {
             let stale = {
                 let cache = self.cache.lock().await;
                 match &cache.keys {
+                    // Keys the provider has since rotated out must not stay trusted: a set
+                    // older than CACHE_FOR is fetched again before it is used.
+                    Some((_, at)) if at.elapsed() >= CACHE_FOR && !refreshed => true,
                     Some((set, at)) => {
                         if let Some(jwk) = set.find(kid).or_else(|| {
                             // A token without `kid` from a provider with one key.
@@ -327,7 +411,7 @@ impl Oidc {
                                 OidcError::Provider(format!("its key {kid:?} is unusable: {e}"))
                             });
                         }
-                        at.elapsed() >= REFRESH_AT_MOST_EVERY || at.elapsed() >= CACHE_FOR
+                        at.elapsed() >= REFRESH_AT_MOST_EVERY
                     }
                     None => true,
                 }
@@ -342,13 +426,13 @@ impl Oidc {
         }
     }
 
-    /// A token endpoint request: the ID token, `Ok(None)` for `authorization_pending` /
-    /// `slow_down` (device flow), or the provider's refusal in words.
+    /// A token endpoint request: the ID token, the device flow's "not yet", or the
+    /// provider's refusal in words.
     async fn token_request(
         &self,
         url: &str,
         form: &[(&str, &str)],
-    ) -> Result<Option<String>, OidcError> {
+    ) -> Result<TokenAnswer, OidcError> {
         #[derive(Deserialize)]
         struct Answer {
             id_token: Option<String>,
@@ -365,8 +449,9 @@ impl Oidc {
             OidcError::Provider(format!("its token endpoint answered {status} and {e}"))
         })?;
         match (a.id_token, a.error) {
-            (Some(t), None) if status.is_success() => Ok(Some(t)),
-            (_, Some(e)) if e == "authorization_pending" || e == "slow_down" => Ok(None),
+            (Some(t), None) if status.is_success() => Ok(TokenAnswer::IdToken(t)),
+            (_, Some(e)) if e == "authorization_pending" => Ok(TokenAnswer::Pending),
+            (_, Some(e)) if e == "slow_down" => Ok(TokenAnswer::SlowDown),
             (_, Some(e)) => Err(OidcError::Refused(match a.error_description {
                 Some(d) => format!("{e}: {d}"),
                 None => e,
@@ -422,6 +507,10 @@ impl Oidc {
         req: Request<Full<Bytes>>,
     ) -> Result<(StatusCode, Bytes), OidcError> {
         let unreachable = |e: String| OidcError::Provider(format!("{url}: {e}"));
+        let _turn = tokio::time::timeout(CALL_TIMEOUT, self.calls.acquire())
+            .await
+            .map_err(|_| unreachable("too many sign-ins at once; try again".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
         let resp = tokio::time::timeout(CALL_TIMEOUT, self.http.request(req))
             .await
             .map_err(|_| unreachable(format!("no answer within {}s", CALL_TIMEOUT.as_secs())))?
@@ -503,29 +592,39 @@ mod tests {
         let ok = serde_json::json!({"sub": "s1", "nonce": "n", "email": "Alice@Example.com",
             "email_verified": true, "groups": ["eng", "oncall"]});
         assert_eq!(
-            o.identity(&ok, "n").expect("ok"),
+            o.identity(&ok, Nonce::Required("n")).expect("ok"),
             Identity {
                 user: "alice@example.com".into(),
                 subject: "s1".into(),
                 groups: vec!["eng".into(), "oncall".into()],
             }
         );
-        let wrong_nonce = o.identity(&ok, "other").expect_err("nonce");
+        let wrong_nonce = o
+            .identity(&ok, Nonce::Required("other"))
+            .expect_err("nonce");
         assert!(wrong_nonce.to_string().contains("nonce"), "{wrong_nonce}");
         let mut unverified = ok.clone();
         unverified["email_verified"] = false.into();
-        assert!(o.identity(&unverified, "n").is_err());
+        assert!(o.identity(&unverified, Nonce::Required("n")).is_err());
         let mut other_domain = ok.clone();
         other_domain["email"] = "carol@other.example".into();
-        let e = o.identity(&other_domain, "n").expect_err("domain");
+        let e = o
+            .identity(&other_domain, Nonce::Required("n"))
+            .expect_err("domain");
         assert!(e.to_string().contains("other.example"), "{e}");
         // Google's `hd` names the Workspace domain, whatever the address.
         let mut hd = other_domain.clone();
         hd["hd"] = "example.com".into();
-        assert!(o.identity(&hd, "n").is_ok());
+        assert!(o.identity(&hd, Nonce::Required("n")).is_ok());
+        // The device flow: no nonce is fine, another one is not.
+        let mut no_nonce = ok.clone();
+        no_nonce["nonce"] = serde_json::Value::Null;
+        assert!(o.identity(&no_nonce, Nonce::IfPresent("n")).is_ok());
+        assert!(o.identity(&no_nonce, Nonce::Required("n")).is_err());
+        assert!(o.identity(&ok, Nonce::IfPresent("other")).is_err());
         let mut azp = ok.clone();
         azp["aud"] = serde_json::json!(["touchgate", "other"]);
         azp["azp"] = "other".into();
-        assert!(o.identity(&azp, "n").is_err());
+        assert!(o.identity(&azp, Nonce::Required("n")).is_err());
     }
 }

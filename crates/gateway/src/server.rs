@@ -160,6 +160,7 @@ impl Gateway {
             conn: conn.clone(),
             open_streams: Default::default(),
             pre_session_streams: Default::default(),
+            idp_step: Default::default(),
         };
         let ctl = Arc::new(ctl);
         // Ends the connection at the sign-in deadline, at session expiry and when idle.
@@ -223,7 +224,14 @@ struct ConnCtx {
     open_streams: std::sync::atomic::AtomicUsize,
     /// Streams opened before a session, waiting for their refusal to be written.
     pre_session_streams: Arc<std::sync::atomic::AtomicUsize>,
+    /// A step with the identity provider was started (a browser sign-in with password and
+    /// MFA, or a device code typed elsewhere): the sign-in deadline is [`IDP_SIGNIN_DEADLINE`].
+    idp_step: std::sync::atomic::AtomicBool,
 }
+
+/// How long a connection may wait for a sign-in once a step with the identity provider has
+/// started on it (at least `[limits] signin_deadline`).
+pub const IDP_SIGNIN_DEADLINE: Duration = Duration::from_secs(600);
 
 /// Counts an open data stream of a connection while alive.
 struct OpenStream<'a>(&'a std::sync::atomic::AtomicUsize);

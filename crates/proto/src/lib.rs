@@ -145,6 +145,16 @@ pub enum ClientMsg {
         #[serde(default)]
         software_ca_pem: Option<String>,
     },
+    /// Start enrolling through the identity provider on a machine without a browser (RFC 8628):
+    /// the gateway answers [`ServerMsg::DeviceCode`] for the user to enter elsewhere.
+    EnrollWithDevice {
+        /// As in [`ClientMsg::EnrollBegin`].
+        #[serde(default)]
+        software_ca_pem: Option<String>,
+    },
+    /// Has the user finished at the provider? The answer is [`ServerMsg::DevicePending`] or
+    /// the registration challenge ([`ServerMsg::EnrollChallenge`]).
+    DevicePoll,
     /// After [`RefusalCode::IdpCheckNeeded`]: the code of a fresh sign-in with the identity
     /// provider (with this connection's nonce, from [`ClientMsg::IdpBegin`]); the gateway
     /// checks it names the same account and issues the session the key already earned.
@@ -198,6 +208,26 @@ pub enum ServerMsg {
         scopes: Vec<String>,
         /// The nonce the ID token must carry: made for this connection.
         nonce: String,
+    },
+    /// Where the user signs in for a device enrolment, and the code to enter there.
+    DeviceCode {
+        /// The provider as users know it.
+        name: String,
+        /// The page to open on any device.
+        verification_uri: String,
+        /// The same page with the code filled in, if the provider has one.
+        verification_uri_complete: Option<String>,
+        /// The code to enter.
+        user_code: String,
+        /// Seconds until the code expires.
+        expires_in: u64,
+        /// Seconds to wait between polls.
+        interval: u64,
+    },
+    /// The user has not finished at the provider yet: poll again after `interval` seconds.
+    DevicePending {
+        /// Seconds to wait.
+        interval: u64,
     },
     /// A session is live on this connection.
     Session(SessionInfo),
@@ -351,6 +381,8 @@ pub enum RefusalCode {
     /// provider is older than the gateway allows: sign in there again on this connection
     /// ([`ClientMsg::IdpRecheck`]).
     IdpCheckNeeded,
+    /// This gateway has no identity provider: enrol with an invite.
+    NoIdentityProvider,
 }
 
 #[cfg(test)]

@@ -34,7 +34,8 @@ pub const GOOGLE_ISSUER: &str = "https://accounts.google.com";
 /// The service account the fake metadata server speaks for.
 pub const FAKE_SERVICE_ACCOUNT: &str = "touchgate-gateway@demo-project.iam.gserviceaccount.com";
 
-const FAKE_GOOGLE_KEY: &str = include_str!("fake_google_key.pem");
+/// An RSA key (PEM) the tests sign with: the fake Google's, and any key no real provider publishes.
+pub const FAKE_GOOGLE_KEY: &str = include_str!("fake_google_key.pem");
 const FAKE_GOOGLE_PUB: &str = include_str!("fake_google_pub.pem");
 
 type Body = BoxBody<Bytes, Infallible>;

@@ -212,6 +212,8 @@ impl ControllerState {
                 }
                 self.begin(Purpose::Enrol, code.to_owned(), out);
             }
+            // No code: the shell enrols through the identity provider (see `Effect::Enrol`).
+            Request::EnrolWithOrganisation => self.begin(Purpose::Enrol, String::new(), out),
             Request::Cancel => {
                 self.cancel(out);
                 reply(out, Ok(()));

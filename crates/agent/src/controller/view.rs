@@ -29,6 +29,9 @@ pub enum Request {
         /// The code from the admin.
         code: String,
     },
+    /// Enrol the configured key by signing in with the organisation's identity provider in
+    /// the browser (gateways with `[oidc]`).
+    EnrolWithOrganisation,
     /// Change one service's local port.
     SetServicePort {
         /// The service.
@@ -53,6 +56,7 @@ impl std::fmt::Debug for Request {
             Self::Cancel => f.write_str("Cancel"),
             Self::SubmitPin { .. } => f.write_str("SubmitPin"),
             Self::Enrol { .. } => f.write_str("Enrol"),
+            Self::EnrolWithOrganisation => f.write_str("EnrolWithOrganisation"),
             Self::SetServicePort { service, port } => f
                 .debug_struct("SetServicePort")
                 .field("service", service)

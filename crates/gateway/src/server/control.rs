@@ -15,6 +15,20 @@ struct Pending {
     /// A user whose key's answer verified but whose last check with the identity provider is
     /// too old: the session waits for [`ClientMsg::IdpRecheck`].
     idp_recheck: Option<String>,
+    /// A device enrolment waiting for the user at the provider (the device code never leaves
+    /// the gateway).
+    device: Option<PendingDevice>,
+}
+
+/// A device authorization in progress on one connection.
+struct PendingDevice {
+    device_code: String,
+    nonce: String,
+    interval: u64,
+    expires: std::time::Instant,
+    software_ca_pem: Option<String>,
+    /// When the provider may next be asked (it answers `slow_down` to eager pollers).
+    next_poll: std::time::Instant,
 }
 
 impl ConnCtx {
@@ -80,16 +94,10 @@ impl ConnCtx {
                 self.refused(AuditKind::EnrolRefused, Some(&user), &r);
                 ServerMsg::Error(r)
             }
-            ClientMsg::IdpBegin => match self.idp_begin().await {
-                Ok((start, nonce)) => {
-                    pending.idp_nonce = Some(nonce);
-                    start
-                }
-                Err(r) => {
-                    self.refused(AuditKind::IdpRefused, None, &r);
-                    ServerMsg::Error(r)
-                }
-            },
+            ClientMsg::IdpBegin => {
+                let started = self.idp_begin().await;
+                self.idp_started(started, &mut pending.idp_nonce)
+            }
             ClientMsg::EnrollWithIdp {
                 code,
                 code_verifier,
@@ -101,17 +109,7 @@ impl ConnCtx {
                     .enrol_with_idp(nonce, &code, &code_verifier, &redirect_uri, software_ca_pem)
                     .await
                 {
-                    Ok((options, p)) => {
-                        gw.audit.record(AuditEvent {
-                            user: Some(p.user.clone()),
-                            ..self.event(AuditKind::EnrolChallengeIssued)
-                        });
-                        pending.enrol = Some(p);
-                        ServerMsg::EnrollChallenge {
-                            options,
-                            origin: gw.rp.origin().to_owned(),
-                        }
-                    }
+                    Ok((options, p)) => self.registration_sent(options, p, &mut pending.enrol),
                     Err(r) => {
                         self.count_failure("");
                         self.refused(AuditKind::IdpRefused, None, &r);
@@ -225,7 +223,7 @@ impl ConnCtx {
                             ..self.event(AuditKind::ChallengeVerified)
                         });
                         match self.idp_fresh(&user).await {
-                            Ok(()) => self.issue_session(&user, session),
+                            Ok(until) => self.issue_session(&user, until, session),
                             Err(r) => {
                                 if r.code == RefusalCode::IdpCheckNeeded {
                                     pending.idp_recheck = Some(user.clone());
@@ -241,6 +239,21 @@ impl ConnCtx {
                     }
                 }
             }
+            ClientMsg::EnrollWithDevice { software_ca_pem } => {
+                let started = self.device_begin(software_ca_pem).await;
+                self.idp_started(started, &mut pending.device)
+            }
+            ClientMsg::DevicePoll => match self.device_poll(&mut pending.device).await {
+                Ok(Some((options, p))) => self.registration_sent(options, p, &mut pending.enrol),
+                Ok(None) => ServerMsg::DevicePending {
+                    interval: pending.device.as_ref().map_or(5, |d| d.interval),
+                },
+                Err(r) => {
+                    pending.device = None;
+                    self.refused(AuditKind::IdpRefused, None, &r);
+                    ServerMsg::Error(r)
+                }
+            },
             ClientMsg::IdpRecheck {
                 code,
                 code_verifier,
@@ -251,7 +264,7 @@ impl ConnCtx {
                     .idp_recheck(user, nonce, &code, &code_verifier, &redirect_uri)
                     .await
                 {
-                    Ok(user) => self.issue_session(&user, session),
+                    Ok((user, until)) => self.issue_session(&user, Some(until), session),
                     Err(r) => {
                         self.count_failure("");
                         self.refused(AuditKind::IdpRefused, None, &r);
@@ -279,14 +292,17 @@ impl ConnCtx {
     }
 
     /// Issues a session to `user`, whose key just answered, and starts it on this connection.
+    /// It ends at `[session] max_age`, or at `until` if sooner (when the identity provider's
+    /// check runs out: a leaver's session does not outlive it).
     fn issue_session(
         &self,
         user: &str,
+        until: Option<u64>,
         session: &watch::Sender<Option<Arc<SessionClaims>>>,
     ) -> ServerMsg {
         let gw = &self.gw;
         let now = now_secs();
-        let exp = now + gw.cfg.session.max_age.as_secs();
+        let exp = (now + gw.cfg.session.max_age.as_secs()).min(until.unwrap_or(u64::MAX));
         let epoch = gw.revocations.epoch(user);
         let (token, claims) =
             match gw
@@ -309,20 +325,20 @@ impl ConnCtx {
     }
 
     /// For a user enrolled through the identity provider: whether its last check is recent
-    /// enough (`[oidc] max_age`). Asked only once the key has answered, so a peer that merely
-    /// names someone learns nothing.
-    async fn idp_fresh(&self, user: &str) -> Result<(), Refusal> {
+    /// enough (`[oidc] max_age`), and until when it is. Asked only once the key has answered,
+    /// so a peer that merely names someone learns nothing.
+    async fn idp_fresh(&self, user: &str) -> Result<Option<u64>, Refusal> {
         let gw = &self.gw;
         let Some(oidc) = gw.oidc.as_deref() else {
-            return Ok(());
+            return Ok(None);
         };
         let u = user.to_owned();
         let Some((_, checked)) = gw.db(move |s| s.idp_state_of(&u)).await? else {
-            return Ok(());
+            return Ok(None);
         };
         let max_age = oidc.config().max_age;
         if now_secs().saturating_sub(checked) <= max_age.as_secs() {
-            return Ok(());
+            return Ok(Some(checked + max_age.as_secs()));
         }
         Err(Refusal::new(
             RefusalCode::IdpCheckNeeded,
@@ -336,7 +352,7 @@ impl ConnCtx {
 
     /// The fresh check with the identity provider a stale sign-in waits for: the same account
     /// (its subject) as enrolled, with this connection's nonce. Records the check and the
-    /// groups it brings; returns the user.
+    /// groups it brings; returns the user and until when the check holds.
     async fn idp_recheck(
         &self,
         user: Option<String>,
@@ -344,9 +360,9 @@ impl ConnCtx {
         code: &str,
         code_verifier: &str,
         redirect_uri: &str,
-    ) -> Result<String, Refusal> {
+    ) -> Result<(String, u64), Refusal> {
         let gw = &self.gw;
-        self.oidc()?;
+        let max_age = self.oidc()?.config().max_age;
         self.rate_limit("")?;
         let (Some(user), Some(nonce)) = (user, nonce) else {
             return Err(Refusal::new(
@@ -371,7 +387,7 @@ impl ConnCtx {
         let groups = id.groups.clone();
         gw.db(move |s| s.record_idp_check(&id)).await?;
         gw.revocations.set_user_groups(&user, groups);
-        Ok(user)
+        Ok((user, now_secs() + max_age.as_secs()))
     }
 
     fn start_session(
@@ -506,6 +522,8 @@ impl ConnCtx {
     /// Where to send the browser, with a nonce made for this connection.
     async fn idp_begin(&self) -> Result<(ServerMsg, String), Refusal> {
         let oidc = self.oidc()?;
+        // Each start holds the connection up to IDP_SIGNIN_DEADLINE: counted as an attempt.
+        self.rate_limit("")?;
         let p = oidc.provider().await.map_err(idp_refusal)?;
         let nonce = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
         let cfg = oidc.config();
@@ -531,7 +549,6 @@ impl ConnCtx {
         redirect_uri: &str,
         software_ca_pem: Option<String>,
     ) -> Result<(serde_json::Value, PendingEnrol), Refusal> {
-        let gw = &self.gw;
         self.oidc()?;
         self.rate_limit("")?;
         let nonce = nonce.ok_or_else(|| {
@@ -543,11 +560,162 @@ impl ConnCtx {
         let id = self
             .idp_identity(&nonce, code, code_verifier, redirect_uri)
             .await?;
+        self.idp_registration(id, software_ca_pem).await
+    }
+
+    /// The registration challenge for the identity the provider vouched for, unless that
+    /// user is disabled or known under another subject.
+    async fn idp_registration(
+        &self,
+        id: crate::oidc::Identity,
+        software_ca_pem: Option<String>,
+    ) -> Result<(serde_json::Value, PendingEnrol), Refusal> {
         let check = id.clone();
-        idp_ok(gw.db(move |s| s.check_idp_identity(&check)).await?)?;
+        idp_ok(self.gw.db(move |s| s.check_idp_identity(&check)).await?)?;
+        // The provider's word enrols a first key only: someone who phished a sign-in (a device
+        // code, a pasted callback) must not add their key to an account that has one.
+        let u = id.user.clone();
+        if !self.gw.db(move |s| s.credentials(&u)).await?.is_empty() {
+            return Err(Refusal::new(
+                RefusalCode::IdpRefused,
+                format!(
+                    "{} already has a security key: signing in with the organisation enrols a first key only; \
+                     to add another (or replace a lost one) ask your admin for an invite",
+                    id.user
+                ),
+            ));
+        }
         let user = id.user.clone();
         self.registration(&user, EnrolSource::Idp(id), software_ca_pem.as_deref())
             .await
+    }
+
+    /// The audit line of an identity the provider vouched for, with its groups.
+    fn audit_verified(&self, id: &crate::oidc::Identity) {
+        self.gw.audit.record(AuditEvent {
+            user: Some(id.user.clone()),
+            outcome: Some(format!("groups: {}", id.groups.join(", "))),
+            ..self.event(AuditKind::IdpVerified)
+        });
+    }
+
+    /// Sends the registration challenge of an identity-provider enrolment, kept in `slot`.
+    fn registration_sent(
+        &self,
+        options: serde_json::Value,
+        p: PendingEnrol,
+        slot: &mut Option<PendingEnrol>,
+    ) -> ServerMsg {
+        self.gw.audit.record(AuditEvent {
+            user: Some(p.user.clone()),
+            ..self.event(AuditKind::EnrolChallengeIssued)
+        });
+        *slot = Some(p);
+        ServerMsg::EnrollChallenge {
+            options,
+            origin: self.gw.rp.origin().to_owned(),
+        }
+    }
+
+    /// A step with the identity provider has started (or was refused): what it must remember
+    /// goes into `slot`, and the connection may now wait longer for its sign-in.
+    fn idp_started<T>(
+        &self,
+        started: Result<(ServerMsg, T), Refusal>,
+        slot: &mut Option<T>,
+    ) -> ServerMsg {
+        match started {
+            Ok((reply, kept)) => {
+                self.idp_step.store(true, Relaxed);
+                *slot = Some(kept);
+                reply
+            }
+            Err(r) => {
+                self.refused(AuditKind::IdpRefused, None, &r);
+                ServerMsg::Error(r)
+            }
+        }
+    }
+
+    /// Starts a device enrolment at the provider.
+    async fn device_begin(
+        &self,
+        software_ca_pem: Option<String>,
+    ) -> Result<(ServerMsg, PendingDevice), Refusal> {
+        let oidc = self.oidc()?;
+        self.rate_limit("")?;
+        let nonce = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+        let d = oidc.device_begin(&nonce).await.map_err(idp_refusal)?;
+        let interval = d.interval.unwrap_or(5).clamp(1, 60);
+        let now = std::time::Instant::now();
+        let expires_in = d.expires_in.min(3600);
+        Ok((
+            ServerMsg::DeviceCode {
+                name: oidc.config().name(),
+                verification_uri: d.verification_uri,
+                verification_uri_complete: d.verification_uri_complete,
+                user_code: d.user_code,
+                expires_in,
+                interval,
+            },
+            PendingDevice {
+                device_code: d.device_code,
+                nonce,
+                interval,
+                expires: now + Duration::from_secs(expires_in),
+                software_ca_pem,
+                next_poll: now,
+            },
+        ))
+    }
+
+    /// Asks the provider whether the user finished; when they have, checks the ID token and
+    /// starts the registration. An agent polling faster than the interval is told to wait,
+    /// without the provider being asked.
+    async fn device_poll(
+        &self,
+        device: &mut Option<PendingDevice>,
+    ) -> Result<Option<(serde_json::Value, PendingEnrol)>, Refusal> {
+        let oidc = self.oidc()?;
+        let Some(d) = device.as_mut() else {
+            return Err(Refusal::new(
+                RefusalCode::ChallengeExpired,
+                "no device enrolment is in progress on this connection",
+            ));
+        };
+        let now = std::time::Instant::now();
+        if now >= d.expires {
+            return Err(Refusal::new(
+                RefusalCode::ChallengeExpired,
+                "the code expired before the sign-in finished: start again",
+            ));
+        }
+        if now < d.next_poll {
+            return Ok(None);
+        }
+        let token = match oidc
+            .device_poll(&d.device_code)
+            .await
+            .map_err(idp_refusal)?
+        {
+            crate::oidc::TokenAnswer::IdToken(t) => t,
+            answer => {
+                if answer == crate::oidc::TokenAnswer::SlowDown {
+                    d.interval = (d.interval + 5).min(60);
+                }
+                d.next_poll = now + Duration::from_secs(d.interval);
+                return Ok(None);
+            }
+        };
+        let Some(d) = device.take() else {
+            return Ok(None);
+        };
+        let id = oidc
+            .verify_device(&token, &d.nonce)
+            .await
+            .map_err(idp_refusal)?;
+        self.audit_verified(&id);
+        self.idp_registration(id, d.software_ca_pem).await.map(Some)
     }
 
     /// Redeems the browser's code and checks the ID token against this connection's `nonce`;
@@ -566,18 +734,14 @@ impl ConnCtx {
             .await
             .map_err(idp_refusal)?;
         let id = oidc.verify(&token, nonce).await.map_err(idp_refusal)?;
-        self.gw.audit.record(AuditEvent {
-            user: Some(id.user.clone()),
-            outcome: Some(format!("groups: {}", id.groups.join(", "))),
-            ..self.event(AuditKind::IdpVerified)
-        });
+        self.audit_verified(&id);
         Ok(id)
     }
 
     fn oidc(&self) -> Result<&crate::oidc::Oidc, Refusal> {
         self.gw.oidc.as_deref().ok_or_else(|| {
             Refusal::new(
-                RefusalCode::BadRequest,
+                RefusalCode::NoIdentityProvider,
                 "this gateway does not enrol through an identity provider: ask your admin for an invite",
             )
         })

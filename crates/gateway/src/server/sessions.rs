@@ -218,11 +218,23 @@ impl ConnCtx {
         mut session: watch::Receiver<Option<Arc<SessionClaims>>>,
     ) {
         let gw = &self.gw;
-        let deadline = tokio::time::Instant::now() + gw.cfg.limits.signin_deadline;
+        let start = tokio::time::Instant::now();
+        // Read again at every wake: an identity provider step started meanwhile extends it.
+        let deadline = || {
+            start
+                + if self.idp_step.load(Relaxed) {
+                    gw.cfg
+                        .limits
+                        .signin_deadline
+                        .max(super::IDP_SIGNIN_DEADLINE)
+                } else {
+                    gw.cfg.limits.signin_deadline
+                }
+        };
         loop {
             let claims = session.borrow_and_update().clone();
             let wake = match &claims {
-                None => deadline,
+                None => deadline(),
                 Some(c) => {
                     let to_exp = Duration::from_secs(c.exp).saturating_sub(
                         std::time::SystemTime::now()
@@ -248,6 +260,7 @@ impl ConnCtx {
                 () = tokio::time::sleep_until(wake) => {}
             }
             let (event, code, why): (_, u32, String) = match &claims {
+                None if tokio::time::Instant::now() < deadline() => continue,
                 None => {
                     Metrics::inc(&gw.metrics.signin_deadline_closed_total);
                     (

@@ -114,6 +114,15 @@ async fn open_loopback(url: &str) -> u16 {
     }
 }
 
+/// Signs in at the IdP as `who` from `url` and returns the code it sends back.
+async fn code_as(idp: &Idp, url: &str, who: &IdpUser) -> anyhow::Result<String> {
+    let back = url::Url::parse(&idp.authorize(url, &who.email, &who.password).await?)?;
+    back.query_pairs()
+        .find(|(k, _)| k == "code")
+        .map(|(_, v)| v.into_owned())
+        .ok_or_else(|| anyhow::anyhow!("no code in {back}"))
+}
+
 fn as_is(url: String) -> Vec<String> {
     vec![url]
 }
@@ -136,7 +145,7 @@ async fn a_developer_enrols_with_the_company_account_and_a_group_grants_the_serv
     assert!(lab.audit_events("invite_used").is_empty());
 
     // The key signs in as usual; `api` is Alice's through her `oncall` group.
-    let agent = RunningAgent::start(cfg, authn).await?;
+    let agent = RunningAgent::start(cfg.clone(), authn).await?;
     let api = agent.local_addr("api").expect("api");
     let answer = get(api, "/hello", &[]).await?;
     assert_eq!(
@@ -149,6 +158,17 @@ async fn a_developer_enrols_with_the_company_account_and_a_group_grants_the_serv
     let opened = lab.audit_events("stream_opened");
     assert_eq!(opened[0]["granted_by"], "group:oncall", "{opened:?}");
     agent.shutdown().await;
+
+    // The provider's word enrols a first key only: another key (someone who phished a sign-in)
+    // is refused for an account that has one.
+    let other_key = lab.dir.path().join("other.softkey");
+    let (open, _) = browser(idp.clone(), alice.clone(), as_is);
+    let e = touchgate_agent::enroll_with_idp(&cfg, &soft_authn(&other_key)?, &open)
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("already has a security key"), "{e}");
+    assert_eq!(lab.audit_events("idp_enrolled").len(), 1);
     Ok(())
 }
 
@@ -188,25 +208,18 @@ async fn the_gateway_takes_only_verified_accounts_of_allowed_domains() -> anyhow
 async fn the_browser_must_come_back_with_its_own_state_and_only_once() -> anyhow::Result<()> {
     let (idp, lab, alice, key_path, cfg) = alice_at_lab().await?;
 
-    // A page that sends the browser to the listener with a code and a state of its own.
+    // A page (or another local user) sends the browser to the listener with a state of its
+    // own: refused, and the sign-in waits on. Then the real return, then the same again.
     let (open, seen) = browser(idp.clone(), alice.clone(), |url| {
-        vec![url.replace("state=", "state=forged")]
+        vec![url.replace("state=", "state=forged"), url.clone(), url]
     });
-    let e = touchgate_agent::enroll_with_idp(&cfg, &soft_authn(&key_path)?, &open)
-        .await
-        .expect_err("refused")
-        .to_string();
-    assert!(e.contains("another sign-in's state"), "{e}");
-    assert_eq!(seen.await??, [400]);
-    // Nothing reached the gateway: no code was redeemed.
-    assert!(lab.audit_events("idp_verified").is_empty());
-
-    // The same callback twice: the first enrols, the second finds no one listening.
-    let (open, seen) = browser(idp.clone(), alice.clone(), |url| vec![url.clone(), url]);
-    touchgate_agent::enroll_with_idp(&cfg, &soft_authn(&key_path)?, &open).await?;
+    let (_, user) = touchgate_agent::enroll_with_idp(&cfg, &soft_authn(&key_path)?, &open).await?;
+    assert_eq!(user, alice.email);
     let statuses = seen.await??;
-    assert_eq!(statuses[0], 200);
-    assert_ne!(statuses[1], 200, "a second callback must not be taken");
+    assert_eq!(statuses[..2], [400, 200]);
+    assert_ne!(statuses[2], 200, "a second callback must not be taken");
+    // One code reached the gateway: the forged one never left the agent.
+    assert_eq!(lab.audit_events("idp_verified").len(), 1);
     assert_eq!(lab.audit_events("idp_enrolled").len(), 1);
     Ok(())
 }
@@ -254,12 +267,7 @@ async fn a_code_is_good_only_on_its_own_connection_and_for_the_gateways_client()
             &pkce,
             &nonce,
         )?;
-        let back = url::Url::parse(&idp.authorize(&url, &alice.email, &alice.password).await?)?;
-        let code = back
-            .query_pairs()
-            .find(|(k, _)| k == "code")
-            .map(|(_, v)| v.into_owned())
-            .ok_or_else(|| anyhow::anyhow!("no code in {back}"))?;
+        let code = code_as(&idp, &url, &alice).await?;
         // … presented on the second connection.
         let reply = second
             .request(&ClientMsg::EnrollWithIdp {
@@ -304,7 +312,7 @@ async fn a_sign_in_after_max_age_checks_with_the_identity_provider_again() -> an
         .await?,
     );
     let lab = Lab::start(LabOptions {
-        tables: oidc_table(&idp, "max_age = \"1s\"\n"),
+        tables: oidc_table(&idp, "max_age = \"2s\"\n"),
         ..LabOptions::default()
     })
     .await?;
@@ -314,7 +322,7 @@ async fn a_sign_in_after_max_age_checks_with_the_identity_provider_again() -> an
     let authn = soft_authn(&key_path)?;
     let (open, _) = browser(idp.clone(), alice.clone(), as_is);
     touchgate_agent::enroll_with_idp(&cfg, &authn, &open).await?;
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
 
     // Someone else's account in the browser: the key's answer is not enough.
     let (open, _) = browser(idp.clone(), dave, as_is);
@@ -337,6 +345,13 @@ async fn a_sign_in_after_max_age_checks_with_the_identity_provider_again() -> an
     assert_eq!(seen.await??, [200]);
     let api = agent.local_addr("api").expect("api");
     assert_eq!(get(api, "/after-recheck", &[]).await?.status, 200);
+    // The session ends when the check runs out, not at `[session] max_age` (an hour here).
+    let session = agent.session().expect("session");
+    assert!(
+        session.expires_at <= touchgate_agent::unix_now() + 2,
+        "{}",
+        session.expires_at
+    );
     let needed: Vec<_> = lab
         .audit_events("idp_refused")
         .into_iter()
@@ -353,5 +368,151 @@ async fn a_sign_in_after_max_age_checks_with_the_identity_provider_again() -> an
     assert_eq!(vouched, [ALICE_EMAIL, "dave@example.com", ALICE_EMAIL]);
     assert_eq!(lab.audit_events("session_issued").len(), 1);
     agent.shutdown().await;
+    Ok(())
+}
+
+/// The gateway's checks of an ID token from the token endpoint, on real tokens of the real
+/// provider: one that verifies, then the same with its payload changed, with another
+/// connection's nonce, signed with a key the provider does not publish (after refreshing its
+/// keys), and once it has expired.
+#[tokio::test]
+async fn id_tokens_that_fail_a_check_are_refused() -> anyhow::Result<()> {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    use touchgate_gateway::{config::OidcConfig, oidc::Oidc};
+    let idp = Idp::start(&IdpConfig {
+        id_token_ttl: std::time::Duration::from_secs(1),
+        ..IdpConfig::default()
+    })
+    .await?;
+    let oidc = Oidc::new(
+        OidcConfig {
+            clock_skew: std::time::Duration::ZERO,
+            ..OidcConfig::new(&idp.issuer, "touchgate")
+        },
+        None,
+    )?;
+    let provider = oidc.provider().await?;
+    let pkce = touchgate_agent::idp::Pkce::new();
+    let redirect = "http://127.0.0.1:9/callback";
+    let url = touchgate_agent::idp::authorization_url(
+        &provider.authorization_endpoint,
+        "touchgate",
+        &oidc.config().scopes,
+        redirect,
+        &pkce,
+        "nonce-1",
+    )?;
+    let code = code_as(&idp, &url, &IdpUser::alice()).await?;
+    let token = oidc.redeem(&code, &pkce.verifier, redirect).await?;
+    assert_eq!(oidc.verify(&token, "nonce-1").await?.user, ALICE_EMAIL);
+    let refused = |r: Result<_, touchgate_gateway::oidc::OidcError>| match r {
+        Ok(id) => format!("accepted {id:?}"),
+        Err(e) => e.to_string(),
+    };
+
+    // Another account's name in the payload, the provider's signature kept.
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut claims: serde_json::Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1])?)?;
+    claims["email"] = "mallory@example.com".into();
+    let forged = format!(
+        "{}.{}.{}",
+        parts[0],
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims)?),
+        parts[2]
+    );
+    let e = refused(oidc.verify(&forged, "nonce-1").await);
+    assert!(e.contains("signature does not verify"), "{e}");
+
+    let e = refused(oidc.verify(&token, "nonce-2").await);
+    assert!(e.contains("nonce is not the one issued"), "{e}");
+
+    // The same claims signed by a key the provider never published.
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some("rotated-away".into());
+    let key =
+        jsonwebtoken::EncodingKey::from_rsa_pem(touchgate_testkit::FAKE_GOOGLE_KEY.as_bytes())?;
+    let original: serde_json::Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1])?)?;
+    let unknown = jsonwebtoken::encode(&header, &original, &key)?;
+    let e = refused(oidc.verify(&unknown, "nonce-1").await);
+    assert!(
+        e.contains("which the identity provider does not publish"),
+        "{e}"
+    );
+
+    // One second later (the provider's token lifetime here, no clock skew allowed).
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let e = refused(oidc.verify(&token, "nonce-1").await);
+    assert!(e.contains("has expired"), "{e}");
+    Ok(())
+}
+
+/// A machine without a browser: the agent prints a code, the user enters it at the provider on
+/// another device, and the key is enrolled for the account that signed in there.
+#[tokio::test]
+async fn a_machine_without_a_browser_enrols_with_the_device_flow() -> anyhow::Result<()> {
+    let (idp, lab, alice, key_path, cfg) = alice_at_lab().await?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+    let tx = std::sync::Mutex::new(Some(tx));
+    let show = move |d: &touchgate_agent::tunnel::DeviceCode| {
+        if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
+            let _ = tx.send(d.user_code.clone());
+        }
+    };
+    let (user, provider) = (alice.clone(), idp.clone());
+    let other_device = tokio::spawn(async move {
+        let code = rx.await?;
+        provider
+            .approve_device(&code, &user.email, &user.password)
+            .await
+    });
+    let authn = soft_authn(&key_path)?;
+    let (_, enrolled) = touchgate_agent::enroll_with_device(&cfg, &authn, &show).await?;
+    other_device.await??;
+    assert_eq!(enrolled, alice.email);
+    assert_eq!(
+        lab.audit_events("idp_enrolled").len(),
+        1,
+        "{:?}",
+        lab.audit()
+    );
+    // The key signs in, and the group from the device sign-in grants `api`.
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let api = agent.local_addr("api").expect("api");
+    assert_eq!(get(api, "/by-device", &[]).await?.status, 200);
+    agent.shutdown().await;
+    Ok(())
+}
+
+/// What `touchgate-gateway check` says about the provider, from its real discovery document
+/// and keys; and a provider that is not there, said in words.
+#[tokio::test]
+async fn check_reports_what_the_provider_offers() -> anyhow::Result<()> {
+    use touchgate_gateway::{config::OidcConfig, oidc::Oidc};
+    let idp = Idp::start_default().await?;
+    let found = Oidc::new(OidcConfig::new(&idp.issuer, "touchgate"), None)?
+        .describe()
+        .await?;
+    let host = idp.issuer.trim_start_matches("http://").to_owned();
+    assert_eq!(
+        found,
+        format!(
+            // No display_name: the issuer's host names it.
+            "oidc: 127.0.0.1 ({0}): sign-in at {0}/auth, codes redeemed at {0}/token, 1 signing key, device sign-in offered",
+            idp.issuer
+        )
+    );
+    drop(idp);
+    let gone = Oidc::new(
+        OidcConfig::new(&format!("http://{host}"), "touchgate"),
+        None,
+    )?
+    .describe()
+    .await
+    .expect_err("no provider")
+    .to_string();
+    assert!(
+        gone.starts_with("the identity provider could not be used: "),
+        "{gone}"
+    );
     Ok(())
 }

@@ -92,7 +92,8 @@ pub enum Effect {
     Enrol {
         /// The checked config.
         config: Box<AgentConfig>,
-        /// The invite code (a secret: kept out of logs).
+        /// The invite code (a secret: kept out of logs); empty to enrol by signing in with
+        /// the organisation's identity provider in the browser instead.
         code: SecretString,
     },
     /// Stop the running agent and close its ports.

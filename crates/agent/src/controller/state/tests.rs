@@ -563,3 +563,25 @@ fn the_by_name_port_names_every_web_service_offered() {
         ]
     );
 }
+
+#[test]
+fn enrolling_with_the_organisation_asks_the_shell_for_the_browser_sign_in() {
+    let mut r = Rig::new();
+    let e = r.ask(Request::EnrolWithOrganisation);
+    assert!(matches!(
+        e.last().expect("effects"),
+        Effect::OpenAuthenticator {
+            create_soft: true,
+            ..
+        }
+    ));
+    let e = r.feed(Event::AuthenticatorOpened {
+        key: "YubiKey 5".into(),
+    });
+    // No invite code: the shell signs in with the identity provider instead.
+    assert!(
+        matches!(e.last().expect("effects"), Effect::Enrol { code, .. } if secrecy::ExposeSecret::expose_secret(code).is_empty())
+    );
+    let e = r.feed(Event::Enrolled);
+    assert_eq!(reply(&e), Some(Ok(())));
+}
