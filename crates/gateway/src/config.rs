@@ -311,6 +311,11 @@ pub struct OidcConfig {
     /// Clock difference allowed when checking an ID token's times.
     #[serde(default = "default_clock_skew", with = "humantime_serde")]
     pub clock_skew: Duration,
+    /// Enrolment with the device flow (RFC 8628) for machines without a browser. Off by
+    /// default: anyone can start one and send a user the code to enter ("device code
+    /// phishing"); turn it on where your people need it.
+    #[serde(default)]
+    pub device_flow: bool,
 }
 
 impl OidcConfig {
@@ -328,6 +333,7 @@ impl OidcConfig {
             max_age: default_idp_max_age(),
             display_name: None,
             clock_skew: default_clock_skew(),
+            device_flow: false,
         }
     }
 
@@ -578,6 +584,14 @@ impl GatewayConfig {
             if !o.scopes.iter().any(|s| s == "openid") {
                 problems.push("oidc.scopes must include openid".into());
             }
+            // An empty list would let every account of the provider enrol (any Google
+            // account, at accounts.google.com): the admin must say so.
+            if o.allowed_domains.is_empty() {
+                problems.push(
+                    "oidc.allowed_domains is empty: list your domains (e.g. [\"example.com\"]), or [\"*\"] to take every account the provider has"
+                        .into(),
+                );
+            }
         } else if !self.invite.enabled {
             problems.push("invite.enabled = false without [oidc]: nobody could enrol a key".into());
         }
@@ -701,6 +715,15 @@ impl GatewayConfig {
         w
     }
 
+    /// Where users' groups come from: SCIM alone when it is on.
+    pub fn group_source(&self) -> crate::store::GroupSource {
+        if self.scim.is_some() {
+            crate::store::GroupSource::Scim
+        } else {
+            crate::store::GroupSource::IdpAndScim
+        }
+    }
+
     /// The service called `name`.
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
         self.services.iter().find(|s| s.name == name)
@@ -770,6 +793,41 @@ mod tests {
         assert!(msg.contains("not an http(s) URL"), "{msg}");
         assert!(msg.contains("not host:port"), "{msg}");
         assert!(msg.contains("origin"), "{msg}");
+    }
+
+    #[test]
+    fn an_identity_provider_must_be_https_and_say_which_domains_it_takes() {
+        let oidc = |extra: &str| {
+            parse(&format!(
+                "{BASE}\n[oidc]\nissuer = \"https://accounts.google.com\"\nclient_id = \"c\"\n{extra}"
+            ))
+        };
+        let msg = oidc("").check().expect_err("no domains").to_string();
+        assert!(msg.contains("oidc.allowed_domains is empty"), "{msg}");
+        oidc("allowed_domains = [\"example.com\"]")
+            .check()
+            .expect("domains");
+        oidc("allowed_domains = [\"*\"]")
+            .check()
+            .expect("everyone, said out loud");
+        let msg = parse(&format!(
+            "{BASE}\n[oidc]\nissuer = \"http://idp.example.com\"\nclient_id = \"c\"\nallowed_domains = [\"*\"]\n"
+        ))
+        .check()
+        .expect_err("plain http")
+        .to_string();
+        assert!(msg.contains("not https://"), "{msg}");
+        assert!(
+            !oidc("allowed_domains = [\"*\"]")
+                .oidc
+                .expect("oidc")
+                .device_flow
+        );
+        let msg = parse(&format!("{BASE}\n[invite]\nenabled = false\n"))
+            .check()
+            .expect_err("nobody could enrol")
+            .to_string();
+        assert!(msg.contains("nobody could enrol"), "{msg}");
     }
 
     #[test]

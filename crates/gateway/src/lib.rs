@@ -130,7 +130,7 @@ impl Gateway {
         };
         revocations.set_epochs(store.epochs().map_err(store_err)?);
         revocations.set_disabled(store.disabled_users().map_err(store_err)?);
-        revocations.set_groups(store.user_groups().map_err(store_err)?);
+        revocations.set_groups(store.user_groups(cfg.group_source()).map_err(store_err)?);
         let oidc = match &cfg.oidc {
             Some(o) => {
                 let secret = o.secret().map_err(|e| {

@@ -218,17 +218,8 @@ fn check_oidc(o: touchgate_gateway::config::OidcConfig) -> Result<String, String
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
         let secret = o.secret().map_err(|e| e.to_string())?;
-        let (issuer, name) = (o.issuer.clone(), o.name());
         let oidc = touchgate_gateway::oidc::Oidc::new(o, secret).map_err(|e| e.to_string())?;
-        let p = oidc.provider().await.map_err(|e| e.to_string())?;
-        let keys = oidc.fetch_keys().await.map_err(|e| e.to_string())?;
-        Ok(format!(
-            "oidc: {name} ({issuer}): sign-in at {}, codes redeemed at {}, {keys} signing key{}, device sign-in {}",
-            p.authorization_endpoint,
-            p.token_endpoint,
-            if keys == 1 { "" } else { "s" },
-            if p.device_authorization_endpoint.is_some() { "offered" } else { "not offered" },
-        ))
+        oidc.describe().await.map_err(|e| e.to_string())
     })
 }
 

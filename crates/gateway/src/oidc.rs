@@ -357,11 +357,20 @@ impl Oidc {
         } else {
             value.to_owned()
         };
-        if !self.cfg.allowed_domains.is_empty() {
+        // `["*"]`: every account of the provider (the config check refuses an empty list).
+        let any = self.cfg.allowed_domains.is_empty() || self.cfg.allowed_domains == ["*"];
+        if !any {
+            // Google names the Workspace domain in `hd`; a consumer account that merely uses
+            // a company address has none, and must not pass for the company's.
+            let google = self.cfg.issuer == "https://accounts.google.com";
             let domain = c["hd"]
                 .as_str()
                 .map(str::to_owned)
-                .or_else(|| user.rsplit_once('@').map(|(_, d)| d.to_owned()))
+                .or_else(|| {
+                    (!google)
+                        .then(|| user.rsplit_once('@').map(|(_, d)| d.to_owned()))
+                        .flatten()
+                })
                 .unwrap_or_default()
                 .to_ascii_lowercase();
             if !self
@@ -616,6 +625,21 @@ mod tests {
         let mut hd = other_domain.clone();
         hd["hd"] = "example.com".into();
         assert!(o.identity(&hd, Nonce::Required("n")).is_ok());
+        // At Google, only `hd` counts: a consumer account with a company address is not in.
+        let google = Oidc::new(
+            OidcConfig {
+                allowed_domains: vec!["example.com".into()],
+                ..OidcConfig::new("https://accounts.google.com", "touchgate")
+            },
+            None,
+        )
+        .expect("oidc");
+        assert!(google.identity(&ok, Nonce::Required("n")).is_err());
+        let mut workspace = ok.clone();
+        workspace["hd"] = "example.com".into();
+        assert!(google.identity(&workspace, Nonce::Required("n")).is_ok());
+        let anyone = oidc(&["*"]);
+        assert!(anyone.identity(&other_domain, Nonce::Required("n")).is_ok());
         // The device flow: no nonce is fine, another one is not.
         let mut no_nonce = ok.clone();
         no_nonce["nonce"] = serde_json::Value::Null;

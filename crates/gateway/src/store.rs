@@ -77,11 +77,26 @@ pub enum IdpProblem {
     /// The user's account is disabled (`touchgate-gateway disable`).
     #[error("the account is disabled on this gateway")]
     UserDisabled,
+    /// An admin removed the user: coming back takes a new invite.
+    #[error(
+        "an admin removed this account from the gateway: signing in with the organisation does not bring it back; ask your admin for an invite"
+    )]
+    Removed,
     /// The user name belongs to another account of the provider.
     #[error(
         "this user name belongs to another account of the identity provider (an address that was reassigned?): ask your admin"
     )]
     OtherSubject,
+}
+
+/// Where users' groups come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupSource {
+    /// The identity provider's ID token at each check, and SCIM pushes.
+    IdpAndScim,
+    /// SCIM alone (a gateway with `[scim]`): a group removed there must not live on in the
+    /// copy the last ID token left until the next check.
+    Scim,
 }
 
 /// A stored credential.
@@ -244,6 +259,9 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("users", "idp_subject", "TEXT"),
     ("users", "idp_groups", "TEXT"),
     ("users", "idp_checked", "INTEGER"),
+    // Set by `remove` (and SCIM's delete): the provider's word alone no longer enrols the user;
+    // a new invite (or SCIM creating them again) clears it.
+    ("users", "idp_blocked", "INTEGER NOT NULL DEFAULT 0"),
     // SCIM: the provider's own id and display name for the user, when SCIM last changed the
     // user, and when SCIM deleted them (the row stays, as `remove` keeps it).
     ("users", "scim_external_id", "TEXT"),
@@ -369,10 +387,13 @@ impl Store {
 
     /// Stores a new invite for `user` (only its hash) valid until `expires`.
     pub fn add_invite(&self, user: &str, code: &str, expires: u64) -> Result<(), StoreError> {
-        self.lock().execute(
+        let conn = self.lock();
+        conn.execute(
             "INSERT INTO invites (code_hash, user, created, expires) VALUES (?1, ?2, ?3, ?4)",
             params![hash_code(code), user, now_secs() as i64, expires as i64],
         )?;
+        // An admin's invite says the user may come back, whichever way they enrol.
+        conn.execute("UPDATE users SET idp_blocked = 0 WHERE name = ?1", [user])?;
         Ok(())
     }
 
@@ -451,16 +472,17 @@ impl Store {
         conn: &Connection,
         id: &crate::oidc::Identity,
     ) -> Result<Result<(), IdpProblem>, StoreError> {
-        let row: Option<(bool, Option<String>)> = conn
+        let row: Option<(bool, bool, Option<String>)> = conn
             .query_row(
-                "SELECT disabled <> 0, idp_subject FROM users WHERE name = ?1",
+                "SELECT disabled <> 0, idp_blocked <> 0, idp_subject FROM users WHERE name = ?1",
                 [&id.user],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
         Ok(match row {
-            Some((true, _)) => Err(IdpProblem::UserDisabled),
-            Some((_, Some(sub))) if sub != id.subject => Err(IdpProblem::OtherSubject),
+            Some((true, _, _)) => Err(IdpProblem::UserDisabled),
+            Some((_, true, _)) => Err(IdpProblem::Removed),
+            Some((_, _, Some(sub))) if sub != id.subject => Err(IdpProblem::OtherSubject),
             _ => Ok(()),
         })
     }
@@ -561,19 +583,24 @@ impl Store {
     }
 
     /// Each user's groups, for those who have any: the groups the identity provider's ID token
-    /// last gave, then the display names of the SCIM groups they are a member of.
+    /// last gave (unless `source` says SCIM alone decides), then the display names of the SCIM
+    /// groups they are a member of.
     pub fn user_groups(
         &self,
+        source: GroupSource,
     ) -> Result<std::collections::HashMap<String, Vec<String>>, StoreError> {
         let conn = self.lock();
         let mut out: HashMap<String, Vec<String>> = HashMap::new();
-        let mut stmt = conn.prepare_cached(
-            "SELECT name, idp_groups FROM users WHERE idp_groups IS NOT NULL AND idp_groups <> '[]'",
-        )?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-        for row in rows {
-            let (name, json) = row?;
-            out.insert(name, serde_json::from_str(&json).unwrap_or_default());
+        if source == GroupSource::IdpAndScim {
+            let mut stmt = conn.prepare_cached(
+                "SELECT name, idp_groups FROM users WHERE idp_groups IS NOT NULL AND idp_groups <> '[]'",
+            )?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            for row in rows {
+                let (name, json) = row?;
+                out.insert(name, serde_json::from_str(&json).unwrap_or_default());
+            }
         }
         let mut stmt = conn.prepare_cached(
             "SELECT m.user, g.display_name FROM scim_members m \
@@ -838,6 +865,7 @@ impl Store {
 /// [`Store::remove_user`] inside `tx`.
 fn remove_in(tx: &Connection, user: &str) -> Result<RemovedUser, StoreError> {
     let epoch = bump_epoch(tx, user)?;
+    tx.execute("UPDATE users SET idp_blocked = 1 WHERE name = ?1", [user])?;
     let credentials = tx.execute("DELETE FROM credentials WHERE user = ?1", [user])?;
     let invites = tx.execute("DELETE FROM invites WHERE user = ?1", [user])?;
     Ok(RemovedUser {

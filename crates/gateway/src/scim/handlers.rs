@@ -114,7 +114,13 @@ async fn get_user(gw: &Arc<Gateway>, c: &Call, id: &str) -> Result<Answer, ScimE
 async fn create_user(gw: &Arc<Gateway>, c: &Call) -> Result<Answer, ScimError> {
     let b = parse::user_body(body(c)?)?;
     let new = NewScimUser {
-        name: b.user_name,
+        // An email address names the same person in any case; the identity provider's
+        // sign-in keeps it lower case, so SCIM does too (one row per person).
+        name: if b.user_name.contains('@') {
+            b.user_name.to_lowercase()
+        } else {
+            b.user_name
+        },
         active: b.active.unwrap_or(true),
         external_id: b.external_id,
         display_name: b.display_name,

@@ -384,9 +384,8 @@ impl ConnCtx {
                 ),
             ));
         }
-        let groups = id.groups.clone();
         gw.db(move |s| s.record_idp_check(&id)).await?;
-        gw.revocations.set_user_groups(&user, groups);
+        self.reload_groups(&user).await?;
         Ok((user, now_secs() + max_age.as_secs()))
     }
 
@@ -511,9 +510,9 @@ impl ConnCtx {
         match source {
             EnrolSource::Invite(code) => invite_ok(gw.db(move |s| s.enrol(&code, &cred)).await?)?,
             EnrolSource::Idp(id) => {
-                let (user, groups) = (id.user.clone(), id.groups.clone());
+                let user = id.user.clone();
                 idp_ok(gw.db(move |s| s.enrol_via_idp(&id, &cred)).await?)?;
-                gw.revocations.set_user_groups(&user, groups);
+                self.reload_groups(&user).await?;
             }
         }
         Ok(enrolled.cred_id)
@@ -599,6 +598,16 @@ impl ConnCtx {
         });
     }
 
+    /// Takes `user`'s groups from the store now (after a check with the identity provider), so
+    /// the session that follows need not wait for the next reload.
+    async fn reload_groups(&self, user: &str) -> Result<(), Refusal> {
+        let source = self.gw.cfg.group_source();
+        let mut all = self.gw.db(move |s| s.user_groups(source)).await?;
+        let groups = all.remove(user).unwrap_or_default();
+        self.gw.revocations.set_user_groups(user, groups);
+        Ok(())
+    }
+
     /// Sends the registration challenge of an identity-provider enrolment, kept in `slot`.
     fn registration_sent(
         &self,
@@ -643,6 +652,12 @@ impl ConnCtx {
         software_ca_pem: Option<String>,
     ) -> Result<(ServerMsg, PendingDevice), Refusal> {
         let oidc = self.oidc()?;
+        if !oidc.config().device_flow {
+            return Err(Refusal::new(
+                RefusalCode::IdpRefused,
+                "this gateway does not enrol with a code entered on another device ([oidc] device_flow): enrol on a machine with a browser",
+            ));
+        }
         self.rate_limit("")?;
         let nonce = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
         let d = oidc.device_begin(&nonce).await.map_err(idp_refusal)?;

@@ -157,11 +157,11 @@ impl Gateway {
             if polls.is_multiple_of(60) {
                 self.activity.prune(self.cfg.session.max_age);
             }
-            let store = self.store.clone();
+            let (store, groups) = (self.store.clone(), self.cfg.group_source());
             let loaded = tokio::task::spawn_blocking(move || {
                 store
                     .epochs()
-                    .and_then(|e| Ok((e, store.disabled_users()?, store.user_groups()?)))
+                    .and_then(|e| Ok((e, store.disabled_users()?, store.user_groups(groups)?)))
             })
             .await;
             match loaded {

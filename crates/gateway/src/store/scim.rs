@@ -240,7 +240,7 @@ impl Store {
         let recreated = match same.into_iter().next() {
             Some((name, _, _)) => {
                 tx.execute(
-                    "UPDATE users SET scim_deleted = NULL, scim_external_id = ?2, \
+                    "UPDATE users SET scim_deleted = NULL, idp_blocked = 0, scim_external_id = ?2, \
                      scim_display_name = ?3, scim_modified = ?4 WHERE name = ?1",
                     params![name, new.external_id, new.display_name, now],
                 )?;

@@ -169,6 +169,21 @@ async fn a_developer_enrols_with_the_company_account_and_a_group_grants_the_serv
         .to_string();
     assert!(e.contains("already has a security key"), "{e}");
     assert_eq!(lab.audit_events("idp_enrolled").len(), 1);
+
+    // An admin removes Alice: the provider's word alone does not bring her back; a new
+    // invite does (and then she may enrol either way).
+    let store = touchgate_gateway::store::Store::open(&lab.dir.path().join("gateway.db"))?;
+    store.remove_user(ALICE_EMAIL)?;
+    let (open, _) = browser(idp.clone(), alice.clone(), as_is);
+    let e = touchgate_agent::enroll_with_idp(&cfg, &soft_authn(&other_key)?, &open)
+        .await
+        .expect_err("removed")
+        .to_string();
+    assert!(e.contains("an admin removed this account"), "{e}");
+    lab.invite(ALICE_EMAIL)?;
+    let (open, _) = browser(idp.clone(), alice.clone(), as_is);
+    touchgate_agent::enroll_with_idp(&cfg, &soft_authn(&other_key)?, &open).await?;
+    assert_eq!(lab.audit_events("idp_enrolled").len(), 2);
     Ok(())
 }
 
@@ -450,7 +465,15 @@ async fn id_tokens_that_fail_a_check_are_refused() -> anyhow::Result<()> {
 /// another device, and the key is enrolled for the account that signed in there.
 #[tokio::test]
 async fn a_machine_without_a_browser_enrols_with_the_device_flow() -> anyhow::Result<()> {
-    let (idp, lab, alice, key_path, cfg) = alice_at_lab().await?;
+    let (idp, mut lab, alice, key_path, cfg) = alice_at_lab().await?;
+    // Off unless the admin turns it on: anyone can start one and phish a user with the code.
+    let e = touchgate_agent::enroll_with_device(&cfg, &soft_authn(&key_path)?, &|_| {})
+        .await
+        .expect_err("off by default")
+        .to_string();
+    assert!(e.contains("[oidc] device_flow"), "{e}");
+    lab.reconfigure("[oidc]\n", "[oidc]\ndevice_flow = true\n")
+        .await?;
     let (tx, rx) = tokio::sync::oneshot::channel::<String>();
     let tx = std::sync::Mutex::new(Some(tx));
     let show = move |d: &touchgate_agent::tunnel::DeviceCode| {
@@ -515,4 +538,124 @@ async fn check_reports_what_the_provider_offers() -> anyhow::Result<()> {
         "{gone}"
     );
     Ok(())
+}
+
+/// SCIM and the identity provider name the same person: Okta provisions
+/// `Alice@Example.com`, Alice enrols with her company account (which names her in lower case)
+/// — one user. With SCIM on, SCIM's groups decide `allow_groups`: the copy the last ID token
+/// left does not keep a group SCIM took away; and SCIM's deactivation ends her session.
+#[tokio::test]
+async fn scim_and_the_identity_provider_name_the_same_person() -> anyhow::Result<()> {
+    use super::scim::{TOKEN, scim};
+    use serde_json::json;
+    let idp = Arc::new(Idp::start_default().await?);
+    let lab = Lab::start(LabOptions {
+        api_users: Vec::new(),
+        api_groups: vec!["oncall".into()],
+        tables: oidc_table(&idp, ""),
+        scim_token: Some(TOKEN.into()),
+        ..LabOptions::default()
+    })
+    .await?;
+    let (status, created) = scim(
+        &lab,
+        "POST",
+        "/scim/v2/Users",
+        Some(
+            json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+            "userName": "Alice@Example.com", "active": true}),
+        ),
+    )
+    .await?;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["userName"], ALICE_EMAIL);
+    let id = created["id"].as_str().unwrap_or_default().to_owned();
+    let (status, group) = scim(
+        &lab,
+        "POST",
+        "/scim/v2/Groups",
+        Some(
+            json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+            "displayName": "oncall", "members": [{"value": id}]}),
+        ),
+    )
+    .await?;
+    assert_eq!(status, 201, "{group}");
+    let group_id = group["id"].as_str().unwrap_or_default().to_owned();
+
+    let alice = IdpUser::alice();
+    let key_path = lab.dir.path().join("alice.softkey");
+    let cfg = lab.agent_config(ALICE_EMAIL, &key_path, &[])?;
+    let authn = soft_authn(&key_path)?;
+    let (open, _) = browser(idp.clone(), alice.clone(), as_is);
+    touchgate_agent::enroll_with_idp(&cfg, &authn, &open).await?;
+    let store = touchgate_gateway::store::Store::open(&lab.dir.path().join("gateway.db"))?;
+    let alices = store
+        .list_users()?
+        .into_iter()
+        .filter(|u| u.name.eq_ignore_ascii_case(ALICE_EMAIL))
+        .count();
+    assert_eq!(alices, 1, "one row for Alice");
+
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let api = agent.local_addr("api").expect("api");
+    assert_eq!(get(api, "/by-scim-group", &[]).await?.status, 200);
+
+    // Okta takes her out of `oncall`: her ID token still said `oncall`, but SCIM decides.
+    let (status, _) = scim(
+        &lab,
+        "PATCH",
+        &format!("/scim/v2/Groups/{group_id}"),
+        Some(
+            json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+            "Operations": [{"op": "remove", "path": format!("members[value eq \"{id}\"]")}]}),
+        ),
+    )
+    .await?;
+    assert_eq!(status, 204);
+    let refused = wait_until(|| async {
+        touchgate_e2e::get(api, "/after-removal", &[])
+            .await
+            .map(|a| a.status != 200)
+            .unwrap_or(true)
+    })
+    .await;
+    assert!(refused, "api still granted after SCIM removed the group");
+
+    // Deactivated in SCIM: the session ends.
+    let (status, _) = scim(
+        &lab,
+        "PATCH",
+        &format!("/scim/v2/Users/{id}"),
+        Some(
+            json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+            "Operations": [{"op": "replace", "value": {"active": false}}]}),
+        ),
+    )
+    .await?;
+    assert_eq!(status, 200);
+    let ended = wait_until(|| async {
+        agent
+            .connection()
+            .is_none_or(|c| c.close_reason().is_some())
+    })
+    .await;
+    assert!(ended, "the session outlived the deactivation");
+    agent.shutdown().await;
+    Ok(())
+}
+
+/// Polls `done` every 100 ms for up to five seconds.
+async fn wait_until<F, Fut>(mut done: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..50 {
+        if done().await {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
 }

@@ -17,7 +17,7 @@ use touchgate_proto::RefusalCode;
 use touchgate_testkit::lab::{Lab, LabOptions};
 
 const ALICE: &str = "alice@example.com";
-const TOKEN: &str = "e2e-scim-bearer-token-0123456789abcdef0123456789";
+pub(super) const TOKEN: &str = "e2e-scim-bearer-token-0123456789abcdef0123456789";
 /// How long a change may take to reach a live session or the next stream.
 const WITHIN: Duration = Duration::from_secs(5);
 
@@ -64,7 +64,7 @@ async fn send(
 }
 
 /// A request with the right token and a JSON body.
-async fn scim(
+pub(super) async fn scim(
     lab: &Lab,
     method: &str,
     path: &str,

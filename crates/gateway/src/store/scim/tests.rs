@@ -118,7 +118,9 @@ fn groups_add_to_the_id_token_groups_and_leave_with_their_members() {
         .expect("ok");
     assert_eq!(change.added, ["bob@example.com"]);
     assert_eq!(change.removed, ["alice@example.com"]);
-    let groups = s.user_groups().expect("db");
+    let groups = s
+        .user_groups(crate::store::GroupSource::IdpAndScim)
+        .expect("db");
     assert_eq!(groups.get("bob@example.com"), Some(&vec!["oncall".into()]));
     assert_eq!(groups.get("alice@example.com"), None);
     // The ID token's groups first, then SCIM's, each once.
@@ -132,7 +134,8 @@ fn groups_add_to_the_id_token_groups_and_leave_with_their_members() {
         .expect("db")
         .expect("created");
     assert_eq!(
-        s.user_groups().expect("db")["bob@example.com"],
+        s.user_groups(crate::store::GroupSource::IdpAndScim)
+            .expect("db")["bob@example.com"],
         ["eng", "oncall", "staff"]
     );
     assert_eq!(
@@ -150,7 +153,8 @@ fn groups_add_to_the_id_token_groups_and_leave_with_their_members() {
         ("oncall", vec!["bob@example.com".into()])
     );
     assert_eq!(
-        s.user_groups().expect("db")["bob@example.com"],
+        s.user_groups(crate::store::GroupSource::IdpAndScim)
+            .expect("db")["bob@example.com"],
         ["eng", "oncall", "staff"],
         "oncall still comes from the ID token"
     );
@@ -170,7 +174,11 @@ fn deleting_a_user_removes_keys_and_memberships_and_hides_them_until_created_aga
     assert_eq!(removed.groups, ["oncall"]);
     assert_eq!(s.scim_user(&alice.id).expect("db"), None);
     assert_eq!(s.scim_users(&ScimQuery::All, 1, 10).expect("db").0, 0);
-    assert!(s.user_groups().expect("db").is_empty());
+    assert!(
+        s.user_groups(crate::store::GroupSource::IdpAndScim)
+            .expect("db")
+            .is_empty()
+    );
     assert_eq!(s.scim_delete_user(&alice.id).expect("db"), None);
 
     let back = s
