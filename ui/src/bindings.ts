@@ -9,7 +9,7 @@ pin: string, } | { "kind": "enrol",
 /**
  * The code from the admin.
  */
-code: string, } | { "kind": "enrol_with_organisation" } | { "kind": "set_service_port", 
+code: string, } | { "kind": "enrol_with_organisation" } | { "kind": "find_organisation" } | { "kind": "set_service_port", 
 /**
  * The service.
  */
@@ -103,6 +103,12 @@ live: boolean,
  */
 by_name: string, };
 
+export type Organisation = { "kind": "unknown" } | { "kind": "none" } | { "kind": "named", 
+/**
+ * Its name, as users know it.
+ */
+name: string, };
+
 export type View = { 
 /**
  * Where the agent is.
@@ -136,7 +142,11 @@ user: string,
 /**
  * The last request that failed while a session stayed up (a failed renewal), in words.
  */
-error: string | null, };
+error: string | null, 
+/**
+ * Whether the gateway enrols through an identity provider (the enrol window asks).
+ */
+organisation: Organisation, };
 
 export type Notice = { "kind": "expiring_soon", 
 /**

@@ -218,6 +218,9 @@ function signInView(v: View): HTMLElement {
   return h("section", { "aria-labelledby": "t-signin" }, h("h1", { id: "t-signin" }, "Sign in"), flash("signin"), ...body);
 }
 
+/** The enrol window asks the gateway about its identity provider once per window. */
+let askedOrganisation = false;
+
 function enrolView(v: View): HTMLElement {
   const flow = prompt(v.phase, ["enrol"]);
   const code = h("input", { id: "code", name: "code", autocomplete: "off", spellcheck: "false", required: true, placeholder: "the code your admin sent you" });
@@ -236,16 +239,26 @@ function enrolView(v: View): HTMLElement {
     h("button", { type: "submit" }, "Enrol key"),
   );
   // Gateways with the organisation's identity provider: sign in there, then touch the key.
-  const org = h(
-    "div",
-    { class: "buttons" },
-    h("button", { type: "button", "data-testid": "enrol-org", onclick: () => void act("enrol", () => request({ kind: "enrol_with_organisation" })) }, "Sign in with your organisation"),
-  );
+  // The window asks the gateway once whether it has one, and names it.
+  const o = v.organisation;
+  if (o.kind === "unknown" && !askedOrganisation) {
+    askedOrganisation = true;
+    void request({ kind: "find_organisation" }).catch(() => undefined);
+  }
+  const org =
+    o.kind === "none"
+      ? null
+      : h(
+          "div",
+          { class: "buttons" },
+          h("button", { type: "button", "data-testid": "enrol-org", onclick: () => void act("enrol", () => request({ kind: "enrol_with_organisation" })) }, o.kind === "named" ? `Sign in with ${o.name}` : "Sign in with your organisation"),
+        );
+  const invite = v.user ? `the one-time invite code your admin sent you (it registers your key for ${v.user}).` : "the one-time invite code your admin sent you.";
   return h(
     "section",
     { "aria-labelledby": "t-enrol" },
     h("h1", { id: "t-enrol" }, "Enrol a security key"),
-    h("p", {}, "Sign in with your organisation's account in the browser, then touch your key. Or use the one-time invite code your admin sent you" + (v.user ? ` (it registers your key for ${v.user}).` : ".")),
+    h("p", {}, org ? `Sign in with your organisation's account in the browser, then touch your key. Or use ${invite}` : `Use ${invite}`),
     flash("enrol"),
     flow ?? [org, form],
   );

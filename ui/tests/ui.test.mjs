@@ -74,6 +74,7 @@ const view = (phase, extra = {}) => ({
   gateway: "gw.example.com:4433",
   user: "alice@example.com",
   error: null,
+  organisation: { kind: "unknown" },
   ...extra,
 });
 // The words come from the controller (View.summary, View.time_left): the window shows them as given.
@@ -176,9 +177,12 @@ describe("touchgate windows", () => {
     const w = await open("enrol", { view: view({ kind: "signed_out", reason: null }) });
     await w.page.getByLabel("Invite code").fill("  K7Q2-MX4P-9RTA  ");
     await w.page.getByRole("button", { name: "Enrol key" }).click();
-    assert.deepEqual(await requests(w), [{ kind: "enrol", code: "K7Q2-MX4P-9RTA" }]);
+    const asked = async () => (await requests(w)).filter((r) => r.kind !== "find_organisation");
+    assert.deepEqual(await asked(), [{ kind: "enrol", code: "K7Q2-MX4P-9RTA" }]);
     await w.page.getByRole("button", { name: "Sign in with your organisation" }).click();
-    assert.deepEqual((await requests(w)).at(-1), { kind: "enrol_with_organisation" });
+    assert.deepEqual((await asked()).at(-1), { kind: "enrol_with_organisation" });
+    // The window asked the gateway once whether it has an identity provider.
+    assert.equal((await requests(w)).filter((r) => r.kind === "find_organisation").length, 1);
     await w.page.evaluate(() => window.__emit("touchgate://notice", {
       notice: { kind: "enrolled", key: "YubiKey 5 NFC" },
       title: "Security key enrolled",
@@ -186,6 +190,17 @@ describe("touchgate windows", () => {
     }));
     await w.page.getByText("YubiKey 5 NFC is enrolled: you can sign in with it now.").waitFor();
     await w.context.close();
+  });
+
+  test("the enrol window names the organisation's provider, or offers the invite alone", async () => {
+    const named = await open("enrol", { view: view({ kind: "signed_out", reason: null }, { organisation: { kind: "named", name: "Example Corp" } }) });
+    await named.page.getByRole("button", { name: "Sign in with Example Corp" }).waitFor();
+    await named.page.screenshot({ path: join(shots, "enrol-organisation.png") });
+    await named.context.close();
+    const none = await open("enrol", { view: view({ kind: "signed_out", reason: null }, { organisation: { kind: "none" } }) });
+    assert.equal(await none.page.getByTestId("enrol-org").count(), 0);
+    assert.match(await none.page.locator("main").innerText(), /one-time invite code/);
+    await none.context.close();
   });
 
   test("settings set by the organisation are locked and a save leaves them as they are", async () => {

@@ -29,7 +29,8 @@ use tokio::task::JoinHandle;
 pub use error::{ControllerError, ErrorKind, WireError};
 pub use seam::{AppInfo, NAVIGATE_EVENT, NOTICE_EVENT, Route, VIEW_EVENT, typescript_bindings};
 pub use view::{
-    Notice, Phase, Purpose, Request, ServiceView, SessionView, ShownNotice, View, time_left,
+    Notice, Organisation, Phase, Purpose, Request, ServiceView, SessionView, ShownNotice, View,
+    time_left,
 };
 
 use crate::{
@@ -217,6 +218,11 @@ impl Inner {
                     Effect::Enrol { config, code } => {
                         self.enrol(&config, code.expose_secret()).await
                     }
+                    Effect::FindOrganisation { config } => Event::OrganisationFound(
+                        crate::identity_provider(&config)
+                            .await
+                            .map_err(|e| e.to_string()),
+                    ),
                     Effect::Save { layers, settings } => {
                         Event::Saved(layers.save(&settings).map_err(|e| e.to_string()))
                     }

@@ -100,6 +100,29 @@ pub async fn enroll_with_idp(
     done
 }
 
+/// Asks the gateway whether it enrols through the organisation's identity provider: its name,
+/// or `None` when it has none.
+pub async fn identity_provider(cfg: &AgentConfig) -> Result<Option<String>, tunnel::TunnelError> {
+    let c = OneOff::open(cfg).await?;
+    let found = c
+        .tunnel
+        .request(&touchgate_proto::ClientMsg::IdpBegin)
+        .await;
+    c.close().await;
+    match found {
+        Ok(touchgate_proto::ServerMsg::IdpStart { name, .. }) => Ok(Some(name)),
+        Ok(other) => Err(tunnel::TunnelError::Protocol(format!(
+            "expected where to sign in, got {other:?}"
+        ))),
+        Err(tunnel::TunnelError::Refused(r))
+            if r.code == touchgate_proto::RefusalCode::NoIdentityProvider =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Enrols through the identity provider's device flow, for a machine without a browser:
 /// `show` tells the user where to sign in and the code to enter. Returns the credential id
 /// and the user the provider named.

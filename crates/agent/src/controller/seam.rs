@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use ts_rs::TS;
 
 use super::{
-    ErrorKind, Notice, Phase, Purpose, Request, ServiceView, SessionView, ShownNotice, View,
-    WireError,
+    ErrorKind, Notice, Organisation, Phase, Purpose, Request, ServiceView, SessionView,
+    ShownNotice, View, WireError,
 };
 use crate::settings::{ServiceSetting, Settings, SettingsView};
 
@@ -70,6 +70,7 @@ pub fn typescript_bindings() -> String {
         Phase::decl(&cfg),
         SessionView::decl(&cfg),
         ServiceView::decl(&cfg),
+        Organisation::decl(&cfg),
         View::decl(&cfg),
         Notice::decl(&cfg),
         ShownNotice::decl(&cfg),

@@ -22,7 +22,8 @@ pub use events::{Effect, Event, Failure, Session, Timer};
 
 use super::error::ControllerError;
 use super::{
-    Notice, Phase, Purpose, Request, ServiceView, SessionView, View, view::time_left_changes,
+    Notice, Organisation, Phase, Purpose, Request, ServiceView, SessionView, View,
+    view::time_left_changes,
 };
 use crate::{AgentConfig, AgentState, settings::Layered};
 
@@ -157,6 +158,18 @@ impl ControllerState {
                 }
             }
             Event::FlowFailed(failure) => self.failed(failure, &mut out, &mut notices),
+            Event::OrganisationFound(found) => {
+                self.view.organisation = match found {
+                    Ok(Some(name)) => Organisation::Named { name },
+                    Ok(None) => Organisation::None,
+                    // Said nowhere: the enrol window still offers both ways.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot ask the gateway about its identity provider");
+                        Organisation::Unknown
+                    }
+                };
+                out.push(Effect::Reply(Ok(())));
+            }
             Event::Saved(Ok(layers)) => {
                 self.layers = Ok(layers);
                 if self.view.session.is_none() {
@@ -214,6 +227,12 @@ impl ControllerState {
             }
             // No code: the shell enrols through the identity provider (see `Effect::Enrol`).
             Request::EnrolWithOrganisation => self.begin(Purpose::Enrol, String::new(), out),
+            Request::FindOrganisation => match self.config() {
+                Ok(config) => out.push(Effect::FindOrganisation {
+                    config: Box::new(config),
+                }),
+                Err(e) => reply(out, Err(e)),
+            },
             Request::Cancel => {
                 self.cancel(out);
                 reply(out, Ok(()));

@@ -32,6 +32,9 @@ pub enum Request {
     /// Enrol the configured key by signing in with the organisation's identity provider in
     /// the browser (gateways with `[oidc]`).
     EnrolWithOrganisation,
+    /// Ask the gateway whether it enrols through an identity provider, and its name
+    /// ([`View::organisation`]).
+    FindOrganisation,
     /// Change one service's local port.
     SetServicePort {
         /// The service.
@@ -57,6 +60,7 @@ impl std::fmt::Debug for Request {
             Self::SubmitPin { .. } => f.write_str("SubmitPin"),
             Self::Enrol { .. } => f.write_str("Enrol"),
             Self::EnrolWithOrganisation => f.write_str("EnrolWithOrganisation"),
+            Self::FindOrganisation => f.write_str("FindOrganisation"),
             Self::SetServicePort { service, port } => f
                 .debug_struct("SetServicePort")
                 .field("service", service)
@@ -186,6 +190,22 @@ impl ServiceView {
     }
 }
 
+/// Whether the gateway enrols through the organisation's identity provider.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, TS)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Organisation {
+    /// Not asked yet (or the gateway could not be reached).
+    #[default]
+    Unknown,
+    /// The gateway has none: enrol with an invite.
+    None,
+    /// The gateway enrols through this provider.
+    Named {
+        /// Its name, as users know it.
+        name: String,
+    },
+}
+
 /// Everything a front end draws.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, TS)]
 pub struct View {
@@ -206,6 +226,8 @@ pub struct View {
     pub user: String,
     /// The last request that failed while a session stayed up (a failed renewal), in words.
     pub error: Option<String>,
+    /// Whether the gateway enrols through an identity provider (the enrol window asks).
+    pub organisation: Organisation,
 }
 
 impl Default for View {
@@ -219,6 +241,7 @@ impl Default for View {
             gateway: String::new(),
             user: String::new(),
             error: None,
+            organisation: Organisation::Unknown,
         };
         v.set_words(0);
         v

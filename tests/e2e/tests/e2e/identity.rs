@@ -132,6 +132,11 @@ async fn a_developer_enrols_with_the_company_account_and_a_group_grants_the_serv
 -> anyhow::Result<()> {
     let (idp, lab, alice, key_path, cfg) = alice_at_lab().await?;
     let authn = soft_authn(&key_path)?;
+    // What the enrol window asks first: the gateway names its provider.
+    assert_eq!(
+        touchgate_agent::identity_provider(&cfg).await?.as_deref(),
+        Some("Example Corp")
+    );
     let (open, seen) = browser(idp.clone(), alice.clone(), as_is);
 
     let (_cred, user) = touchgate_agent::enroll_with_idp(&cfg, &authn, &open).await?;
@@ -537,6 +542,10 @@ async fn check_reports_what_the_provider_offers() -> anyhow::Result<()> {
         gone.starts_with("the identity provider could not be used: "),
         "{gone}"
     );
+    // A gateway without `[oidc]` says so: the enrol window offers the invite alone.
+    let lab = Lab::start(LabOptions::default()).await?;
+    let cfg = lab.agent_config(ALICE_EMAIL, &lab.dir.path().join("k"), &[])?;
+    assert_eq!(touchgate_agent::identity_provider(&cfg).await?, None);
     Ok(())
 }
 

@@ -37,6 +37,9 @@ pub enum Event {
     Enrolled,
     /// The flow's IO step failed.
     FlowFailed(Failure),
+    /// The gateway said whether it enrols through an identity provider
+    /// ([`Effect::FindOrganisation`]): its name, none, or why it could not be asked.
+    OrganisationFound(Result<Option<String>, String>),
     /// The settings were written and read back ([`Effect::Save`]), or why not.
     Saved(Result<Layered, String>),
     /// The key asks for a touch.
@@ -96,6 +99,11 @@ pub enum Effect {
         /// the organisation's identity provider in the browser instead.
         code: SecretString,
     },
+    /// Ask the gateway about its identity provider; answer with [`Event::OrganisationFound`].
+    FindOrganisation {
+        /// The checked config.
+        config: Box<AgentConfig>,
+    },
     /// Stop the running agent and close its ports.
     StopAgent,
     /// Write `settings` over `layers`; answer with [`Event::Saved`].
@@ -130,6 +138,7 @@ impl Effect {
                 | Self::StartAgent { .. }
                 | Self::Renew
                 | Self::Enrol { .. }
+                | Self::FindOrganisation { .. }
                 | Self::Save { .. }
                 | Self::Reply(_)
         )

@@ -585,3 +585,29 @@ fn enrolling_with_the_organisation_asks_the_shell_for_the_browser_sign_in() {
     let e = r.feed(Event::Enrolled);
     assert_eq!(reply(&e), Some(Ok(())));
 }
+
+#[test]
+fn the_enrol_window_learns_whether_the_gateway_has_an_identity_provider() {
+    let mut r = Rig::new();
+    assert_eq!(r.s.view().organisation, Organisation::Unknown);
+    let e = r.ask(Request::FindOrganisation);
+    assert!(matches!(
+        e.last().expect("effects"),
+        Effect::FindOrganisation { .. }
+    ));
+    let e = r.feed(Event::OrganisationFound(Ok(Some("Example Corp".into()))));
+    assert_eq!(reply(&e), Some(Ok(())));
+    assert_eq!(
+        r.s.view().organisation,
+        Organisation::Named {
+            name: "Example Corp".into()
+        }
+    );
+    r.ask(Request::FindOrganisation);
+    r.feed(Event::OrganisationFound(Ok(None)));
+    assert_eq!(r.s.view().organisation, Organisation::None);
+    // A gateway that cannot be reached says nothing either way.
+    r.ask(Request::FindOrganisation);
+    r.feed(Event::OrganisationFound(Err("unreachable".into())));
+    assert_eq!(r.s.view().organisation, Organisation::Unknown);
+}
