@@ -55,3 +55,11 @@ ensure_desktop_packages() {
   command -v curl >/dev/null 2>&1 || need+=(curl)
   install_packages "${need[@]}"
 }
+
+# Everything the test command needs: the tray app's packages, and Debian's PostgreSQL server,
+# which the tests start on their own (crates/testkit/src/postgres.rs; any version, the newest
+# is used).
+ensure_test_packages() {
+  ensure_desktop_packages
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || install_packages postgresql
+}

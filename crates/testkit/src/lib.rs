@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 pub mod hardware;
 pub mod idp;
 pub mod lab;
+pub mod postgres;
 pub mod relay;
 
 /// Issuer of Google ID tokens.
