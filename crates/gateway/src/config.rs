@@ -488,7 +488,9 @@ impl GatewayConfig {
                 *p = base.join(&*p);
             }
         };
-        fix(&mut self.database);
+        if crate::store::not_a_file(&self.database).is_none() {
+            fix(&mut self.database);
+        }
         fix(&mut self.tls.cert);
         fix(&mut self.tls.key);
         for t in &mut self.attestation.trusted {
@@ -574,6 +576,7 @@ impl GatewayConfig {
         if self.session.max_age.is_zero() {
             problems.push("session.max_age must be more than zero".into());
         }
+        problems.extend(crate::store::not_a_file(&self.database));
         if let Some(o) = &self.oidc {
             if let Err(e) = crate::oidc::check_issuer(&o.issuer) {
                 problems.push(format!("oidc.issuer: {e}"));

@@ -11,7 +11,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use sha2::{Digest, Sha256};
 
 /// Errors from the store.
@@ -31,6 +31,9 @@ pub enum StoreError {
         /// The IO error.
         source: std::io::Error,
     },
+    /// `database` names no file: a URL, or a `scheme:` this gateway does not store in.
+    #[error("{0}")]
+    NotAFile(String),
     /// No user of this name (never invited).
     #[error("no user {0} on this gateway")]
     UnknownUser(String),
@@ -283,6 +286,53 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Why `database` is not a SQLite file path, if it is not: a PostgreSQL URL (which this
+/// version does not store in) or another URL. Taken as a path, `postgres://host/db` would
+/// silently make a file named `postgres:`.
+pub fn not_a_file(path: &Path) -> Option<String> {
+    let text = path.to_string_lossy();
+    let (scheme, _) = text.split_once("://")?;
+    Some(if matches!(scheme, "postgres" | "postgresql") {
+        format!(
+            "database {text}: this gateway stores its state in a SQLite file; PostgreSQL is not supported by this version"
+        )
+    } else {
+        format!("database {text}: not a file path (a {scheme}:// URL); give the SQLite file's path")
+    })
+}
+
+/// The signing keys, newest first.
+fn read_signing_keys(conn: &Connection) -> Result<Vec<StoredSigningKey>, rusqlite::Error> {
+    let mut stmt =
+        conn.prepare("SELECT kid, pkcs8, created FROM signing_keys ORDER BY created DESC, kid")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(StoredSigningKey {
+            kid: r.get(0)?,
+            pkcs8: r.get(1)?,
+            created: r.get::<_, i64>(2)? as u64,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Switches `conn` to WAL. On a new file another gateway starting at the same moment may be
+/// switching it too, and SQLite then answers "busy" at once instead of waiting (its busy
+/// handler is not asked for this lock): retried for up to five seconds.
+fn wal(conn: &Connection) -> Result<(), StoreError> {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < until =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            done => return Ok(done?),
+        }
+    }
+}
+
 /// Stores a newly enrolled credential.
 fn insert_credential(conn: &Connection, cred: &StoredCredential) -> Result<(), StoreError> {
     conn.execute(
@@ -304,6 +354,9 @@ impl Store {
     /// an existing file (or `-wal`/`-shm` file) readable by others is tightened to 0600 with a
     /// warning.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(why) = not_a_file(path) {
+            return Err(StoreError::NotAFile(why));
+        }
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
         {
@@ -311,9 +364,9 @@ impl Store {
         }
         create_private_file(path)?;
         let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        wal(&conn)?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
         let store = Self {
             conn: Mutex::new(conn),
         };
@@ -333,16 +386,22 @@ impl Store {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Brings the schema up to date. Each step takes the write lock first (an immediate
+    /// transaction) and reads the version under it, so gateways started at the same moment on
+    /// one file take turns instead of running the same step twice.
     fn migrate(&self) -> Result<(), StoreError> {
         let mut conn = self.lock();
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let tx = conn.transaction()?;
+        loop {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            let Some(sql) = MIGRATIONS.get(version as usize) else {
+                break;
+            };
             tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.pragma_update(None, "user_version", version + 1)?;
             tx.commit()?;
         }
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for (table, column, decl) in ADDED_COLUMNS {
             let exists: bool = tx.query_row(
                 "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
@@ -820,8 +879,10 @@ impl Store {
         name: &str,
         make: impl FnOnce() -> Vec<u8>,
     ) -> Result<Vec<u8>, StoreError> {
-        let conn = self.lock();
-        let existing: Option<Vec<u8>> = conn
+        let mut conn = self.lock();
+        // Under the write lock: of gateways started together, one makes it, all read it.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<Vec<u8>> = tx
             .query_row("SELECT value FROM secrets WHERE name = ?1", [name], |r| {
                 r.get(0)
             })
@@ -830,26 +891,17 @@ impl Store {
             return Ok(v);
         }
         let v = make();
-        conn.execute(
+        tx.execute(
             "INSERT INTO secrets (name, value) VALUES (?1, ?2)",
             params![name, v],
         )?;
+        tx.commit()?;
         Ok(v)
     }
 
     /// Signing keys, newest first.
     pub fn signing_keys(&self) -> Result<Vec<StoredSigningKey>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn
-            .prepare("SELECT kid, pkcs8, created FROM signing_keys ORDER BY created DESC, kid")?;
-        let rows = stmt.query_map([], |r| {
-            Ok(StoredSigningKey {
-                kid: r.get(0)?,
-                pkcs8: r.get(1)?,
-                created: r.get::<_, i64>(2)? as u64,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        Ok(read_signing_keys(&self.lock())?)
     }
 
     /// Adds a signing key.
@@ -859,6 +911,32 @@ impl Store {
             params![key.kid, key.pkcs8, key.created as i64],
         )?;
         Ok(())
+    }
+
+    /// The signing keys, newest first, after adding the one `make` makes when the newest is
+    /// missing or `stale`: under the write lock, so gateways started together on one file
+    /// rotate once and all sign with the same key.
+    pub fn signing_keys_rotated<E: From<StoreError>>(
+        &self,
+        stale: impl Fn(&StoredSigningKey) -> bool,
+        make: impl FnOnce() -> Result<StoredSigningKey, E>,
+    ) -> Result<Vec<StoredSigningKey>, E> {
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(StoreError::from)?;
+        let mut keys = read_signing_keys(&tx).map_err(StoreError::from)?;
+        if keys.first().is_none_or(&stale) {
+            let key = make()?;
+            tx.execute(
+                "INSERT INTO signing_keys (kid, pkcs8, created) VALUES (?1, ?2, ?3)",
+                params![key.kid, key.pkcs8, key.created as i64],
+            )
+            .map_err(StoreError::from)?;
+            keys.insert(0, key);
+        }
+        tx.commit().map_err(StoreError::from)?;
+        Ok(keys)
     }
 }
 

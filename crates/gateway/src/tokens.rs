@@ -118,23 +118,19 @@ impl TokenSigner {
     /// Loads the signing keys from the store, making a new current key when there is none or
     /// when the newest is older than [`KEY_ROTATION_SECS`]. Older keys keep verifying.
     pub fn load(store: &Store, issuer: &str) -> Result<Self, KeyError> {
-        let mut keys = store.signing_keys()?;
-        if keys
-            .first()
-            .is_none_or(|k| now_secs().saturating_sub(k.created) > KEY_ROTATION_SECS)
-        {
-            let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-                .map_err(|e| KeyError::Key(e.to_string()))?;
-            let pkcs8 = kp.serialize_der();
-            let kid = URL_SAFE_NO_PAD.encode(&Sha256::digest(kp.public_key_raw())[..12]);
-            let key = StoredSigningKey {
-                kid,
-                pkcs8,
-                created: now_secs(),
-            };
-            store.add_signing_key(&key)?;
-            keys.insert(0, key);
-        }
+        let keys = store.signing_keys_rotated::<KeyError>(
+            |newest| now_secs().saturating_sub(newest.created) > KEY_ROTATION_SECS,
+            || {
+                let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                    .map_err(|e| KeyError::Key(e.to_string()))?;
+                let kid = URL_SAFE_NO_PAD.encode(&Sha256::digest(kp.public_key_raw())[..12]);
+                Ok(StoredSigningKey {
+                    kid,
+                    pkcs8: kp.serialize_der(),
+                    created: now_secs(),
+                })
+            },
+        )?;
         let mut verify = HashMap::new();
         for k in &keys {
             let kp = rcgen::KeyPair::try_from(k.pkcs8.as_slice())

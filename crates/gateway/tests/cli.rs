@@ -91,6 +91,44 @@ fn invalid_config_lists_every_problem() {
     );
 }
 
+/// A PostgreSQL URL in `database` (or `--database`) is refused in words, and no file named
+/// `postgres:` appears beside the config.
+#[test]
+fn a_database_url_is_refused_not_taken_for_a_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = minimal_config(dir.path());
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    let url = "postgres://gw@127.0.0.1:5432/touchgate";
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("database"))
+        .expect("a database line")
+        .to_owned();
+    std::fs::write(&cfg, text.replace(&line, &format!("database = \"{url}\""))).expect("write");
+    let out = gateway()
+        .arg("check")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("check");
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("PostgreSQL is not supported by this version"),
+        "{said}"
+    );
+    std::fs::write(&cfg, text).expect("write");
+    let out = gateway()
+        .args(["serve", "--database", url, "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("database {url}: ")), "{err}");
+    assert!(!dir.path().join("postgres:").exists());
+}
+
 #[test]
 fn revoke_bumps_the_users_epoch_and_refuses_unknown_users() {
     let dir = tempfile::tempdir().expect("tempdir");

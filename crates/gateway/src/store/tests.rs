@@ -353,3 +353,65 @@ fn an_existing_database_readable_by_others_is_tightened() {
     assert_eq!(mode(&folder), 0o755);
     s.ensure_user("alice").expect("still usable");
 }
+
+/// Gateways started at the same moment on one new file (a deploy of several replicas, or a
+/// restart racing a command): each migrates, makes or reads the secrets and the signing key,
+/// and they all end up with the same ones. Separate connections lock the file as separate
+/// processes do.
+#[test]
+fn gateways_started_together_on_one_new_file_agree_on_everything() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("gateway.db");
+    let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let (path, start) = (path.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                let s = Store::open(&path).expect("open");
+                let secret = s.secret("reset", || vec![i; 32]).expect("secret");
+                let keys = s
+                    .signing_keys_rotated::<StoreError>(
+                        |_| false,
+                        || {
+                            Ok(StoredSigningKey {
+                                kid: format!("key-{i}"),
+                                pkcs8: vec![i],
+                                created: now_secs(),
+                            })
+                        },
+                    )
+                    .expect("keys");
+                (secret, keys.into_iter().map(|k| k.kid).collect::<Vec<_>>())
+            })
+        })
+        .collect();
+    let opened: Vec<_> = threads
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
+    assert!(
+        opened.windows(2).all(|w| w[0] == w[1]),
+        "the gateways disagree: {opened:?}"
+    );
+    assert_eq!(opened[0].1.len(), 1, "one signing key, made once");
+}
+
+#[test]
+fn a_url_is_not_taken_for_a_file_name() {
+    let dir = tempfile::tempdir().expect("dir");
+    for url in [
+        "postgres://gw@db:5432/touchgate",
+        "postgresql://db/x",
+        "mysql://db/x",
+    ] {
+        let path = dir.path().join(url);
+        let e = Store::open(std::path::Path::new(url))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.starts_with(&format!("database {url}: ")), "{url}: {e}");
+        assert!(!path.exists());
+    }
+    assert!(!std::path::Path::new("postgres:").exists(), "no stray file");
+}
