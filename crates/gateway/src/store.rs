@@ -265,6 +265,10 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // Set by `remove` (and SCIM's delete): the provider's word alone no longer enrols the user;
     // a new invite (or SCIM creating them again) clears it.
     ("users", "idp_blocked", "INTEGER NOT NULL DEFAULT 0"),
+    // The key's signature counter as last accepted, beside the key JSON that holds it too: one
+    // conditional update decides which of two racing sign-ins (a cloned key, two gateways on
+    // one store) wins.
+    ("credentials", "counter", "INTEGER NOT NULL DEFAULT 0"),
     // SCIM: the provider's own id and display name for the user, when SCIM last changed the
     // user, and when SCIM deleted them (the row stays, as `remove` keeps it).
     ("users", "scim_external_id", "TEXT"),
@@ -608,13 +612,22 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Replaces a credential's stored state (its counter, after a sign-in).
-    pub fn update_credential(&self, cred_id: &str, key_json: &str) -> Result<(), StoreError> {
-        self.lock().execute(
-            "UPDATE credentials SET key_json = ?1, last_used = ?2 WHERE cred_id = ?3",
-            params![key_json, now_secs() as i64, cred_id],
+    /// Stores a credential's state after a sign-in whose signature counter was `counter`,
+    /// only if that counter is above the one stored: `false` when another sign-in with the
+    /// same or a higher counter got there first (a cloned key, raced through another gateway
+    /// on this store). A counter of 0 (keys without one) always passes.
+    pub fn advance_credential(
+        &self,
+        cred_id: &str,
+        key_json: &str,
+        counter: u32,
+    ) -> Result<bool, StoreError> {
+        let n = self.lock().execute(
+            "UPDATE credentials SET key_json = ?1, last_used = ?2, counter = ?3 \
+             WHERE cred_id = ?4 AND (?3 = 0 OR counter < ?3)",
+            params![key_json, now_secs() as i64, counter, cred_id],
         )?;
-        Ok(())
+        Ok(n == 1)
     }
 
     /// Ends every session of `user`: bumps the user's revocation epoch, which every session

@@ -814,8 +814,17 @@ impl ConnCtx {
         };
         // Told only to someone who just proved they hold the key: a disabled account is not
         // revealed to a peer that merely names it.
-        let (u, id) = (user.clone(), cred_id.clone());
-        gw.db(move |s| s.update_credential(&id, &json)).await?;
+        let (u, id, counter) = (user.clone(), cred_id.clone(), result.counter());
+        if !gw
+            .db(move |s| s.advance_credential(&id, &json, counter))
+            .await?
+        {
+            return Err(Refusal::new(
+                RefusalCode::CounterNotRising,
+                "the key's signature counter did not rise: another sign-in with this credential \
+                 got there first, so it may have been cloned, and this one is refused — contact your admin",
+            ));
+        }
         if gw.db(move |s| s.is_disabled(&u)).await? {
             return Err(disabled_refusal());
         }

@@ -415,3 +415,44 @@ fn a_url_is_not_taken_for_a_file_name() {
     }
     assert!(!std::path::Path::new("postgres:").exists(), "no stray file");
 }
+
+/// Two sign-ins with the same counter (a cloned key, verified by two gateways on one store at
+/// once): one conditional update wins, the other is refused; a key without a counter (always
+/// 0) always passes.
+#[test]
+fn only_one_of_two_sign_ins_with_the_same_counter_is_stored() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("gw.db");
+    let (a, b) = (
+        Store::open(&path).expect("a"),
+        Store::open(&path).expect("b"),
+    );
+    a.ensure_user("alice").expect("user");
+    a.add_invite("alice", "code", now_secs() + 60)
+        .expect("invite");
+    a.enrol("code", &cred("alice")).expect("db").expect("enrol");
+    let id = "cred-alice";
+    let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let racers: Vec<_> = [a, b]
+        .into_iter()
+        .map(|s| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                s.advance_credential(id, "{\"n\":7}", 7).expect("db")
+            })
+        })
+        .collect();
+    let won: Vec<bool> = racers
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
+    assert_eq!(won.iter().filter(|w| **w).count(), 1, "{won:?}");
+    let s = Store::open(&path).expect("again");
+    assert!(
+        !s.advance_credential(id, "{}", 6).expect("db"),
+        "a lower counter"
+    );
+    assert!(s.advance_credential(id, "{}", 8).expect("db"));
+    assert!(s.advance_credential(id, "{}", 0).expect("db"), "no counter");
+}
