@@ -1,7 +1,7 @@
 //! The by-name port (`router_port`): every web service at `http://NAME.localhost:PORT/` on one
 //! port, beside the per-service ports. Two services by name, an unknown name (the list), a
-//! rebinding name, a keep-alive connection that switches names, origins by name, and an
-//! upgrade by name.
+//! rebinding name, a keep-alive connection that switches names, origins by name, an upgrade
+//! and a WebSocket by name, and curl by name.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -226,6 +226,49 @@ async fn an_upgrade_by_name_passes_through() -> anyhow::Result<()> {
     let mut buf = [0u8; 13];
     tokio::time::timeout(std::time::Duration::from_secs(10), io.read_exact(&mut buf)).await??;
     assert_eq!(&buf, b"hello by name");
+    agent.shutdown().await;
+    Ok(())
+}
+
+/// A WebSocket opened by name from the service's own page (`Origin:
+/// http://api.localhost:PORT`) reaches an app that checks its Origin against its Host: the
+/// handshake is the app's own (its `Sec-WebSocket-Accept`), and its message comes back.
+#[tokio::test]
+async fn a_websocket_by_name_reaches_an_origin_checking_app() -> anyhow::Result<()> {
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (agent, router) = agent_by_name(&lab).await?;
+    let port = router.port();
+    let stream = tokio::net::TcpStream::connect(router).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn.with_upgrades());
+    let req = hyper::Request::get("/app/ws")
+        .header("host", format!("api.localhost:{port}"))
+        .header("origin", format!("http://api.localhost:{port}"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    assert_eq!(resp.status(), 101);
+    // RFC 6455's own example key and answer.
+    assert_eq!(
+        resp.headers()
+            .get("sec-websocket-accept")
+            .map(|v| v.as_bytes()),
+        Some(&b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="[..])
+    );
+    let mut io = TokioIo::new(hyper::upgrade::on(resp).await?);
+    // A masked text frame "hi" (RFC 6455 section 5.3), then the app's answer.
+    io.write_all(&[0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2])
+        .await?;
+    let mut frame = [0u8; 11];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        io.read_exact(&mut frame),
+    )
+    .await??;
+    assert_eq!(&frame[2..], b"heard you");
     agent.shutdown().await;
     Ok(())
 }
