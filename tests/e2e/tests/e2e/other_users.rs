@@ -47,6 +47,33 @@ async fn another_users_connection_is_closed_while_the_own_users_is_served() -> a
     Ok(())
 }
 
+/// The by-name port is the agent's too: another user naming a service there gets nothing
+/// (not even the list), while the agent's own user is served by name.
+#[tokio::test]
+async fn another_user_cannot_use_the_by_name_port_either() -> anyhow::Result<()> {
+    needs_root()?;
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (mut cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    cfg.router_port = Some(0);
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let router = agent.router_addr().expect("by-name port");
+    let before = lab.upstream.request_count();
+    for host in ["api.localhost", "localhost"] {
+        let theirs = request_as_nobody_to(router, host).await?;
+        assert!(
+            theirs.is_empty(),
+            "{host}: another user was answered:\n{theirs}"
+        );
+    }
+    assert_eq!(lab.upstream.request_count(), before);
+    let host = format!("api.localhost:{}", router.port());
+    let ours = touchgate_e2e::request(router, "GET", "/mine", &host, &[]).await?;
+    assert_eq!(ours.status, 200);
+    assert_eq!(ours.json()?["headers"]["x-touchgate-user"], ALICE);
+    agent.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn with_allow_other_users_another_users_connection_is_served() -> anyhow::Result<()> {
     needs_root()?;
@@ -145,9 +172,14 @@ fn needs_root() -> anyhow::Result<()> {
 /// Sends one HTTP request to `addr` from a process running as `nobody`, and returns what came
 /// back (empty when the connection was closed without an answer).
 async fn request_as_nobody(addr: SocketAddr) -> anyhow::Result<String> {
+    request_as_nobody_to(addr, "localhost").await
+}
+
+/// [`request_as_nobody`] naming `host` in the request.
+async fn request_as_nobody_to(addr: SocketAddr, host: &str) -> anyhow::Result<String> {
     let script = format!(
         "exec 3<>/dev/tcp/127.0.0.1/{port} || exit 3; \
-         printf 'GET /theirs HTTP/1.1\\r\\nhost: localhost\\r\\nconnection: close\\r\\n\\r\\n' >&3; \
+         printf 'GET /theirs HTTP/1.1\\r\\nhost: {host}\\r\\nconnection: close\\r\\n\\r\\n' >&3; \
          cat <&3",
         port = addr.port()
     );
