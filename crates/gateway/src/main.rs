@@ -168,6 +168,12 @@ fn check(path: &std::path::Path) -> std::process::ExitCode {
     };
     let mut problems = cfg.problems();
     problems.extend(cfg.file_problems());
+    if problems.is_empty() {
+        match touchgate_gateway::store::describe(&cfg.database) {
+            Ok(found) => println!("{found}"),
+            Err(e) => problems.push(e),
+        }
+    }
     if let Some(o) = cfg.oidc.clone().filter(|_| problems.is_empty()) {
         match check_oidc(o) {
             Ok(found) => println!("{found}"),

@@ -337,6 +337,42 @@ fn wal(conn: &Connection) -> Result<(), StoreError> {
     }
 }
 
+/// What `touchgate-gateway check` says of the database at `path`, without creating or
+/// changing it: the SQLite version and the schema's, or that it is made at the first start;
+/// `Err` for a file this gateway cannot use (not SQLite, or made by a newer version).
+pub fn describe(path: &Path) -> Result<String, String> {
+    if !path.exists() {
+        return Ok(format!(
+            "database {}: not created yet (made, private, at the first start)",
+            path.display()
+        ));
+    }
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| format!("database {}: {e}", path.display()))?;
+    let read = || -> Result<(i64, String), rusqlite::Error> {
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let sqlite: String = conn.query_row("SELECT sqlite_version()", [], |r| r.get(0))?;
+        Ok((version, sqlite))
+    };
+    let (version, sqlite) = read().map_err(|e| format!("database {}: {e}", path.display()))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(format!(
+            "database {}: schema version {version} was made by a newer gateway (this one knows {known})",
+            path.display()
+        ));
+    }
+    let state = if version == known {
+        "current".to_owned()
+    } else {
+        format!("{} migration(s) to run at the next start", known - version)
+    };
+    Ok(format!(
+        "database {}: SQLite {sqlite}, schema version {version} of {known} ({state})",
+        path.display()
+    ))
+}
+
 /// Stores a newly enrolled credential.
 fn insert_credential(conn: &Connection, cred: &StoredCredential) -> Result<(), StoreError> {
     conn.execute(

@@ -174,12 +174,7 @@ fn check_prints_every_problem_at_once() {
          [[service]]\nname = \"api\"\nkind = \"http\"\nupstream = \"ftp://api\"\n[[service]]\nname = \"api\"\nkind = \"http\"\nupstream = \"https://api-xyz.a.run.app\"\nupstream_ca = \"missing-ca.pem\"\n",
     )
     .expect("write config");
-    let out = gateway()
-        .args(["check", "--config"])
-        .arg(&cfg)
-        .output()
-        .expect("run check");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (out, text) = run_check(&cfg);
     assert_eq!(out.status.code(), Some(1), "{text}");
     for want in [
         "problem: service \"api\" is defined twice",
@@ -209,16 +204,35 @@ fn check_prints_every_problem_at_once() {
          [[service]]\nname = \"api\"\nkind = \"http\"\nupstream = \"https://api-xyz.a.run.app\"\n",
     )
     .expect("write config");
-    let out = gateway()
-        .args(["check", "--config"])
-        .arg(&cfg)
-        .output()
-        .expect("run check");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (out, text) = run_check(&cfg);
     assert!(out.status.success(), "{text}");
     assert!(
         text.trim_end()
             .ends_with(": OK (1 service, rp_id gw.example.com, QUIC on 0.0.0.0:4433)"),
+        "{text}"
+    );
+    // The database, without making it: not there yet; then, once a command made it, its
+    // versions; and a file made by a newer gateway is a problem.
+    assert!(text.contains("gw.db: not created yet"), "{text}");
+    assert!(
+        !dir.path().join("gw.db").exists(),
+        "check made the database"
+    );
+    let made = gateway()
+        .args(["users", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("users");
+    assert!(made.status.success());
+    let (out, text) = run_check(&cfg);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("gw.db: SQLite 3."), "{text}");
+    assert!(text.contains("(current)"), "{text}");
+    let db = rusqlite_version_bump(&dir.path().join("gw.db"));
+    let (out, text) = run_check(&cfg);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("schema version {db} was made by a newer gateway")),
         "{text}"
     );
 
@@ -617,4 +631,27 @@ fn user_commands_work_beside_a_serving_gateway_on_the_same_database() {
     for want in ["user_disabled", "user_enabled", "user_removed"] {
         assert!(events.iter().any(|e| e == want), "{want} in {events:?}");
     }
+}
+
+/// Sets the schema version of the database at `path` one past what this gateway knows, as a
+/// newer gateway would leave it; returns the new version.
+fn rusqlite_version_bump(path: &std::path::Path) -> i64 {
+    let conn = rusqlite::Connection::open(path).expect("open");
+    let v: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .expect("version");
+    conn.pragma_update(None, "user_version", v + 1)
+        .expect("bump");
+    v + 1
+}
+
+/// `check --config CFG`: the process output and what it printed.
+fn run_check(cfg: &std::path::Path) -> (std::process::Output, String) {
+    let out = gateway()
+        .args(["check", "--config"])
+        .arg(cfg)
+        .output()
+        .expect("run check");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out, text)
 }
