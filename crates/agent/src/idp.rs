@@ -94,12 +94,7 @@ pub fn check_sign_in_page(
 /// machine's loopback (a provider run beside the gateway, as in tests).
 pub fn web_page(url: &str) -> Option<url::Url> {
     let u = url::Url::parse(url).ok()?;
-    let loopback = match u.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(d)) => d == "localhost",
-        None => false,
-    };
+    let loopback = touchgate_common::host::is_loopback_url(&u);
     (u.scheme() == "https" || (u.scheme() == "http" && loopback)).then_some(u)
 }
 

@@ -3,6 +3,17 @@
 
 use std::net::IpAddr;
 
+/// Whether `u` names this machine's loopback: an IPv4 or IPv6 loopback address, or exactly
+/// `localhost` (not `*.localhost`, which a resolver may send elsewhere).
+pub fn is_loopback_url(u: &url::Url) -> bool {
+    match u.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    }
+}
+
 /// Whether a host name (without port, brackets removed) names this machine: a loopback IP
 /// literal, `localhost`, or a name under `.localhost` (which browsers resolve to loopback
 /// themselves, RFC 6761).

@@ -543,12 +543,7 @@ pub fn check_issuer(issuer: &str) -> Result<(), OidcError> {
 fn check_endpoint(what: &str, url: &str) -> Result<(), OidcError> {
     let u = url::Url::parse(url)
         .map_err(|e| OidcError::Provider(format!("its {what} {url:?} is not a URL: {e}")))?;
-    let loopback = match u.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(d)) => d == "localhost",
-        None => false,
-    };
+    let loopback = touchgate_common::host::is_loopback_url(&u);
     match u.scheme() {
         "https" => Ok(()),
         "http" if loopback => Ok(()),

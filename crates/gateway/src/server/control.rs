@@ -397,11 +397,12 @@ impl ConnCtx {
     ) -> ServerMsg {
         let gw = &self.gw;
         gw.activity.touch(&claims.jti);
+        let groups = gw.revocations.groups(&claims.sub);
         let services = gw
             .cfg
             .services
             .iter()
-            .filter(|s| s.allows(&claims.sub, &gw.revocations.groups(&claims.sub)))
+            .filter(|s| s.allows(&claims.sub, &groups))
             .map(|s| ServiceInfo {
                 name: s.name.clone(),
                 kind: s.kind,
