@@ -46,8 +46,13 @@ pub struct GatewayConfig {
     /// WebAuthn origin; defaults to `https://{rp_id}`.
     #[serde(default)]
     pub origin: Option<String>,
-    /// Path of the SQLite database file; created and migrated on start.
+    /// Where the gateway keeps its state, created and migrated on start: a SQLite file's path
+    /// (one gateway), or a PostgreSQL URL, `postgres://USER@HOST:PORT/DB?sslmode=verify-full`
+    /// (replicas sharing one database).
     pub database: PathBuf,
+    /// A file holding the PostgreSQL password, when the URL has none (else `PGPASSWORD`).
+    #[serde(default)]
+    pub database_password_file: Option<PathBuf>,
     /// Path of the audit log (JSON lines), or `"-"` for stdout.
     #[serde(default)]
     pub audit_log: Option<String>,
@@ -451,7 +456,15 @@ impl ServiceConfig {
     }
 }
 
+/// The environment variable that overrides `database`.
+pub const DATABASE_ENV: &str = "TOUCHGATE_GATEWAY_DATABASE";
+
 impl GatewayConfig {
+    /// `database` for messages: a PostgreSQL URL without its password.
+    pub fn database_shown(&self) -> String {
+        crate::store::shown(&self.database)
+    }
+
     /// Reads and checks a config file; relative paths in it are taken from the file's folder.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
         let cfg = Self::parse(path)?;
@@ -470,6 +483,11 @@ impl GatewayConfig {
                 path: path.to_owned(),
                 source: Box::new(source),
             })?;
+        // The environment names the database for every command (`serve`, `check`, the admin
+        // commands), as a container or a secret manager sets it.
+        if let Some(d) = std::env::var_os(DATABASE_ENV).filter(|d| !d.is_empty()) {
+            cfg.database = d.into();
+        }
         let base = path.parent().unwrap_or(std::path::Path::new("."));
         cfg.resolve_paths(base);
         Ok(cfg)
@@ -488,8 +506,13 @@ impl GatewayConfig {
                 *p = base.join(&*p);
             }
         };
-        if crate::store::not_a_file(&self.database).is_none() {
+        if crate::store::not_a_file(&self.database).is_none()
+            && !crate::store::is_postgres(&self.database)
+        {
             fix(&mut self.database);
+        }
+        if let Some(f) = &mut self.database_password_file {
+            fix(f);
         }
         fix(&mut self.tls.cert);
         fix(&mut self.tls.key);
@@ -661,7 +684,15 @@ impl GatewayConfig {
         {
             problems.push(format!("scim.token_file: {e}"));
         }
-        folder_of("database", &self.database, &mut problems);
+        if crate::store::is_postgres(&self.database) {
+            if let Some(f) = &self.database_password_file
+                && let Err(e) = std::fs::read_to_string(f)
+            {
+                problems.push(format!("database_password_file {}: {e}", f.display()));
+            }
+        } else {
+            folder_of("database", &self.database, &mut problems);
+        }
         if let Some(a) = self.audit_log.as_deref().filter(|a| *a != "-") {
             folder_of("audit_log", std::path::Path::new(a), &mut problems);
         }

@@ -103,8 +103,9 @@ pub struct Gateway {
 impl Gateway {
     /// Opens the store, loads keys and builds the relying party.
     pub fn new(cfg: GatewayConfig) -> Result<Arc<Self>, GatewayError> {
-        let store = store::Store::open(&cfg.database).map_err(|source| GatewayError::Store {
-            path: cfg.database.display().to_string(),
+        let store = store::Store::open_with(&cfg.database, cfg.database_password_file.as_deref())
+            .map_err(|source| GatewayError::Store {
+            path: cfg.database_shown(),
             source,
         })?;
         let signer = tokens::TokenSigner::load(&store, &cfg.origin())?;
@@ -120,12 +121,12 @@ impl Gateway {
                 rand::rng().random::<[u8; 32]>().to_vec()
             })
             .map_err(|source| GatewayError::Store {
-                path: cfg.database.display().to_string(),
+                path: cfg.database_shown(),
                 source,
             })?;
         let revocations = server::Revocations::default();
         let store_err = |source| GatewayError::Store {
-            path: cfg.database.display().to_string(),
+            path: cfg.database_shown(),
             source,
         };
         revocations.set_epochs(store.epochs().map_err(store_err)?);

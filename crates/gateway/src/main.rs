@@ -168,11 +168,11 @@ fn check(path: &std::path::Path) -> std::process::ExitCode {
     };
     let mut problems = cfg.problems();
     problems.extend(cfg.file_problems());
-    if problems.is_empty() {
-        match touchgate_gateway::store::describe(&cfg.database) {
-            Ok(found) => println!("{found}"),
-            Err(e) => problems.push(e),
-        }
+    // Described whatever else is wrong: it changes nothing, and a database that cannot be
+    // reached is worth knowing with the rest.
+    match touchgate_gateway::store::describe(&cfg.database, cfg.database_password_file.as_deref()) {
+        Ok(found) => println!("{found}"),
+        Err(e) => problems.push(e),
     }
     if let Some(o) = cfg.oidc.clone().filter(|_| problems.is_empty()) {
         match check_oidc(o) {
@@ -437,8 +437,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// Loads the config and opens its database, for the admin commands.
 fn open_store(config: &std::path::Path) -> anyhow::Result<(GatewayConfig, Store)> {
     let cfg = GatewayConfig::load(config)?;
-    let store = Store::open(&cfg.database)
-        .with_context(|| format!("cannot open the database {}", cfg.database.display()))?;
+    let store = Store::open_with(&cfg.database, cfg.database_password_file.as_deref())
+        .with_context(|| format!("cannot open the database {}", cfg.database_shown()))?;
     Ok((cfg, store))
 }
 

@@ -194,7 +194,9 @@ fn clients(https: hyper_rustls::HttpsConnector<HttpConnector>) -> (PooledClient,
 }
 
 /// TLS trusting `roots`, TLS 1.2 and 1.3, ring.
-fn tls_with(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, rustls::Error> {
+pub(crate) fn tls_with(
+    roots: rustls::RootCertStore,
+) -> Result<rustls::ClientConfig, rustls::Error> {
     Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

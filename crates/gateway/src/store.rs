@@ -1,7 +1,13 @@
-//! Gateway state in SQLite: users, invites (hashed), credentials and their counters, signing keys,
-//! and SCIM's groups and memberships (`store/scim`).
+//! Gateway state: users, invites (hashed), credentials and their counters, signing keys, and
+//! SCIM's groups and memberships (`store/scim`), in a SQLite file (one gateway, the default) or
+//! in PostgreSQL (`store/pg`: replicas sharing one database).
 //!
-//! The database holds the token signing keys, so its file (and SQLite's `-wal`/`-shm` files) is
+//! One interface, two databases: every statement is written once ([`sql`]) and runs on either.
+//! What must hold when several gateways share the state is written into the statements
+//! themselves: using an invite up and advancing a key's signature counter are conditional
+//! updates, first-start work (migrations, secrets, signing-key rotation) runs under a lock.
+//!
+//! The database holds the token signing keys, so a SQLite file (and its `-wal`/`-shm` files) is
 //! kept at mode 0600 and a folder the store creates for it at 0700, whatever the umask.
 
 use std::{
@@ -11,8 +17,10 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, TransactionBehavior, params};
 use sha2::{Digest, Sha256};
+
+use sql::{Tx, args};
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +28,22 @@ pub enum StoreError {
     /// SQLite failed.
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL refused a statement.
+    #[error("database error: {0}")]
+    Postgres(tokio_postgres::Error),
+    /// The database cannot be reached (down, restarting, or the network).
+    #[error("the gateway cannot reach its database: {0}")]
+    Unreachable(String),
+    /// The schema was made by a newer gateway.
+    #[error(
+        "the database's schema version {found} was made by a newer gateway (this one knows {known})"
+    )]
+    Newer {
+        /// The database's version.
+        found: i64,
+        /// The newest this gateway knows.
+        known: i64,
+    },
     /// A stored value could not be decoded.
     #[error("corrupt stored value: {0}")]
     Corrupt(String),
@@ -31,9 +55,13 @@ pub enum StoreError {
         /// The IO error.
         source: std::io::Error,
     },
-    /// `database` names no file: a URL, or a `scheme:` this gateway does not store in.
+    /// `database` is neither a SQLite file's path nor a usable PostgreSQL URL.
     #[error("{0}")]
     NotAFile(String),
+    /// A SCIM change refused part-way, so that its transaction rolls back; the SCIM calls
+    /// answer it as the [`ScimProblem`] it is.
+    #[error("{0}")]
+    Scim(ScimProblem),
     /// No user of this name (never invited).
     #[error("no user {0} on this gateway")]
     UnknownUser(String),
@@ -189,9 +217,16 @@ pub struct RemovedKey {
     pub epoch: u64,
 }
 
-/// The SQLite store. Every call is a short transaction on a local file.
+/// The store. Every call is one statement or one short transaction.
 pub struct Store {
-    conn: Mutex<Connection>,
+    backend: Backend,
+}
+
+enum Backend {
+    /// One SQLite file; gateways on the same machine may share it.
+    Lite(Mutex<Connection>),
+    /// PostgreSQL, shared by replicas.
+    Pg(Box<pg::PgStore>),
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -290,33 +325,34 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// Why `database` is not a SQLite file path, if it is not: a PostgreSQL URL (which this
-/// version does not store in) or another URL. Taken as a path, `postgres://host/db` would
-/// silently make a file named `postgres:`.
+/// Why `database` is neither a SQLite file's path nor a PostgreSQL URL, if it is not: a URL of
+/// another kind. Taken as a path, `mysql://host/db` would silently make a file named `mysql:`.
 pub fn not_a_file(path: &Path) -> Option<String> {
     let text = path.to_string_lossy();
+    if pg::is_url(&text) {
+        return None;
+    }
     let (scheme, _) = text.split_once("://")?;
-    Some(if matches!(scheme, "postgres" | "postgresql") {
-        format!(
-            "database {text}: this gateway stores its state in a SQLite file; PostgreSQL is not supported by this version"
-        )
-    } else {
-        format!("database {text}: not a file path (a {scheme}:// URL); give the SQLite file's path")
-    })
+    Some(format!(
+        "database {text}: a {scheme}:// URL; give a SQLite file's path or a postgres:// URL"
+    ))
 }
 
 /// The signing keys, newest first.
-fn read_signing_keys(conn: &Connection) -> Result<Vec<StoredSigningKey>, rusqlite::Error> {
-    let mut stmt =
-        conn.prepare("SELECT kid, pkcs8, created FROM signing_keys ORDER BY created DESC, kid")?;
-    let rows = stmt.query_map([], |r| {
+fn read_signing_keys(tx: &Tx<'_>) -> Result<Vec<StoredSigningKey>, StoreError> {
+    tx.rows(
+        "SELECT kid, pkcs8, created FROM signing_keys ORDER BY created DESC, kid",
+        &[],
+    )?
+    .iter()
+    .map(|r| {
         Ok(StoredSigningKey {
             kid: r.get(0)?,
             pkcs8: r.get(1)?,
-            created: r.get::<_, i64>(2)? as u64,
+            created: r.get(2)?,
         })
-    })?;
-    rows.collect()
+    })
+    .collect()
 }
 
 /// Switches `conn` to WAL. On a new file another gateway starting at the same moment may be
@@ -337,10 +373,18 @@ fn wal(conn: &Connection) -> Result<(), StoreError> {
     }
 }
 
-/// What `touchgate-gateway check` says of the database at `path`, without creating or
-/// changing it: the SQLite version and the schema's, or that it is made at the first start;
-/// `Err` for a file this gateway cannot use (not SQLite, or made by a newer version).
-pub fn describe(path: &Path) -> Result<String, String> {
+/// What `touchgate-gateway check` says of the database, without creating or changing it: for
+/// SQLite the library's version and the schema's, or that it is made at the first start; for
+/// PostgreSQL the server's version, TLS and the schema's. `Err` for a database this gateway
+/// cannot use (not SQLite, unreachable, or made by a newer version).
+pub fn describe(database: &Path, password_file: Option<&Path>) -> Result<String, String> {
+    if let Some(url) = pg_url(database) {
+        return pg::describe(url, password_file);
+    }
+    if let Some(why) = not_a_file(database) {
+        return Err(why);
+    }
+    let path = database;
     if !path.exists() {
         return Ok(format!(
             "database {}: not created yet (made, private, at the first start)",
@@ -374,10 +418,17 @@ pub fn describe(path: &Path) -> Result<String, String> {
 }
 
 /// Stores a newly enrolled credential.
-fn insert_credential(conn: &Connection, cred: &StoredCredential) -> Result<(), StoreError> {
-    conn.execute(
-        "INSERT INTO credentials (cred_id, user, key_json, aaguid, created) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![cred.cred_id, cred.user, cred.key_json, cred.aaguid, now_secs() as i64],
+fn insert_credential(tx: &Tx<'_>, cred: &StoredCredential) -> Result<(), StoreError> {
+    tx.exec(
+        "INSERT INTO credentials (cred_id, \"user\", key_json, aaguid, created) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        args![
+            cred.cred_id,
+            cred.user,
+            cred.key_json,
+            cred.aaguid,
+            now_secs()
+        ],
     )?;
     Ok(())
 }
@@ -387,13 +438,50 @@ pub fn hash_code(code: &str) -> String {
     hex::encode(Sha256::digest(code.trim().as_bytes()))
 }
 
+/// `database` as a PostgreSQL URL, if it is one.
+fn pg_url(database: &Path) -> Option<&str> {
+    database.to_str().filter(|s| pg::is_url(s))
+}
+
+/// `database` for messages: a SQLite path as it is, a PostgreSQL URL without its password.
+pub fn shown(database: &Path) -> String {
+    match pg_url(database).map(url::Url::parse) {
+        Some(Ok(mut u)) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Some(Err(_)) => "(a postgres:// URL that does not parse)".into(),
+        None => database.display().to_string(),
+    }
+}
+
+/// Whether `database` names a PostgreSQL database rather than a SQLite file.
+pub fn is_postgres(database: &Path) -> bool {
+    pg_url(database).is_some()
+}
+
 impl Store {
-    /// Opens (creating and migrating as needed) the database at `path`.
+    /// Opens the database `database` names — a SQLite file's path, or a PostgreSQL URL whose
+    /// password, if not in it, comes from `PGPASSWORD` — creating and migrating it as needed.
     ///
-    /// A missing folder is created at mode 0700 and a missing file at 0600, whatever the umask;
-    /// an existing file (or `-wal`/`-shm` file) readable by others is tightened to 0600 with a
-    /// warning.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    /// For SQLite, a missing folder is created at mode 0700 and a missing file at 0600,
+    /// whatever the umask; an existing file (or `-wal`/`-shm` file) readable by others is
+    /// tightened to 0600 with a warning.
+    pub fn open(database: &Path) -> Result<Self, StoreError> {
+        Self::open_with(database, None)
+    }
+
+    /// [`Store::open`], with the PostgreSQL password read from `password_file` when the URL
+    /// has none.
+    pub fn open_with(database: &Path, password_file: Option<&Path>) -> Result<Self, StoreError> {
+        if let Some(url) = pg_url(database) {
+            return Ok(Self {
+                backend: Backend::Pg(Box::new(pg::PgStore::open(url, password_file)?)),
+            });
+        }
+        let path = database;
         if let Some(why) = not_a_file(path) {
             return Err(StoreError::NotAFile(why));
         }
@@ -408,9 +496,9 @@ impl Store {
         wal(&conn)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let store = Self {
-            conn: Mutex::new(conn),
+            backend: Backend::Lite(Mutex::new(conn)),
         };
-        store.migrate()?;
+        store.migrate_sqlite()?;
         // SQLite gives its side files the database file's mode; these catch files left wider
         // by an older version.
         for suffix in ["-wal", "-shm"] {
@@ -421,19 +509,77 @@ impl Store {
         Ok(store)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves SQLite consistent (transactions roll back).
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    /// Whether this store is on PostgreSQL.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.backend, Backend::Pg(_))
     }
 
-    /// Brings the schema up to date. Each step takes the write lock first (an immediate
+    /// On PostgreSQL, the listener woken by every change that ends sessions or changes access,
+    /// whichever replica (or admin command) made it; `None` on SQLite, where the gateway polls.
+    pub fn changes(&self) -> Option<std::sync::Arc<pg::Listener>> {
+        match &self.backend {
+            Backend::Pg(p) => Some(p.listener()),
+            Backend::Lite(_) => None,
+        }
+    }
+
+    fn lite(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (transactions roll back).
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` outside a transaction: for single statements and reads.
+    fn read<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        match &self.backend {
+            Backend::Lite(m) => f(&Tx::Lite(&Self::lite(m))),
+            Backend::Pg(p) => p.read(|c| f(&Tx::Pg(c))),
+        }
+    }
+
+    /// Runs `f` in one transaction, committed when it returns `Ok`. On SQLite the write lock
+    /// is taken first (other gateways on the file wait their turn); on PostgreSQL each change
+    /// that must not race is a conditional statement.
+    fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.write_locked(None, f)
+    }
+
+    /// [`Store::write`], first taking the advisory lock `lock` on PostgreSQL (SQLite's write
+    /// lock already excludes every other writer): for work that replicas starting together
+    /// must do once.
+    fn write_locked<T>(
+        &self,
+        lock: Option<i64>,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match &self.backend {
+            Backend::Lite(m) => {
+                let mut conn = Self::lite(m);
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let value = f(&Tx::Lite(&tx))?;
+                tx.commit()?;
+                Ok(value)
+            }
+            Backend::Pg(p) => p.write(lock, |c| f(&Tx::Pg(c))),
+        }
+    }
+
+    /// Brings a SQLite schema up to date. Each step takes the write lock first (an immediate
     /// transaction) and reads the version under it, so gateways started at the same moment on
     /// one file take turns instead of running the same step twice.
-    fn migrate(&self) -> Result<(), StoreError> {
-        let mut conn = self.lock();
+    fn migrate_sqlite(&self) -> Result<(), StoreError> {
+        let Backend::Lite(m) = &self.backend else {
+            return Ok(());
+        };
+        let mut conn = Self::lite(m);
         loop {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            if version > MIGRATIONS.len() as i64 {
+                return Err(StoreError::Newer {
+                    found: version,
+                    known: MIGRATIONS.len() as i64,
+                });
+            }
             let Some(sql) = MIGRATIONS.get(version as usize) else {
                 break;
             };
@@ -459,41 +605,39 @@ impl Store {
             "CREATE INDEX IF NOT EXISTS users_disabled ON users(name) WHERE disabled <> 0;
              CREATE INDEX IF NOT EXISTS invites_user ON invites(user);
              CREATE INDEX IF NOT EXISTS users_uuid ON users(uuid);
-             CREATE INDEX IF NOT EXISTS users_name_nocase ON users(name COLLATE NOCASE);",
+             CREATE INDEX IF NOT EXISTS users_name_nocase ON users(name COLLATE NOCASE);
+             CREATE INDEX IF NOT EXISTS users_name_lower ON users(lower(name));",
         )?;
         tx.commit()?;
         Ok(())
     }
 
-    /// Creates a user if missing and returns their WebAuthn user handle.
+    /// Creates a user if missing and returns their WebAuthn user handle. Two gateways making
+    /// the same new user at once agree on one handle.
     pub fn ensure_user(&self, name: &str) -> Result<uuid::Uuid, StoreError> {
-        let conn = self.lock();
-        let existing: Option<String> = conn
-            .query_row("SELECT uuid FROM users WHERE name = ?1", [name], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        if let Some(u) = existing {
-            return uuid::Uuid::parse_str(&u).map_err(|e| StoreError::Corrupt(e.to_string()));
-        }
-        let id = uuid::Uuid::new_v4();
-        conn.execute(
-            "INSERT INTO users (name, uuid, created) VALUES (?1, ?2, ?3)",
-            params![name, id.to_string(), now_secs() as i64],
-        )?;
-        Ok(id)
+        let id = self.read(|tx| {
+            tx.exec(
+                "INSERT INTO users (name, uuid, created) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (name) DO NOTHING",
+                args![name, uuid::Uuid::new_v4().to_string(), now_secs()],
+            )?;
+            tx.one("SELECT uuid FROM users WHERE name = ?1", args![name])?
+                .get::<String>(0)
+        })?;
+        uuid::Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
     /// Stores a new invite for `user` (only its hash) valid until `expires`.
     pub fn add_invite(&self, user: &str, code: &str, expires: u64) -> Result<(), StoreError> {
-        let conn = self.lock();
-        conn.execute(
-            "INSERT INTO invites (code_hash, user, created, expires) VALUES (?1, ?2, ?3, ?4)",
-            params![hash_code(code), user, now_secs() as i64, expires as i64],
-        )?;
-        // An admin's invite says the user may come back, whichever way they enrol.
-        conn.execute("UPDATE users SET idp_blocked = 0 WHERE name = ?1", [user])?;
-        Ok(())
+        self.write(|tx| {
+            tx.exec(
+                "INSERT INTO invites (code_hash, \"user\", created, expires) VALUES (?1, ?2, ?3, ?4)",
+                args![hash_code(code), user, now_secs(), expires],
+            )?;
+            // An admin's invite says the user may come back, whichever way they enrol.
+            tx.exec("UPDATE users SET idp_blocked = 0 WHERE name = ?1", args![user])?;
+            Ok(())
+        })
     }
 
     /// Checks an invite without using it up. A disabled user's invites are refused
@@ -503,59 +647,66 @@ impl Store {
         user: &str,
         code: &str,
     ) -> Result<Result<(), InviteProblem>, StoreError> {
-        let conn = self.lock();
-        Self::invite_state(&conn, user, code)
+        self.read(|tx| Self::invite_state(tx, user, code))
     }
 
     fn invite_state(
-        conn: &Connection,
+        tx: &Tx<'_>,
         user: &str,
         code: &str,
     ) -> Result<Result<(), InviteProblem>, StoreError> {
-        let row: Option<(String, i64, Option<i64>)> = conn
-            .query_row(
-                "SELECT user, expires, used FROM invites WHERE code_hash = ?1",
-                [hash_code(code)],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        let disabled: bool = conn
-            .query_row(
-                "SELECT disabled <> 0 FROM users WHERE name = ?1",
-                [user],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(false);
-        Ok(match row {
-            None => Err(InviteProblem::Unknown),
-            Some((u, _, _)) if u != user => Err(InviteProblem::Unknown),
-            Some(_) if disabled => Err(InviteProblem::UserDisabled),
-            Some((_, _, Some(_))) => Err(InviteProblem::Used),
-            Some((_, exp, None)) if (exp as u64) <= now_secs() => Err(InviteProblem::Expired),
-            Some(_) => Ok(()),
+        let row = tx.opt(
+            "SELECT \"user\", expires, used FROM invites WHERE code_hash = ?1",
+            args![hash_code(code)],
+        )?;
+        let disabled: bool = match tx.opt(
+            "SELECT disabled <> 0 FROM users WHERE name = ?1",
+            args![user],
+        )? {
+            Some(r) => r.get(0)?,
+            None => false,
+        };
+        let Some(row) = row else {
+            return Ok(Err(InviteProblem::Unknown));
+        };
+        let (owner, expires, used): (String, u64, Option<i64>) =
+            (row.get(0)?, row.get(1)?, row.get(2)?);
+        Ok(if owner != user {
+            Err(InviteProblem::Unknown)
+        } else if disabled {
+            Err(InviteProblem::UserDisabled)
+        } else if used.is_some() {
+            Err(InviteProblem::Used)
+        } else if expires <= now_secs() {
+            Err(InviteProblem::Expired)
+        } else {
+            Ok(())
         })
     }
 
     /// Uses up the invite and stores the credential, in one transaction: either both happen or
-    /// neither does. Refused for a disabled user, as [`Store::check_invite`] is.
+    /// neither does. Refused for a disabled user, as [`Store::check_invite`] is. Of two
+    /// enrolments racing one invite (through two gateways), one wins and the other is told
+    /// [`InviteProblem::Used`]: using it up is one conditional update.
     pub fn enrol(
         &self,
         code: &str,
         cred: &StoredCredential,
     ) -> Result<Result<(), InviteProblem>, StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        if let Err(p) = Self::invite_state(&tx, &cred.user, code)? {
-            return Ok(Err(p));
-        }
-        tx.execute(
-            "UPDATE invites SET used = ?1 WHERE code_hash = ?2",
-            params![now_secs() as i64, hash_code(code)],
-        )?;
-        insert_credential(&tx, cred)?;
-        tx.commit()?;
-        Ok(Ok(()))
+        self.write(|tx| {
+            if let Err(p) = Self::invite_state(tx, &cred.user, code)? {
+                return Ok(Err(p));
+            }
+            if tx.exec(
+                "UPDATE invites SET used = ?1 WHERE code_hash = ?2 AND used IS NULL",
+                args![now_secs(), hash_code(code)],
+            )? == 0
+            {
+                return Ok(Err(InviteProblem::Used));
+            }
+            insert_credential(tx, cred)?;
+            Ok(Ok(()))
+        })
     }
 
     /// Whether the provider's identity may enrol as its user: refused for a disabled user, and
@@ -564,25 +715,30 @@ impl Store {
         &self,
         id: &crate::oidc::Identity,
     ) -> Result<Result<(), IdpProblem>, StoreError> {
-        Self::idp_state(&self.lock(), id)
+        self.read(|tx| Self::idp_state(tx, id))
     }
 
     fn idp_state(
-        conn: &Connection,
+        tx: &Tx<'_>,
         id: &crate::oidc::Identity,
     ) -> Result<Result<(), IdpProblem>, StoreError> {
-        let row: Option<(bool, bool, Option<String>)> = conn
-            .query_row(
-                "SELECT disabled <> 0, idp_blocked <> 0, idp_subject FROM users WHERE name = ?1",
-                [&id.user],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        Ok(match row {
-            Some((true, _, _)) => Err(IdpProblem::UserDisabled),
-            Some((_, true, _)) => Err(IdpProblem::Removed),
-            Some((_, _, Some(sub))) if sub != id.subject => Err(IdpProblem::OtherSubject),
-            _ => Ok(()),
+        let Some(row) = tx.opt(
+            "SELECT disabled <> 0, idp_blocked <> 0, idp_subject FROM users WHERE name = ?1",
+            args![id.user],
+        )?
+        else {
+            return Ok(Ok(()));
+        };
+        let (disabled, blocked, subject): (bool, bool, Option<String>) =
+            (row.get(0)?, row.get(1)?, row.get(2)?);
+        Ok(if disabled {
+            Err(IdpProblem::UserDisabled)
+        } else if blocked {
+            Err(IdpProblem::Removed)
+        } else if subject.is_some_and(|s| s != id.subject) {
+            Err(IdpProblem::OtherSubject)
+        } else {
+            Ok(())
         })
     }
 
@@ -593,59 +749,64 @@ impl Store {
         id: &crate::oidc::Identity,
         cred: &StoredCredential,
     ) -> Result<Result<(), IdpProblem>, StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        if let Err(p) = Self::idp_state(&tx, id)? {
-            return Ok(Err(p));
-        }
-        let groups = serde_json::to_string(&id.groups).unwrap_or_else(|_| "[]".into());
-        tx.execute(
-            "UPDATE users SET idp_subject = ?1, idp_groups = ?2, idp_checked = ?3 WHERE name = ?4",
-            params![id.subject, groups, now_secs() as i64, id.user],
-        )?;
-        insert_credential(&tx, cred)?;
-        tx.commit()?;
-        Ok(Ok(()))
+        self.write(|tx| {
+            if let Err(p) = Self::idp_state(tx, id)? {
+                return Ok(Err(p));
+            }
+            let groups = serde_json::to_string(&id.groups).unwrap_or_else(|_| "[]".into());
+            tx.exec(
+                "UPDATE users SET idp_subject = ?1, idp_groups = ?2, idp_checked = ?3 WHERE name = ?4",
+                args![id.subject, groups, now_secs(), id.user],
+            )?;
+            insert_credential(tx, cred)?;
+            Ok(Ok(()))
+        })
     }
 
     /// The identity provider's subject for `user` and when it last vouched for them; `None`
     /// for a user it never did (invited).
     pub fn idp_state_of(&self, user: &str) -> Result<Option<(String, u64)>, StoreError> {
-        Ok(self
-            .lock()
-            .query_row(
+        self.read(|tx| {
+            tx.opt(
                 "SELECT idp_subject, idp_checked FROM users WHERE name = ?1 AND idp_subject IS NOT NULL",
-                [user],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?.unwrap_or(0) as u64)),
-            )
-            .optional()?)
+                args![user],
+            )?
+            .map(|r| Ok((r.get(0)?, r.get::<Option<u64>>(1)?.unwrap_or(0))))
+            .transpose()
+        })
     }
 
     /// Records a fresh check by the identity provider: when, and the groups it said.
     pub fn record_idp_check(&self, id: &crate::oidc::Identity) -> Result<(), StoreError> {
         let groups = serde_json::to_string(&id.groups).unwrap_or_else(|_| "[]".into());
-        self.lock().execute(
-            "UPDATE users SET idp_groups = ?1, idp_checked = ?2 WHERE name = ?3 AND idp_subject = ?4",
-            params![groups, now_secs() as i64, id.user, id.subject],
-        )?;
+        self.read(|tx| {
+            tx.exec(
+                "UPDATE users SET idp_groups = ?1, idp_checked = ?2 WHERE name = ?3 AND idp_subject = ?4",
+                args![groups, now_secs(), id.user, id.subject],
+            )
+        })?;
         Ok(())
     }
 
     /// All credentials of `user`.
     pub fn credentials(&self, user: &str) -> Result<Vec<StoredCredential>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare(
-            "SELECT cred_id, user, key_json, aaguid FROM credentials WHERE user = ?1 ORDER BY created",
-        )?;
-        let rows = stmt.query_map([user], |r| {
-            Ok(StoredCredential {
-                cred_id: r.get(0)?,
-                user: r.get(1)?,
-                key_json: r.get(2)?,
-                aaguid: r.get(3)?,
+        self.read(|tx| {
+            tx.rows(
+                "SELECT cred_id, \"user\", key_json, aaguid FROM credentials WHERE \"user\" = ?1 \
+                 ORDER BY created",
+                args![user],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(StoredCredential {
+                    cred_id: r.get(0)?,
+                    user: r.get(1)?,
+                    key_json: r.get(2)?,
+                    aaguid: r.get(3)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .collect()
+        })
     }
 
     /// Stores a credential's state after a sign-in whose signature counter was `counter`,
@@ -658,36 +819,34 @@ impl Store {
         key_json: &str,
         counter: u32,
     ) -> Result<bool, StoreError> {
-        let n = self.lock().execute(
-            "UPDATE credentials SET key_json = ?1, last_used = ?2, counter = ?3 \
-             WHERE cred_id = ?4 AND (?3 = 0 OR counter < ?3)",
-            params![key_json, now_secs() as i64, counter, cred_id],
-        )?;
+        let n = self.read(|tx| {
+            tx.exec(
+                "UPDATE credentials SET key_json = ?1, last_used = ?2, counter = ?3 \
+                 WHERE cred_id = ?4 AND (?3 = 0 OR counter < ?3)",
+                args![key_json, now_secs(), counter, cred_id],
+            )
+        })?;
         Ok(n == 1)
     }
 
     /// Ends every session of `user`: bumps the user's revocation epoch, which every session
     /// token carries. Returns the new epoch, or `None` when there is no such user.
     pub fn revoke_user(&self, user: &str) -> Result<Option<u64>, StoreError> {
-        let conn = self.lock();
-        let n = conn.execute("UPDATE users SET epoch = epoch + 1 WHERE name = ?1", [user])?;
-        if n == 0 {
-            return Ok(None);
-        }
-        let e: i64 = conn.query_row("SELECT epoch FROM users WHERE name = ?1", [user], |r| {
-            r.get(0)
-        })?;
-        Ok(Some(e as u64))
+        self.write(|tx| match bump_epoch(tx, user) {
+            Ok(e) => Ok(Some(e)),
+            Err(StoreError::UnknownUser(_)) => Ok(None),
+            Err(e) => Err(e),
+        })
     }
 
     /// Every user's revocation epoch.
-    pub fn epochs(&self) -> Result<std::collections::HashMap<String, u64>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare("SELECT name, epoch FROM users")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    pub fn epochs(&self) -> Result<HashMap<String, u64>, StoreError> {
+        self.read(|tx| {
+            tx.rows("SELECT name, epoch FROM users", &[])?
+                .iter()
+                .map(|r| Ok((r.get(0)?, r.get(1)?)))
+                .collect()
+        })
     }
 
     /// Each user's groups, for those who have any: the groups the identity provider's ID token
@@ -696,98 +855,94 @@ impl Store {
     pub fn user_groups(
         &self,
         source: GroupSource,
-    ) -> Result<std::collections::HashMap<String, Vec<String>>, StoreError> {
-        let conn = self.lock();
-        let mut out: HashMap<String, Vec<String>> = HashMap::new();
-        if source == GroupSource::IdpAndScim {
-            let mut stmt = conn.prepare_cached(
-                "SELECT name, idp_groups FROM users WHERE idp_groups IS NOT NULL AND idp_groups <> '[]'",
-            )?;
-            let rows =
-                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-            for row in rows {
-                let (name, json) = row?;
-                out.insert(name, serde_json::from_str(&json).unwrap_or_default());
+    ) -> Result<HashMap<String, Vec<String>>, StoreError> {
+        self.read(|tx| {
+            let mut out: HashMap<String, Vec<String>> = HashMap::new();
+            if source == GroupSource::IdpAndScim {
+                for r in tx.rows(
+                    "SELECT name, idp_groups FROM users \
+                     WHERE idp_groups IS NOT NULL AND idp_groups <> '[]'",
+                    &[],
+                )? {
+                    let json: String = r.get(1)?;
+                    out.insert(r.get(0)?, serde_json::from_str(&json).unwrap_or_default());
+                }
             }
-        }
-        let mut stmt = conn.prepare_cached(
-            "SELECT m.user, g.display_name FROM scim_members m \
-             JOIN scim_groups g ON g.id = m.group_id ORDER BY g.display_name",
-        )?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-        for row in rows {
-            let (name, group) = row?;
-            let groups = out.entry(name).or_default();
-            if !groups.contains(&group) {
-                groups.push(group);
+            for r in tx.rows(
+                "SELECT m.\"user\", g.display_name FROM scim_members m \
+                 JOIN scim_groups g ON g.id = m.group_id ORDER BY g.display_name",
+                &[],
+            )? {
+                let group: String = r.get(1)?;
+                let groups = out.entry(r.get(0)?).or_default();
+                if !groups.contains(&group) {
+                    groups.push(group);
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Every user, by name: state, last sign-in, enrolled credentials and open invites. Users
     /// who were only invited are listed, and so are removed users, who keep their row (see
     /// [`Store::remove_user`]).
     pub fn list_users(&self) -> Result<Vec<UserSummary>, StoreError> {
-        let mut conn = self.lock();
-        // One read transaction: a consistent picture while a gateway writes beside us.
-        let tx = conn.transaction()?;
-        let mut users: Vec<UserSummary> = {
-            let mut stmt = tx.prepare(
-                "SELECT name, disabled <> 0, created, last_sign_in FROM users ORDER BY name",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                Ok(UserSummary {
-                    name: r.get(0)?,
-                    disabled: r.get(1)?,
-                    created: r.get::<_, i64>(2)? as u64,
-                    last_sign_in: r.get::<_, Option<i64>>(3)?.map(|t| t as u64),
-                    credentials: Vec::new(),
-                    open_invites: Vec::new(),
+        // One transaction: a consistent picture while a gateway writes beside us.
+        self.write(|tx| {
+            let mut users: Vec<UserSummary> = tx
+                .rows(
+                    "SELECT name, disabled <> 0, created, last_sign_in FROM users ORDER BY name",
+                    &[],
+                )?
+                .iter()
+                .map(|r| {
+                    Ok(UserSummary {
+                        name: r.get(0)?,
+                        disabled: r.get(1)?,
+                        created: r.get(2)?,
+                        last_sign_in: r.get(3)?,
+                        credentials: Vec::new(),
+                        open_invites: Vec::new(),
+                    })
                 })
-            })?;
-            rows.collect::<Result<_, _>>()?
-        };
-        let index: HashMap<String, usize> = users
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (u.name.clone(), i))
-            .collect();
-        {
-            let mut stmt = tx.prepare(
-                "SELECT user, cred_id, aaguid, created, last_used FROM credentials \
-                 ORDER BY created, rowid",
-            )?;
-            let mut rows = stmt.query([])?;
-            while let Some(r) = rows.next()? {
-                let user: String = r.get(0)?;
-                if let Some(&i) = index.get(&user) {
+                .collect::<Result<_, StoreError>>()?;
+            let index: HashMap<String, usize> = users
+                .iter()
+                .enumerate()
+                .map(|(i, u)| (u.name.clone(), i))
+                .collect();
+            // Enrolment order among keys enrolled in the same second.
+            let order = if tx.is_pg() { "seq" } else { "rowid" };
+            for r in tx.rows(
+                &format!(
+                    "SELECT \"user\", cred_id, aaguid, created, last_used FROM credentials \
+                     ORDER BY created, {order}"
+                ),
+                &[],
+            )? {
+                if let Some(&i) = index.get(&r.get::<String>(0)?) {
                     users[i].credentials.push(CredentialSummary {
                         cred_id: r.get(1)?,
                         aaguid: r.get(2)?,
-                        enrolled_at: r.get::<_, i64>(3)? as u64,
-                        last_used: r.get::<_, Option<i64>>(4)?.map(|t| t as u64),
+                        enrolled_at: r.get(3)?,
+                        last_used: r.get(4)?,
                     });
                 }
             }
-        }
-        {
-            let mut stmt = tx.prepare(
-                "SELECT user, created, expires FROM invites WHERE used IS NULL AND expires > ?1 \
+            for r in tx.rows(
+                "SELECT \"user\", created, expires FROM invites WHERE used IS NULL AND expires > ?1 \
                  ORDER BY expires",
-            )?;
-            let mut rows = stmt.query([now_secs() as i64])?;
-            while let Some(r) = rows.next()? {
-                let user: String = r.get(0)?;
-                if let Some(&i) = index.get(&user) {
+                args![now_secs()],
+            )? {
+                if let Some(&i) = index.get(&r.get::<String>(0)?) {
                     users[i].open_invites.push(InviteSummary {
-                        created: r.get::<_, i64>(1)? as u64,
-                        expires: r.get::<_, i64>(2)? as u64,
+                        created: r.get(1)?,
+                        expires: r.get(2)?,
                     });
                 }
             }
-        }
-        Ok(users)
+            Ok(users)
+        })
     }
 
     /// Disables or enables `user`. Disabling also bumps the user's revocation epoch, as
@@ -800,7 +955,7 @@ impl Store {
         } else {
             "UPDATE users SET disabled = 0 WHERE name = ?1"
         };
-        if self.lock().execute(sql, [user])? == 0 {
+        if self.read(|tx| tx.exec(sql, args![user]))? == 0 {
             return Err(StoreError::UnknownUser(user.to_owned()));
         }
         Ok(())
@@ -809,24 +964,24 @@ impl Store {
     /// The names of every disabled user. Cheap enough to call every second (a partial index
     /// holds only the disabled rows).
     pub fn disabled_users(&self) -> Result<HashSet<String>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare_cached("SELECT name FROM users WHERE disabled <> 0")?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.read(|tx| {
+            tx.rows("SELECT name FROM users WHERE disabled <> 0", &[])?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        })
     }
 
     /// Whether `user` is disabled; `false` for a name the gateway does not know (callers on the
     /// sign-in path must not tell unknown users apart).
     pub fn is_disabled(&self, user: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .lock()
-            .query_row(
+        self.read(|tx| {
+            tx.opt(
                 "SELECT disabled <> 0 FROM users WHERE name = ?1",
-                [user],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(false))
+                args![user],
+            )?
+            .map_or(Ok(false), |r| r.get(0))
+        })
     }
 
     /// Removes `user`'s credentials and invites (used or not) and bumps their revocation epoch,
@@ -834,11 +989,7 @@ impl Store {
     /// user row stays, with its epoch, so a session token issued before can never become valid
     /// again (a fresh row would start again at epoch 0); a disabled user stays disabled.
     pub fn remove_user(&self, user: &str) -> Result<RemovedUser, StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let removed = remove_in(&tx, user)?;
-        tx.commit()?;
-        Ok(removed)
+        self.write(|tx| remove_in(tx, user))
     }
 
     /// Removes the one credential of `user` whose id starts with `prefix` (a whole id always
@@ -846,51 +997,52 @@ impl Store {
     /// with any key end. No match, or an empty prefix, is [`StoreError::UnknownKey`]; several
     /// matches are [`StoreError::AmbiguousKey`].
     pub fn remove_key(&self, user: &str, prefix: &str) -> Result<RemovedKey, StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let epoch = bump_epoch(&tx, user)?;
-        let unknown = || StoreError::UnknownKey {
-            user: user.to_owned(),
-            prefix: prefix.to_owned(),
-        };
-        if prefix.is_empty() {
-            return Err(unknown());
-        }
-        // substr, not LIKE: `_` is both a LIKE wildcard and a base64url letter.
-        let candidates: Vec<(String, String)> = {
-            let mut stmt = tx.prepare(
-                "SELECT cred_id, aaguid FROM credentials \
-                 WHERE user = ?1 AND substr(cred_id, 1, length(?2)) = ?2",
-            )?;
-            let rows = stmt.query_map(params![user, prefix], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        let (cred_id, aaguid) = match candidates.iter().find(|(id, _)| id == prefix) {
-            Some(exact) => exact.clone(),
-            None => match candidates.as_slice() {
-                [] => return Err(unknown()),
-                [one] => one.clone(),
-                many => {
-                    return Err(StoreError::AmbiguousKey {
-                        user: user.to_owned(),
-                        prefix: prefix.to_owned(),
-                        matches: many.len(),
-                    });
-                }
-            },
-        };
-        tx.execute("DELETE FROM credentials WHERE cred_id = ?1", [&cred_id])?;
-        let keys_left: i64 = tx.query_row(
-            "SELECT count(*) FROM credentials WHERE user = ?1",
-            [user],
-            |r| r.get(0),
-        )?;
-        tx.commit()?;
-        Ok(RemovedKey {
-            cred_id,
-            aaguid,
-            keys_left: keys_left as usize,
-            epoch,
+        self.write(|tx| {
+            let epoch = bump_epoch(tx, user)?;
+            let unknown = || StoreError::UnknownKey {
+                user: user.to_owned(),
+                prefix: prefix.to_owned(),
+            };
+            if prefix.is_empty() {
+                return Err(unknown());
+            }
+            // substr, not LIKE: `_` is both a LIKE wildcard and a base64url letter.
+            let candidates: Vec<(String, String)> = tx
+                .rows(
+                    "SELECT cred_id, aaguid FROM credentials \
+                     WHERE \"user\" = ?1 AND substr(cred_id, 1, length(?2)) = ?2",
+                    args![user, prefix],
+                )?
+                .iter()
+                .map(|r| Ok((r.get(0)?, r.get(1)?)))
+                .collect::<Result<_, StoreError>>()?;
+            let (cred_id, aaguid) = match candidates.iter().find(|(id, _)| id == prefix) {
+                Some(exact) => exact.clone(),
+                None => match candidates.as_slice() {
+                    [] => return Err(unknown()),
+                    [one] => one.clone(),
+                    many => {
+                        return Err(StoreError::AmbiguousKey {
+                            user: user.to_owned(),
+                            prefix: prefix.to_owned(),
+                            matches: many.len(),
+                        });
+                    }
+                },
+            };
+            tx.exec("DELETE FROM credentials WHERE cred_id = ?1", args![cred_id])?;
+            let keys_left: usize = tx
+                .one(
+                    "SELECT count(*) FROM credentials WHERE \"user\" = ?1",
+                    args![user],
+                )?
+                .get(0)?;
+            Ok(RemovedKey {
+                cred_id,
+                aaguid,
+                keys_left,
+                epoch,
+            })
         })
     }
 
@@ -899,27 +1051,26 @@ impl Store {
     /// last use. Nothing is written when either is unknown ([`StoreError::UnknownUser`],
     /// [`StoreError::UnknownKey`]), e.g. removed by an admin meanwhile.
     pub fn record_sign_in(&self, user: &str, cred_id: &str, at: u64) -> Result<(), StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        if tx.execute(
-            "UPDATE users SET last_sign_in = ?2 WHERE name = ?1",
-            params![user, at as i64],
-        )? == 0
-        {
-            return Err(StoreError::UnknownUser(user.to_owned()));
-        }
-        if tx.execute(
-            "UPDATE credentials SET last_used = ?3 WHERE user = ?1 AND cred_id = ?2",
-            params![user, cred_id, at as i64],
-        )? == 0
-        {
-            return Err(StoreError::UnknownKey {
-                user: user.to_owned(),
-                prefix: cred_id.to_owned(),
-            });
-        }
-        tx.commit()?;
-        Ok(())
+        self.write(|tx| {
+            if tx.exec(
+                "UPDATE users SET last_sign_in = ?2 WHERE name = ?1",
+                args![user, at],
+            )? == 0
+            {
+                return Err(StoreError::UnknownUser(user.to_owned()));
+            }
+            if tx.exec(
+                "UPDATE credentials SET last_used = ?3 WHERE \"user\" = ?1 AND cred_id = ?2",
+                args![user, cred_id, at],
+            )? == 0
+            {
+                return Err(StoreError::UnknownKey {
+                    user: user.to_owned(),
+                    prefix: cred_id.to_owned(),
+                });
+            }
+            Ok(())
+        })
     }
 
     /// The secret called `name`, made with `make` and stored the first time it is asked for.
@@ -928,73 +1079,79 @@ impl Store {
         name: &str,
         make: impl FnOnce() -> Vec<u8>,
     ) -> Result<Vec<u8>, StoreError> {
-        let mut conn = self.lock();
-        // Under the write lock: of gateways started together, one makes it, all read it.
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let existing: Option<Vec<u8>> = tx
-            .query_row("SELECT value FROM secrets WHERE name = ?1", [name], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        if let Some(v) = existing {
-            return Ok(v);
-        }
-        let v = make();
-        tx.execute(
-            "INSERT INTO secrets (name, value) VALUES (?1, ?2)",
-            params![name, v],
-        )?;
-        tx.commit()?;
-        Ok(v)
+        // Under the lock: of gateways started together, one makes it, all read it.
+        self.write_locked(Some(pg::locks::SECRET), |tx| {
+            if let Some(r) = tx.opt("SELECT value FROM secrets WHERE name = ?1", args![name])? {
+                return r.get(0);
+            }
+            let v = make();
+            tx.exec(
+                "INSERT INTO secrets (name, value) VALUES (?1, ?2)",
+                args![name, v],
+            )?;
+            Ok(v)
+        })
     }
 
     /// Signing keys, newest first.
     pub fn signing_keys(&self) -> Result<Vec<StoredSigningKey>, StoreError> {
-        Ok(read_signing_keys(&self.lock())?)
+        self.read(read_signing_keys)
     }
 
     /// Adds a signing key.
     pub fn add_signing_key(&self, key: &StoredSigningKey) -> Result<(), StoreError> {
-        self.lock().execute(
-            "INSERT INTO signing_keys (kid, pkcs8, created) VALUES (?1, ?2, ?3)",
-            params![key.kid, key.pkcs8, key.created as i64],
-        )?;
-        Ok(())
+        self.read(|tx| insert_signing_key(tx, key))
     }
 
     /// The signing keys, newest first, after adding the one `make` makes when the newest is
-    /// missing or `stale`: under the write lock, so gateways started together on one file
-    /// rotate once and all sign with the same key.
+    /// missing or `stale`: under a lock, so gateways started together on one store rotate once
+    /// and all sign with the same key.
     pub fn signing_keys_rotated<E: From<StoreError>>(
         &self,
         stale: impl Fn(&StoredSigningKey) -> bool,
         make: impl FnOnce() -> Result<StoredSigningKey, E>,
     ) -> Result<Vec<StoredSigningKey>, E> {
-        let mut conn = self.lock();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(StoreError::from)?;
-        let mut keys = read_signing_keys(&tx).map_err(StoreError::from)?;
-        if keys.first().is_none_or(&stale) {
-            let key = make()?;
-            tx.execute(
-                "INSERT INTO signing_keys (kid, pkcs8, created) VALUES (?1, ?2, ?3)",
-                params![key.kid, key.pkcs8, key.created as i64],
-            )
-            .map_err(StoreError::from)?;
-            keys.insert(0, key);
+        let mut made = None;
+        let keys = self.write_locked(Some(pg::locks::SIGNING_KEY), |tx| {
+            let mut keys = read_signing_keys(tx)?;
+            if keys.first().is_none_or(&stale) {
+                match make() {
+                    Ok(key) => {
+                        insert_signing_key(tx, &key)?;
+                        keys.insert(0, key);
+                    }
+                    Err(e) => {
+                        made = Some(e);
+                        return Err(StoreError::Corrupt("no new signing key".into()));
+                    }
+                }
+            }
+            Ok(keys)
+        });
+        match (keys, made) {
+            (_, Some(e)) => Err(e),
+            (keys, None) => Ok(keys?),
         }
-        tx.commit().map_err(StoreError::from)?;
-        Ok(keys)
     }
 }
 
+fn insert_signing_key(tx: &Tx<'_>, key: &StoredSigningKey) -> Result<(), StoreError> {
+    tx.exec(
+        "INSERT INTO signing_keys (kid, pkcs8, created) VALUES (?1, ?2, ?3)",
+        args![key.kid, key.pkcs8, key.created],
+    )?;
+    Ok(())
+}
+
 /// [`Store::remove_user`] inside `tx`.
-fn remove_in(tx: &Connection, user: &str) -> Result<RemovedUser, StoreError> {
+fn remove_in(tx: &Tx<'_>, user: &str) -> Result<RemovedUser, StoreError> {
     let epoch = bump_epoch(tx, user)?;
-    tx.execute("UPDATE users SET idp_blocked = 1 WHERE name = ?1", [user])?;
-    let credentials = tx.execute("DELETE FROM credentials WHERE user = ?1", [user])?;
-    let invites = tx.execute("DELETE FROM invites WHERE user = ?1", [user])?;
+    tx.exec(
+        "UPDATE users SET idp_blocked = 1 WHERE name = ?1",
+        args![user],
+    )?;
+    let credentials = tx.exec("DELETE FROM credentials WHERE \"user\" = ?1", args![user])?;
+    let invites = tx.exec("DELETE FROM invites WHERE \"user\" = ?1", args![user])?;
     Ok(RemovedUser {
         credentials,
         invites,
@@ -1003,19 +1160,19 @@ fn remove_in(tx: &Connection, user: &str) -> Result<RemovedUser, StoreError> {
 }
 
 /// Bumps `user`'s revocation epoch inside `tx` and returns the new one.
-fn bump_epoch(tx: &Connection, user: &str) -> Result<u64, StoreError> {
-    tx.query_row(
+fn bump_epoch(tx: &Tx<'_>, user: &str) -> Result<u64, StoreError> {
+    tx.opt(
         "UPDATE users SET epoch = epoch + 1 WHERE name = ?1 RETURNING epoch",
-        [user],
-        |r| r.get::<_, i64>(0),
-    )
-    .optional()?
-    .map(|e| e as u64)
-    .ok_or_else(|| StoreError::UnknownUser(user.to_owned()))
+        args![user],
+    )?
+    .ok_or_else(|| StoreError::UnknownUser(user.to_owned()))?
+    .get(0)
 }
 
 mod files;
+pub mod pg;
 mod scim;
+pub(crate) mod sql;
 #[cfg(test)]
 mod tests;
 

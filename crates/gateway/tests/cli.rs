@@ -94,11 +94,12 @@ fn invalid_config_lists_every_problem() {
 /// A PostgreSQL URL in `database` (or `--database`) is refused in words, and no file named
 /// `postgres:` appears beside the config.
 #[test]
-fn a_database_url_is_refused_not_taken_for_a_file() {
+fn a_database_url_is_not_taken_for_a_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = minimal_config(dir.path());
     let text = std::fs::read_to_string(&cfg).expect("config");
-    let url = "postgres://gw@127.0.0.1:5432/touchgate";
+    // Nothing listens on port 1.
+    let url = "postgres://gw:hunter2@127.0.0.1:1/touchgate";
     let line = text
         .lines()
         .find(|l| l.starts_with("database"))
@@ -114,8 +115,12 @@ fn a_database_url_is_refused_not_taken_for_a_file() {
     assert!(!out.status.success());
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
-        said.contains("PostgreSQL is not supported by this version"),
+        said.contains("the gateway cannot reach its database"),
         "{said}"
+    );
+    assert!(
+        !said.contains("hunter2"),
+        "the password stays out of messages: {said}"
     );
     std::fs::write(&cfg, text).expect("write");
     let out = gateway()
@@ -125,8 +130,22 @@ fn a_database_url_is_refused_not_taken_for_a_file() {
         .expect("serve");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("database {url}: ")), "{err}");
+    assert!(
+        err.contains("the gateway cannot reach its database"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
     assert!(!dir.path().join("postgres:").exists());
+    let out = gateway()
+        .args(["serve", "--database", "mysql://db/x", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("serve");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("a mysql:// URL; give a SQLite file's path or a postgres:// URL"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -176,6 +176,25 @@ impl Postgres {
         self.psql_as(&self.password, DATABASE, sql).await
     }
 
+    /// Creates another database, `name` (letters, digits and `_`), and returns its URL, as
+    /// [`Postgres::url`] is for [`DATABASE`]: a fresh database per test case on one server.
+    pub async fn database(&self, name: &str) -> anyhow::Result<String> {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            bail!("database name {name:?}: letters, digits and _ only");
+        }
+        self.psql_as(
+            &self.password,
+            "postgres",
+            &format!("CREATE DATABASE {name}"),
+        )
+        .await
+        .with_context(|| format!("cannot create the database {name}"))?;
+        Ok(format!(
+            "postgres://{USER}:{}@127.0.0.1:{}/{name}?sslmode=disable",
+            self.password, self.port
+        ))
+    }
+
     /// The cluster's data directory (inside the temporary directory that is removed on drop).
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")

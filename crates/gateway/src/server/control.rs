@@ -926,6 +926,14 @@ fn invite_ok(r: Result<(), crate::store::InviteProblem>) -> Result<(), Refusal> 
 
 pub(super) fn db_refusal(e: crate::store::StoreError) -> Refusal {
     tracing::error!(error = %e, "store failure");
+    if let crate::store::StoreError::Unreachable(_) = e {
+        // Sessions already open need no database: only sign-ins and enrolments wait for it.
+        return Refusal::new(
+            RefusalCode::Internal,
+            "the gateway cannot reach its database: signing in fails until it is back (open \
+             sessions keep working); try again in a moment",
+        );
+    }
     Refusal::new(
         RefusalCode::Internal,
         "the gateway's database failed; try again later",

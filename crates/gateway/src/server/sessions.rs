@@ -50,6 +50,11 @@ pub(crate) struct Revocations {
 
 /// How often the gateway reloads revocation epochs.
 pub const REVOCATION_POLL: Duration = Duration::from_secs(1);
+/// How often a gateway on PostgreSQL reads revocations while its change listener is up (each
+/// change wakes it at once; this catches anything a notification could miss).
+const LISTENING_POLL: Duration = Duration::from_secs(10);
+/// How often the record of sessions' last activity drops sessions past their maximum age.
+const ACTIVITY_PRUNE: Duration = Duration::from_secs(60);
 
 impl Revocations {
     pub(crate) fn set_epochs(&self, e: HashMap<String, u64>) {
@@ -150,11 +155,27 @@ pub(super) fn revoked_refusal() -> Refusal {
 impl Gateway {
     /// Reloads revocation epochs and closes the connections of revoked sessions.
     pub(super) async fn enforce_revocations(self: Arc<Self>) {
-        let mut polls = 0u64;
+        let changes = self.store.changes();
+        let mut next_prune = tokio::time::Instant::now() + ACTIVITY_PRUNE;
         loop {
-            tokio::time::sleep(REVOCATION_POLL).await;
-            polls += 1;
-            if polls.is_multiple_of(60) {
+            match &changes {
+                // PostgreSQL: woken by every change any replica commits; polled as well, less
+                // often while the listener is up, every second while it is down.
+                Some(l) => {
+                    let poll = if l.listening() {
+                        LISTENING_POLL
+                    } else {
+                        REVOCATION_POLL
+                    };
+                    tokio::select! {
+                        () = l.changed() => {}
+                        () = tokio::time::sleep(poll) => {}
+                    }
+                }
+                None => tokio::time::sleep(REVOCATION_POLL).await,
+            }
+            if tokio::time::Instant::now() >= next_prune {
+                next_prune += ACTIVITY_PRUNE;
                 self.activity.prune(self.cfg.session.max_age);
             }
             let (store, groups) = (self.store.clone(), self.cfg.group_source());

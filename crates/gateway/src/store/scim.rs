@@ -7,7 +7,10 @@
 
 use std::collections::BTreeSet;
 
-use super::*;
+use super::{
+    sql::{Row, Tx, args},
+    *,
+};
 
 /// Which resources a SCIM query asks for (`filter=ATTR eq "VALUE"`, or none).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,31 +191,36 @@ impl Store {
         start: usize,
         count: usize,
     ) -> Result<(usize, Vec<ScimUser>), StoreError> {
-        let conn = self.lock();
-        let (cond, arg) = condition(query, "name COLLATE NOCASE", "scim_external_id", "uuid");
+        let (cond, arg) = condition(query, "lower(name)", "scim_external_id", "uuid");
         let live = "scim_deleted IS NULL";
-        let total: i64 = conn.query_row(
-            &format!("SELECT count(*) FROM users WHERE {live} AND {cond}"),
-            params![arg],
-            |r| r.get(0),
-        )?;
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {USER_COLUMNS} FROM users WHERE {live} AND {cond} ORDER BY name LIMIT ?2 OFFSET ?3"
-        ))?;
-        let rows = stmt.query_map(
-            params![arg, count as i64, start.saturating_sub(1) as i64],
-            user_row,
-        )?;
-        let mut users: Vec<ScimUser> = rows.collect::<Result<_, _>>()?;
-        for u in &mut users {
-            u.groups = groups_of(&conn, &u.name)?;
-        }
-        Ok((total as usize, users))
+        self.write(|tx| {
+            let total: usize = tx
+                .one(
+                    &format!("SELECT count(*) FROM users WHERE {live} AND {cond}"),
+                    args![arg],
+                )?
+                .get(0)?;
+            let mut users = tx
+                .rows(
+                    &format!(
+                        "SELECT {USER_COLUMNS} FROM users WHERE {live} AND {cond} \
+                         ORDER BY name LIMIT ?2 OFFSET ?3"
+                    ),
+                    args![arg, count as u64, start.saturating_sub(1) as u64],
+                )?
+                .iter()
+                .map(user_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            for u in &mut users {
+                u.groups = groups_of(tx, &u.name)?;
+            }
+            Ok((total, users))
+        })
     }
 
     /// The user with SCIM id `id`, unless SCIM deleted them.
     pub fn scim_user(&self, id: &str) -> Result<Option<ScimUser>, StoreError> {
-        user_by_id(&self.lock(), id)
+        self.write(|tx| user_by_id(tx, id))
     }
 
     /// Creates a user, or brings back one SCIM deleted (same id). A user of this name in any
@@ -221,57 +229,57 @@ impl Store {
         &self,
         new: &NewScimUser,
     ) -> Result<Result<UserChange, ScimProblem>, StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let same: Vec<(String, String, bool)> = {
-            let mut stmt = tx.prepare(
-                "SELECT name, uuid, scim_deleted IS NOT NULL FROM users \
-                 WHERE name = ?1 COLLATE NOCASE ORDER BY name = ?1 DESC",
-            )?;
-            let rows = stmt.query_map([&new.name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        if let Some((name, id, _)) = same.iter().find(|(_, _, deleted)| !deleted) {
-            return Ok(Err(ScimProblem::Conflict(format!(
-                "a user named {name:?} already exists (id {id}): look it up with filter=userName eq \"{name}\""
-            ))));
-        }
-        let now = now_secs() as i64;
-        let recreated = match same.into_iter().next() {
-            Some((name, _, _)) => {
-                tx.execute(
-                    "UPDATE users SET scim_deleted = NULL, idp_blocked = 0, scim_external_id = ?2, \
-                     scim_display_name = ?3, scim_modified = ?4 WHERE name = ?1",
-                    params![name, new.external_id, new.display_name, now],
-                )?;
-                set_active(&tx, &name, new.active)?;
-                Some(name)
+        self.write(|tx| {
+            let same: Vec<(String, String, bool)> = tx
+                .rows(
+                    "SELECT name, uuid, scim_deleted IS NOT NULL FROM users \
+                     WHERE lower(name) = lower(?1) ORDER BY name = ?1 DESC",
+                    args![new.name],
+                )?
+                .iter()
+                .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .collect::<Result<_, StoreError>>()?;
+            if let Some((name, id, _)) = same.iter().find(|(_, _, deleted)| !deleted) {
+                return Ok(Err(ScimProblem::Conflict(format!(
+                    "a user named {name:?} already exists (id {id}): look it up with filter=userName eq \"{name}\""
+                ))));
             }
-            None => {
-                tx.execute(
-                    "INSERT INTO users (name, uuid, created, disabled, scim_external_id, \
-                     scim_display_name, scim_modified) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?3)",
-                    params![
-                        new.name,
-                        uuid::Uuid::new_v4().to_string(),
-                        now,
-                        !new.active,
-                        new.external_id,
-                        new.display_name
-                    ],
-                )?;
-                None
-            }
-        };
-        let name = recreated.clone().unwrap_or_else(|| new.name.clone());
-        let user = user_by_name(&tx, &name)?;
-        tx.commit()?;
-        Ok(Ok(UserChange {
-            was_active: None,
-            recreated: recreated.is_some(),
-            attributes: Vec::new(),
-            user,
-        }))
+            let now = now_secs();
+            let recreated = match same.into_iter().next() {
+                Some((name, _, _)) => {
+                    tx.exec(
+                        "UPDATE users SET scim_deleted = NULL, idp_blocked = 0, scim_external_id = ?2, \
+                         scim_display_name = ?3, scim_modified = ?4 WHERE name = ?1",
+                        args![name, new.external_id, new.display_name, now],
+                    )?;
+                    set_active(tx, &name, new.active)?;
+                    Some(name)
+                }
+                None => {
+                    tx.exec(
+                        "INSERT INTO users (name, uuid, created, disabled, scim_external_id, \
+                         scim_display_name, scim_modified) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?3)",
+                        args![
+                            new.name,
+                            uuid::Uuid::new_v4().to_string(),
+                            now,
+                            !new.active,
+                            new.external_id,
+                            new.display_name
+                        ],
+                    )?;
+                    None
+                }
+            };
+            let name = recreated.clone().unwrap_or_else(|| new.name.clone());
+            let user = user_by_name(tx, &name)?;
+            Ok(Ok(UserChange {
+                was_active: None,
+                recreated: recreated.is_some(),
+                attributes: Vec::new(),
+                user,
+            }))
+        })
     }
 
     /// Applies `edits` to the user with SCIM id `id`, in order, all or none.
@@ -280,74 +288,75 @@ impl Store {
         id: &str,
         edits: &[UserEdit],
     ) -> Result<Result<UserChange, ScimProblem>, StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let Some(before) = user_by_id(&tx, id)? else {
-            return Ok(Err(ScimProblem::NotFound("user")));
-        };
-        let mut attributes = Vec::new();
-        let mut active = before.active;
-        let (mut external_id, mut display_name) =
-            (before.external_id.clone(), before.display_name.clone());
-        for e in edits {
-            match e {
-                UserEdit::Active(a) => active = *a,
-                UserEdit::UserName(n) if n.to_lowercase() == before.name.to_lowercase() => {}
-                UserEdit::UserName(n) => {
-                    return Ok(Err(ScimProblem::Rename {
-                        from: before.name,
-                        to: n.clone(),
-                    }));
+        self.write(|tx| {
+            let Some(before) = user_by_id(tx, id)? else {
+                return Ok(Err(ScimProblem::NotFound("user")));
+            };
+            let mut attributes = Vec::new();
+            let mut active = before.active;
+            let (mut external_id, mut display_name) =
+                (before.external_id.clone(), before.display_name.clone());
+            for e in edits {
+                match e {
+                    UserEdit::Active(a) => active = *a,
+                    UserEdit::UserName(n) if n.to_lowercase() == before.name.to_lowercase() => {}
+                    UserEdit::UserName(n) => {
+                        return Ok(Err(ScimProblem::Rename {
+                            from: before.name,
+                            to: n.clone(),
+                        }));
+                    }
+                    UserEdit::ExternalId(x) => external_id = x.clone(),
+                    UserEdit::DisplayName(d) => display_name = d.clone(),
                 }
-                UserEdit::ExternalId(x) => external_id = x.clone(),
-                UserEdit::DisplayName(d) => display_name = d.clone(),
             }
-        }
-        if external_id != before.external_id {
-            attributes.push("externalId");
-        }
-        if display_name != before.display_name {
-            attributes.push("displayName");
-        }
-        let changed = set_active(&tx, &before.name, active)? || !attributes.is_empty();
-        if changed {
-            tx.execute(
-                "UPDATE users SET scim_external_id = ?2, scim_display_name = ?3, scim_modified = ?4 \
-                 WHERE name = ?1",
-                params![before.name, external_id, display_name, now_secs() as i64],
-            )?;
-        }
-        let user = user_by_name(&tx, &before.name)?;
-        tx.commit()?;
-        Ok(Ok(UserChange {
-            was_active: Some(before.active),
-            recreated: false,
-            attributes,
-            user,
-        }))
+            if external_id != before.external_id {
+                attributes.push("externalId");
+            }
+            if display_name != before.display_name {
+                attributes.push("displayName");
+            }
+            let changed = set_active(tx, &before.name, active)? || !attributes.is_empty();
+            if changed {
+                tx.exec(
+                    "UPDATE users SET scim_external_id = ?2, scim_display_name = ?3, scim_modified = ?4 \
+                     WHERE name = ?1",
+                    args![before.name, external_id, display_name, now_secs()],
+                )?;
+            }
+            let user = user_by_name(tx, &before.name)?;
+            Ok(Ok(UserChange {
+                was_active: Some(before.active),
+                recreated: false,
+                attributes,
+                user,
+            }))
+        })
     }
 
     /// Deletes the user with SCIM id `id` as [`Store::remove_user`] does (keys and invites
     /// deleted, sessions ended, the row kept with its epoch), takes them out of every SCIM
     /// group, and hides them from SCIM until it creates them again. `None`: no such user.
     pub fn scim_delete_user(&self, id: &str) -> Result<Option<RemovedScimUser>, StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let Some(user) = user_by_id(&tx, id)? else {
-            return Ok(None);
-        };
-        let removed = remove_in(&tx, &user.name)?;
-        tx.execute("DELETE FROM scim_members WHERE user = ?1", [&user.name])?;
-        tx.execute(
-            "UPDATE users SET scim_deleted = ?2, scim_modified = ?2 WHERE name = ?1",
-            params![user.name, now_secs() as i64],
-        )?;
-        tx.commit()?;
-        Ok(Some(RemovedScimUser {
-            name: user.name,
-            removed,
-            groups: user.groups.into_iter().map(|g| g.name).collect(),
-        }))
+        self.write(|tx| {
+            let Some(user) = user_by_id(tx, id)? else {
+                return Ok(None);
+            };
+            let removed = remove_in(tx, &user.name)?;
+            tx.exec(
+                "DELETE FROM scim_members WHERE \"user\" = ?1",
+                args![user.name],
+            )?;
+            tx.exec(
+                "UPDATE users SET scim_deleted = ?2, scim_modified = ?2 WHERE name = ?1",
+                args![user.name, now_secs()],
+            )?;
+            Ok(Some(RemovedScimUser {
+                name: user.name,
+                removed,
+                groups: user.groups.into_iter().map(|g| g.name).collect(),
+            }))
+        })
     }
 
     /// The groups `query` selects, by name: how many in all, and those from the 1-based
@@ -359,33 +368,37 @@ impl Store {
         count: usize,
         members: bool,
     ) -> Result<(usize, Vec<ScimGroup>), StoreError> {
-        let conn = self.lock();
-        let (cond, arg) = condition(query, "display_name COLLATE NOCASE", "external_id", "id");
-        let total: i64 = conn.query_row(
-            &format!("SELECT count(*) FROM scim_groups WHERE {cond}"),
-            params![arg],
-            |r| r.get(0),
-        )?;
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {GROUP_COLUMNS} FROM scim_groups WHERE {cond} \
-             ORDER BY display_name LIMIT ?2 OFFSET ?3"
-        ))?;
-        let rows = stmt.query_map(
-            params![arg, count as i64, start.saturating_sub(1) as i64],
-            group_row,
-        )?;
-        let mut groups: Vec<ScimGroup> = rows.collect::<Result<_, _>>()?;
-        if members {
-            for g in &mut groups {
-                g.members = members_of(&conn, &g.id)?;
+        let (cond, arg) = condition(query, "lower(display_name)", "external_id", "id");
+        self.write(|tx| {
+            let total: usize = tx
+                .one(
+                    &format!("SELECT count(*) FROM scim_groups WHERE {cond}"),
+                    args![arg],
+                )?
+                .get(0)?;
+            let mut groups = tx
+                .rows(
+                    &format!(
+                        "SELECT {GROUP_COLUMNS} FROM scim_groups WHERE {cond} \
+                         ORDER BY display_name LIMIT ?2 OFFSET ?3"
+                    ),
+                    args![arg, count as u64, start.saturating_sub(1) as u64],
+                )?
+                .iter()
+                .map(group_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            if members {
+                for g in &mut groups {
+                    g.members = members_of(tx, &g.id)?;
+                }
             }
-        }
-        Ok((total as usize, groups))
+            Ok((total, groups))
+        })
     }
 
     /// The group with SCIM id `id`, with its members.
     pub fn scim_group(&self, id: &str) -> Result<Option<ScimGroup>, StoreError> {
-        group_by_id(&self.lock(), id)
+        self.write(|tx| group_by_id(tx, id))
     }
 
     /// Creates a group named `display_name` with `members` (SCIM user ids).
@@ -395,29 +408,29 @@ impl Store {
         external_id: Option<&str>,
         members: &[String],
     ) -> Result<Result<GroupChange, ScimProblem>, StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        if let Some(p) = name_taken(&tx, display_name, None)? {
-            return Ok(Err(p));
-        }
-        let id = uuid::Uuid::new_v4().to_string();
-        tx.execute(
-            "INSERT INTO scim_groups (id, display_name, external_id, created, modified) \
-             VALUES (?1, ?2, ?3, ?4, ?4)",
-            params![id, display_name, external_id, now_secs() as i64],
-        )?;
-        if let Err(p) = add_members(&tx, &id, members)? {
-            return Ok(Err(p));
-        }
-        let group = group_by_id(&tx, &id)?.ok_or_else(|| gone("group"))?;
-        tx.commit()?;
-        Ok(Ok(GroupChange {
-            was_named: None,
-            added: group.members.iter().map(|m| m.name.clone()).collect(),
-            removed: Vec::new(),
-            external_id_changed: false,
-            group,
-        }))
+        self.write(|tx| {
+            if let Some(p) = name_taken(tx, display_name, None)? {
+                return Ok(Err(p));
+            }
+            let id = uuid::Uuid::new_v4().to_string();
+            tx.exec(
+                "INSERT INTO scim_groups (id, display_name, external_id, created, modified) \
+                 VALUES (?1, ?2, ?3, ?4, ?4)",
+                args![id, display_name, external_id, now_secs()],
+            )?;
+            if let Err(p) = add_members(tx, &id, members)? {
+                return Err(StoreError::Scim(p));
+            }
+            let group = group_by_id(tx, &id)?.ok_or_else(|| gone("group"))?;
+            Ok(Ok(GroupChange {
+                was_named: None,
+                added: group.members.iter().map(|m| m.name.clone()).collect(),
+                removed: Vec::new(),
+                external_id_changed: false,
+                group,
+            }))
+        })
+        .or_else(StoreError::into_scim_problem)
     }
 
     /// Applies `edits` to the group with SCIM id `id`, in order, all or none.
@@ -426,91 +439,103 @@ impl Store {
         id: &str,
         edits: &[GroupEdit],
     ) -> Result<Result<GroupChange, ScimProblem>, StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let Some(before) = group_by_id(&tx, id)? else {
-            return Ok(Err(ScimProblem::NotFound("group")));
-        };
-        for e in edits {
-            let done = match e {
-                GroupEdit::DisplayName(n) => match name_taken(&tx, n, Some(id))? {
-                    Some(p) => Err(p),
-                    None => {
-                        tx.execute(
-                            "UPDATE scim_groups SET display_name = ?2 WHERE id = ?1",
-                            params![id, n],
+        self.write(|tx| {
+            let Some(before) = group_by_id(tx, id)? else {
+                return Ok(Err(ScimProblem::NotFound("group")));
+            };
+            for e in edits {
+                let done = match e {
+                    GroupEdit::DisplayName(n) => match name_taken(tx, n, Some(id))? {
+                        Some(p) => Err(p),
+                        None => {
+                            tx.exec(
+                                "UPDATE scim_groups SET display_name = ?2 WHERE id = ?1",
+                                args![id, n],
+                            )?;
+                            Ok(())
+                        }
+                    },
+                    GroupEdit::ExternalId(x) => {
+                        tx.exec(
+                            "UPDATE scim_groups SET external_id = ?2 WHERE id = ?1",
+                            args![id, x],
                         )?;
                         Ok(())
                     }
-                },
-                GroupEdit::ExternalId(x) => {
-                    tx.execute(
-                        "UPDATE scim_groups SET external_id = ?2 WHERE id = ?1",
-                        params![id, x],
-                    )?;
-                    Ok(())
-                }
-                GroupEdit::AddMembers(m) => add_members(&tx, id, m)?,
-                GroupEdit::RemoveMembers(m) => {
-                    for user in m.iter().filter_map(|m| name_of(&tx, m).transpose()) {
-                        tx.execute(
-                            "DELETE FROM scim_members WHERE group_id = ?1 AND user = ?2",
-                            params![id, user?],
-                        )?;
+                    GroupEdit::AddMembers(m) => add_members(tx, id, m)?,
+                    GroupEdit::RemoveMembers(m) => {
+                        for member in m {
+                            if let Some(user) = name_of(tx, member)? {
+                                tx.exec(
+                                    "DELETE FROM scim_members WHERE group_id = ?1 AND \"user\" = ?2",
+                                    args![id, user],
+                                )?;
+                            }
+                        }
+                        Ok(())
                     }
-                    Ok(())
+                    GroupEdit::ReplaceMembers(m) => {
+                        tx.exec("DELETE FROM scim_members WHERE group_id = ?1", args![id])?;
+                        add_members(tx, id, m)?
+                    }
+                };
+                // All or none: undo the edits before this one.
+                if let Err(p) = done {
+                    return Err(StoreError::Scim(p));
                 }
-                GroupEdit::ReplaceMembers(m) => {
-                    tx.execute("DELETE FROM scim_members WHERE group_id = ?1", [id])?;
-                    add_members(&tx, id, m)?
-                }
-            };
-            if let Err(p) = done {
-                return Ok(Err(p));
             }
-        }
-        let mut group = group_by_id(&tx, id)?.ok_or_else(|| gone("group"))?;
-        let names = |g: &ScimGroup| -> BTreeSet<String> {
-            g.members.iter().map(|m| m.name.clone()).collect()
-        };
-        let (was, now) = (names(&before), names(&group));
-        let change = GroupChange {
-            was_named: Some(before.display_name.clone()),
-            added: now.difference(&was).cloned().collect(),
-            removed: was.difference(&now).cloned().collect(),
-            external_id_changed: before.external_id != group.external_id,
-            group: group.clone(),
-        };
-        if change.added.is_empty()
-            && change.removed.is_empty()
-            && !change.external_id_changed
-            && before.display_name == group.display_name
-        {
-            return Ok(Ok(change));
-        }
-        group.modified = now_secs();
-        tx.execute(
-            "UPDATE scim_groups SET modified = ?2 WHERE id = ?1",
-            params![id, group.modified as i64],
-        )?;
-        tx.commit()?;
-        Ok(Ok(GroupChange { group, ..change }))
+            let mut group = group_by_id(tx, id)?.ok_or_else(|| gone("group"))?;
+            let names = |g: &ScimGroup| -> BTreeSet<String> {
+                g.members.iter().map(|m| m.name.clone()).collect()
+            };
+            let (was, now) = (names(&before), names(&group));
+            let change = GroupChange {
+                was_named: Some(before.display_name.clone()),
+                added: now.difference(&was).cloned().collect(),
+                removed: was.difference(&now).cloned().collect(),
+                external_id_changed: before.external_id != group.external_id,
+                group: group.clone(),
+            };
+            if change.added.is_empty()
+                && change.removed.is_empty()
+                && !change.external_id_changed
+                && before.display_name == group.display_name
+            {
+                return Ok(Ok(change));
+            }
+            group.modified = now_secs();
+            tx.exec(
+                "UPDATE scim_groups SET modified = ?2 WHERE id = ?1",
+                args![id, group.modified],
+            )?;
+            Ok(Ok(GroupChange { group, ..change }))
+        })
+        .or_else(StoreError::into_scim_problem)
     }
 
     /// Deletes the group with SCIM id `id`: its name and the users who were its members.
     pub fn scim_delete_group(&self, id: &str) -> Result<Option<(String, Vec<String>)>, StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let Some(group) = group_by_id(&tx, id)? else {
-            return Ok(None);
-        };
-        tx.execute("DELETE FROM scim_members WHERE group_id = ?1", [id])?;
-        tx.execute("DELETE FROM scim_groups WHERE id = ?1", [id])?;
-        tx.commit()?;
-        Ok(Some((
-            group.display_name,
-            group.members.into_iter().map(|m| m.name).collect(),
-        )))
+        self.write(|tx| {
+            let Some(group) = group_by_id(tx, id)? else {
+                return Ok(None);
+            };
+            tx.exec("DELETE FROM scim_members WHERE group_id = ?1", args![id])?;
+            tx.exec("DELETE FROM scim_groups WHERE id = ?1", args![id])?;
+            Ok(Some((
+                group.display_name,
+                group.members.into_iter().map(|m| m.name).collect(),
+            )))
+        })
+    }
+}
+
+impl StoreError {
+    /// A SCIM problem that rolled its transaction back, as the problem it is.
+    fn into_scim_problem<T>(self) -> Result<Result<T, ScimProblem>, StoreError> {
+        match self {
+            StoreError::Scim(p) => Ok(Err(p)),
+            e => Err(e),
+        }
     }
 }
 
@@ -523,120 +548,114 @@ fn condition(
 ) -> (String, Option<String>) {
     match query {
         ScimQuery::All => ("?1 IS NULL".into(), None),
-        ScimQuery::Name(v) => (format!("{name} = ?1"), Some(v.clone())),
+        ScimQuery::Name(v) => (format!("{name} = lower(?1)"), Some(v.clone())),
         ScimQuery::ExternalId(v) => (format!("{external_id} = ?1"), Some(v.clone())),
         ScimQuery::Id(v) => (format!("{id} = ?1"), Some(v.clone())),
     }
 }
 
-fn user_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ScimUser> {
+fn user_row(r: &Row) -> Result<ScimUser, StoreError> {
     Ok(ScimUser {
         id: r.get(0)?,
         name: r.get(1)?,
         active: r.get(2)?,
         external_id: r.get(3)?,
         display_name: r.get(4)?,
-        created: r.get::<_, i64>(5)? as u64,
-        modified: r.get::<_, i64>(6)? as u64,
+        created: r.get(5)?,
+        modified: r.get(6)?,
         groups: Vec::new(),
     })
 }
 
-fn group_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ScimGroup> {
+fn group_row(r: &Row) -> Result<ScimGroup, StoreError> {
     Ok(ScimGroup {
         id: r.get(0)?,
         display_name: r.get(1)?,
         external_id: r.get(2)?,
-        created: r.get::<_, i64>(3)? as u64,
-        modified: r.get::<_, i64>(4)? as u64,
+        created: r.get(3)?,
+        modified: r.get(4)?,
         members: Vec::new(),
     })
 }
 
-fn user_by_id(conn: &Connection, id: &str) -> Result<Option<ScimUser>, StoreError> {
-    let user = conn
-        .query_row(
-            &format!("SELECT {USER_COLUMNS} FROM users WHERE uuid = ?1 AND scim_deleted IS NULL"),
-            [id],
-            user_row,
-        )
-        .optional()?;
-    user.map(|mut u| {
-        u.groups = groups_of(conn, &u.name)?;
-        Ok(u)
-    })
-    .transpose()
+fn user_by_id(tx: &Tx<'_>, id: &str) -> Result<Option<ScimUser>, StoreError> {
+    let Some(r) = tx.opt(
+        &format!("SELECT {USER_COLUMNS} FROM users WHERE uuid = ?1 AND scim_deleted IS NULL"),
+        args![id],
+    )?
+    else {
+        return Ok(None);
+    };
+    let mut u = user_row(&r)?;
+    u.groups = groups_of(tx, &u.name)?;
+    Ok(Some(u))
 }
 
-fn user_by_name(conn: &Connection, name: &str) -> Result<ScimUser, StoreError> {
-    let mut u = conn.query_row(
+fn user_by_name(tx: &Tx<'_>, name: &str) -> Result<ScimUser, StoreError> {
+    let mut u = user_row(&tx.one(
         &format!("SELECT {USER_COLUMNS} FROM users WHERE name = ?1"),
-        [name],
-        user_row,
-    )?;
-    u.groups = groups_of(conn, name)?;
+        args![name],
+    )?)?;
+    u.groups = groups_of(tx, name)?;
     Ok(u)
 }
 
-fn group_by_id(conn: &Connection, id: &str) -> Result<Option<ScimGroup>, StoreError> {
-    let group = conn
-        .query_row(
-            &format!("SELECT {GROUP_COLUMNS} FROM scim_groups WHERE id = ?1"),
-            [id],
-            group_row,
-        )
-        .optional()?;
-    group
-        .map(|mut g| {
-            g.members = members_of(conn, id)?;
-            Ok(g)
-        })
-        .transpose()
+fn group_by_id(tx: &Tx<'_>, id: &str) -> Result<Option<ScimGroup>, StoreError> {
+    let Some(r) = tx.opt(
+        &format!("SELECT {GROUP_COLUMNS} FROM scim_groups WHERE id = ?1"),
+        args![id],
+    )?
+    else {
+        return Ok(None);
+    };
+    let mut g = group_row(&r)?;
+    g.members = members_of(tx, id)?;
+    Ok(Some(g))
 }
 
-fn groups_of(conn: &Connection, user: &str) -> Result<Vec<ScimRef>, StoreError> {
+fn groups_of(tx: &Tx<'_>, user: &str) -> Result<Vec<ScimRef>, StoreError> {
     refs(
-        conn,
+        tx,
         "SELECT g.id, g.display_name FROM scim_members m JOIN scim_groups g ON g.id = m.group_id \
-         WHERE m.user = ?1 ORDER BY g.display_name",
+         WHERE m.\"user\" = ?1 ORDER BY g.display_name",
         user,
     )
 }
 
-fn members_of(conn: &Connection, group: &str) -> Result<Vec<ScimRef>, StoreError> {
+fn members_of(tx: &Tx<'_>, group: &str) -> Result<Vec<ScimRef>, StoreError> {
     refs(
-        conn,
-        "SELECT u.uuid, u.name FROM scim_members m JOIN users u ON u.name = m.user \
+        tx,
+        "SELECT u.uuid, u.name FROM scim_members m JOIN users u ON u.name = m.\"user\" \
          WHERE m.group_id = ?1 ORDER BY u.name",
         group,
     )
 }
 
-fn refs(conn: &Connection, sql: &str, arg: &str) -> Result<Vec<ScimRef>, StoreError> {
-    let mut stmt = conn.prepare_cached(sql)?;
-    let rows = stmt.query_map([arg], |r| {
-        Ok(ScimRef {
-            id: r.get(0)?,
-            name: r.get(1)?,
+fn refs(tx: &Tx<'_>, sql: &str, arg: &str) -> Result<Vec<ScimRef>, StoreError> {
+    tx.rows(sql, args![arg])?
+        .iter()
+        .map(|r| {
+            Ok(ScimRef {
+                id: r.get(0)?,
+                name: r.get(1)?,
+            })
         })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+        .collect()
 }
 
 /// The user name of the live user with SCIM id `id`.
-fn name_of(conn: &Connection, id: &str) -> Result<Option<String>, StoreError> {
-    Ok(conn
-        .query_row(
-            "SELECT name FROM users WHERE uuid = ?1 AND scim_deleted IS NULL",
-            [id],
-            |r| r.get(0),
-        )
-        .optional()?)
+fn name_of(tx: &Tx<'_>, id: &str) -> Result<Option<String>, StoreError> {
+    tx.opt(
+        "SELECT name FROM users WHERE uuid = ?1 AND scim_deleted IS NULL",
+        args![id],
+    )?
+    .map(|r| r.get(0))
+    .transpose()
 }
 
 /// Adds the users with SCIM ids `ids` to `group`; an unknown id adds nobody.
 fn add_members(
-    tx: &Connection,
+    tx: &Tx<'_>,
     group: &str,
     ids: &[String],
 ) -> Result<Result<(), ScimProblem>, StoreError> {
@@ -648,9 +667,9 @@ fn add_members(
         }
     }
     for n in names {
-        tx.execute(
-            "INSERT OR IGNORE INTO scim_members (group_id, user) VALUES (?1, ?2)",
-            params![group, n],
+        tx.exec(
+            "INSERT INTO scim_members (group_id, \"user\") VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            args![group, n],
         )?;
     }
     Ok(Ok(()))
@@ -658,34 +677,33 @@ fn add_members(
 
 /// A conflict when another group (not `except`) has `name` in any case.
 fn name_taken(
-    conn: &Connection,
+    tx: &Tx<'_>,
     name: &str,
     except: Option<&str>,
 ) -> Result<Option<ScimProblem>, StoreError> {
-    let other: Option<(String, String)> = conn
-        .query_row(
-            "SELECT id, display_name FROM scim_groups \
-             WHERE display_name = ?1 COLLATE NOCASE AND id IS NOT ?2",
-            params![name, except],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    Ok(other.map(|(id, n)| {
-        ScimProblem::Conflict(format!(
-            "a group named {n:?} already exists (id {id}): look it up with filter=displayName eq \"{n}\""
-        ))
-    }))
+    let Some(r) = tx.opt(
+        "SELECT id, display_name FROM scim_groups \
+         WHERE lower(display_name) = lower(?1) AND (?2 IS NULL OR id <> ?2)",
+        args![name, except],
+    )?
+    else {
+        return Ok(None);
+    };
+    let (id, n): (String, String) = (r.get(0)?, r.get(1)?);
+    Ok(Some(ScimProblem::Conflict(format!(
+        "a group named {n:?} already exists (id {id}): look it up with filter=displayName eq \"{n}\""
+    ))))
 }
 
 /// Enables or disables `user` as [`Store::set_disabled`] does (disabling bumps the epoch);
 /// whether anything changed.
-fn set_active(tx: &Connection, user: &str, active: bool) -> Result<bool, StoreError> {
+fn set_active(tx: &Tx<'_>, user: &str, active: bool) -> Result<bool, StoreError> {
     let sql = if active {
         "UPDATE users SET disabled = 0 WHERE name = ?1 AND disabled <> 0"
     } else {
         "UPDATE users SET disabled = 1, epoch = epoch + 1 WHERE name = ?1 AND disabled = 0"
     };
-    Ok(tx.execute(sql, [user])? > 0)
+    Ok(tx.exec(sql, args![user])? > 0)
 }
 
 fn gone(what: &str) -> StoreError {

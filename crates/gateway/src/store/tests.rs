@@ -400,20 +400,31 @@ fn gateways_started_together_on_one_new_file_agree_on_everything() {
 #[test]
 fn a_url_is_not_taken_for_a_file_name() {
     let dir = tempfile::tempdir().expect("dir");
+    // Nothing listens on port 1: a PostgreSQL URL is tried as one, and says so.
     for url in [
-        "postgres://gw@db:5432/touchgate",
-        "postgresql://db/x",
-        "mysql://db/x",
+        "postgres://gw@127.0.0.1:1/touchgate",
+        "postgresql://gw@127.0.0.1:1/x",
     ] {
-        let path = dir.path().join(url);
-        let e = Store::open(std::path::Path::new(url))
+        let e = Store::open(Path::new(url))
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(e.starts_with(&format!("database {url}: ")), "{url}: {e}");
-        assert!(!path.exists());
+        assert!(
+            e.starts_with("the gateway cannot reach its database: "),
+            "{url}: {e}"
+        );
+        assert!(!dir.path().join(url).exists());
     }
-    assert!(!std::path::Path::new("postgres:").exists(), "no stray file");
+    let e = Store::open(Path::new("mysql://db/x"))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.starts_with("database mysql://db/x: a mysql:// URL"),
+        "{e}"
+    );
+    assert!(!Path::new("postgres:").exists(), "no stray file");
+    assert!(!Path::new("mysql:").exists(), "no stray file");
 }
 
 /// Two sign-ins with the same counter (a cloned key, verified by two gateways on one store at

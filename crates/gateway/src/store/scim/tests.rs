@@ -124,12 +124,13 @@ fn groups_add_to_the_id_token_groups_and_leave_with_their_members() {
     assert_eq!(groups.get("bob@example.com"), Some(&vec!["oncall".into()]));
     assert_eq!(groups.get("alice@example.com"), None);
     // The ID token's groups first, then SCIM's, each once.
-    s.lock()
-        .execute(
+    s.read(|tx| {
+        tx.exec(
             "UPDATE users SET idp_groups = '[\"eng\", \"oncall\"]' WHERE name = ?1",
-            ["bob@example.com"],
+            crate::store::sql::args!["bob@example.com"],
         )
-        .expect("idp groups");
+    })
+    .expect("idp groups");
     s.scim_create_group("staff", None, std::slice::from_ref(&bob.id))
         .expect("db")
         .expect("created");
