@@ -674,3 +674,58 @@ fn run_check(cfg: &std::path::Path) -> (std::process::Output, String) {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     (out, text)
 }
+
+/// The admin commands on PostgreSQL, named by the environment as a container would: `check`
+/// reports without creating anything, `invite`, `users` and `revoke` work from this "machine",
+/// and the password in the URL never shows.
+#[test]
+fn admin_commands_work_against_postgres_named_by_the_environment() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let pg = rt
+        .block_on(touchgate_testkit::postgres::Postgres::start())
+        .expect("PostgreSQL");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = minimal_config(dir.path());
+    let password = pg.url.split(':').nth(2).and_then(|p| p.split('@').next());
+    let password = password.expect("a password in the URL").to_owned();
+    let run = |args: &[&str]| {
+        let out = gateway()
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .env("TOUCHGATE_GATEWAY_DATABASE", &pg.url)
+            .output()
+            .expect("run");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains(&password), "the password shows: {text}");
+        (out, text)
+    };
+    let (_, said) = run(&["check"]);
+    assert!(
+        said.contains("PostgreSQL 1") && said.contains("not set up yet"),
+        "{said}"
+    );
+    let (out, said) = run(&["invite", "alice@example.com"]);
+    assert!(out.status.success(), "{said}");
+    let (out, said) = run(&["users"]);
+    assert!(
+        out.status.success() && said.contains("alice@example.com"),
+        "{said}"
+    );
+    let (out, said) = run(&["revoke", "alice@example.com"]);
+    assert!(out.status.success(), "{said}");
+    let (_, said) = run(&["check"]);
+    assert!(said.contains("schema version 1 of 1 (current)"), "{said}");
+    assert!(
+        !dir.path().join("gw.db").exists(),
+        "no SQLite file was made"
+    );
+    let epoch = rt
+        .block_on(pg.psql("SELECT epoch FROM users WHERE name = 'alice@example.com'"))
+        .expect("psql");
+    assert_eq!(epoch, "1");
+}
