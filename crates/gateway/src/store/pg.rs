@@ -293,8 +293,10 @@ pub(crate) struct PgConn {
     in_tx: AtomicBool,
 }
 
+/// A failed statement: the database refusing it, or the way to the database broken.
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
-    if e.is_closed() || e.as_db_error().is_none() && e.code().is_none() {
+    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+    if e.is_closed() || io {
         StoreError::Unreachable(e.to_string())
     } else {
         StoreError::Postgres(e)
