@@ -105,78 +105,142 @@ struct VerifyKey {
     jwk: serde_json::Value,
 }
 
-/// Signs and verifies the gateway's JWTs.
+/// How old a new signing key must be before it signs: long enough for every replica to have
+/// read it from the store (they reload at each change they hear of, and every few seconds),
+/// so none ever meets a token signed with a key it does not know yet.
+pub const KEY_PUBLISH_SECS: u64 = 120;
+
+/// The keys in use at one time: the one that signs and every one that verifies.
+struct KeySet {
+    current_kid: String,
+    current: EncodingKey,
+    verify: HashMap<String, VerifyKey>,
+}
+
+/// Signs and verifies the gateway's JWTs. Clones share the keys, which [`TokenSigner::reload`]
+/// replaces when the store's change (another replica rotated).
 #[derive(Clone)]
 pub struct TokenSigner {
     issuer: String,
-    current_kid: String,
-    current: Arc<EncodingKey>,
-    verify: Arc<HashMap<String, VerifyKey>>,
+    keys: Arc<std::sync::RwLock<Arc<KeySet>>>,
+}
+
+/// The key that signs among `keys` (newest first): the newest one old enough to be known to
+/// every replica ([`KEY_PUBLISH_SECS`]), else the newest (a new store has only one).
+fn signing_key(keys: &[StoredSigningKey], now: u64) -> Option<&StoredSigningKey> {
+    keys.iter()
+        .find(|k| now.saturating_sub(k.created) >= KEY_PUBLISH_SECS)
+        .or(keys.first())
+}
+
+fn key_set(keys: &[StoredSigningKey]) -> Result<KeySet, KeyError> {
+    let mut verify = HashMap::new();
+    for k in keys {
+        let kp = rcgen::KeyPair::try_from(k.pkcs8.as_slice())
+            .map_err(|e| KeyError::Key(e.to_string()))?;
+        let raw = kp.public_key_raw();
+        if raw.len() != 65 || raw[0] != 4 {
+            return Err(KeyError::Key(format!(
+                "key {} is not an uncompressed P-256 key",
+                k.kid
+            )));
+        }
+        let x = URL_SAFE_NO_PAD.encode(&raw[1..33]);
+        let y = URL_SAFE_NO_PAD.encode(&raw[33..]);
+        let key =
+            DecodingKey::from_ec_components(&x, &y).map_err(|e| KeyError::Key(e.to_string()))?;
+        let jwk = serde_json::json!({
+            "kty": "EC", "crv": "P-256", "x": x, "y": y,
+            "kid": k.kid, "alg": "ES256", "use": "sig",
+        });
+        verify.insert(k.kid.clone(), VerifyKey { key, jwk });
+    }
+    let signing = signing_key(keys, now_secs())
+        .ok_or_else(|| KeyError::Key("the store holds no signing key".into()))?;
+    Ok(KeySet {
+        current_kid: signing.kid.clone(),
+        current: EncodingKey::from_ec_der(&signing.pkcs8),
+        verify,
+    })
+}
+
+fn new_key() -> Result<StoredSigningKey, KeyError> {
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| KeyError::Key(e.to_string()))?;
+    let kid = URL_SAFE_NO_PAD.encode(&Sha256::digest(kp.public_key_raw())[..12]);
+    Ok(StoredSigningKey {
+        kid,
+        pkcs8: kp.serialize_der(),
+        created: now_secs(),
+    })
 }
 
 impl TokenSigner {
-    /// Loads the signing keys from the store, making a new current key when there is none or
-    /// when the newest is older than [`KEY_ROTATION_SECS`]. Older keys keep verifying.
+    /// Loads the signing keys from the store, making a new one when there is none or when the
+    /// newest is older than [`KEY_ROTATION_SECS`] (once, however many replicas start
+    /// together). Older keys keep verifying.
     pub fn load(store: &Store, issuer: &str) -> Result<Self, KeyError> {
-        let keys = store.signing_keys_rotated::<KeyError>(
-            |newest| now_secs().saturating_sub(newest.created) > KEY_ROTATION_SECS,
-            || {
-                let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-                    .map_err(|e| KeyError::Key(e.to_string()))?;
-                let kid = URL_SAFE_NO_PAD.encode(&Sha256::digest(kp.public_key_raw())[..12]);
-                Ok(StoredSigningKey {
-                    kid,
-                    pkcs8: kp.serialize_der(),
-                    created: now_secs(),
-                })
-            },
-        )?;
-        let mut verify = HashMap::new();
-        for k in &keys {
-            let kp = rcgen::KeyPair::try_from(k.pkcs8.as_slice())
-                .map_err(|e| KeyError::Key(e.to_string()))?;
-            let raw = kp.public_key_raw();
-            if raw.len() != 65 || raw[0] != 4 {
-                return Err(KeyError::Key(format!(
-                    "key {} is not an uncompressed P-256 key",
-                    k.kid
-                )));
-            }
-            let x = URL_SAFE_NO_PAD.encode(&raw[1..33]);
-            let y = URL_SAFE_NO_PAD.encode(&raw[33..]);
-            let key = DecodingKey::from_ec_components(&x, &y)
-                .map_err(|e| KeyError::Key(e.to_string()))?;
-            let jwk = serde_json::json!({
-                "kty": "EC", "crv": "P-256", "x": x, "y": y,
-                "kid": k.kid, "alg": "ES256", "use": "sig",
-            });
-            verify.insert(k.kid.clone(), VerifyKey { key, jwk });
-        }
-        let first = &keys[0];
-        let current = EncodingKey::from_ec_der(&first.pkcs8);
+        let keys = Self::rotated(store)?;
         Ok(Self {
             issuer: issuer.to_owned(),
-            current_kid: first.kid.clone(),
-            current: Arc::new(current),
-            verify: Arc::new(verify),
+            keys: Arc::new(std::sync::RwLock::new(Arc::new(key_set(&keys)?))),
         })
+    }
+
+    fn rotated(store: &Store) -> Result<Vec<StoredSigningKey>, KeyError> {
+        store.signing_keys_rotated::<KeyError>(
+            |newest| now_secs().saturating_sub(newest.created) > KEY_ROTATION_SECS,
+            new_key,
+        )
+    }
+
+    /// Makes a new key when the newest is due for rotation (see [`TokenSigner::load`]), then
+    /// [`TokenSigner::reload`]s: what a long-running gateway calls now and then.
+    pub fn rotate_if_due(&self, store: &Store) -> Result<bool, KeyError> {
+        let keys = Self::rotated(store)?;
+        self.reload(&keys)
+    }
+
+    /// Takes the store's keys (newest first) when they differ from those in use, or when a new
+    /// key has become old enough to sign; whether anything changed.
+    pub fn reload(&self, keys: &[StoredSigningKey]) -> Result<bool, KeyError> {
+        let now = self.current();
+        let same_keys =
+            keys.len() == now.verify.len() && keys.iter().all(|k| now.verify.contains_key(&k.kid));
+        let same_signer = signing_key(keys, now_secs()).is_some_and(|k| k.kid == now.current_kid);
+        if same_keys && same_signer {
+            return Ok(false);
+        }
+        let set = Arc::new(key_set(keys)?);
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = set;
+        Ok(true)
+    }
+
+    fn current(&self) -> Arc<KeySet> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The published verification keys, as a JWK Set.
     pub fn jwks(&self) -> serde_json::Value {
-        let keys: Vec<_> = self.verify.values().map(|v| v.jwk.clone()).collect();
+        let keys: Vec<_> = self
+            .current()
+            .verify
+            .values()
+            .map(|v| v.jwk.clone())
+            .collect();
         serde_json::json!({ "keys": keys })
     }
 
     /// The key id of the current signing key.
-    pub fn current_kid(&self) -> &str {
-        &self.current_kid
+    pub fn current_kid(&self) -> String {
+        self.current().current_kid.clone()
     }
 
     fn sign<T: Serialize>(&self, claims: &T) -> Result<String, KeyError> {
+        let keys = self.current();
         let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(self.current_kid.clone());
-        jsonwebtoken::encode(&header, claims, &self.current)
+        header.kid = Some(keys.current_kid.clone());
+        jsonwebtoken::encode(&header, claims, &keys.current)
             .map_err(|e| KeyError::Key(e.to_string()))
     }
 
@@ -233,7 +297,8 @@ impl TokenSigner {
         let kid = header
             .kid
             .ok_or_else(|| TokenError::Invalid("no key id".into()))?;
-        let key = self
+        let keys = self.current();
+        let key = keys
             .verify
             .get(&kid)
             .ok_or_else(|| TokenError::Invalid("signed by an unknown or retired key".into()))?;
@@ -438,5 +503,73 @@ mod tests {
         let jwks = again.jwks();
         assert_eq!(jwks["keys"][0]["kid"], signer.current_kid());
         assert_eq!(jwks["keys"][0]["alg"], "ES256");
+    }
+
+    #[test]
+    fn a_key_signs_only_once_every_replica_can_know_it() {
+        let key = |kid: &str, age: u64| StoredSigningKey {
+            kid: kid.into(),
+            pkcs8: Vec::new(),
+            created: 1_000_000 - age,
+        };
+        let keys = [key("new", 30), key("old", 8 * 24 * 3600)];
+        assert_eq!(
+            signing_key(&keys, 1_000_000).map(|k| k.kid.as_str()),
+            Some("old")
+        );
+        let keys = [key("new", KEY_PUBLISH_SECS), key("old", 8 * 24 * 3600)];
+        assert_eq!(
+            signing_key(&keys, 1_000_000).map(|k| k.kid.as_str()),
+            Some("new")
+        );
+        let keys = [key("only", 0)];
+        assert_eq!(
+            signing_key(&keys, 1_000_000).map(|k| k.kid.as_str()),
+            Some("only")
+        );
+    }
+
+    /// Another replica rotated: this one takes the new key from the store, signs with it once
+    /// it is old enough, and keeps verifying the tokens of the old one.
+    #[test]
+    fn a_key_rotated_by_another_replica_is_taken_from_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("gw.db")).expect("open");
+        let now = now_secs();
+        let mut first = new_key().expect("key");
+        first.created = now - 3 * 24 * 3600;
+        store.add_signing_key(&first).expect("add");
+        let signer = TokenSigner::load(&store, "https://gw.test").expect("signer");
+        let (old_token, _) = signer
+            .issue_session("alice", "t", now, now + 60)
+            .expect("issue");
+        let old_kid = signer.current_kid();
+        let fresh = new_key().expect("key");
+        store.add_signing_key(&fresh).expect("add");
+        let keys = store.signing_keys().expect("keys");
+        assert!(
+            signer.reload(&keys).expect("reload"),
+            "a new key to verify with"
+        );
+        assert_eq!(signer.current_kid(), old_kid, "too new to sign yet");
+        assert!(!signer.reload(&keys).expect("again"), "nothing changed");
+
+        let mut later = new_key().expect("key");
+        later.created = now - KEY_PUBLISH_SECS - 1;
+        store.add_signing_key(&later).expect("add");
+        let keys = store.signing_keys().expect("keys");
+        assert!(signer.reload(&keys).expect("reload"));
+        // The newest key old enough to be known everywhere signs.
+        assert_eq!(signer.current_kid(), later.kid);
+        signer
+            .verify_session(&old_token, "t")
+            .expect("the old key still verifies");
+        let (token, _) = signer
+            .issue_session("alice", "t", now, now + 60)
+            .expect("issue");
+        let other = TokenSigner::load(&store, "https://gw.test").expect("another replica");
+        other
+            .verify_session(&token, "t")
+            .expect("every replica verifies it");
     }
 }

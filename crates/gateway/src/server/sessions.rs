@@ -53,6 +53,8 @@ pub const REVOCATION_POLL: Duration = Duration::from_secs(1);
 /// How often a gateway on PostgreSQL reads revocations while its change listener is up (each
 /// change wakes it at once; this catches anything a notification could miss).
 const LISTENING_POLL: Duration = Duration::from_secs(10);
+/// How often a running gateway checks whether the signing key is due for rotation.
+const KEY_ROTATION_CHECK: Duration = Duration::from_secs(3600);
 /// How often the record of sessions' last activity drops sessions past their maximum age.
 const ACTIVITY_PRUNE: Duration = Duration::from_secs(60);
 
@@ -157,6 +159,7 @@ impl Gateway {
     pub(super) async fn enforce_revocations(self: Arc<Self>) {
         let changes = self.store.changes();
         let mut next_prune = tokio::time::Instant::now() + ACTIVITY_PRUNE;
+        let mut next_rotation = tokio::time::Instant::now() + KEY_ROTATION_CHECK;
         loop {
             match &changes {
                 // PostgreSQL: woken by every change any replica commits; polled as well, less
@@ -179,7 +182,27 @@ impl Gateway {
                 self.activity.prune(self.cfg.session.max_age);
             }
             let (store, groups) = (self.store.clone(), self.cfg.group_source());
+            let (signer, rotate) = (
+                self.signer.clone(),
+                tokio::time::Instant::now() >= next_rotation,
+            );
+            if rotate {
+                next_rotation += KEY_ROTATION_CHECK;
+            }
             let loaded = tokio::task::spawn_blocking(move || {
+                // Signing keys: rotated here when due (once across replicas), and taken from
+                // the store when another replica rotated.
+                let keys = if rotate {
+                    signer.rotate_if_due(&store)
+                } else {
+                    store
+                        .signing_keys()
+                        .map_err(crate::tokens::KeyError::from)
+                        .and_then(|k| signer.reload(&k))
+                };
+                if let Err(e) = keys {
+                    tracing::error!(error = %e, "cannot reload the signing keys");
+                }
                 store
                     .epochs()
                     .and_then(|e| Ok((e, store.disabled_users()?, store.user_groups(groups)?)))

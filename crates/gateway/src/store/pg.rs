@@ -10,7 +10,8 @@
 //!
 //! Replicas agree through the database itself: migrations, secrets and signing-key rotation
 //! run under advisory locks, the signature counter and invites are conditional updates, and a
-//! trigger announces revocations, disabled users and group changes on the channel
+//! trigger announces revocations, disabled users, group changes and new signing keys on the
+//! channel
 //! [`CHANNEL`], which every replica listens to ([`Listener`]).
 
 use std::{
@@ -133,6 +134,8 @@ const MIGRATIONS: &[&str] = &[r#"
     CREATE TRIGGER members_changed AFTER INSERT OR UPDATE OR DELETE ON scim_members
         FOR EACH STATEMENT EXECUTE FUNCTION touchgate_changed();
     CREATE TRIGGER groups_changed AFTER UPDATE OF display_name OR DELETE ON scim_groups
+        FOR EACH STATEMENT EXECUTE FUNCTION touchgate_changed();
+    CREATE TRIGGER keys_changed AFTER INSERT ON signing_keys
         FOR EACH STATEMENT EXECUTE FUNCTION touchgate_changed();
 "#];
 
