@@ -132,7 +132,8 @@ time_left: string | null,
  */
 services: Array<ServiceView>, 
 /**
- * The gateway address.
+ * The gateway: while connected, the address in use (`gw-a.example:443 (192.0.2.7:443)`);
+ * else the configured address, or the list of them.
  */
 gateway: string, 
 /**
@@ -232,7 +233,8 @@ allowed_origins: Array<string>, };
 
 export type Settings = { 
 /**
- * Gateway address, `host:port`.
+ * Gateway address, `host:port`; the addresses of several replicas separated by commas
+ * (a list in the file).
  */
 gateway: string, 
 /**

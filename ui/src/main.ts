@@ -347,7 +347,7 @@ function settingsView(): HTMLElement {
     },
     sv.managed_file ? note(`Some settings are set by your organisation (${sv.managed_file}) and cannot be changed here.`, "managed") : null,
     sv.problem ? alertBox(`Not usable yet: ${sv.problem}`) : null,
-    h("fieldset", {}, h("legend", {}, "Gateway"), text("gateway", "Gateway address", "host:port, as your admin gave it"), text("gateway_cert_sha256", "Gateway certificate fingerprint (SHA-256)"), text("user", "Your user name"), text("authenticator", "Key", "hid for a USB security key")),
+    h("fieldset", {}, h("legend", {}, "Gateway"), text("gateway", "Gateway address", "host:port, as your admin gave it; several replicas separated by commas"), text("gateway_cert_sha256", "Gateway certificate fingerprint (SHA-256)"), text("user", "Your user name"), text("authenticator", "Key", "hid for a USB security key")),
     h(
       "fieldset",
       {},

@@ -26,7 +26,7 @@ use crate::{
     authenticator::Authenticator,
     config::AgentConfig,
     peer::OwnerCheck,
-    tunnel::{SessionKey, Tunnel, TunnelError, client_endpoint},
+    tunnel::{Candidate, Order, SessionKey, Tunnel, TunnelError, client_endpoint},
 };
 
 /// An authenticator shared between the agent's tasks (calls are serialised by the mutex).
@@ -72,6 +72,9 @@ pub enum AgentState {
         /// Those of them that are TCP services.
         #[serde(default)]
         tcp: Vec<String>,
+        /// The gateway address in use: `gw-a.example:443 (192.0.2.7:443)`.
+        #[serde(default)]
+        gateway: String,
     },
     /// The connection dropped; reconnecting with the same session.
     Reconnecting {
@@ -150,6 +153,10 @@ struct Shared {
     conn: watch::Sender<Option<quinn::Connection>>,
     session: Arc<Mutex<Option<SessionInfo>>>,
     tunnel: tokio::sync::Mutex<Option<Arc<Tunnel>>>,
+    /// The gateway address of the live connection, for status.
+    gateway: Mutex<Option<Candidate>>,
+    /// The order this agent tries the gateway's addresses in.
+    order: Order,
     locked: std::sync::atomic::AtomicBool,
     /// The gateway refused the user as disabled: the agent has stopped for good.
     disabled: std::sync::atomic::AtomicBool,
@@ -209,6 +216,8 @@ impl RunningAgent {
             conn: conn_tx,
             session: Arc::new(Mutex::new(None)),
             tunnel: tokio::sync::Mutex::new(None),
+            gateway: Mutex::new(None),
+            order: Order::random(),
             locked: std::sync::atomic::AtomicBool::new(false),
             disabled: std::sync::atomic::AtomicBool::new(false),
             on_session_end,
@@ -318,8 +327,18 @@ impl RunningAgent {
     }
 
     /// Moves the tunnel to a new UDP socket (a network change); the QUIC connection migrates
-    /// and open streams carry on.
+    /// and open streams carry on. The socket must be of the family in use: an IPv6 socket
+    /// (dual-stack) unless every gateway address is an IPv4 one.
     pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
+        let (now, new) = (self.shared.endpoint.local_addr()?, socket.local_addr()?);
+        if now.is_ipv6() && new.is_ipv4() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the tunnel uses a dual-stack IPv6 socket ({now}), which an IPv4 one ({new}) cannot replace: bind [::]:0 instead"
+                ),
+            ));
+        }
         self.shared.endpoint.rebind(socket)
     }
 
@@ -334,6 +353,20 @@ impl RunningAgent {
     /// The name of the key that signed in ("YubiKey 5 NFC", "software key PATH").
     pub fn key_name(&self) -> String {
         self.shared.key_name()
+    }
+
+    /// The gateway address the agent is connected to (`gw-a.example:443 (192.0.2.7:443)`), or
+    /// `None` while it is not.
+    pub fn gateway(&self) -> Option<String> {
+        let live = self
+            .connection()
+            .is_some_and(|c| c.close_reason().is_none());
+        let gateway = self
+            .shared
+            .gateway
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        gateway.as_ref().filter(|_| live).map(Candidate::to_string)
     }
 
     /// Renews the session on the live connection with a new touch: a fresh session with a
@@ -355,7 +388,7 @@ impl RunningAgent {
 
 impl Shared {
     async fn sign_in(&self) -> Result<(), TunnelError> {
-        let tunnel = Tunnel::connect(&self.endpoint, &self.cfg).await?;
+        let tunnel = Tunnel::connect_in(&self.endpoint, &self.cfg, self.order).await?;
         self.login_on(tunnel).await
     }
 
@@ -406,7 +439,8 @@ impl Shared {
             .await
         {
             Ok(session) => {
-                self.state.send_replace(connected_state(&session));
+                self.state
+                    .send_replace(connected_state(&session, tunnel.gateway()));
                 *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.clone());
                 Ok(session)
             }
@@ -428,8 +462,11 @@ impl Shared {
                 tracing::warn!(service = %s.name, "the gateway does not offer this service to you (unknown, or not allowed): connections to it will be refused");
             }
         }
-        self.state.send_replace(connected_state(&session));
+        tracing::info!(gateway = %tunnel.gateway(), "connected to the gateway");
+        self.state
+            .send_replace(connected_state(&session, tunnel.gateway()));
         *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(session);
+        *self.gateway.lock().unwrap_or_else(|e| e.into_inner()) = Some(tunnel.gateway().clone());
         self.conn.send_replace(Some(tunnel.connection().clone()));
         *self.tunnel.lock().await = Some(Arc::new(tunnel));
     }
@@ -492,7 +529,19 @@ impl Shared {
                 self.stop_disabled(ACCOUNT_DISABLED.to_owned());
                 return;
             }
-            tracing::warn!(%reason, "connection to the gateway lost; reconnecting");
+            // The gateway just lost is tried last: with replicas, the session resumes on
+            // another one at once.
+            let lost = self
+                .gateway
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            let order = match &lost {
+                Some(g) => self.order.after_losing(g.addr),
+                None => self.order,
+            };
+            let gateway = lost.map(|g| g.to_string()).unwrap_or_default();
+            tracing::warn!(%reason, %gateway, "connection to the gateway lost; reconnecting");
             self.state.send_replace(AgentState::Reconnecting {
                 attempt: 0,
                 reason: format!("connection lost: {reason}"),
@@ -501,7 +550,7 @@ impl Shared {
             let mut delay = Duration::from_millis(100);
             loop {
                 attempt += 1;
-                match self.reconnect().await {
+                match self.reconnect(order).await {
                     Ok(()) if self.locked.load(std::sync::atomic::Ordering::SeqCst) => return,
                     Ok(()) => {
                         tracing::info!(attempt, "reconnected to the gateway");
@@ -526,14 +575,14 @@ impl Shared {
         }
     }
 
-    async fn reconnect(&self) -> Result<(), TunnelError> {
+    async fn reconnect(&self, order: Order) -> Result<(), TunnelError> {
         let token = self
             .session
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .map(|s| s.token.clone());
-        let tunnel = Tunnel::connect(&self.endpoint, &self.cfg).await?;
+        let tunnel = Tunnel::connect_in(&self.endpoint, &self.cfg, order).await?;
         if let Some(token) = token {
             match tunnel.resume(&token).await {
                 Ok(session) => {
@@ -592,12 +641,13 @@ fn closed_as_disabled(reason: &quinn::ConnectionError) -> bool {
             || String::from_utf8_lossy(&c.reason).contains(DISABLED_CLOSE))
 }
 
-fn connected_state(session: &SessionInfo) -> AgentState {
+fn connected_state(session: &SessionInfo, gateway: &Candidate) -> AgentState {
     AgentState::Connected {
         user: session.user.clone(),
         expires_at: session.expires_at,
         services: session.services.iter().map(|s| s.name.clone()).collect(),
         tcp: crate::controller::tcp_services(session),
+        gateway: gateway.to_string(),
     }
 }
 

@@ -35,9 +35,10 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    /// Gateway address, `host:port` (UDP).
-    pub gateway: String,
-    /// TLS server name of the gateway; defaults to the host part of `gateway`.
+    /// The gateway's address, `host:port` (UDP), or a list of the addresses of its replicas:
+    /// the agent connects to one and, when it loses it, resumes its session on another.
+    pub gateway: GatewayAddrs,
+    /// TLS server name of the gateway; defaults to the host part of each `gateway` address.
     #[serde(default)]
     pub server_name: Option<String>,
     /// SHA-256 fingerprint (hex) of the gateway's certificate, pinned.
@@ -100,6 +101,97 @@ pub struct AgentConfig {
     /// Tray app: ask for a touch as soon as it starts, instead of waiting for "Sign in…".
     #[serde(default)]
     pub sign_in_on_launch: bool,
+}
+
+/// The gateway's addresses, `host:port` each, in the order the config lists them. The file
+/// may give one string or a list; an empty list and a duplicate are refused by
+/// [`AgentConfig::check`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(from = "OneOrMany")]
+pub struct GatewayAddrs(Vec<String>);
+
+/// The shapes `gateway` may take in the file.
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a gateway address \"host:port\", or a list of them such as [\"gw-a.example:443\", \"gw-b.example:443\"]"
+)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<OneOrMany> for GatewayAddrs {
+    fn from(v: OneOrMany) -> Self {
+        match v {
+            OneOrMany::One(a) => Self(vec![a]),
+            OneOrMany::Many(l) => Self(l),
+        }
+    }
+}
+
+impl From<String> for GatewayAddrs {
+    fn from(addr: String) -> Self {
+        Self(vec![addr])
+    }
+}
+
+impl From<&str> for GatewayAddrs {
+    fn from(addr: &str) -> Self {
+        Self(vec![addr.to_owned()])
+    }
+}
+
+impl From<Vec<String>> for GatewayAddrs {
+    fn from(addrs: Vec<String>) -> Self {
+        Self(addrs)
+    }
+}
+
+impl GatewayAddrs {
+    /// The addresses, as configured.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+
+    /// The first address, if there is one.
+    pub fn first(&self) -> Option<&str> {
+        self.0.first().map(String::as_str)
+    }
+
+    /// How many addresses there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the list is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The addresses as people read them: `gw-a.example:443, gw-b.example:443`.
+impl std::fmt::Display for GatewayAddrs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
+}
+
+/// Splits `host:port` into the host (brackets of an IPv6 address removed) and the port; says
+/// what is wrong when it is not that.
+pub fn split_host_port(addr: &str) -> Result<(&str, u16), &'static str> {
+    let (host, port) = addr.rsplit_once(':').ok_or("must be host:port")?;
+    let port = port.parse::<u16>().map_err(|_| "must be host:port")?;
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    match bare {
+        Some(ip) if ip.parse::<std::net::Ipv6Addr>().is_ok() => Ok((ip, port)),
+        Some(_) => Err("has brackets around something that is not an IPv6 address"),
+        None if host.contains(':') => {
+            Err("has an IPv6 address without brackets: write it as [ADDRESS]:PORT")
+        }
+        None if host.is_empty() => Err("must be host:port"),
+        None => Ok((host, port)),
+    }
 }
 
 /// One service exposed on localhost.
@@ -189,14 +281,7 @@ impl AgentConfig {
 
     /// Checks what serde cannot, reporting every problem at once.
     pub fn check(&self) -> Result<(), ConfigError> {
-        let mut problems = Vec::new();
-        if self
-            .gateway
-            .rsplit_once(':')
-            .is_none_or(|(_, p)| p.parse::<u16>().is_err())
-        {
-            problems.push(format!("gateway {:?} must be host:port", self.gateway));
-        }
+        let mut problems = self.gateway_problems();
         if self.gateway_cert_sha256.is_none() && self.gateway_ca.is_none() {
             problems.push(
                 "set gateway_cert_sha256 (the gateway certificate's fingerprint) or gateway_ca: \
@@ -271,18 +356,59 @@ impl AgentConfig {
         }
     }
 
-    /// The TLS server name of the gateway.
+    /// The TLS server name of the gateway: `server_name`, else the host of the first address
+    /// (every address has the same host unless `server_name` or `rp_id` is set, see
+    /// [`AgentConfig::check`]).
     pub fn server_name(&self) -> String {
-        self.server_name.clone().unwrap_or_else(|| {
-            let host = self
-                .gateway
-                .rsplit_once(':')
-                .map(|(h, _)| h)
-                .unwrap_or(&self.gateway);
-            host.trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned()
-        })
+        self.server_name_for(self.gateway.first().unwrap_or_default())
+    }
+
+    /// The TLS server name for the gateway address `addr` (one of `gateway`): `server_name`,
+    /// else the host part of `addr`. Never the resolved IP: the certificate is checked against
+    /// the configured name whichever address answers.
+    pub fn server_name_for(&self, addr: &str) -> String {
+        if let Some(name) = &self.server_name {
+            return name.clone();
+        }
+        split_host_port(addr)
+            .map(|(h, _)| h)
+            .unwrap_or(addr)
+            .to_owned()
+    }
+
+    /// What is wrong with `gateway`: an empty list, an address that is not `host:port`, one
+    /// listed twice, or several hosts with nothing to say which names the site signed for.
+    fn gateway_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.gateway.is_empty() {
+            problems.push(
+                "gateway is an empty list: name at least one gateway address, such as \"gw.example.com:443\""
+                    .to_owned(),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut hosts = std::collections::BTreeSet::new();
+        for addr in self.gateway.iter() {
+            match split_host_port(addr) {
+                Ok((host, _)) => {
+                    hosts.insert(host.to_ascii_lowercase());
+                }
+                Err(e) => problems.push(format!("gateway {addr:?} {e}")),
+            }
+            if !seen.insert(addr.to_ascii_lowercase()) {
+                problems.push(format!(
+                    "gateway {addr:?} is listed twice: list each address once"
+                ));
+            }
+        }
+        if hosts.len() > 1 && self.rp_id.is_none() && self.server_name.is_none() {
+            let hosts = hosts.into_iter().collect::<Vec<_>>().join(", ");
+            problems.push(format!(
+                "gateway lists several hosts ({hosts}), so the agent cannot tell which names the site it signs for: \
+                 set rp_id to the relying party the gateways share (ask your admin), or server_name when they share one TLS name"
+            ));
+        }
+        problems
     }
 
     /// The WebAuthn relying party id this agent signs for: `rp_id`, else the TLS server name.
@@ -411,6 +537,117 @@ mod tests {
         assert!(msg.contains("gateway_cert_sha256"), "{msg}");
         assert!(msg.contains("\"floppy\" is not known"), "{msg}");
         assert_eq!(cfg.server_name(), "gw.example.com");
+    }
+
+    fn gateway(value: &str, extra: &str) -> Result<AgentConfig, String> {
+        let cfg: AgentConfig = toml::from_str(&format!(
+            "gateway = {value}\nuser = \"alice\"\ngateway_cert_sha256 = \"{}\"\n{extra}",
+            "ab".repeat(32)
+        ))
+        .map_err(|e| e.to_string())?;
+        cfg.check().map_err(|e| e.to_string())?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn the_gateway_is_one_address_or_a_list_of_them() {
+        let one = gateway("\"gw.corp.example:443\"", "").expect("one");
+        assert_eq!(one.gateway, GatewayAddrs::from("gw.corp.example:443"));
+        assert_eq!(one.gateway.to_string(), "gw.corp.example:443");
+        let list = gateway(
+            "[\"gw-a.corp.example:443\", \"[2001:db8::7]:443\"]",
+            "rp_id = \"corp.example\"",
+        )
+        .expect("list");
+        assert_eq!(
+            list.gateway.iter().collect::<Vec<_>>(),
+            ["gw-a.corp.example:443", "[2001:db8::7]:443"]
+        );
+        assert_eq!(
+            list.gateway.to_string(),
+            "gw-a.corp.example:443, [2001:db8::7]:443"
+        );
+        // Each address is checked under its own configured host, never an IP it resolves to.
+        assert_eq!(
+            list.server_name_for("gw-a.corp.example:443"),
+            "gw-a.corp.example"
+        );
+        assert_eq!(list.server_name_for("[2001:db8::7]:443"), "2001:db8::7");
+        assert_eq!(list.server_name(), "gw-a.corp.example");
+        let named = gateway(
+            "[\"10.0.0.1:443\", \"10.0.0.2:443\"]",
+            "server_name = \"gw.corp.example\"",
+        )
+        .expect("list");
+        assert_eq!(named.server_name_for("10.0.0.2:443"), "gw.corp.example");
+        assert_eq!(named.rp_id(), "gw.corp.example");
+        // A list of one is the same as the address alone.
+        let single = gateway("[\"gw.corp.example:443\"]", "").expect("list of one");
+        assert_eq!(single.gateway, one.gateway);
+    }
+
+    /// Checks that `gateway = value` (with `extra` lines) is refused, saying each of `want`.
+    fn refused(value: &str, extra: &str, want: &[&str]) {
+        let e = gateway(value, extra).expect_err("refused");
+        for w in want {
+            assert!(e.contains(w), "{w:?} not in {e}");
+        }
+    }
+
+    #[test]
+    fn an_empty_gateway_list_is_refused_saying_what_to_write() {
+        refused(
+            "[]",
+            "",
+            &["gateway is an empty list: name at least one gateway address"],
+        );
+    }
+
+    #[test]
+    fn a_gateway_listed_twice_is_refused() {
+        refused(
+            "[\"gw.corp.example:443\", \"GW.corp.example:443\"]",
+            "",
+            &["gateway \"GW.corp.example:443\" is listed twice"],
+        );
+        // Two names that reach one address are not refused: they are one candidate.
+        gateway("[\"gw.corp.example:443\", \"gw.corp.example:4433\"]", "").expect("two ports");
+    }
+
+    #[test]
+    fn a_gateway_that_is_neither_an_address_nor_a_list_says_what_it_takes() {
+        refused(
+            "4433",
+            "",
+            &["a gateway address \"host:port\", or a list of them"],
+        );
+        refused(
+            "[\"gw.corp.example\", \"2001:db8::7:443\", \"[gw]:443\"]",
+            "rp_id = \"corp.example\"",
+            &[
+                "gateway \"gw.corp.example\" must be host:port",
+                "gateway \"2001:db8::7:443\" has an IPv6 address without brackets",
+                "gateway \"[gw]:443\" has brackets around something that is not an IPv6 address",
+            ],
+        );
+    }
+
+    #[test]
+    fn gateways_on_several_hosts_need_to_be_told_the_site_they_share() {
+        refused(
+            "[\"gw-a.corp.example:443\", \"gw-b.corp.example:443\"]",
+            "",
+            &[
+                "gateway lists several hosts (gw-a.corp.example, gw-b.corp.example)",
+                "set rp_id",
+            ],
+        );
+        let cfg = gateway(
+            "[\"gw-a.corp.example:443\", \"gw-b.corp.example:443\"]",
+            "rp_id = \"corp.example\"",
+        )
+        .expect("rp_id says");
+        assert_eq!(cfg.expected_origin(), "https://corp.example");
     }
 
     #[test]

@@ -327,7 +327,10 @@ impl Inner {
         match RunningAgent::start_with(config, authn, OnSessionEnd::Stop).await {
             Ok(agent) => {
                 let id = self.agents.fetch_add(1, Ordering::Relaxed) + 1;
-                let session = agent.session().as_ref().map(Session::from);
+                let session = agent.session().as_ref().map(|s| Session {
+                    gateway: agent.gateway().unwrap_or_default(),
+                    ..Session::from(s)
+                });
                 let listeners = agent
                     .listeners()
                     .iter()

@@ -86,7 +86,8 @@ pub struct ServiceSetting {
 /// The values a user can edit (unless the organisation set them).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, TS)]
 pub struct Settings {
-    /// Gateway address, `host:port`.
+    /// Gateway address, `host:port`; the addresses of several replicas separated by commas
+    /// (a list in the file).
     pub gateway: String,
     /// The gateway certificate's SHA-256 fingerprint (empty: none, a CA file is used).
     pub gateway_cert_sha256: String,
@@ -482,7 +483,7 @@ mod tests {
         let (_dir, paths) = layers(USER, Some(&managed("lock_on_key_removal = true")));
         let l = Layered::load(&paths).expect("load");
         let cfg = l.config().expect("config");
-        assert_eq!(cfg.gateway, "gw.corp.example:4433");
+        assert_eq!(cfg.gateway, "gw.corp.example:4433".into());
         assert!(cfg.lock_on_key_removal);
         let ports: Vec<_> = cfg
             .services
@@ -694,6 +695,35 @@ mod tests {
             .expect("write");
         let e = check_managed(&bad).expect_err("unknown key").to_string();
         assert!(e.contains("unknown field `gatway_cert_sha256`"), "{e}");
+    }
+
+    #[test]
+    fn the_organisation_can_set_a_list_of_gateways() {
+        let (_dir, paths) = layers(
+            "gateway = \"mine.example.com:4433\"\nuser = \"alice\"\n",
+            Some(&format!(
+                "gateway = [\"gw-a.corp.example:4433\", \"gw-b.corp.example:4433\"]\nrp_id = \"corp.example\"\ngateway_cert_sha256 = \"{PIN}\"\n"
+            )),
+        );
+        let l = Layered::load(&paths).expect("load");
+        let cfg = l.config().expect("config");
+        assert_eq!(
+            cfg.gateway.iter().collect::<Vec<_>>(),
+            ["gw-a.corp.example:4433", "gw-b.corp.example:4433"]
+        );
+        assert!(l.is_locked("gateway"));
+        let view = l.view();
+        assert_eq!(
+            view.values.gateway,
+            "gw-a.corp.example:4433, gw-b.corp.example:4433"
+        );
+        // Saving other settings leaves the organisation's list alone.
+        let mut s = view.values.clone();
+        s.autostart = true;
+        l.save(&s).expect("save").config().expect("config");
+        s.gateway = "gw-a.corp.example:4433".into();
+        let e = l.save(&s).expect_err("locked").to_string();
+        assert!(e.contains("gateway is set by your organisation"), "{e}");
     }
 
     /// The JSON Schema shipped for admins names exactly the keys the agent reads from a managed

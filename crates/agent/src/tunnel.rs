@@ -25,6 +25,21 @@ use crate::{
 };
 use touchgate_common::wire::{WireError, read_frame, write_frame};
 
+pub mod dial;
+
+pub use dial::{Candidate, Order};
+
+/// How often the agent pings a quiet connection. The gateway's answers are what tell the agent
+/// it is still there.
+pub const KEEP_ALIVE: Duration = Duration::from_millis(500);
+
+/// How long the agent hears nothing from the gateway before it takes the connection as lost and
+/// resumes the session on another gateway (or the same one, back): two keep-alive intervals, in
+/// which QUIC also resends an unanswered ping at each of its probe timeouts, so one lost packet
+/// costs nothing. QUIC never gives up sooner than three probe timeouts, so on a slow path this
+/// stretches by itself. The gateway takes the shorter of its own idle timeout and this one.
+pub const DEAD_AFTER: Duration = Duration::from_secs(1);
+
 /// Where the user finishes a device enrolment (RFC 8628), as the gateway relays it.
 #[derive(Debug, Clone)]
 pub struct DeviceCode {
@@ -182,12 +197,33 @@ pub fn client_endpoint(
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TunnelError::Tls(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(touchgate_common::transport_config(0)));
-    let bind: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));
-    let mut endpoint = quinn::Endpoint::client(bind)
-        .map_err(|e| TunnelError::Tls(format!("cannot open a UDP socket: {e}")))?;
+    let mut transport = touchgate_common::transport_config(0);
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(DEAD_AFTER).map_err(|e| TunnelError::Tls(e.to_string()))?,
+    ));
+    client.transport_config(Arc::new(transport));
+    let v4 = SocketAddr::from(([0, 0, 0, 0], 0));
+    let endpoint = if only_ipv4(cfg) {
+        quinn::Endpoint::client(v4)
+    } else {
+        // One dual-stack socket reaches IPv6 and IPv4 addresses alike, whatever a name
+        // resolves to; a machine without IPv6 gets an IPv4 socket, and IPv6 addresses are then
+        // skipped with a reason.
+        quinn::Endpoint::client(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))
+            .or_else(|_| quinn::Endpoint::client(v4))
+    };
+    let mut endpoint =
+        endpoint.map_err(|e| TunnelError::Tls(format!("cannot open a UDP socket: {e}")))?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
+}
+
+/// Whether every gateway address is an IPv4 address: the agent then needs no IPv6 socket.
+fn only_ipv4(cfg: &AgentConfig) -> bool {
+    cfg.gateway
+        .iter()
+        .all(|a| a.parse::<std::net::SocketAddrV4>().is_ok())
 }
 
 /// Verifies the gateway by the SHA-256 fingerprint of its certificate.
@@ -324,50 +360,55 @@ pub struct Tunnel {
     control: Mutex<Control>,
     binding: [u8; EXPORTER_LEN],
     sign_for: SignFor,
+    gateway: Candidate,
 }
 
 impl Tunnel {
-    /// Resolves and connects to the gateway, and opens the control stream.
+    /// Resolves the gateway's addresses, connects to the first that answers (trying them in
+    /// a random order, see [`dial`]) and opens the control stream.
     pub async fn connect(
         endpoint: &quinn::Endpoint,
         cfg: &AgentConfig,
     ) -> Result<Self, TunnelError> {
+        Self::connect_in(endpoint, cfg, Order::random()).await
+    }
+
+    /// [`Tunnel::connect`], trying the addresses in `order`.
+    pub async fn connect_in(
+        endpoint: &quinn::Endpoint,
+        cfg: &AgentConfig,
+        order: Order,
+    ) -> Result<Self, TunnelError> {
         let err = |reason: String| TunnelError::Connect {
-            addr: cfg.gateway.clone(),
+            addr: cfg.gateway.to_string(),
             reason,
         };
-        let addr = tokio::net::lookup_host(&cfg.gateway)
-            .await
-            .map_err(|e| err(format!("cannot resolve: {e}")))?
-            .find(|a| a.is_ipv4())
-            .ok_or_else(|| err("no IPv4 address".into()))?;
-        let connecting = endpoint
-            .connect(addr, &cfg.server_name())
-            .map_err(|e| err(e.to_string()))?;
-        let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
-            .await
-            .map_err(|_| err("no answer within 10s (is UDP to the gateway blocked?)".into()))?
-            .map_err(|e| {
-                let text = e.to_string();
-                if text.contains("refused to accept a new connection") {
-                    err(format!(
-                        "{text} (the gateway is refusing new connections from this address for now, \
-                         e.g. too many in a minute: try again shortly)"
-                    ))
-                } else {
-                    err(text)
-                }
-            })?;
+        let (candidates, mut failed) = dial::resolve(cfg).await;
+        let (conn, gateway) = match dial::race(endpoint, &order.arrange(candidates)).await {
+            Ok(won) => won,
+            Err(more) => {
+                failed.extend(more);
+                return Err(err(dial::describe(&cfg.gateway.to_string(), &failed)));
+            }
+        };
+        let err = |reason: String| err(format!("{gateway}: {reason}"));
         let mut binding = [0u8; EXPORTER_LEN];
         conn.export_keying_material(&mut binding, EXPORTER_LABEL, b"")
             .map_err(|_| err("no TLS exporter".into()))?;
         let (send, recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
+        tracing::debug!(%gateway, "connected to the gateway");
         Ok(Self {
             conn,
             control: Mutex::new(Control { send, recv }),
             binding,
             sign_for: SignFor::of(cfg),
+            gateway,
         })
+    }
+
+    /// The gateway address this tunnel is connected to.
+    pub fn gateway(&self) -> &Candidate {
+        &self.gateway
     }
 
     /// The QUIC connection.

@@ -182,6 +182,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 }
                 Some(report) => {
                     println!("{}", report.view.summary);
+                    if report.view.session.is_some() {
+                        println!("gateway {}", report.view.gateway);
+                    }
                     print_services(&report.view);
                     Ok(std::process::ExitCode::SUCCESS)
                 }

@@ -131,6 +131,11 @@ async fn up_serves_the_services_and_status_tells_what_it_does() {
         text.contains(&format!("service api on 127.0.0.1:{port}\n")),
         "{text}"
     );
+    // It names the gateway address in use.
+    assert!(
+        text.contains(&format!("\ngateway {}\n", lab.quic_addr)),
+        "{text}"
+    );
 
     // A port change goes to the user's file, comments kept.
     let set = Command::new(bin)

@@ -11,6 +11,10 @@ use touchgate_gateway::{Gateway, GatewayConfig, shards::Shards, tls};
 
 use crate::{FakeServer, start_cloud_run, start_metadata_server};
 
+mod replica;
+
+pub use replica::Replica;
+
 /// Settings a test may change.
 #[derive(Debug, Clone)]
 pub struct LabOptions {
@@ -347,20 +351,27 @@ allow = ["*"]
 
     /// The audit log, one JSON value per line.
     pub fn audit(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        read_audit(&self.dir.path().join("audit.jsonl"))
     }
 
     /// Audit lines with `event`.
     pub fn audit_events(&self, event: &str) -> Vec<serde_json::Value> {
-        self.audit()
-            .into_iter()
-            .filter(|v| v["event"] == event)
-            .collect()
+        with_event(self.audit(), event)
     }
+}
+
+/// The audit log at `path`, one JSON value per line (none when there is no file yet).
+fn read_audit(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The lines of `audit` with `event`.
+fn with_event(audit: Vec<serde_json::Value>, event: &str) -> Vec<serde_json::Value> {
+    audit.into_iter().filter(|v| v["event"] == event).collect()
 }
 
 impl Drop for Lab {

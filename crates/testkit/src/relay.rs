@@ -1,6 +1,8 @@
 //! A UDP relay between one agent and the gateway, for faults the gateway cannot fake by itself:
 //! [`UdpRelay::blackhole`] drops every datagram both ways, as a killed gateway or a dead network
-//! path would, so the agent hears no CONNECTION_CLOSE and must notice by its idle timeout.
+//! path would, so the agent hears no CONNECTION_CLOSE and must notice by its idle timeout;
+//! [`UdpRelay::retarget`] sends what follows to another gateway, as a load balancer does when
+//! the replica behind an address changes.
 
 use std::{
     net::SocketAddr,
@@ -16,6 +18,7 @@ use tokio::net::UdpSocket;
 pub struct UdpRelay {
     /// Where agents send to.
     pub addr: SocketAddr,
+    back: Arc<UdpSocket>,
     blackhole: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -46,7 +49,7 @@ impl UdpRelay {
                 }
             }
         };
-        let (f, b, hole, c) = (front, back, blackhole.clone(), client);
+        let (f, b, hole, c) = (front, back.clone(), blackhole.clone(), client);
         let down = async move {
             let mut buf = vec![0u8; 65536];
             while let Ok(n) = b.recv(&mut buf).await {
@@ -63,6 +66,7 @@ impl UdpRelay {
         });
         Ok(Self {
             addr,
+            back,
             blackhole,
             task,
         })
@@ -71,6 +75,11 @@ impl UdpRelay {
     /// Drops (`true`) or passes (`false`) every datagram, both ways.
     pub fn blackhole(&self, on: bool) {
         self.blackhole.store(on, Relaxed);
+    }
+
+    /// Relays to `target` from now on (from the same relay address, both ways).
+    pub async fn retarget(&self, target: SocketAddr) -> anyhow::Result<()> {
+        Ok(self.back.connect(target).await?)
     }
 }
 

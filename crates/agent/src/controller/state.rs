@@ -39,6 +39,8 @@ pub struct ControllerState {
     layers: Result<Layered, String>,
     /// What the view shows besides the phase and its words.
     view: View,
+    /// The gateway as configured, which the view shows when no connection is live.
+    configured_gateway: String,
     /// The phase when no flow runs.
     base: Phase,
     flow: Option<Flow>,
@@ -83,6 +85,7 @@ impl ControllerState {
         let mut s = Self {
             layers,
             view: View::default(),
+            configured_gateway: String::new(),
             base: Phase::SignedOut { reason: None },
             flow: None,
             agent: None,
@@ -171,9 +174,13 @@ impl ControllerState {
                 out.push(Effect::Reply(Ok(())));
             }
             Event::Saved(Ok(layers)) => {
-                self.layers = Ok(layers);
                 if self.view.session.is_none() {
+                    self.layers = Ok(layers);
                     self.show_configured(false);
+                } else {
+                    // The view keeps the gateway in use; the new one shows once it ends.
+                    self.configured_gateway = layers.view().values.gateway;
+                    self.layers = Ok(layers);
                 }
                 out.push(Effect::Reply(Ok(())));
             }
@@ -461,6 +468,7 @@ impl ControllerState {
                 expires_at,
                 services,
                 tcp,
+                gateway,
             } => {
                 if std::mem::take(&mut self.lost) {
                     notices.push(Notice::ConnectionRestored);
@@ -470,6 +478,7 @@ impl ControllerState {
                     expires_at,
                     services,
                     tcp,
+                    gateway,
                 };
                 self.show_session(&session, now, out, notices);
             }
@@ -486,6 +495,7 @@ impl ControllerState {
                 }
                 self.base = Phase::Reconnecting { attempt, reason };
                 self.view.services.iter_mut().for_each(|s| s.live = false);
+                self.view.gateway = self.configured_gateway.clone();
             }
             AgentState::SignedOut { reason } => {
                 let notice = if account_disabled {
@@ -563,6 +573,9 @@ impl ControllerState {
             user: session.user.clone(),
             expires_at: exp,
         });
+        if !session.gateway.is_empty() {
+            self.view.gateway = session.gateway.clone();
+        }
         for s in &mut self.view.services {
             s.live = session.services.contains(&s.name);
             s.by_name = by_name_url(a.router, &s.name, session).unwrap_or_default();
@@ -616,6 +629,7 @@ impl ControllerState {
         self.lost = false;
         self.view.session = None;
         self.view.services.iter_mut().for_each(|s| s.live = false);
+        self.view.gateway = self.configured_gateway.clone();
         for t in [Timer::Warn, Timer::End] {
             self.arm(t, None, out);
         }
@@ -633,7 +647,8 @@ impl ControllerState {
             Err(e) => (Some(e.clone()), None),
         };
         if let Some(values) = values {
-            self.view.gateway = values.gateway;
+            self.configured_gateway = values.gateway;
+            self.view.gateway = self.configured_gateway.clone();
             self.view.user = values.user;
             self.view.services = values
                 .services

@@ -220,7 +220,8 @@ pub struct View {
     pub time_left: Option<String>,
     /// The configured services.
     pub services: Vec<ServiceView>,
-    /// The gateway address.
+    /// The gateway: while connected, the address in use (`gw-a.example:443 (192.0.2.7:443)`);
+    /// else the configured address, or the list of them.
     pub gateway: String,
     /// The configured user.
     pub user: String,

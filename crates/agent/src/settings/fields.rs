@@ -13,6 +13,7 @@ pub(super) fn read(t: &toml::Table) -> Settings {
             Kind::Text(at, default) => {
                 *at(&mut values) = v.and_then(|v| v.as_str()).unwrap_or(default).to_owned();
             }
+            Kind::Addresses(at) => *at(&mut values) = v.map(read_addresses).unwrap_or_default(),
             Kind::Flag(at) => *at(&mut values) = v.and_then(|v| v.as_bool()).unwrap_or(false),
             Kind::Port(at) => {
                 *at(&mut values) = v
@@ -44,6 +45,7 @@ pub(super) fn write(
     for f in FIELDS {
         let value: toml_edit::Value = match f.kind {
             Kind::Text(at, _) if at(&mut old) != at(&mut new) => at(&mut new).as_str().into(),
+            Kind::Addresses(at) if at(&mut old) != at(&mut new) => write_addresses(at(&mut new)),
             Kind::Flag(at) if at(&mut old) != at(&mut new) => (*at(&mut new)).into(),
             Kind::Port(at) if at(&mut old) != at(&mut new) => i64::from(*at(&mut new)).into(),
             Kind::Minutes(at, _) if at(&mut old) != at(&mut new) => {
@@ -67,7 +69,11 @@ pub(super) fn write(
 
 /// Each setting but the services, in the order the file is written.
 const FIELDS: &[Field] = &[
-    Field::text("gateway", |s| &mut s.gateway),
+    Field {
+        key: "gateway",
+        kind: Kind::Addresses(|s| &mut s.gateway),
+        optional: false,
+    },
     Field::optional("gateway_cert_sha256", |s| &mut s.gateway_cert_sha256),
     Field::text("user", |s| &mut s.user),
     Field {
@@ -104,12 +110,41 @@ struct Field {
 enum Kind {
     /// A string.
     Text(fn(&mut Settings) -> &mut String, &'static str),
+    /// One `host:port` or a list of them in the file; in the settings one text, the
+    /// addresses separated by commas.
+    Addresses(fn(&mut Settings) -> &mut String),
     /// A boolean (default false).
     Flag(fn(&mut Settings) -> &mut bool),
     /// A humantime duration in the file, whole minutes in the settings.
     Minutes(fn(&mut Settings) -> &mut u32, u32),
     /// A TCP port (default 0: off).
     Port(fn(&mut Settings) -> &mut u16),
+}
+
+/// `"gw:443"`, or `["gw-a:443", "gw-b:443"]` as `gw-a:443, gw-b:443`.
+fn read_addresses(v: &toml::Value) -> String {
+    match v {
+        toml::Value::Array(list) => list
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        other => other.as_str().unwrap_or_default().to_owned(),
+    }
+}
+
+/// One address as a string, several (separated by commas) as a list.
+fn write_addresses(text: &str) -> toml_edit::Value {
+    let list: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    match list.as_slice() {
+        [one] => (*one).into(),
+        _ if !text.contains(',') => text.into(),
+        many => many.iter().copied().collect::<toml_edit::Array>().into(),
+    }
 }
 
 impl Field {
@@ -176,6 +211,37 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "rp_id is set by your organisation and cannot be changed here"
+        );
+    }
+
+    #[test]
+    fn a_list_of_gateways_is_edited_as_one_text_with_commas() {
+        let table: toml::Table =
+            toml::from_str("gateway = [\"gw-a.example:443\", \"gw-b.example:443\"]\n")
+                .expect("toml");
+        let old = read(&table);
+        assert_eq!(old.gateway, "gw-a.example:443, gw-b.example:443");
+        let mut doc: toml_edit::DocumentMut =
+            toml::to_string(&table).expect("toml").parse().expect("doc");
+        let mut new = old.clone();
+        new.gateway = "gw-a.example:443,gw-c.example:443 , ".into();
+        write(&mut doc, &old, &new, |_| false).expect("write");
+        let back: toml::Table = toml::from_str(&doc.to_string()).expect("toml");
+        assert_eq!(
+            back["gateway"].as_array().map(|a| a.len()),
+            Some(2),
+            "{doc}"
+        );
+        assert_eq!(read(&back).gateway, "gw-a.example:443, gw-c.example:443");
+        // One address is written as a string, as before.
+        let one = Settings {
+            gateway: "gw.example:443".into(),
+            ..new.clone()
+        };
+        write(&mut doc, &new, &one, |_| false).expect("write");
+        assert!(
+            doc.to_string().contains("gateway = \"gw.example:443\""),
+            "{doc}"
         );
     }
 

@@ -53,7 +53,7 @@ async fn example_gateway_and_agent_configs_work_together() -> anyhow::Result<()>
     tokio::spawn(gateway.clone().serve_quic(endpoint.clone()));
 
     let mut cfg = AgentConfig::load(&dir.path().join("agent.toml"))?;
-    cfg.gateway = quic.to_string();
+    cfg.gateway = quic.to_string().into();
     cfg.services[0].local_port = 0;
     let key_path = match cfg.authenticator_choice().map_err(anyhow::Error::msg)? {
         touchgate_agent::config::AuthenticatorChoice::Soft(p) => p,

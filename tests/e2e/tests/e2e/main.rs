@@ -13,6 +13,7 @@ mod browsers;
 mod controller;
 mod disabled_agent;
 mod examples;
+mod failover;
 mod faithful;
 mod foreign_site;
 mod grpc;

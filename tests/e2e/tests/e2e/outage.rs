@@ -56,17 +56,19 @@ async fn local_connections_during_an_outage_fail_in_bounded_time_then_work_again
 #[tokio::test]
 async fn agent_notices_a_silently_dead_gateway_and_resumes_on_its_successor() -> anyhow::Result<()>
 {
-    let mut lab = Lab::start(LabOptions::default()).await?;
+    let lab = Lab::start(LabOptions::default()).await?;
     let (mut cfg, authn, _) = enrolled(&lab, "alice@example.com", &[]).await?;
     let relay = touchgate_testkit::relay::UdpRelay::start(lab.quic_addr).await?;
-    cfg.gateway = relay.addr.to_string();
+    cfg.gateway = relay.addr.to_string().into();
     let agent = RunningAgent::start(cfg, authn).await?;
     let api = agent.local_addr("api").expect("api");
     let old = agent.connection().expect("connected");
+    let successor = lab.start_replica("successor").await?;
 
-    // The gateway dies without a word (its CONNECTION_CLOSE is lost) and a new one starts.
+    // The gateway dies without a word (its CONNECTION_CLOSE is lost), and its address now leads
+    // to its successor, as a restart in place or a load balancer moving the address does.
     relay.blackhole(true);
-    lab.restart_gateway().await?;
+    relay.retarget(successor.quic_addr).await?;
     relay.blackhole(false);
     // The agent's next keep-alive reaches a gateway that does not know the connection; it shares
     // the stateless-reset and connection-ID keys (kept in the database), so it resets the old
@@ -78,10 +80,9 @@ async fn agent_notices_a_silently_dead_gateway_and_resumes_on_its_successor() ->
     })
     .await?;
     assert_eq!(get(api, "/after-crash", &[]).await?.status, 200);
-    assert_eq!(lab.audit_events("session_resumed").len(), 1);
-    assert_eq!(
-        lab.audit_events("challenge_issued").len(),
-        1,
+    assert_eq!(successor.audit_events("session_resumed").len(), 1);
+    assert!(
+        successor.audit_events("challenge_issued").is_empty(),
         "no new touch"
     );
     agent.shutdown().await;
@@ -94,7 +95,8 @@ async fn keep_alives_hold_a_silent_tunnel_open_past_the_idle_timeout() -> anyhow
     let (cfg, authn, _) = enrolled(&lab, "alice@example.com", &[]).await?;
     let agent = RunningAgent::start(cfg, authn).await?;
     let conn = agent.connection().expect("connected");
-    // Silence for longer than the 15 s QUIC idle timeout: only keep-alives cross the tunnel.
+    // Silence for longer than the gateway's 15 s QUIC idle timeout (the agent's own is shorter
+    // still): only keep-alives cross the tunnel.
     tokio::time::sleep(Duration::from_secs(20)).await;
     assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
     assert_eq!(

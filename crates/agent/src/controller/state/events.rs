@@ -180,6 +180,9 @@ pub struct Session {
     pub services: Vec<String>,
     /// Those of them that are TCP services (not served by name).
     pub tcp: Vec<String>,
+    /// The gateway address in use (empty: not known here, as after a renewal on the same
+    /// connection).
+    pub gateway: String,
 }
 
 impl From<&touchgate_proto::SessionInfo> for Session {
@@ -189,6 +192,7 @@ impl From<&touchgate_proto::SessionInfo> for Session {
             expires_at: s.expires_at,
             services: s.services.iter().map(|s| s.name.clone()).collect(),
             tcp: tcp_services(s),
+            gateway: String::new(),
         }
     }
 }

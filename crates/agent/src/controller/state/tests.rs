@@ -89,12 +89,16 @@ impl Rig {
     }
 }
 
+/// The gateway address the agent reports in use, one of the configured name's addresses.
+const IN_USE: &str = "gw.example.com:4433 (192.0.2.7:4433)";
+
 fn session(expires_at: u64) -> Session {
     Session {
         user: "alice".into(),
         expires_at,
         services: vec!["api".into()],
         tcp: Vec::new(),
+        gateway: IN_USE.into(),
     }
 }
 
@@ -522,6 +526,7 @@ fn the_by_name_port_names_every_web_service_offered() {
         expires_at: T0 + HOUR,
         services: vec!["api".into(), "Web".into(), "db".into()],
         tcp: vec!["db".into()],
+        gateway: String::new(),
     };
     r.feed(Event::AgentStarted {
         agent: 1,

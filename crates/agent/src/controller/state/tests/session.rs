@@ -22,6 +22,7 @@ fn the_expiry_warning_comes_the_reminder_before_the_end_and_once() {
         expires_at: T0 + HOUR,
         services: vec!["api".into()],
         tcp: Vec::new(),
+        gateway: IN_USE.into(),
     });
     assert!(notices(&e).is_empty());
     assert_eq!(r.phase(), Phase::ExpiringSoon);
@@ -180,6 +181,7 @@ fn key_removal_ends_the_session_and_says_so() {
 fn a_lost_connection_is_told_once_and_so_is_its_return() {
     let mut r = Rig::new();
     r.signed_in(HOUR);
+    assert_eq!(r.s.view().gateway, IN_USE);
     let e = r.agent(AgentState::Reconnecting {
         attempt: 0,
         reason: "connection lost".into(),
@@ -205,15 +207,20 @@ fn a_lost_connection_is_told_once_and_so_is_its_return() {
     );
     assert_eq!(v.summary, "Connection lost — reconnecting…");
     assert!(v.services.iter().all(|s| !s.live));
+    // No address is in use while reconnecting: the view shows the configured one.
+    assert_eq!(v.gateway, "gw.example.com:4433");
     let e = r.agent(AgentState::Connected {
         user: "alice".into(),
         expires_at: T0 + HOUR,
         services: vec!["api".into()],
         tcp: Vec::new(),
+        gateway: "gw.example.com:4433 (192.0.2.8:4433)".into(),
     });
     assert_eq!(notices(&e), [Notice::ConnectionRestored]);
     assert_eq!(r.phase(), Phase::Connected);
     assert!(r.s.view().services[0].live);
+    // The status says where the session now lives.
+    assert_eq!(r.s.view().gateway, "gw.example.com:4433 (192.0.2.8:4433)");
 }
 
 #[test]
