@@ -361,7 +361,7 @@ allow = ["*"]
 }
 
 /// The audit log at `path`, one JSON value per line (none when there is no file yet).
-fn read_audit(path: &std::path::Path) -> Vec<serde_json::Value> {
+pub(crate) fn read_audit(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -370,7 +370,7 @@ fn read_audit(path: &std::path::Path) -> Vec<serde_json::Value> {
 }
 
 /// The lines of `audit` with `event`.
-fn with_event(audit: Vec<serde_json::Value>, event: &str) -> Vec<serde_json::Value> {
+pub(crate) fn with_event(audit: Vec<serde_json::Value>, event: &str) -> Vec<serde_json::Value> {
     audit.into_iter().filter(|v| v["event"] == event).collect()
 }
 

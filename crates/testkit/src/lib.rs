@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
+pub mod gateway_process;
 pub mod hardware;
 pub mod idp;
 pub mod lab;

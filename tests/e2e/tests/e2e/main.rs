@@ -29,6 +29,7 @@ mod pre_sign_in;
 mod real_browser;
 mod recorded_vectors;
 mod refusals;
+mod replicas;
 mod revoke;
 mod router;
 mod scim;
