@@ -39,8 +39,9 @@ enum Cmd {
         /// Override `admin_listen` (TCP address for /healthz and /metrics).
         #[arg(long, env = "TOUCHGATE_GATEWAY_ADMIN_LISTEN")]
         admin_listen: Option<SocketAddr>,
-        /// Override `database`.
-        #[arg(long, env = "TOUCHGATE_GATEWAY_DATABASE")]
+        /// Override `database` (keep a PostgreSQL password out of it: process arguments are
+        /// public on the machine; use `database_password_file` or `PGPASSWORD`).
+        #[arg(long, env = "TOUCHGATE_GATEWAY_DATABASE", hide_env_values = true)]
         database: Option<PathBuf>,
         /// Override `audit_log` (a path, or - for stdout).
         #[arg(long, env = "TOUCHGATE_GATEWAY_AUDIT_LOG")]

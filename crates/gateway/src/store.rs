@@ -34,6 +34,9 @@ pub enum StoreError {
     /// The database cannot be reached (down, restarting, or the network).
     #[error("the gateway cannot reach its database: {0}")]
     Unreachable(String),
+    /// The database is set up in a way the gateway must not trust (another role owns its schema).
+    #[error("{0}")]
+    Untrusted(String),
     /// The schema was made by a newer gateway.
     #[error(
         "the database's schema version {found} was made by a newer gateway (this one knows {known})"
@@ -446,12 +449,7 @@ fn pg_url(database: &Path) -> Option<&str> {
 /// `database` for messages: a SQLite path as it is, a PostgreSQL URL without its password.
 pub fn shown(database: &Path) -> String {
     match pg_url(database).map(url::Url::parse) {
-        Some(Ok(mut u)) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
+        Some(Ok(u)) => pg::shown_url(&u),
         Some(Err(_)) => "(a postgres:// URL that does not parse)".into(),
         None => database.display().to_string(),
     }
@@ -694,6 +692,7 @@ impl Store {
         cred: &StoredCredential,
     ) -> Result<Result<(), InviteProblem>, StoreError> {
         self.write(|tx| {
+            lock_user(tx, &cred.user)?;
             if let Err(p) = Self::invite_state(tx, &cred.user, code)? {
                 return Ok(Err(p));
             }
@@ -750,6 +749,7 @@ impl Store {
         cred: &StoredCredential,
     ) -> Result<Result<(), IdpProblem>, StoreError> {
         self.write(|tx| {
+            lock_user(tx, &id.user)?;
             if let Err(p) = Self::idp_state(tx, id)? {
                 return Ok(Err(p));
             }
@@ -1157,6 +1157,20 @@ fn remove_in(tx: &Tx<'_>, user: &str) -> Result<RemovedUser, StoreError> {
         invites,
         epoch,
     })
+}
+
+/// Takes `user`'s row lock on PostgreSQL for the rest of the transaction, so an enrolment and a
+/// removal of the same user (both start by locking the row: removal by bumping the epoch)
+/// happen one after the other, each seeing what the other wrote. SQLite's write lock already
+/// orders them.
+fn lock_user(tx: &Tx<'_>, user: &str) -> Result<(), StoreError> {
+    if tx.is_pg() {
+        tx.rows(
+            "SELECT 1 FROM users WHERE name = ?1 FOR UPDATE",
+            args![user],
+        )?;
+    }
+    Ok(())
 }
 
 /// Bumps `user`'s revocation epoch inside `tx` and returns the new one.

@@ -445,3 +445,23 @@ async fn wait_until(f: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Another role of the database cannot prepare the gateway's tables for it: a `touchgate`
+/// schema the gateway's role does not own is refused, in words, before anything is read.
+#[test]
+fn postgres_refuses_a_schema_another_role_owns() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let pg = rt.block_on(Postgres::start()).expect("PostgreSQL");
+    let url = rt.block_on(pg.database("squatted")).expect("database");
+    // As another role would: a schema of the gateway's name, in the gateway's database.
+    rt.block_on(pg.psql_in(
+        "squatted",
+        "CREATE ROLE squatter; CREATE SCHEMA touchgate AUTHORIZATION squatter",
+    ))
+    .expect("the squatter's schema");
+    let e = Store::open(Path::new(&url))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("belongs to another role"), "{e}");
+}

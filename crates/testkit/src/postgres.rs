@@ -176,6 +176,11 @@ impl Postgres {
         self.psql_as(&self.password, DATABASE, sql).await
     }
 
+    /// [`Postgres::psql`] in the database `database` (one made by [`Postgres::database`]).
+    pub async fn psql_in(&self, database: &str, sql: &str) -> anyhow::Result<String> {
+        self.psql_as(&self.password, database, sql).await
+    }
+
     /// Creates another database, `name` (letters, digits and `_`), and returns its URL, as
     /// [`Postgres::url`] is for [`DATABASE`]: a fresh database per test case on one server.
     pub async fn database(&self, name: &str) -> anyhow::Result<String> {

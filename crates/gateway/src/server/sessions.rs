@@ -53,6 +53,10 @@ pub const REVOCATION_POLL: Duration = Duration::from_secs(1);
 /// How often a gateway on PostgreSQL reads revocations while its change listener is up (each
 /// change wakes it at once; this catches anything a notification could miss).
 const LISTENING_POLL: Duration = Duration::from_secs(10);
+/// The least time between two reloads of revocations.
+const MIN_RELOAD_GAP: Duration = Duration::from_millis(250);
+/// How long a reload may take before the gateway says the database is stuck (and tries again).
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a running gateway checks whether the signing key is due for rotation.
 const KEY_ROTATION_CHECK: Duration = Duration::from_secs(3600);
 /// How often the record of sessions' last activity drops sessions past their maximum age.
@@ -160,6 +164,7 @@ impl Gateway {
         let changes = self.store.changes();
         let mut next_prune = tokio::time::Instant::now() + ACTIVITY_PRUNE;
         let mut next_rotation = tokio::time::Instant::now() + KEY_ROTATION_CHECK;
+        let mut last_reload = tokio::time::Instant::now();
         loop {
             match &changes {
                 // PostgreSQL: woken by every change any replica commits; polled as well, less
@@ -181,33 +186,50 @@ impl Gateway {
                 next_prune += ACTIVITY_PRUNE;
                 self.activity.prune(self.cfg.session.max_age);
             }
-            let (store, groups) = (self.store.clone(), self.cfg.group_source());
-            let (signer, rotate) = (
+            // A flood of notifications (any role of the database may send them) costs at most
+            // a few reloads a second.
+            tokio::time::sleep_until(last_reload + MIN_RELOAD_GAP).await;
+            last_reload = tokio::time::Instant::now();
+            let (store, groups, signer) = (
+                self.store.clone(),
+                self.cfg.group_source(),
                 self.signer.clone(),
-                tokio::time::Instant::now() >= next_rotation,
             );
-            if rotate {
+            if last_reload >= next_rotation {
                 next_rotation += KEY_ROTATION_CHECK;
+                // On its own thread: a rotation waiting for another replica's lock must not
+                // hold up the reload of revocations.
+                let (store, signer) = (store.clone(), signer.clone());
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = signer.rotate_if_due(&store) {
+                        tracing::error!(error = %e, "cannot rotate the signing key");
+                    }
+                });
             }
-            let loaded = tokio::task::spawn_blocking(move || {
-                // Signing keys: rotated here when due (once across replicas), and taken from
-                // the store when another replica rotated.
-                let keys = if rotate {
-                    signer.rotate_if_due(&store)
-                } else {
-                    store
+            let loaded = tokio::time::timeout(
+                RELOAD_TIMEOUT,
+                tokio::task::spawn_blocking(move || {
+                    // Signing keys another replica made.
+                    if let Err(e) = store
                         .signing_keys()
                         .map_err(crate::tokens::KeyError::from)
                         .and_then(|k| signer.reload(&k))
-                };
-                if let Err(e) = keys {
-                    tracing::error!(error = %e, "cannot reload the signing keys");
-                }
-                store
-                    .epochs()
-                    .and_then(|e| Ok((e, store.disabled_users()?, store.user_groups(groups)?)))
-            })
+                    {
+                        tracing::error!(error = %e, "cannot reload the signing keys");
+                    }
+                    store
+                        .epochs()
+                        .and_then(|e| Ok((e, store.disabled_users()?, store.user_groups(groups)?)))
+                }),
+            )
             .await;
+            let Ok(loaded) = loaded else {
+                tracing::error!(
+                    "reloading revocations took more than {}s: the database is slow or stuck",
+                    RELOAD_TIMEOUT.as_secs()
+                );
+                continue;
+            };
             match loaded {
                 Ok(Ok((e, d, g))) => {
                     self.revocations.set_epochs(e);

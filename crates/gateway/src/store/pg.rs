@@ -44,6 +44,16 @@ const POOL_SIZE: u32 = 16;
 /// How long a caller waits for a connection (and a new connection for the server) before the
 /// database counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The schema the gateway's tables live in: made by, and owned by, the gateway's role, so
+/// no other role of the database can put tables or functions where the gateway looks.
+pub(crate) const SCHEMA: &str = "touchgate";
+/// How long a statement waits for a lock (another session holding the lock of first-start
+/// work, or a row) before failing; migrations wait longer (see [`MIGRATION_LOCK_TIMEOUT`]).
+const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a migration waits for another replica's.
+const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest a statement may run.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the listener waits before connecting again after losing its connection.
 const LISTEN_RETRY: Duration = Duration::from_secs(1);
 
@@ -124,9 +134,12 @@ const MIGRATIONS: &[&str] = &[r#"
 
     -- Every replica listens: a revocation, a disabled user or a group change reaches them all
     -- at the commit, not at their next poll.
-    CREATE FUNCTION touchgate_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    -- Qualified, and with a fixed search path: no function of another schema can stand in
+    -- for pg_notify when the trigger runs in the gateway's session.
+    CREATE FUNCTION touchgate_changed() RETURNS trigger LANGUAGE plpgsql
+        SET search_path = pg_catalog, pg_temp AS $$
     BEGIN
-        PERFORM pg_notify('touchgate_changed', TG_TABLE_NAME);
+        PERFORM pg_catalog.pg_notify('touchgate_changed', TG_TABLE_NAME::text);
         RETURN NULL;
     END $$;
     CREATE TRIGGER users_changed AFTER UPDATE OF epoch, disabled, idp_groups ON users
@@ -182,11 +195,7 @@ impl Target {
         let parsed = url::Url::parse(url.trim()).map_err(|e| {
             format!("database URL: {e} (expected postgres://user@host:port/database)")
         })?;
-        let mut shown = parsed.clone();
-        if shown.password().is_some() {
-            let _ = shown.set_password(Some("***"));
-        }
-        let shown = shown.to_string();
+        let shown = shown_url(&parsed);
         let (mut sslmode, mut root) = (None, None);
         let mut rest = parsed.clone();
         rest.set_query(None);
@@ -226,11 +235,7 @@ impl Target {
                 "database {shown}: no user in the URL (postgres://USER@host/database)"
             ));
         }
-        let local = config.get_hosts().iter().all(|h| match h {
-            Host::Tcp(name) => touchgate_common::host::is_loopback_name(name),
-            #[cfg(unix)]
-            Host::Unix(_) => true,
-        });
+        let local = is_local(&config);
         let tls = match sslmode.as_deref() {
             None => !local,
             Some("disable") if !local => {
@@ -255,10 +260,66 @@ impl Target {
                 SslMode::Disable
             })
             .connect_timeout(CONNECT_TIMEOUT)
-            .keepalives_idle(Duration::from_secs(30))
+            // A database that stops answering (a dead peer, packets dropped on the way) is
+            // given up on in seconds, not after the kernel's quarter of an hour.
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3)
+            .tcp_user_timeout(Duration::from_secs(15))
             .application_name("touchgate-gateway");
+        let options = format!(
+            "{} -c search_path={SCHEMA} -c lock_timeout={}s -c statement_timeout={}s",
+            config.get_options().unwrap_or_default(),
+            LOCK_TIMEOUT.as_secs(),
+            STATEMENT_TIMEOUT.as_secs()
+        );
+        config.options(options.trim_start());
         Ok((Self { config, tls, shown }, root))
     }
+}
+
+/// `url` for messages: its password, in the user part or as a parameter, masked.
+pub(crate) fn shown_url(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    if shown.password().is_some() {
+        let _ = shown.set_password(Some("***"));
+    }
+    if url.query_pairs().any(|(k, _)| k == "password") {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "password" {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        shown.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    shown.to_string()
+}
+
+/// Whether every place `config` may connect to is this machine: a loopback address, exactly
+/// `localhost`, or a Unix socket — and any `hostaddr` loopback too (it is where the
+/// connection goes). Names merely ending in `.localhost` go to DNS here, so they do not count.
+fn is_local(config: &Config) -> bool {
+    let hosts = config.get_hosts();
+    !hosts.is_empty()
+        && hosts.iter().all(|h| match h {
+            Host::Tcp(name) => {
+                name == "localhost"
+                    || name
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+            #[cfg(unix)]
+            Host::Unix(_) => true,
+        })
+        && config.get_hostaddrs().iter().all(|ip| ip.is_loopback())
 }
 
 /// Owns the small runtime that drives the store's connections; stopped without waiting when
@@ -425,10 +486,12 @@ impl Listener {
     }
 }
 
+/// TLS trusting `root` alone when given (a private CA, as Cloud SQL's), else the public roots.
 fn tls_config(root: Option<&Path>) -> Result<rustls::ClientConfig, StoreError> {
-    let mut roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
+    let mut roots = rustls::RootCertStore::empty();
+    if root.is_none() {
+        roots.roots = webpki_roots::TLS_SERVER_ROOTS.to_vec();
+    }
     if let Some(path) = root {
         for cert in crate::tls::load_certs(path)
             .map_err(|e| StoreError::Unreachable(format!("sslrootcert: {e}")))?
@@ -528,7 +591,34 @@ impl PgStore {
     }
 
     fn migrate(&self) -> Result<(), StoreError> {
-        self.write(Some(locks::MIGRATE), |c| {
+        self.write(None, |c| {
+            // Waits longer than other statements for the lock: another replica may be
+            // migrating.
+            c.batch(&format!(
+                "SET LOCAL lock_timeout = '{}s'",
+                MIGRATION_LOCK_TIMEOUT.as_secs()
+            ))?;
+            c.execute(
+                "SELECT pg_advisory_xact_lock(?1)",
+                &[Arg::Int(Some(locks::MIGRATE))],
+            )?;
+            c.batch(&format!("CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))?;
+            let owned: bool = c
+                .query(
+                    "SELECT n.nspowner = r.oid FROM pg_catalog.pg_namespace n, pg_catalog.pg_roles r \
+                     WHERE n.nspname = ?1 AND r.rolname = current_user",
+                    &[Arg::Text(Some(SCHEMA))],
+                )?
+                .first()
+                .map(|r| r.get(0))
+                .transpose()?
+                .unwrap_or(false);
+            if !owned {
+                return Err(StoreError::Untrusted(format!(
+                    "database: the schema {SCHEMA} belongs to another role: the gateway keeps its tables \
+                     only in a schema its own role owns (drop it, or make the gateway's role own it)"
+                )));
+            }
             c.batch("CREATE TABLE IF NOT EXISTS touchgate_schema (version BIGINT NOT NULL)")?;
             let version: i64 = match c
                 .query("SELECT version FROM touchgate_schema", &[])?
@@ -714,6 +804,51 @@ mod tests {
         assert!(e.contains("no user"), "{e}");
         let e = Target::parse("postgres://gw@db/x?sslmode=sometimes", None).expect_err("mode");
         assert!(e.contains("sometimes"), "{e}");
+    }
+
+    /// Plain PostgreSQL only to this machine, decided by where the connection really goes.
+    #[test]
+    fn only_this_machine_may_be_reached_without_tls() {
+        for url in [
+            "postgres://gw@127.0.0.1/db",
+            "postgres://gw@localhost:5433/db",
+            "postgres://gw@[::1]/db",
+            "postgres://gw@%2Frun%2Fcloudsql/db",
+        ] {
+            let (t, _) = Target::parse(url, None).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert!(!t.tls, "{url} is this machine");
+        }
+        for url in [
+            // A name under .localhost goes to DNS here, not to loopback.
+            "postgres://gw@db.localhost/db",
+            // hostaddr is where the connection goes, whatever the name.
+            "postgres://gw@localhost/db?hostaddr=203.0.113.5",
+            "postgres:///db?user=gw&hostaddr=203.0.113.5",
+        ] {
+            if let Ok((t, _)) = Target::parse(url, None) {
+                assert!(t.tls, "{url} is not this machine");
+            }
+            let plain = format!(
+                "{url}{}sslmode=disable",
+                if url.contains('?') { '&' } else { '?' }
+            );
+            let e = Target::parse(&plain, None).expect_err("plain to another machine");
+            assert!(
+                e.contains("in the clear") || e.contains("no user"),
+                "{plain}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_password_given_as_a_parameter_is_masked_too() {
+        let (t, _) = Target::parse(
+            "postgres://gw@127.0.0.1/db?password=hunter2&application_name=x",
+            None,
+        )
+        .expect("parse");
+        assert!(!t.to_string().contains("hunter2"), "{t}");
+        assert_eq!(t.config.get_password(), Some(&b"hunter2"[..]));
     }
 
     #[test]
