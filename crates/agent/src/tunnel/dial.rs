@@ -109,7 +109,11 @@ impl Order {
     }
 }
 
-/// Resolves every address of `cfg.gateway` (at the same time); a name with several addresses
+/// How long one name may take to resolve.
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Resolves every address of `cfg.gateway` (at the same time, each for at most
+/// [`LOOKUP_TIMEOUT`]); a name with several addresses
 /// gives a candidate for each, and an address reached twice is kept once. Returns the
 /// candidates in the config's order, and the addresses that did not resolve.
 pub async fn resolve(cfg: &AgentConfig) -> (Vec<Candidate>, Vec<Failed>) {
@@ -117,7 +121,22 @@ pub async fn resolve(cfg: &AgentConfig) -> (Vec<Candidate>, Vec<Failed>) {
     for (i, configured) in cfg.gateway.iter().enumerate() {
         let configured = configured.to_owned();
         lookups.spawn(async move {
-            let found = tokio::net::lookup_host(configured.clone()).await;
+            // A name whose answer is slow or withheld must not hold up the others.
+            let found = match tokio::time::timeout(
+                LOOKUP_TIMEOUT,
+                tokio::net::lookup_host(configured.clone()),
+            )
+            .await
+            {
+                Ok(found) => found,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer from the name service within {}s",
+                        LOOKUP_TIMEOUT.as_secs()
+                    ),
+                )),
+            };
             (i, configured, found.map(Iterator::collect::<Vec<_>>))
         });
     }
