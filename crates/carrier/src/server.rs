@@ -1,0 +1,159 @@
+//! The gateway's side of the carrier: an HTTP/1.1 server on a TCP connection (TLS or not, the
+//! caller decides) that turns exactly one kind of request into a carrier — `GET` [`PATH`] with
+//! a WebSocket upgrade naming [`SUBPROTOCOL`] — hands other `GET`s to the caller's routes
+//! (the gateway's public keys), and refuses the rest. Request heads are bounded in size and in
+//! time by hyper.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{handshake::derive_accept_key, protocol::Role},
+};
+
+use crate::{Ended, Hub, Limits, PATH, SUBPROTOCOL, ws_config};
+
+/// The largest request head the carrier's HTTP side reads.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// How long a client may take to send its request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the gateway does with a carrier's HTTP side.
+pub trait Routes: Send + Sync + 'static {
+    /// The answer to a `GET` of another path, if the gateway serves it (e.g. its public keys);
+    /// `None` is a 404.
+    fn get(&self, path: &str) -> Option<Response<Full<Bytes>>>;
+    /// A carrier opened from `peer` (the TCP peer, or the client a trusted front end named) is
+    /// known to QUIC as `addr`.
+    fn opened(&self, addr: SocketAddr, peer: SocketAddr);
+    /// The carrier at `addr` ended, and how.
+    fn ended(&self, addr: SocketAddr, peer: SocketAddr, how: &Ended);
+    /// A request that is not a carrier nor a route was refused with `status`.
+    fn refused(&self, peer: SocketAddr, status: StatusCode, why: &str);
+}
+
+fn answer(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{text}\n"))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Whether a header's comma-separated values include `want` (in any case).
+fn lists(req: &Request<Incoming>, name: header::HeaderName, want: &str) -> bool {
+    req.headers().get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(want)))
+    })
+}
+
+/// Serves one TCP connection (after any TLS) from `peer` until it ends: a carrier on `hub`, a
+/// route, or a refusal.
+pub async fn serve<I>(
+    io: I,
+    peer: SocketAddr,
+    hub: Arc<Hub>,
+    limits: Limits,
+    routes: Arc<dyn Routes>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (hub, routes) = (hub.clone(), routes.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle(req, peer, hub, limits, routes)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(%peer, error = %e, "carrier HTTP connection ended");
+    }
+}
+
+fn handle(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    hub: Arc<Hub>,
+    limits: Limits,
+    routes: Arc<dyn Routes>,
+) -> Response<Full<Bytes>> {
+    let refuse = |status: StatusCode, why: &str| {
+        routes.refused(peer, status, why);
+        answer(status, why)
+    };
+    if req.method() != Method::GET {
+        let mut r = refuse(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here");
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET"));
+        return r;
+    }
+    if req.uri().path() != PATH {
+        return match routes.get(req.uri().path()) {
+            Some(r) => r,
+            None => refuse(StatusCode::NOT_FOUND, "not found"),
+        };
+    }
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
+    let upgrade =
+        lists(&req, header::CONNECTION, "upgrade") && lists(&req, header::UPGRADE, "websocket");
+    let (Some(key), true) = (key, upgrade) else {
+        return refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "this is touchgate's carrier: a WebSocket upgrade only",
+        );
+    };
+    if req.headers().get(header::SEC_WEBSOCKET_VERSION) != Some(&HeaderValue::from_static("13")) {
+        let mut r = refuse(StatusCode::UPGRADE_REQUIRED, "WebSocket version 13 only");
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return r;
+    }
+    if !lists(&req, header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "the carrier speaks one subprotocol, touchgate-quic.v1",
+        );
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let io = match on_upgrade.await {
+            Ok(io) => TokioIo::new(io),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "carrier upgrade failed");
+                return;
+            }
+        };
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
+        let (addr, run) = hub.attach(ws, limits);
+        routes.opened(addr, peer);
+        let ended = run.await;
+        routes.ended(addr, peer, &ended);
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(SUBPROTOCOL),
+    );
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    r
+}
