@@ -38,6 +38,11 @@ pub enum ConfigError {
 pub struct GatewayConfig {
     /// UDP address of the QUIC tunnel endpoint.
     pub listen: SocketAddr,
+    /// TCP address serving the carrier (QUIC in WebSocket messages) over plain HTTP, for a
+    /// gateway behind a front end that terminates TLS (Cloud Run); `$PORT`, when set, sets it
+    /// to `0.0.0.0:$PORT`. The carrier with TLS is always on TCP at `listen`.
+    #[serde(default)]
+    pub listen_ws: Option<SocketAddr>,
     /// TCP address of the admin HTTP endpoint (`/healthz`, `/metrics`, JWKS). Keep it on loopback.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,

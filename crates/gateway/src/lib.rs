@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod audit;
 pub mod browser;
+pub mod carrier;
 pub mod config;
 pub mod counted;
 pub mod idtoken;
@@ -98,6 +99,8 @@ pub struct Gateway {
     oidc: Option<Arc<oidc::Oidc>>,
     /// The provisioning endpoint, when `[scim]` is set.
     scim: Option<Arc<scim::Scim>>,
+    /// QUIC over the TCP carrier: the hub every carrier feeds.
+    carriers: carrier::Carriers,
 }
 
 impl Gateway {
@@ -171,6 +174,7 @@ impl Gateway {
             reset_key,
             oidc,
             scim,
+            carriers: carrier::Carriers::new(),
         }))
     }
 
@@ -191,10 +195,7 @@ impl Gateway {
 
     /// Builds the QUIC endpoint on an already bound UDP socket, with the configured certificate.
     pub fn endpoint(&self, socket: std::net::UdpSocket) -> Result<quinn::Endpoint, GatewayError> {
-        let certs = tls::load_certs(&self.cfg.tls.cert)?;
-        let key = tls::load_key(&self.cfg.tls.key)?;
-        let server =
-            tls::quic_server_config(certs, key, self.cfg.limits.max_streams_per_connection)?;
+        let server = self.quic_server_config(|_| {})?;
         let addr = socket
             .local_addr()
             .map(|a| a.to_string())
@@ -203,6 +204,27 @@ impl Gateway {
             addr: addr.clone(),
             source: std::io::Error::other("no async runtime"),
         })?;
+        quinn::Endpoint::new(self.endpoint_config(), Some(server), socket, runtime)
+            .map_err(|source| GatewayError::Listen { addr, source })
+    }
+
+    /// The QUIC server settings: the configured certificate, the transport `tune`d.
+    fn quic_server_config(
+        &self,
+        tune: fn(&mut quinn::TransportConfig),
+    ) -> Result<quinn::ServerConfig, GatewayError> {
+        let certs = tls::load_certs(&self.cfg.tls.cert)?;
+        let key = tls::load_key(&self.cfg.tls.key)?;
+        Ok(tls::quic_server_config_with(
+            certs,
+            key,
+            self.cfg.limits.max_streams_per_connection,
+            tune,
+        )?)
+    }
+
+    /// The endpoint settings every QUIC endpoint of the gateway shares.
+    fn endpoint_config(&self) -> quinn::EndpointConfig {
         // Stateless resets use a key kept in the database: a restarted (or killed and
         // restarted) gateway can then tell agents at once that their old connection is gone,
         // instead of leaving them to wait for their idle timeout.
@@ -217,8 +239,7 @@ impl Gateway {
         endpoint_config.cid_generator(move || {
             Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
         });
-        quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime)
-            .map_err(|source| GatewayError::Listen { addr, source })
+        endpoint_config
     }
 
     /// Creates a one-time invite for `user` and returns its code (stored only as a hash).

@@ -470,8 +470,24 @@ fn plural(n: usize, what: &str) -> String {
     format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
+/// Serves carriers on `listener`, saying why when it cannot.
+async fn serve_carrier(gw: Arc<Gateway>, listener: tokio::net::TcpListener, tls: bool) {
+    if let Err(e) = gw.serve_carrier(listener, tls).await {
+        tracing::error!(error = %e, "cannot serve the carrier");
+    }
+}
+
 async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
     let listen = cfg.listen;
+    // Cloud Run's convention: the port to serve on comes in `$PORT`.
+    let listen_ws = match std::env::var("PORT") {
+        Ok(p) => Some(SocketAddr::from((
+            [0, 0, 0, 0],
+            p.parse::<u16>()
+                .with_context(|| format!("PORT={p} is not a port number"))?,
+        ))),
+        Err(_) => cfg.listen_ws,
+    };
     let admin_listen = cfg.admin_listen;
     let scim_listen = cfg.scim.as_ref().map(|s| (s.listen, s.scheme()));
     let gw = Gateway::new(cfg)?;
@@ -489,6 +505,31 @@ async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
         Arc::new(touchgate_gateway::shards::Shards::per_core().context("cannot start threads")?);
     tracing::info!(threads = shards.len(), "connections run thread-per-core");
     let quic = tokio::spawn(gw.clone().serve_quic_on(endpoint.clone(), shards.clone()));
+    // The carrier: TLS on TCP at the QUIC address, and plain HTTP at `listen_ws`.
+    let carrier_endpoint = gw.carrier_endpoint()?;
+    let mut carrier_tasks = vec![tokio::spawn(
+        gw.clone()
+            .serve_more_quic(carrier_endpoint.clone(), shards.clone()),
+    )];
+    let tcp = tokio::net::TcpListener::bind(quic_addr)
+        .await
+        .with_context(|| format!("cannot bind TCP {quic_addr} for the carrier"))?;
+    println!(
+        "carrier on tcp/{} (TLS)",
+        tcp.local_addr().context("no local address")?
+    );
+    carrier_tasks.push(tokio::spawn(serve_carrier(gw.clone(), tcp, true)));
+    if let Some(addr) = listen_ws {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind TCP {addr} for the carrier (listen_ws)"))?;
+        println!(
+            "carrier on http://{}{} (no TLS: behind a front end that terminates it)",
+            l.local_addr().context("no local address")?,
+            touchgate_carrier::PATH
+        );
+        carrier_tasks.push(tokio::spawn(serve_carrier(gw.clone(), l, false)));
+    }
     let admin_task = tokio::spawn(gw.clone().serve_admin(admin));
     let scim_task = match scim_listen {
         Some((addr, scheme)) => {
@@ -512,7 +553,14 @@ async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
         b"gateway shutting down",
     );
     let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
+    carrier_endpoint.close(
+        touchgate_proto::close::GATEWAY_SHUTDOWN.into(),
+        b"gateway shutting down",
+    );
     quic.abort();
+    for t in carrier_tasks {
+        t.abort();
+    }
     admin_task.abort();
     if let Some(t) = scim_task {
         t.abort();

@@ -87,20 +87,28 @@ impl Gateway {
         self.accept_loop(endpoint, &shards).await;
     }
 
+    /// Accepts QUIC connections on a further endpoint (the carrier's) beside the one
+    /// [`Gateway::serve_quic_on`] serves, which keeps the revocations for both.
+    pub async fn serve_more_quic(self: Arc<Self>, endpoint: quinn::Endpoint, shards: Arc<Shards>) {
+        self.accept_loop(endpoint, &shards).await;
+    }
+
     async fn accept_loop(self: Arc<Self>, endpoint: quinn::Endpoint, shards: &Shards) {
         while let Some(incoming) = endpoint.accept().await {
-            let ip = incoming.remote_address().ip();
+            // Over the carrier, the TCP peer (QUIC sees an address the hub made).
+            let peer = self.carriers.peer_of(incoming.remote_address());
+            let ip = peer.ip();
             if !self
                 .limiter
                 .connection(ip, self.cfg.limits.connections_per_minute)
             {
                 Metrics::inc(&self.metrics.auth_refused_total);
-                if !self.audit.allow_refusal(Some(incoming.remote_address())) {
+                if !self.audit.allow_refusal(Some(peer)) {
                     incoming.refuse();
                     continue;
                 }
                 self.audit.record(AuditEvent {
-                    peer: Some(incoming.remote_address().to_string()),
+                    peer: Some(peer.to_string()),
                     outcome: Some("rate_limited".into()),
                     reason: Some(format!(
                         "more than {} new connections a minute from {ip}",
@@ -113,7 +121,7 @@ impl Gateway {
             }
             let gw = self.clone();
             let id = NEXT_CONN.fetch_add(1, Relaxed);
-            let span = tracing::info_span!("conn", id, peer = %incoming.remote_address());
+            let span = tracing::info_span!("conn", id, %peer);
             // Accepted on its shard, so quinn spawns the connection's driver there too.
             shards.spawn(
                 async move {
@@ -128,7 +136,7 @@ impl Gateway {
     }
 
     async fn handle_connection(self: Arc<Self>, conn: quinn::Connection, id: u64) {
-        let peer = conn.remote_address();
+        let peer = self.carriers.peer_of(conn.remote_address());
         let Some(thumb) = peer_thumbprint(&conn) else {
             conn.close(
                 touchgate_proto::close::UNUSABLE.into(),

@@ -84,6 +84,17 @@ pub fn quic_server_config(
     key: PrivateKeyDer<'static>,
     max_streams: u32,
 ) -> Result<quinn::ServerConfig, TlsError> {
+    quic_server_config_with(certs, key, max_streams, |_| {})
+}
+
+/// [`quic_server_config`], with `tune` applied to the transport settings last (the carrier's
+/// larger datagrams).
+pub fn quic_server_config_with(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    max_streams: u32,
+    tune: fn(&mut quinn::TransportConfig),
+) -> Result<quinn::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(SessionKeyCertVerifier {
         algs: provider.signature_verification_algorithms,
@@ -103,6 +114,7 @@ pub fn quic_server_config(
     let mut transport = touchgate_common::transport_config(max_streams);
     transport.max_concurrent_bidi_streams(PRE_SESSION_STREAMS.into());
     transport.receive_window(PRE_SESSION_WINDOW.into());
+    tune(&mut transport);
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
 }

@@ -360,7 +360,12 @@ pub(crate) struct PgConn {
 /// A failed statement: the database refusing it, or the way to the database broken.
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
     let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
-    if e.is_closed() || io {
+    // SQLSTATE class 08 (connection exception) and 57P (the server shutting down, crashed,
+    // or starting): the database is going away, not refusing the statement.
+    let going = e
+        .code()
+        .is_some_and(|c| c.code().starts_with("08") || c.code().starts_with("57P"));
+    if e.is_closed() || io || going {
         StoreError::Unreachable(e.to_string())
     } else {
         StoreError::Postgres(e)
