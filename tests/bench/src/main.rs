@@ -1,8 +1,11 @@
 //! Benchmark tools for `scripts/bench`: a fast local upstream, HTTP figures measured against any
 //! base URL (so direct, `ssh -L` and touchgate are measured the same way), and figures only
 //! touchgate has (assertion verifications per second, gateway memory per open stream, the
-//! agent's per-connection check of who owns a local connection). Every figure is printed as one
-//! JSON object on stdout.
+//! agent's per-connection check of who owns a local connection), and for `scripts/scale`, the
+//! signed-in agents one gateway holds open and sign-ins per second on each store (module `scale`).
+//! Every figure is printed as one JSON object on stdout.
+
+mod scale;
 
 use std::{
     convert::Infallible,
@@ -105,6 +108,20 @@ enum Cmd {
         #[arg(long)]
         gateway_pid: u32,
     },
+    /// Start a PostgreSQL for a run (Debian's, in a temporary directory, on a free port of
+    /// 127.0.0.1); print its URL and keep it until Ctrl-C or SIGTERM.
+    Postgres,
+    /// Enrol a new software key for each `USER CODE` line of standard input.
+    Enrol {
+        #[command(flatten)]
+        target: scale::Target,
+    },
+    /// Signed-in agents one gateway holds open: its memory at each step of `ladder`, then
+    /// whether every connection is still open after `hold` and a sample still gets answers.
+    Agents(scale::Agents),
+    /// Sign-ins per second: every enrolled user signs in again and again on a connection of
+    /// its own, all at the same time.
+    Signins(scale::Signins),
 }
 
 #[tokio::main]
@@ -132,6 +149,10 @@ async fn main() -> anyhow::Result<()> {
             count,
             gateway_pid,
         } => streams(&config, &service, count, gateway_pid).await,
+        Cmd::Postgres => scale::postgres().await,
+        Cmd::Enrol { target } => scale::enrol(&target).await,
+        Cmd::Agents(args) => scale::agents(&args).await,
+        Cmd::Signins(args) => scale::signins(&args).await,
     }
 }
 
