@@ -255,8 +255,12 @@ fn default_signin_per_minute() -> u32 {
 fn default_connections_per_minute() -> u32 {
     600
 }
+/// Each stream a peer may open costs the connection state up front (about 100 bytes a
+/// stream in quinn): 256 keeps a signed-in agent near 66 KiB, so one replica holds 10,000
+/// under 1 GiB (docs/scale.md), and is more local connections at once than a developer's
+/// tools open; more wait for a slot rather than fail.
 fn default_max_streams() -> u32 {
-    4096
+    256
 }
 
 /// Invite settings.

@@ -470,6 +470,26 @@ fn plural(n: usize, what: &str) -> String {
     format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
+/// The QUIC socket's receive buffer the gateway asks for: thousands of agents' keep-alives
+/// overflow the kernel's usual 208 KiB (docs/scale.md).
+const UDP_RECEIVE_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Asks for [`UDP_RECEIVE_BUFFER`] on `socket`; says what to change when the kernel caps it.
+fn widen_receive_buffer(socket: &std::net::UdpSocket) {
+    let sock = socket2::SockRef::from(socket);
+    let _ = sock.set_recv_buffer_size(UDP_RECEIVE_BUFFER);
+    // Linux reports twice what it grants.
+    match sock.recv_buffer_size() {
+        Ok(got) if got / 2 < UDP_RECEIVE_BUFFER / 2 => tracing::info!(
+            got,
+            wanted = UDP_RECEIVE_BUFFER,
+            "the QUIC socket's receive buffer is smaller than asked for: for thousands of \
+             agents, raise net.core.rmem_max (sysctl) to at least {UDP_RECEIVE_BUFFER}"
+        ),
+        _ => {}
+    }
+}
+
 /// Serves carriers on `listener`, saying why when it cannot.
 async fn serve_carrier(gw: Arc<Gateway>, listener: tokio::net::TcpListener, tls: bool) {
     if let Err(e) = gw.serve_carrier(listener, tls).await {
@@ -493,6 +513,7 @@ async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
     let gw = Gateway::new(cfg)?;
     let socket = std::net::UdpSocket::bind(listen)
         .with_context(|| format!("cannot bind UDP {listen} for QUIC"))?;
+    widen_receive_buffer(&socket);
     let endpoint = gw.endpoint(socket)?;
     let admin = tokio::net::TcpListener::bind(admin_listen)
         .await
