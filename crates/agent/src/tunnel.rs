@@ -161,6 +161,30 @@ pub fn client_endpoint(
     cfg: &AgentConfig,
     key: &SessionKey,
 ) -> Result<quinn::Endpoint, TunnelError> {
+    let client = client_config(cfg, key)?;
+    let v4 = SocketAddr::from(([0, 0, 0, 0], 0));
+    let endpoint = if only_ipv4(cfg) {
+        quinn::Endpoint::client(v4)
+    } else {
+        // One dual-stack socket reaches IPv6 and IPv4 addresses alike, whatever a name
+        // resolves to; a machine without IPv6 gets an IPv4 socket, and IPv6 addresses are then
+        // skipped with a reason.
+        quinn::Endpoint::client(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))
+            .or_else(|_| quinn::Endpoint::client(v4))
+    };
+    let mut endpoint =
+        endpoint.map_err(|e| TunnelError::Tls(format!("cannot open a UDP socket: {e}")))?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+/// The QUIC client settings of a connection to the gateway: TLS 1.3 presenting `key`, the
+/// gateway verified as the config says (pinned fingerprint or CA), the agent's keep-alive and
+/// give-up time. For endpoints on other sockets (the carrier's) and for tools.
+pub fn client_config(
+    cfg: &AgentConfig,
+    key: &SessionKey,
+) -> Result<quinn::ClientConfig, TunnelError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -203,20 +227,7 @@ pub fn client_endpoint(
         quinn::IdleTimeout::try_from(DEAD_AFTER).map_err(|e| TunnelError::Tls(e.to_string()))?,
     ));
     client.transport_config(Arc::new(transport));
-    let v4 = SocketAddr::from(([0, 0, 0, 0], 0));
-    let endpoint = if only_ipv4(cfg) {
-        quinn::Endpoint::client(v4)
-    } else {
-        // One dual-stack socket reaches IPv6 and IPv4 addresses alike, whatever a name
-        // resolves to; a machine without IPv6 gets an IPv4 socket, and IPv6 addresses are then
-        // skipped with a reason.
-        quinn::Endpoint::client(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))
-            .or_else(|_| quinn::Endpoint::client(v4))
-    };
-    let mut endpoint =
-        endpoint.map_err(|e| TunnelError::Tls(format!("cannot open a UDP socket: {e}")))?;
-    endpoint.set_default_client_config(client);
-    Ok(endpoint)
+    Ok(client)
 }
 
 /// Whether every gateway address is an IPv4 address: the agent then needs no IPv6 socket.

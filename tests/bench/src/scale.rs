@@ -9,13 +9,12 @@
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
 use tokio::task::JoinSet;
 use touchgate_agent::{
     AgentConfig, SharedAuthn,
@@ -194,7 +193,7 @@ pub async fn agents(args: &Agents) -> anyhow::Result<()> {
     let (gateway_pid, hold, sample) = (*gateway_pid, *hold, *sample);
     let keep_alive = keep_alive.unwrap_or(tunnel::KEEP_ALIVE);
     let dead_after = dead_after.unwrap_or(tunnel::DEAD_AFTER);
-    let client = Arc::new(Client::new(&target.gateway_cert, keep_alive, dead_after)?);
+    let client = Arc::new(Client::new(keep_alive, dead_after)?);
     let signers = target.signers()?;
     let baseline = rss_kib(gateway_pid, "VmRSS:")?;
     let baseline_fds = open_files(gateway_pid)?;
@@ -304,11 +303,7 @@ pub async fn signins(args: &Signins) -> anyhow::Result<()> {
         gateway_pid,
     } = args;
     let (duration, gateway_pid) = (*duration, *gateway_pid);
-    let client = Arc::new(Client::new(
-        &target.gateway_cert,
-        tunnel::KEEP_ALIVE,
-        tunnel::DEAD_AFTER,
-    )?);
+    let client = Arc::new(Client::new(tunnel::KEEP_ALIVE, tunnel::DEAD_AFTER)?);
     let signers = target.signers()?;
     let ready = Arc::new(tokio::sync::Barrier::new(signers.len() + 1));
     let mut tasks = JoinSet::new();
@@ -477,35 +472,23 @@ fn machine_busy_ticks() -> anyhow::Result<u64> {
     Ok(ticks.iter().sum::<u64>() - idle - iowait)
 }
 
-/// The one UDP socket of every simulated agent, and what each agent's TLS is made of.
+/// The one UDP socket of every simulated agent, and their keep-alive settings.
 struct Client {
     endpoint: quinn::Endpoint,
-    roots: Arc<rustls::RootCertStore>,
     transport: Arc<quinn::TransportConfig>,
 }
 
 impl Client {
-    /// A client whose agents trust `gateway_cert`, ping a quiet connection every `keep_alive`
-    /// and take it as lost after `dead_after` of silence (the gateway agrees to the shorter of
-    /// its idle timeout and this).
-    fn new(
-        gateway_cert: &Path,
-        keep_alive: Duration,
-        dead_after: Duration,
-    ) -> anyhow::Result<Self> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(gateway_cert)
-            .with_context(|| format!("cannot read {}", gateway_cert.display()))?
-        {
-            roots.add(cert?)?;
-        }
+    /// A client whose agents (trusting the gateway as their configs say) ping a quiet
+    /// connection every `keep_alive` and take it as lost after `dead_after` of silence (the
+    /// gateway agrees to the shorter of its idle timeout and this).
+    fn new(keep_alive: Duration, dead_after: Duration) -> anyhow::Result<Self> {
         // The agent's transport settings.
         let mut transport = touchgate_common::transport_config(0);
         transport.keep_alive_interval(Some(keep_alive));
         transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(dead_after)?));
         Ok(Self {
             endpoint: quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?,
-            roots: Arc::new(roots),
             transport: Arc::new(transport),
         })
     }
@@ -522,29 +505,17 @@ impl Client {
     /// A new agent: a fresh session key, a connection presenting it, and a sign-in with the
     /// signer's key through the agent's tunnel code.
     async fn sign_in(&self, s: &Signer) -> anyhow::Result<Tunnel> {
-        let endpoint = self.endpoint_for_new_agent()?;
+        let endpoint = self.endpoint_for_new_agent(&s.cfg)?;
         let tunnel = Tunnel::connect(&endpoint, &s.cfg).await?;
         tunnel.login(&s.authn, &s.cfg.user, None).await?;
         Ok(tunnel)
     }
 
-    /// A handle on the shared endpoint whose connections present a new session key: a
-    /// handle's default client config is its own, the socket and its driver are shared.
-    fn endpoint_for_new_agent(&self) -> anyhow::Result<quinn::Endpoint> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let cert = rcgen::CertificateParams::new(vec!["touchgate-session".to_owned()])?
-            .self_signed(&key)?;
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(self.roots.clone())
-        .with_client_auth_cert(vec![cert.der().clone()], key)?;
-        tls.alpn_protocols = vec![touchgate_proto::ALPN.to_vec()];
-        let mut config = quinn::ClientConfig::new(Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
-        ));
+    /// A handle on the shared endpoint whose connections present a new session key (the
+    /// agent's own client settings, with this run's keep-alive): a handle's default client
+    /// config is its own, the socket and its driver are shared.
+    fn endpoint_for_new_agent(&self, cfg: &AgentConfig) -> anyhow::Result<quinn::Endpoint> {
+        let mut config = tunnel::client_config(cfg, &tunnel::SessionKey::generate()?)?;
         config.transport_config(self.transport.clone());
         let mut endpoint = self.endpoint.clone();
         endpoint.set_default_client_config(config);
