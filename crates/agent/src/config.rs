@@ -177,9 +177,10 @@ impl std::fmt::Display for GatewayAddrs {
     }
 }
 
-/// Splits `host:port` into the host (brackets of an IPv6 address removed) and the port; says
-/// what is wrong when it is not that.
-pub fn split_host_port(addr: &str) -> Result<(&str, u16), &'static str> {
+/// Splits a configured gateway address, `host:port`, into the host (brackets of an IPv6
+/// address removed) and the port; says what is wrong when it is not that. Stricter than
+/// `touchgate_common::host::split_host_port`, which reads `Host` headers leniently.
+fn gateway_host_port(addr: &str) -> Result<(&str, u16), &'static str> {
     let (host, port) = addr.rsplit_once(':').ok_or("must be host:port")?;
     let port = port.parse::<u16>().map_err(|_| "must be host:port")?;
     let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
@@ -370,7 +371,7 @@ impl AgentConfig {
         if let Some(name) = &self.server_name {
             return name.clone();
         }
-        split_host_port(addr)
+        gateway_host_port(addr)
             .map(|(h, _)| h)
             .unwrap_or(addr)
             .to_owned()
@@ -389,7 +390,7 @@ impl AgentConfig {
         let mut seen = std::collections::HashSet::new();
         let mut hosts = std::collections::BTreeSet::new();
         for addr in self.gateway.iter() {
-            match split_host_port(addr) {
+            match gateway_host_port(addr) {
                 Ok((host, _)) => {
                     hosts.insert(host.to_ascii_lowercase());
                 }

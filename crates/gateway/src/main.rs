@@ -480,7 +480,7 @@ fn widen_receive_buffer(socket: &std::net::UdpSocket) {
     let _ = sock.set_recv_buffer_size(UDP_RECEIVE_BUFFER);
     // Linux reports twice what it grants.
     match sock.recv_buffer_size() {
-        Ok(got) if got / 2 < UDP_RECEIVE_BUFFER / 2 => tracing::info!(
+        Ok(got) if got / 2 < UDP_RECEIVE_BUFFER => tracing::info!(
             got,
             wanted = UDP_RECEIVE_BUFFER,
             "the QUIC socket's receive buffer is smaller than asked for: for thousands of \

@@ -541,6 +541,24 @@ impl Store {
         self.write_locked(None, f)
     }
 
+    /// Runs `f` in one read-only transaction: a consistent picture of several tables while
+    /// gateways write beside it, without taking SQLite's write lock.
+    fn snapshot<T>(
+        &self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match &self.backend {
+            Backend::Lite(m) => {
+                let mut conn = Self::lite(m);
+                let tx = conn.transaction()?;
+                let value = f(&Tx::Lite(&tx))?;
+                tx.commit()?;
+                Ok(value)
+            }
+            Backend::Pg(p) => p.snapshot(|c| f(&Tx::Pg(c))),
+        }
+    }
+
     /// [`Store::write`], first taking the advisory lock `lock` on PostgreSQL (SQLite's write
     /// lock already excludes every other writer): for work that replicas starting together
     /// must do once.
@@ -887,8 +905,7 @@ impl Store {
     /// who were only invited are listed, and so are removed users, who keep their row (see
     /// [`Store::remove_user`]).
     pub fn list_users(&self) -> Result<Vec<UserSummary>, StoreError> {
-        // One transaction: a consistent picture while a gateway writes beside us.
-        self.write(|tx| {
+        self.snapshot(|tx| {
             let mut users: Vec<UserSummary> = tx
                 .rows(
                     "SELECT name, disabled <> 0, created, last_sign_in FROM users ORDER BY name",

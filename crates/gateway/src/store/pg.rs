@@ -576,8 +576,25 @@ impl PgStore {
         lock: Option<i64>,
         f: impl FnOnce(&PgConn) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.transaction("BEGIN", lock, f)
+    }
+
+    /// Runs `f` in a read-only transaction that sees one snapshot of the database throughout.
+    pub(crate) fn snapshot<T>(
+        &self,
+        f: impl FnOnce(&PgConn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.transaction("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", None, f)
+    }
+
+    fn transaction<T>(
+        &self,
+        begin: &str,
+        lock: Option<i64>,
+        f: impl FnOnce(&PgConn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let conn = self.conn()?;
-        conn.batch("BEGIN")?;
+        conn.batch(begin)?;
         conn.in_tx.store(true, Relaxed);
         let done = lock
             .map(|key| {

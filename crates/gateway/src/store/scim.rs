@@ -193,7 +193,7 @@ impl Store {
     ) -> Result<(usize, Vec<ScimUser>), StoreError> {
         let (cond, arg) = condition(query, "lower(name)", "scim_external_id", "uuid");
         let live = "scim_deleted IS NULL";
-        self.write(|tx| {
+        self.snapshot(|tx| {
             let total: usize = tx
                 .one(
                     &format!("SELECT count(*) FROM users WHERE {live} AND {cond}"),
@@ -220,7 +220,7 @@ impl Store {
 
     /// The user with SCIM id `id`, unless SCIM deleted them.
     pub fn scim_user(&self, id: &str) -> Result<Option<ScimUser>, StoreError> {
-        self.write(|tx| user_by_id(tx, id))
+        self.snapshot(|tx| user_by_id(tx, id))
     }
 
     /// Creates a user, or brings back one SCIM deleted (same id). A user of this name in any
@@ -369,7 +369,7 @@ impl Store {
         members: bool,
     ) -> Result<(usize, Vec<ScimGroup>), StoreError> {
         let (cond, arg) = condition(query, "lower(display_name)", "external_id", "id");
-        self.write(|tx| {
+        self.snapshot(|tx| {
             let total: usize = tx
                 .one(
                     &format!("SELECT count(*) FROM scim_groups WHERE {cond}"),
@@ -398,7 +398,7 @@ impl Store {
 
     /// The group with SCIM id `id`, with its members.
     pub fn scim_group(&self, id: &str) -> Result<Option<ScimGroup>, StoreError> {
-        self.write(|tx| group_by_id(tx, id))
+        self.snapshot(|tx| group_by_id(tx, id))
     }
 
     /// Creates a group named `display_name` with `members` (SCIM user ids).

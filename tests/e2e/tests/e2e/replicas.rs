@@ -203,6 +203,22 @@ async fn an_agent_moves_to_the_other_replica_with_no_touch_and_revokes_reach_it(
     Ok(())
 }
 
+/// Of two racing attempts, exactly one succeeded (`what`) and the other was refused with `code`.
+fn one_wins(answers: &[Result<(), TunnelError>], code: RefusalCode, what: &str) {
+    assert_eq!(
+        answers.iter().filter(|a| a.is_ok()).count(),
+        1,
+        "{what}: {answers:?}"
+    );
+    assert!(
+        answers.iter().any(|a| matches!(
+            a,
+            Err(TunnelError::Refused(r)) if r.code == code
+        )),
+        "{answers:?}"
+    );
+}
+
 #[tokio::test]
 async fn races_through_two_replicas_keep_invites_and_counters() -> anyhow::Result<()> {
     let r = Replicas::start().await?;
@@ -217,18 +233,10 @@ async fn races_through_two_replicas_keep_invites_and_counters() -> anyhow::Resul
         touchgate_agent::enroll(&cfg_a, &key_a, &code),
         touchgate_agent::enroll(&cfg_b, &key_b, &code),
     );
-    let answers = [x, y];
-    assert_eq!(
-        answers.iter().filter(|a| a.is_ok()).count(),
-        1,
-        "one enrolment uses the invite: {answers:?}"
-    );
-    assert!(
-        answers.iter().any(|a| matches!(
-            a,
-            Err(TunnelError::Refused(r)) if r.code == RefusalCode::InvalidInvite
-        )),
-        "{answers:?}"
+    one_wins(
+        &[x.map(drop), y.map(drop)],
+        RefusalCode::InvalidInvite,
+        "one enrolment uses the invite",
     );
 
     // A cloned key: two copies with the same counter sign in through both replicas at once.
@@ -249,18 +257,10 @@ async fn races_through_two_replicas_keep_invites_and_counters() -> anyhow::Resul
         .await?;
     let cb = tb.make_assertion(&clone, "carol@example.com", None).await?;
     let (x, y) = tokio::join!(ta.finish_login(ca), tb.finish_login(cb));
-    let answers = [x.map(drop), y.map(drop)];
-    assert_eq!(
-        answers.iter().filter(|a| a.is_ok()).count(),
-        1,
-        "one of two sign-ins with the same counter passes: {answers:?}"
-    );
-    assert!(
-        answers.iter().any(|a| matches!(
-            a,
-            Err(TunnelError::Refused(r)) if r.code == RefusalCode::CounterNotRising
-        )),
-        "{answers:?}"
+    one_wins(
+        &[x.map(drop), y.map(drop)],
+        RefusalCode::CounterNotRising,
+        "one of two sign-ins with the same counter passes",
     );
     Ok(())
 }
