@@ -56,10 +56,21 @@ ensure_desktop_packages() {
   install_packages "${need[@]}"
 }
 
-# Everything the test command needs: the tray app's packages, and Debian's PostgreSQL server,
+# Everything the test command needs: the tray app's packages, Debian's PostgreSQL server,
 # which the tests start on their own (crates/testkit/src/postgres.rs; any version, the newest
-# is used).
+# is used), and the carrier tests' proxy, front end and firewall.
 ensure_test_packages() {
   ensure_desktop_packages
-  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || install_packages postgresql
+  local need=()
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
+  # The TCP carrier's tests: a real HTTP proxy (CONNECT), a real TLS-terminating WebSocket
+  # front end, and a network namespace whose UDP nftables drops.
+  command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
+  command -v nginx >/dev/null 2>&1 || need+=(nginx)
+  command -v nft >/dev/null 2>&1 || need+=(nftables)
+  command -v ip >/dev/null 2>&1 || need+=(iproute2)
+  command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+  # The example that verifies X-Touchgate-Assertion in Python (PyJWT).
+  /usr/bin/python3 -c 'import jwt' >/dev/null 2>&1 || need+=(python3-jwt)
+  install_packages "${need[@]}"
 }
