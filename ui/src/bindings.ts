@@ -137,6 +137,11 @@ services: Array<ServiceView>,
  */
 gateway: string, 
 /**
+ * While connected, how the gateway is reached, in words: `QUIC`, or `TCP: UDP seems
+ * blocked on this network` and the like; empty otherwise.
+ */
+transport: string, 
+/**
  * The configured user.
  */
 user: string, 

@@ -190,6 +190,9 @@ function signInView(v: View): HTMLElement {
       p.kind === "expiring_soon" && s
         ? h("p", { class: "warn", role: "status" }, `Your session ends in ${v.time_left}: renew it with one touch.`)
         : null,
+      v.transport.startsWith("TCP")
+        ? note(`Connected over ${v.transport}.${v.transport.includes("UDP") ? " Services work as usual; QUIC is tried again now and then." : ""}`)
+        : null,
       serviceList(v.services),
       h(
         "div",
@@ -402,6 +405,7 @@ function statusView(v: View): HTMLElement {
       {},
       h("dt", {}, "Gateway"),
       h("dd", {}, v.gateway || "not set"),
+      v.transport ? [h("dt", {}, "Connection"), h("dd", { "data-testid": "transport" }, v.transport)] : null,
       h("dt", {}, "User"),
       h("dd", {}, v.user || "not set"),
       v.session ? [h("dt", {}, "Session ends"), h("dd", {}, `${clock(v.session.expires_at)} (${v.time_left} left)`)] : null,

@@ -26,7 +26,7 @@ use crate::{
     authenticator::Authenticator,
     config::AgentConfig,
     peer::OwnerCheck,
-    tunnel::{Candidate, Order, SessionKey, Tunnel, TunnelError, client_endpoint},
+    tunnel::{Candidate, Dialer, Order, SessionKey, Tunnel, TunnelError},
 };
 
 /// An authenticator shared between the agent's tasks (calls are serialised by the mutex).
@@ -75,6 +75,9 @@ pub enum AgentState {
         /// The gateway address in use: `gw-a.example:443 (192.0.2.7:443)`.
         #[serde(default)]
         gateway: String,
+        /// How it is reached, in words: `QUIC`, `TCP: UDP seems blocked on this network`…
+        #[serde(default)]
+        transport: String,
     },
     /// The connection dropped; reconnecting with the same session.
     Reconnecting {
@@ -148,7 +151,8 @@ pub struct RunningAgent {
 struct Shared {
     cfg: AgentConfig,
     authn: SharedAuthn,
-    endpoint: quinn::Endpoint,
+    /// QUIC on UDP, and the TCP carrier.
+    dialer: Dialer,
     state: watch::Sender<AgentState>,
     conn: watch::Sender<Option<quinn::Connection>>,
     session: Arc<Mutex<Option<SessionInfo>>>,
@@ -195,7 +199,7 @@ impl RunningAgent {
         browser: crate::idp::Browser,
     ) -> Result<Self, AgentError> {
         let key = SessionKey::generate()?;
-        let endpoint = client_endpoint(&cfg, &key)?;
+        let dialer = Dialer::new(&cfg, &key)?;
         let mut bound = Vec::new();
         for s in &cfg.services {
             let what = format!("service {}", s.name);
@@ -211,7 +215,7 @@ impl RunningAgent {
         let shared = Arc::new(Shared {
             cfg,
             authn,
-            endpoint: endpoint.clone(),
+            dialer,
             state: state_tx,
             conn: conn_tx,
             session: Arc::new(Mutex::new(None)),
@@ -330,7 +334,8 @@ impl RunningAgent {
     /// and open streams carry on. The socket must be of the family in use: an IPv6 socket
     /// (dual-stack) unless every gateway address is an IPv4 one.
     pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
-        let (now, new) = (self.shared.endpoint.local_addr()?, socket.local_addr()?);
+        let endpoint = self.shared.dialer.udp();
+        let (now, new) = (endpoint.local_addr()?, socket.local_addr()?);
         if now.is_ipv6() && new.is_ipv4() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -339,7 +344,7 @@ impl RunningAgent {
                 ),
             ));
         }
-        self.shared.endpoint.rebind(socket)
+        endpoint.rebind(socket)
     }
 
     /// Whether the agent stopped because the gateway said the user's account is disabled (it
@@ -358,6 +363,16 @@ impl RunningAgent {
     /// The gateway address the agent is connected to (`gw-a.example:443 (192.0.2.7:443)`), or
     /// `None` while it is not.
     pub fn gateway(&self) -> Option<String> {
+        self.in_use().map(|g| g.to_string())
+    }
+
+    /// How the agent reaches the gateway, in words (`QUIC`, `TCP: UDP seems blocked on this
+    /// network`…), or `None` while it is not connected.
+    pub fn transport(&self) -> Option<String> {
+        self.in_use().map(|g| g.link.describe())
+    }
+
+    fn in_use(&self) -> Option<Candidate> {
         let live = self
             .connection()
             .is_some_and(|c| c.close_reason().is_none());
@@ -366,7 +381,7 @@ impl RunningAgent {
             .gateway
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        gateway.as_ref().filter(|_| live).map(Candidate::to_string)
+        gateway.clone().filter(|_| live)
     }
 
     /// Renews the session on the live connection with a new touch: a fresh session with a
@@ -380,7 +395,11 @@ impl RunningAgent {
         for t in &self.tasks {
             t.abort();
         }
-        let endpoint = &self.shared.endpoint;
+        if let Some(c) = self.shared.conn.send_replace(None) {
+            // On a carrier, the connection is on an endpoint of its own.
+            c.close(touchgate_proto::close::AGENT_DONE.into(), b"agent quitting");
+        }
+        let endpoint = self.shared.dialer.udp();
         endpoint.close(touchgate_proto::close::AGENT_DONE.into(), b"agent quitting");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     }
@@ -388,7 +407,7 @@ impl RunningAgent {
 
 impl Shared {
     async fn sign_in(&self) -> Result<(), TunnelError> {
-        let tunnel = Tunnel::connect_in(&self.endpoint, &self.cfg, self.order).await?;
+        let tunnel = Tunnel::dial(&self.dialer, &self.cfg, self.order).await?;
         self.login_on(tunnel).await
     }
 
@@ -439,8 +458,7 @@ impl Shared {
             .await
         {
             Ok(session) => {
-                self.state
-                    .send_replace(connected_state(&session, tunnel.gateway()));
+                self.state.send_replace(connected_state(&session, &tunnel));
                 *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.clone());
                 Ok(session)
             }
@@ -462,9 +480,8 @@ impl Shared {
                 tracing::warn!(service = %s.name, "the gateway does not offer this service to you (unknown, or not allowed): connections to it will be refused");
             }
         }
-        tracing::info!(gateway = %tunnel.gateway(), "connected to the gateway");
-        self.state
-            .send_replace(connected_state(&session, tunnel.gateway()));
+        tracing::info!(gateway = %tunnel.gateway(), transport = %tunnel.link().describe(), "connected to the gateway");
+        self.state.send_replace(connected_state(&session, &tunnel));
         *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(session);
         *self.gateway.lock().unwrap_or_else(|e| e.into_inner()) = Some(tunnel.gateway().clone());
         self.conn.send_replace(Some(tunnel.connection().clone()));
@@ -519,9 +536,35 @@ impl Shared {
 
     async fn supervise(self: Arc<Self>) {
         loop {
-            let conn = self.conn.borrow().clone();
+            let mut changed = self.conn.subscribe();
+            let conn = changed.borrow_and_update().clone();
             let Some(conn) = conn else { return };
-            let reason = conn.closed().await;
+            let link = self.tunnel.lock().await.as_ref().map(|t| t.link().clone());
+            let on_tcp = link.as_ref().is_some_and(|l| l.is_tcp());
+            // Over TCP because UDP seemed blocked: QUIC is tried again now and then.
+            let retry_quic = matches!(
+                link,
+                Some(crate::tunnel::Link::Tcp {
+                    why: crate::tunnel::carrier::Why::UdpBlocked,
+                    ..
+                })
+            );
+            let carrier_deadline = tokio::time::Instant::now() + self.cfg.carrier_max_age;
+            let reason = tokio::select! {
+                reason = conn.closed() => reason,
+                // Another connection took over (back to QUIC, a fresh carrier): watch that one.
+                _ = changed.changed() => continue,
+                () = tokio::time::sleep(self.cfg.quic_retry), if retry_quic => {
+                    drop(conn);
+                    self.move_to_quic().await;
+                    continue;
+                }
+                () = tokio::time::sleep_until(carrier_deadline), if on_tcp => {
+                    drop(conn);
+                    self.fresh_carrier().await;
+                    continue;
+                }
+            };
             if self.locked.load(std::sync::atomic::Ordering::SeqCst) {
                 return;
             }
@@ -575,6 +618,58 @@ impl Shared {
         }
     }
 
+    /// Tries QUIC on UDP while on TCP: when it answers, the session resumes on it (no touch)
+    /// and new local connections go there; those open on the carrier finish on it.
+    async fn move_to_quic(&self) {
+        let Ok(won) = self.dialer.dial_quic(&self.cfg, self.order).await else {
+            tracing::debug!("QUIC still gets no answer: staying on TCP");
+            return;
+        };
+        match self.take_over(Tunnel::on_won(won, &self.cfg).await).await {
+            Ok(()) => tracing::info!("UDP gets through again: moved back to QUIC"),
+            Err(e) => {
+                tracing::info!(error = %e, "QUIC answered, but the session did not resume on it: staying on TCP")
+            }
+        }
+    }
+
+    /// Moves to a fresh carrier before a front end ends the old one (`carrier_max_age`);
+    /// requests open on the old one finish on it.
+    async fn fresh_carrier(&self) {
+        let tunnel = Tunnel::dial(&self.dialer, &self.cfg, self.order).await;
+        match self.take_over(tunnel).await {
+            Ok(()) => {
+                tracing::info!("moved to a fresh connection before the carrier's maximum age")
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "no fresh connection yet: staying on the current one until it ends")
+            }
+        }
+    }
+
+    /// Resumes the session on `tunnel` and makes it the live one. The old connection is only
+    /// let go: it closes by itself when the last stream on it ends.
+    async fn take_over(&self, tunnel: Result<Tunnel, TunnelError>) -> Result<(), TunnelError> {
+        let tunnel = tunnel?;
+        let token = self
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|s| s.token.clone())
+            .ok_or_else(|| TunnelError::Protocol("no session to resume".into()))?;
+        match tunnel.resume(&token).await {
+            Ok(session) => {
+                self.live(tunnel, session).await;
+                Ok(())
+            }
+            Err(e) => {
+                tunnel.close(b"not needed").await;
+                Err(e)
+            }
+        }
+    }
+
     async fn reconnect(&self, order: Order) -> Result<(), TunnelError> {
         let token = self
             .session
@@ -582,7 +677,7 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .map(|s| s.token.clone());
-        let tunnel = Tunnel::connect_in(&self.endpoint, &self.cfg, order).await?;
+        let tunnel = Tunnel::dial(&self.dialer, &self.cfg, order).await?;
         if let Some(token) = token {
             match tunnel.resume(&token).await {
                 Ok(session) => {
@@ -641,13 +736,14 @@ fn closed_as_disabled(reason: &quinn::ConnectionError) -> bool {
             || String::from_utf8_lossy(&c.reason).contains(DISABLED_CLOSE))
 }
 
-fn connected_state(session: &SessionInfo, gateway: &Candidate) -> AgentState {
+fn connected_state(session: &SessionInfo, tunnel: &Tunnel) -> AgentState {
     AgentState::Connected {
         user: session.user.clone(),
         expires_at: session.expires_at,
         services: session.services.iter().map(|s| s.name.clone()).collect(),
         tcp: crate::controller::tcp_services(session),
-        gateway: gateway.to_string(),
+        gateway: tunnel.gateway().to_string(),
+        transport: tunnel.link().describe(),
     }
 }
 

@@ -101,6 +101,100 @@ pub struct AgentConfig {
     /// Tray app: ask for a touch as soon as it starts, instead of waiting for "Sign in…".
     #[serde(default)]
     pub sign_in_on_launch: bool,
+    /// How to reach the gateway: `"auto"` (QUIC on UDP, and the TCP carrier when QUIC gets no
+    /// answer), `"quic"` or `"tcp"`. A `wss://` gateway address is always reached over TCP.
+    #[serde(default)]
+    pub transport: Transport,
+    /// The HTTP proxy the TCP carrier goes through, `http://[user:password@]host:port`; by
+    /// default `HTTPS_PROXY` (or `https_proxy`), honouring `NO_PROXY`. `"none"`: never a proxy.
+    #[serde(default)]
+    pub proxy: Option<String>,
+    /// While on TCP because QUIC got no answer, how often QUIC is tried again; the agent moves
+    /// back as soon as it answers.
+    #[serde(default = "default_quic_retry", with = "humantime_serde")]
+    pub quic_retry: std::time::Duration,
+    /// How long one TCP carrier is used before the agent moves to a fresh one (front ends end
+    /// long requests: Cloud Run at 60 minutes); requests in flight finish on the old one.
+    #[serde(default = "default_carrier_max_age", with = "humantime_serde")]
+    pub carrier_max_age: std::time::Duration,
+}
+
+/// How the agent reaches the gateway.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// QUIC on UDP first; the TCP carrier when no QUIC handshake finishes within
+    /// about two seconds (UDP blocked), and back to QUIC when it answers again.
+    #[default]
+    Auto,
+    /// QUIC on UDP only.
+    Quic,
+    /// The TCP carrier only.
+    Tcp,
+}
+
+/// One configured gateway address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayAddr<'a> {
+    /// `host:port`: QUIC on UDP, and the carrier over TLS on TCP at the same port.
+    Direct {
+        /// The host (an IPv6 address without brackets).
+        host: &'a str,
+        /// The port.
+        port: u16,
+    },
+    /// `wss://host[:port]/path`: the carrier only, through a front end that terminates TLS.
+    FrontEnd {
+        /// The URL as configured.
+        url: &'a str,
+        /// The URL's host.
+        host: String,
+        /// Its port (443 by default).
+        port: u16,
+    },
+}
+
+impl<'a> GatewayAddr<'a> {
+    /// Reads a configured address; says what is wrong when it is neither shape.
+    pub fn parse(addr: &'a str) -> Result<Self, String> {
+        if addr.contains("://") {
+            let url = url::Url::parse(addr).map_err(|e| format!("is not a URL ({e})"))?;
+            if url.scheme() != "wss" {
+                return Err(format!(
+                    "is a {}:// URL: write host:port, or wss://host/path for a gateway behind a front end",
+                    url.scheme()
+                ));
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err("has credentials in it: a gateway URL has none".into());
+            }
+            if url.query().is_some() || url.fragment().is_some() {
+                return Err("has a query or fragment: write wss://host[:port]/path".into());
+            }
+            let host = match url.host() {
+                Some(url::Host::Domain(d)) => d.to_owned(),
+                Some(url::Host::Ipv4(ip)) => ip.to_string(),
+                Some(url::Host::Ipv6(ip)) => ip.to_string(),
+                None => return Err("has no host".into()),
+            };
+            let port = url.port_or_known_default().unwrap_or(443);
+            return Ok(Self::FrontEnd {
+                url: addr,
+                host,
+                port,
+            });
+        }
+        let (host, port) = gateway_host_port(addr).map_err(str::to_owned)?;
+        Ok(Self::Direct { host, port })
+    }
+
+    /// The host the gateway's name is taken from.
+    pub fn host(&self) -> &str {
+        match self {
+            Self::Direct { host, .. } => host,
+            Self::FrontEnd { host, .. } => host,
+        }
+    }
 }
 
 /// The gateway's addresses, `host:port` each, in the order the config lists them. The file
@@ -239,6 +333,14 @@ fn default_touch_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(30)
 }
 
+fn default_quic_retry() -> std::time::Duration {
+    std::time::Duration::from_secs(3 * 60)
+}
+
+fn default_carrier_max_age() -> std::time::Duration {
+    std::time::Duration::from_secs(55 * 60)
+}
+
 fn default_renew_reminder() -> std::time::Duration {
     std::time::Duration::from_secs(10 * 60)
 }
@@ -371,10 +473,10 @@ impl AgentConfig {
         if let Some(name) = &self.server_name {
             return name.clone();
         }
-        gateway_host_port(addr)
-            .map(|(h, _)| h)
-            .unwrap_or(addr)
-            .to_owned()
+        match GatewayAddr::parse(addr) {
+            Ok(a) => a.host().to_owned(),
+            Err(_) => addr.to_owned(),
+        }
     }
 
     /// What is wrong with `gateway`: an empty list, an address that is not `host:port`, one
@@ -390,9 +492,9 @@ impl AgentConfig {
         let mut seen = std::collections::HashSet::new();
         let mut hosts = std::collections::BTreeSet::new();
         for addr in self.gateway.iter() {
-            match gateway_host_port(addr) {
-                Ok((host, _)) => {
-                    hosts.insert(host.to_ascii_lowercase());
+            match GatewayAddr::parse(addr) {
+                Ok(a) => {
+                    hosts.insert(a.host().to_ascii_lowercase());
                 }
                 Err(e) => problems.push(format!("gateway {addr:?} {e}")),
             }
@@ -401,6 +503,21 @@ impl AgentConfig {
                     "gateway {addr:?} is listed twice: list each address once"
                 ));
             }
+        }
+        if self.transport == Transport::Quic
+            && let Some(url) = self
+                .gateway
+                .iter()
+                .find(|a| matches!(GatewayAddr::parse(a), Ok(GatewayAddr::FrontEnd { .. })))
+        {
+            problems.push(format!(
+                "gateway {url:?} is reached over TCP only, but transport is \"quic\": set transport = \"auto\" or \"tcp\""
+            ));
+        }
+        if let Some(proxy) = &self.proxy
+            && let Err(e) = crate::tunnel::carrier::ProxySetting::parse(proxy)
+        {
+            problems.push(format!("proxy {e}"));
         }
         if hosts.len() > 1 && self.rp_id.is_none() && self.server_name.is_none() {
             let hosts = hosts.into_iter().collect::<Vec<_>>().join(", ");
@@ -677,6 +794,57 @@ mod tests {
             "ab".repeat(32)
         ))
         .expect("toml")
+    }
+
+    #[test]
+    fn a_front_end_gateway_is_a_wss_url_and_goes_over_tcp() {
+        let cfg = gateway("\"wss://gw-xyz.a.run.app/touchgate/carrier\"", "").expect("valid");
+        assert_eq!(cfg.server_name(), "gw-xyz.a.run.app");
+        assert_eq!(cfg.rp_id(), "gw-xyz.a.run.app");
+        assert_eq!(cfg.transport, Transport::Auto);
+        assert_eq!(
+            GatewayAddr::parse("wss://[2001:db8::1]:8443/c").expect("url"),
+            GatewayAddr::FrontEnd {
+                url: "wss://[2001:db8::1]:8443/c",
+                host: "2001:db8::1".into(),
+                port: 8443
+            }
+        );
+        for (bad, words) in [
+            ("\"https://gw.corp.example/\"", "is a https:// URL"),
+            ("\"ws://gw.corp.example/c\"", "is a ws:// URL"),
+            ("\"wss://u:p@gw.corp.example/c\"", "has credentials"),
+            ("\"wss://gw.corp.example/c?x=1\"", "has a query"),
+        ] {
+            let e = gateway(bad, "").expect_err(bad);
+            assert!(e.contains(words), "{bad}: {e}");
+        }
+        let e = gateway(
+            "\"wss://gw.corp.example/touchgate/carrier\"",
+            "transport = \"quic\"\n",
+        )
+        .expect_err("quic only");
+        assert!(e.contains("reached over TCP only"), "{e}");
+        let e =
+            gateway("\"gw.corp.example:443\"", "proxy = \"socks5://p:1080\"\n").expect_err("socks");
+        assert!(e.contains("proxy is a socks5:// URL"), "{e}");
+        let e = gateway("\"gw.corp.example:443\"", "transport = \"udp\"\n")
+            .expect_err("unknown transport");
+        assert!(e.contains("unknown variant `udp`"), "{e}");
+    }
+
+    #[test]
+    fn the_carrier_settings_have_defaults() {
+        let cfg = with("");
+        assert_eq!(cfg.proxy, None);
+        assert_eq!(cfg.quic_retry, std::time::Duration::from_secs(180));
+        assert_eq!(cfg.carrier_max_age, std::time::Duration::from_secs(55 * 60));
+        let cfg = with(
+            "transport = \"tcp\"\nquic_retry = \"30s\"\ncarrier_max_age = \"50m\"\nproxy = \"http://proxy.corp.example:3128\"\n",
+        );
+        cfg.check().expect("valid");
+        assert_eq!(cfg.transport, Transport::Tcp);
+        assert_eq!(cfg.quic_retry, std::time::Duration::from_secs(30));
     }
 
     #[test]

@@ -329,6 +329,7 @@ impl Inner {
                 let id = self.agents.fetch_add(1, Ordering::Relaxed) + 1;
                 let session = agent.session().as_ref().map(|s| Session {
                     gateway: agent.gateway().unwrap_or_default(),
+                    transport: agent.transport().unwrap_or_default(),
                     ..Session::from(s)
                 });
                 let listeners = agent

@@ -46,25 +46,22 @@ pub fn shared_authenticator(
     )?)))
 }
 
-/// A connection for one request (an enrolment), closed cleanly afterwards.
+/// A connection for one request (an enrolment), over QUIC or the TCP carrier as the config
+/// says, closed cleanly afterwards.
 struct OneOff {
-    endpoint: quinn::Endpoint,
     tunnel: tunnel::Tunnel,
 }
 
 impl OneOff {
     async fn open(cfg: &AgentConfig) -> Result<Self, tunnel::TunnelError> {
         let key = tunnel::SessionKey::generate()?;
-        let endpoint = tunnel::client_endpoint(cfg, &key)?;
-        let tunnel = tunnel::Tunnel::connect(&endpoint, cfg).await?;
-        Ok(Self { endpoint, tunnel })
+        let dialer = tunnel::Dialer::new(cfg, &key)?;
+        let tunnel = tunnel::Tunnel::dial(&dialer, cfg, tunnel::Order::random()).await?;
+        Ok(Self { tunnel })
     }
 
     async fn close(self) {
-        self.tunnel
-            .connection()
-            .close(touchgate_proto::close::AGENT_DONE.into(), b"done");
-        self.endpoint.wait_idle().await;
+        self.tunnel.close(b"done").await;
     }
 }
 

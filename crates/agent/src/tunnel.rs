@@ -25,9 +25,11 @@ use crate::{
 };
 use touchgate_common::wire::{WireError, read_frame, write_frame};
 
+pub mod carrier;
 pub mod dial;
 
-pub use dial::{Candidate, Order};
+pub use carrier::Link;
+pub use dial::{Candidate, Dialer, Order};
 
 /// How often the agent pings a quiet connection. The gateway's answers are what tell the agent
 /// it is still there.
@@ -180,39 +182,25 @@ pub fn client_endpoint(
 
 /// The QUIC client settings of a connection to the gateway: TLS 1.3 presenting `key`, the
 /// gateway verified as the config says (pinned fingerprint or CA), the agent's keep-alive and
-/// give-up time. For endpoints on other sockets (the carrier's) and for tools.
+/// give-up time. For endpoints on other sockets and for tools.
 pub fn client_config(
     cfg: &AgentConfig,
     key: &SessionKey,
+) -> Result<quinn::ClientConfig, TunnelError> {
+    client_config_for(cfg, key, false)
+}
+
+/// [`client_config`], tuned for the TCP carrier when `over_carrier`.
+pub(crate) fn client_config_for(
+    cfg: &AgentConfig,
+    key: &SessionKey,
+    over_carrier: bool,
 ) -> Result<quinn::ClientConfig, TunnelError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TunnelError::Tls(e.to_string()))?;
-    let builder = if let Some(pin) = &cfg.gateway_cert_sha256 {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCert {
-                sha256: normalise_fingerprint(pin),
-                algs: provider.signature_verification_algorithms,
-            }))
-    } else if let Some(ca) = &cfg.gateway_ca {
-        let mut roots = rustls::RootCertStore::empty();
-        let certs = CertificateDer::pem_file_iter(ca).map_err(|e| {
-            TunnelError::Tls(format!("cannot read gateway_ca {}: {e}", ca.display()))
-        })?;
-        for c in certs {
-            let c = c.map_err(|e| {
-                TunnelError::Tls(format!("bad certificate in {}: {e}", ca.display()))
-            })?;
-            roots.add(c).map_err(|e| TunnelError::Tls(e.to_string()))?;
-        }
-        builder.with_root_certificates(roots)
-    } else {
-        return Err(TunnelError::Tls(
-            "no gateway_cert_sha256 or gateway_ca configured".into(),
-        ));
-    };
+    let builder = verified_gateway(builder, cfg, &provider)?;
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.key_pkcs8.clone()));
     let mut tls = builder
         .with_client_auth_cert(vec![key.cert.clone()], key_der)
@@ -226,8 +214,43 @@ pub fn client_config(
     transport.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(DEAD_AFTER).map_err(|e| TunnelError::Tls(e.to_string()))?,
     ));
+    if over_carrier {
+        touchgate_carrier::tune_transport(&mut transport);
+    }
     client.transport_config(Arc::new(transport));
     Ok(client)
+}
+
+/// `builder` checking the gateway's certificate as the config says: its pinned fingerprint,
+/// or `gateway_ca`.
+pub(crate) fn verified_gateway(
+    builder: rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>,
+    cfg: &AgentConfig,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, TunnelError>
+{
+    if let Some(pin) = &cfg.gateway_cert_sha256 {
+        return Ok(builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCert {
+                sha256: normalise_fingerprint(pin),
+                algs: provider.signature_verification_algorithms,
+            })));
+    }
+    let Some(ca) = &cfg.gateway_ca else {
+        return Err(TunnelError::Tls(
+            "no gateway_cert_sha256 or gateway_ca configured".into(),
+        ));
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca)
+        .map_err(|e| TunnelError::Tls(format!("cannot read gateway_ca {}: {e}", ca.display())))?;
+    for c in certs {
+        let c =
+            c.map_err(|e| TunnelError::Tls(format!("bad certificate in {}: {e}", ca.display())))?;
+        roots.add(c).map_err(|e| TunnelError::Tls(e.to_string()))?;
+    }
+    Ok(builder.with_root_certificates(roots))
 }
 
 /// Whether every gateway address is an IPv4 address: the agent then needs no IPv6 socket.
@@ -368,6 +391,8 @@ impl SignFor {
 /// One QUIC connection to the gateway, with its control stream.
 pub struct Tunnel {
     conn: quinn::Connection,
+    /// The endpoint the connection is on: the agent's UDP one, or its carrier's.
+    endpoint: quinn::Endpoint,
     control: Mutex<Control>,
     binding: [u8; EXPORTER_LEN],
     sign_for: SignFor,
@@ -375,8 +400,8 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    /// Resolves the gateway's addresses, connects to the first that answers (trying them in
-    /// a random order, see [`dial`]) and opens the control stream.
+    /// Resolves the gateway's addresses, connects to the first that answers over QUIC on
+    /// UDP (trying them in a random order, see [`dial`]) and opens the control stream.
     pub async fn connect(
         endpoint: &quinn::Endpoint,
         cfg: &AgentConfig,
@@ -390,19 +415,45 @@ impl Tunnel {
         cfg: &AgentConfig,
         order: Order,
     ) -> Result<Self, TunnelError> {
-        let err = |reason: String| TunnelError::Connect {
-            addr: cfg.gateway.to_string(),
-            reason,
-        };
         let (candidates, mut failed) = dial::resolve(cfg).await;
-        let (conn, gateway) = match dial::race(endpoint, &order.arrange(candidates)).await {
-            Ok(won) => won,
+        match dial::race(endpoint, &order.arrange(candidates)).await {
+            Ok((conn, gateway)) => Self::on(conn, endpoint.clone(), gateway, cfg).await,
             Err(more) => {
                 failed.extend(more);
-                return Err(err(dial::describe(&cfg.gateway.to_string(), &failed)));
+                Err(connect_error(cfg, &failed))
             }
+        }
+    }
+
+    /// Connects as `dialer`'s transport says: QUIC on UDP, the TCP carrier when QUIC gets no
+    /// answer (`transport = "auto"`), or the carrier alone; and opens the control stream.
+    pub async fn dial(
+        dialer: &Dialer,
+        cfg: &AgentConfig,
+        order: Order,
+    ) -> Result<Self, TunnelError> {
+        match dialer.dial(cfg, order).await {
+            Ok(won) => Self::on_won(won, cfg).await,
+            Err(failed) => Err(connect_error(cfg, &failed)),
+        }
+    }
+
+    /// Opens the control stream on a connection that won a [`Dialer`]'s race.
+    pub async fn on_won(won: dial::Won, cfg: &AgentConfig) -> Result<Self, TunnelError> {
+        Self::on(won.conn, won.endpoint, won.gateway, cfg).await
+    }
+
+    /// Opens the control stream on a connection to `gateway`.
+    async fn on(
+        conn: quinn::Connection,
+        endpoint: quinn::Endpoint,
+        gateway: Candidate,
+        cfg: &AgentConfig,
+    ) -> Result<Self, TunnelError> {
+        let err = |reason: String| TunnelError::Connect {
+            addr: cfg.gateway.to_string(),
+            reason: format!("{gateway}: {reason}"),
         };
-        let err = |reason: String| err(format!("{gateway}: {reason}"));
         let mut binding = [0u8; EXPORTER_LEN];
         conn.export_keying_material(&mut binding, EXPORTER_LABEL, b"")
             .map_err(|_| err("no TLS exporter".into()))?;
@@ -410,11 +461,24 @@ impl Tunnel {
         tracing::debug!(%gateway, "connected to the gateway");
         Ok(Self {
             conn,
+            endpoint,
             control: Mutex::new(Control { send, recv }),
             binding,
             sign_for: SignFor::of(cfg),
             gateway,
         })
+    }
+
+    /// Closes the connection and waits (briefly) until the gateway has heard it.
+    pub async fn close(self, reason: &[u8]) {
+        self.conn
+            .close(touchgate_proto::close::AGENT_DONE.into(), reason);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+
+    /// How this tunnel reaches the gateway.
+    pub fn link(&self) -> &Link {
+        &self.gateway.link
     }
 
     /// The gateway address this tunnel is connected to.
@@ -791,6 +855,14 @@ pub async fn open_stream(
         Some(StreamReply::Accepted) => Ok((send, recv)),
         Some(StreamReply::Refused(r)) => Err(TunnelError::Refused(r)),
         None => Err(TunnelError::Lost("the gateway closed the stream".into())),
+    }
+}
+
+/// The error of a connection that reached no gateway, naming each address tried.
+fn connect_error(cfg: &AgentConfig, failed: &[dial::Failed]) -> TunnelError {
+    TunnelError::Connect {
+        addr: cfg.gateway.to_string(),
+        reason: dial::describe(&cfg.gateway.to_string(), failed),
     }
 }
 

@@ -184,6 +184,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     println!("{}", report.view.summary);
                     if report.view.session.is_some() {
                         println!("gateway {}", report.view.gateway);
+                        if !report.view.transport.is_empty() {
+                            println!("transport {}", report.view.transport);
+                        }
                     }
                     print_services(&report.view);
                     Ok(std::process::ExitCode::SUCCESS)

@@ -469,6 +469,7 @@ impl ControllerState {
                 services,
                 tcp,
                 gateway,
+                transport,
             } => {
                 if std::mem::take(&mut self.lost) {
                     notices.push(Notice::ConnectionRestored);
@@ -479,6 +480,7 @@ impl ControllerState {
                     services,
                     tcp,
                     gateway,
+                    transport,
                 };
                 self.show_session(&session, now, out, notices);
             }
@@ -496,6 +498,7 @@ impl ControllerState {
                 self.base = Phase::Reconnecting { attempt, reason };
                 self.view.services.iter_mut().for_each(|s| s.live = false);
                 self.view.gateway = self.configured_gateway.clone();
+                self.view.transport.clear();
             }
             AgentState::SignedOut { reason } => {
                 let notice = if account_disabled {
@@ -576,6 +579,9 @@ impl ControllerState {
         if !session.gateway.is_empty() {
             self.view.gateway = session.gateway.clone();
         }
+        if !session.transport.is_empty() {
+            self.view.transport = session.transport.clone();
+        }
         for s in &mut self.view.services {
             s.live = session.services.contains(&s.name);
             s.by_name = by_name_url(a.router, &s.name, session).unwrap_or_default();
@@ -630,6 +636,7 @@ impl ControllerState {
         self.view.session = None;
         self.view.services.iter_mut().for_each(|s| s.live = false);
         self.view.gateway = self.configured_gateway.clone();
+        self.view.transport.clear();
         for t in [Timer::Warn, Timer::End] {
             self.arm(t, None, out);
         }

@@ -223,6 +223,9 @@ pub struct View {
     /// The gateway: while connected, the address in use (`gw-a.example:443 (192.0.2.7:443)`);
     /// else the configured address, or the list of them.
     pub gateway: String,
+    /// While connected, how the gateway is reached, in words: `QUIC`, or `TCP: UDP seems
+    /// blocked on this network` and the like; empty otherwise.
+    pub transport: String,
     /// The configured user.
     pub user: String,
     /// The last request that failed while a session stayed up (a failed renewal), in words.
@@ -240,6 +243,7 @@ impl Default for View {
             time_left: None,
             services: Vec::new(),
             gateway: String::new(),
+            transport: String::new(),
             user: String::new(),
             error: None,
             organisation: Organisation::Unknown,
@@ -255,6 +259,11 @@ impl View {
         self.time_left = self.session.as_ref().map(|s| time_left(s.expires_at, now));
         let left = self.time_left.as_deref().unwrap_or_default();
         let user = self.session.as_ref().map(|s| s.user.as_str()).unwrap_or("");
+        let over = if self.transport.starts_with("TCP") {
+            " over TCP"
+        } else {
+            ""
+        };
         self.summary = match &self.phase {
             Phase::NotConfigured { .. } => "Not set up yet: open Settings".to_owned(),
             Phase::SignedOut { reason: None } => "Signed out".to_owned(),
@@ -262,7 +271,7 @@ impl View {
             Phase::Connecting { .. } => "Connecting to the gateway…".to_owned(),
             Phase::WaitingForTouch { key, .. } => format!("Touch your security key ({key})"),
             Phase::PinNeeded { .. } => "Enter your key's PIN".to_owned(),
-            Phase::Connected => format!("Connected as {user} — {left} left"),
+            Phase::Connected => format!("Connected as {user}{over} — {left} left"),
             Phase::ExpiringSoon => format!("Session ends in {left}: renew it"),
             Phase::Reconnecting { .. } => "Connection lost — reconnecting…".to_owned(),
             Phase::KeyRemoved => "Signed out: the security key was unplugged".to_owned(),

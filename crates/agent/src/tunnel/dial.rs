@@ -4,18 +4,29 @@
 //! next one [`STAGGER`] later or as soon as an earlier one fails, and the first QUIC+TLS
 //! handshake to finish wins; the others are abandoned. Every candidate is verified the same
 //! way (the one pin or CA of the config) under its configured host name, never its IP.
+//!
+//! With `transport = "auto"` the TCP carrier joins the race when no QUIC handshake has
+//! finished after [`FALLBACK_AFTER`] (or every QUIC attempt has failed): the same candidates
+//! over TCP, or through the HTTP proxy; `wss://` addresses are raced over TCP from the start.
 
 use std::{
     collections::HashSet,
     fmt,
+    future::Future,
     hash::{Hash, Hasher},
     net::SocketAddr,
+    pin::Pin,
+    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
-use tokio::task::JoinSet;
+use tokio::{task::JoinSet, time::Instant};
 
-use crate::config::AgentConfig;
+use super::{
+    SessionKey, TunnelError,
+    carrier::{CarrierDialer, Link, Target, Why},
+};
+use crate::config::{AgentConfig, GatewayAddr, Transport};
 
 /// How long an attempt has to itself before the next candidate is tried too (RFC 8305's
 /// recommended connection attempt delay).
@@ -23,6 +34,10 @@ pub const STAGGER: Duration = Duration::from_millis(250);
 
 /// How long connecting may take in all, over every candidate, before it gives up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// With `transport = "auto"`, how long QUIC has before the TCP carrier joins the race: a
+/// QUIC handshake takes one round trip, so on any path that carries UDP it is long done.
+pub const FALLBACK_AFTER: Duration = Duration::from_secs(2);
 
 /// One address to try: where to send, and the name the gateway's certificate is checked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,16 +48,26 @@ pub struct Candidate {
     pub addr: SocketAddr,
     /// The TLS server name: `server_name`, else the configured host.
     pub server_name: String,
+    /// QUIC on UDP, or the TCP carrier (then `addr` is the TCP peer: the gateway, its front
+    /// end, or the proxy).
+    pub link: Link,
 }
 
-/// `gw-a.example:443 (192.0.2.7:443)`, or the address alone when it was configured so.
+/// `gw-a.example:443 (192.0.2.7:443)`, or the address alone when it was configured so; a
+/// carrier says so (`over TCP`, `through the proxy proxy.corp.example:3128`).
 impl fmt::Display for Candidate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.configured == self.addr.to_string() {
-            write!(f, "{}", self.addr)
-        } else {
-            write!(f, "{} ({})", self.configured, self.addr)
+        match &self.link {
+            Link::Tcp { proxy: Some(p), .. } => {
+                return write!(f, "{} over TCP through the proxy {p}", self.configured);
+            }
+            _ if self.configured == self.addr.to_string() => write!(f, "{}", self.addr)?,
+            _ => write!(f, "{} ({})", self.configured, self.addr)?,
         }
+        if self.link.is_tcp() {
+            f.write_str(" over TCP")?;
+        }
+        Ok(())
     }
 }
 
@@ -118,7 +143,11 @@ const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// candidates in the config's order, and the addresses that did not resolve.
 pub async fn resolve(cfg: &AgentConfig) -> (Vec<Candidate>, Vec<Failed>) {
     let mut lookups = JoinSet::new();
-    for (i, configured) in cfg.gateway.iter().enumerate() {
+    let direct = cfg
+        .gateway
+        .iter()
+        .filter(|a| matches!(GatewayAddr::parse(a), Ok(GatewayAddr::Direct { .. })));
+    for (i, configured) in direct.enumerate() {
         let configured = configured.to_owned();
         lookups.spawn(async move {
             // A name whose answer is slow or withheld must not hold up the others.
@@ -163,6 +192,7 @@ pub async fn resolve(cfg: &AgentConfig) -> (Vec<Candidate>, Vec<Failed>) {
                         configured: configured.clone(),
                         addr,
                         server_name: server_name.clone(),
+                        link: Link::Quic,
                     });
                 }
             }
@@ -175,96 +205,334 @@ pub async fn resolve(cfg: &AgentConfig) -> (Vec<Candidate>, Vec<Failed>) {
     (candidates, failed)
 }
 
-/// Connects to `candidates` in their order, happy-eyeballs style; returns the connection of
-/// the first handshake to finish and its candidate, or why each one failed. The losers are
-/// closed: a handshake still running is dropped, one that finished too is closed with
-/// [`touchgate_proto::close::AGENT_DONE`].
+/// A connection that won a race: on the agent's UDP endpoint or a carrier's.
+pub struct Won {
+    /// The connection.
+    pub conn: quinn::Connection,
+    /// The endpoint it is on.
+    pub endpoint: quinn::Endpoint,
+    /// The address it reached.
+    pub gateway: Candidate,
+}
+
+/// Connects to `candidates` over QUIC on `endpoint`, in their order, happy-eyeballs style;
+/// returns the connection of the first handshake to finish and its candidate, or why each
+/// one failed. The losers are closed: a handshake still running is dropped, one that finished
+/// too is closed with [`touchgate_proto::close::AGENT_DONE`].
 pub async fn race(
     endpoint: &quinn::Endpoint,
     candidates: &[Candidate],
 ) -> Result<(quinn::Connection, Candidate), Vec<Failed>> {
-    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
-    let mut a = Attempts {
-        endpoint,
-        candidates,
-        next: 0,
+    let attempts = candidates
+        .iter()
+        .map(|c| quic_attempt(endpoint, c))
+        .collect();
+    race_all(attempts, candidates.len(), None)
+        .await
+        .map(|w| (w.conn, w.gateway))
+}
+
+/// Connects as `transport` says: QUIC on the UDP endpoint, the TCP carrier, or both (the
+/// carrier joining after [`FALLBACK_AFTER`]).
+pub struct Dialer {
+    udp: quinn::Endpoint,
+    carrier: CarrierDialer,
+    transport: Transport,
+    /// The last connection went over TCP because QUIC got no answer: the next race starts the
+    /// carrier at once, beside QUIC, instead of waiting [`FALLBACK_AFTER`] again.
+    fell_back: AtomicBool,
+}
+
+impl Dialer {
+    /// The dialer of `cfg`, presenting `key`.
+    pub fn new(cfg: &AgentConfig, key: &SessionKey) -> Result<Self, TunnelError> {
+        Ok(Self {
+            udp: super::client_endpoint(cfg, key)?,
+            carrier: CarrierDialer::new(cfg, key)?,
+            transport: cfg.transport,
+            fell_back: AtomicBool::new(false),
+        })
+    }
+
+    /// The UDP endpoint.
+    pub fn udp(&self) -> &quinn::Endpoint {
+        &self.udp
+    }
+
+    /// Races the gateway's addresses as the transport says.
+    pub async fn dial(&self, cfg: &AgentConfig, order: Order) -> Result<Won, Vec<Failed>> {
+        let (candidates, mut failed) = resolve(cfg).await;
+        let arranged = order.arrange(candidates);
+        let mut attempts = Vec::new();
+        if self.transport != Transport::Tcp {
+            attempts.extend(arranged.iter().map(|c| quic_attempt(&self.udp, c)));
+        }
+        let quic = attempts.len();
+        let why = match self.transport {
+            Transport::Tcp => Why::Configured,
+            _ => Why::UdpBlocked,
+        };
+        let mut targets = Vec::new();
+        for configured in cfg.gateway.iter() {
+            let Some(t) = Target::of(cfg, configured, None) else {
+                continue;
+            };
+            let direct_here = !t.front_end && !self.carrier.proxied(&t);
+            if !direct_here {
+                targets.push(t);
+            } else if self.transport != Transport::Quic {
+                // Straight to the gateway: each of its addresses, in this agent's order.
+                targets.extend(
+                    arranged
+                        .iter()
+                        .filter(|c| c.configured == configured)
+                        .filter_map(|c| Target::of(cfg, configured, Some(c.addr))),
+                );
+            }
+        }
+        if self.transport == Transport::Quic {
+            targets.retain(|t| t.front_end);
+        }
+        attempts.extend(targets.iter().map(|t| self.carrier_attempt(t, why)));
+        let carrier_at = match self.transport {
+            Transport::Auto if !self.fell_back.load(Ordering::Relaxed) => FALLBACK_AFTER,
+            _ => Duration::ZERO,
+        };
+        let won = race_all(attempts, quic, Some(carrier_at)).await;
+        match &won {
+            Ok(w) => {
+                let fell_back = matches!(
+                    w.gateway.link,
+                    Link::Tcp {
+                        why: Why::UdpBlocked,
+                        ..
+                    }
+                );
+                self.fell_back.store(fell_back, Ordering::Relaxed);
+            }
+            Err(more) => failed.extend(more.iter().cloned()),
+        }
+        won.map_err(|_| failed)
+    }
+
+    /// Races the gateway's addresses over QUIC on UDP only (to see whether UDP works again).
+    pub async fn dial_quic(&self, cfg: &AgentConfig, order: Order) -> Result<Won, Vec<Failed>> {
+        let (candidates, mut failed) = resolve(cfg).await;
+        let arranged = order.arrange(candidates);
+        let attempts = arranged
+            .iter()
+            .map(|c| quic_attempt(&self.udp, c))
+            .collect();
+        let won = race_all(attempts, arranged.len(), None).await;
+        if won.is_ok() {
+            self.fell_back.store(false, Ordering::Relaxed);
+        }
+        won.map_err(|more| {
+            failed.extend(more);
+            failed
+        })
+    }
+
+    fn carrier_attempt(&self, target: &Target, why: Why) -> Attempt {
+        let connect = self.carrier.connect(target);
+        let target = target.clone();
+        Attempt {
+            name: match target.addr {
+                Some(a) if a.to_string() != target.configured => {
+                    format!("{} ({a}) over TCP", target.configured)
+                }
+                _ => format!("{} over TCP", target.configured),
+            },
+            timeout: "no carrier over TCP in time",
+            start: Box::new(move || {
+                Ok(Box::pin(async move {
+                    let opened = connect.await?;
+                    let gateway = super::carrier::candidate(&target, &opened, why);
+                    Ok(Won {
+                        conn: opened.conn,
+                        endpoint: opened.endpoint,
+                        gateway,
+                    })
+                }) as AttemptFuture)
+            }),
+        }
+    }
+}
+
+type AttemptFuture = Pin<Box<dyn Future<Output = Result<Won, String>> + Send>>;
+
+/// Starts an attempt, or says why it cannot start.
+type Start = Box<dyn FnOnce() -> Result<AttemptFuture, String> + Send>;
+
+/// One way to one address, started when its turn comes.
+struct Attempt {
+    /// The address, as an error names it.
+    name: String,
+    /// What an attempt still running when time runs out is told.
+    timeout: &'static str,
+    start: Start,
+}
+
+fn quic_attempt(endpoint: &quinn::Endpoint, c: &Candidate) -> Attempt {
+    let (endpoint, c) = (endpoint.clone(), c.clone());
+    Attempt {
+        name: c.to_string(),
+        timeout: "no answer in time (is UDP to the gateway blocked?)",
+        start: Box::new(move || {
+            let connecting = endpoint
+                .connect(c.addr, &c.server_name)
+                .map_err(|e| connect_error(&e))?;
+            Ok(Box::pin(async move {
+                let conn = connecting.await.map_err(|e| handshake_error(&e))?;
+                Ok(Won {
+                    conn,
+                    endpoint,
+                    gateway: c,
+                })
+            }) as AttemptFuture)
+        }),
+    }
+}
+
+/// The attempts `[0, quic)` (QUIC) and `[quic, ..)` (the carrier) in two lanes, each
+/// happy-eyeballs style; the carrier lane opens `carrier_at` after the start, or as soon as
+/// every QUIC attempt has failed. The first to connect wins; the others are abandoned.
+async fn race_all(
+    attempts: Vec<Attempt>,
+    quic: usize,
+    carrier_at: Option<Duration>,
+) -> Result<Won, Vec<Failed>> {
+    let started = Instant::now();
+    let deadline = started + CONNECT_TIMEOUT;
+    let n = attempts.len();
+    let mut names = Vec::with_capacity(n);
+    let mut timeouts = Vec::with_capacity(n);
+    let mut starts = Vec::with_capacity(n);
+    for a in attempts {
+        names.push(a.name);
+        timeouts.push(a.timeout);
+        starts.push(Some(a.start));
+    }
+    let mut r = Race {
+        starts,
         running: JoinSet::new(),
         in_flight: HashSet::new(),
         failed: Vec::new(),
+        lanes: [
+            Lane {
+                next: 0,
+                end: quic,
+                open: true,
+                at: started,
+            },
+            Lane {
+                next: quic,
+                end: n,
+                open: false,
+                at: started + carrier_at.unwrap_or(CONNECT_TIMEOUT),
+            },
+        ],
     };
-    let stagger = tokio::time::sleep(STAGGER);
-    tokio::pin!(stagger);
     loop {
-        // Nothing in flight: the next candidate starts now, or there is none left.
-        if a.running.is_empty() && !a.start_next() {
-            break;
+        if r.running.is_empty() && !r.start_next(0) {
+            // QUIC has nothing left to try: the carrier, at once.
+            r.lanes[1].open = true;
+            if !r.start_next(1) {
+                break;
+            }
         }
+        let [quic_lane, carrier_lane] = r.lanes;
         tokio::select! {
-            Some(Ok((i, outcome))) = a.running.join_next() => {
-                a.in_flight.remove(&i);
+            Some(Ok((i, outcome))) = r.running.join_next() => {
+                r.in_flight.remove(&i);
                 match outcome {
-                    Ok(conn) => {
-                        abandon(std::mem::take(&mut a.running));
-                        return Ok((conn, candidates[i].clone()));
+                    Ok(won) => {
+                        abandon(std::mem::take(&mut r.running));
+                        return Ok(won);
                     }
                     Err(e) => {
-                        a.failed.push((i, handshake_error(&e)));
-                        if a.start_next() {
-                            stagger.as_mut().reset(tokio::time::Instant::now() + STAGGER);
-                        }
+                        r.failed.push((i, e));
+                        let lane = usize::from(i >= quic);
+                        r.start_next(lane);
                     }
                 }
             }
-            () = &mut stagger, if a.next < candidates.len() => {
-                a.start_next();
-                stagger.as_mut().reset(tokio::time::Instant::now() + STAGGER);
+            () = tokio::time::sleep_until(quic_lane.at), if quic_lane.has_more() => {
+                r.start_next(0);
+            }
+            () = tokio::time::sleep_until(carrier_lane.at), if carrier_lane.has_more() => {
+                r.lanes[1].open = true;
+                r.start_next(1);
             }
             () = tokio::time::sleep_until(deadline) => {
-                let timeout = format!(
-                    "no answer within {}s (is UDP to the gateway blocked?)",
-                    CONNECT_TIMEOUT.as_secs()
-                );
-                a.failed.extend(a.in_flight.iter().map(|&i| (i, timeout.clone())));
-                a.failed.extend((a.next..candidates.len()).map(|i| (i, "not tried: time ran out".to_owned())));
+                r.failed.extend(r.in_flight.iter().map(|&i| (i, timeouts[i].to_owned())));
+                for lane in r.lanes {
+                    if lane.open {
+                        r.failed.extend((lane.next..lane.end).map(|i| (i, "not tried: time ran out".to_owned())));
+                    }
+                }
                 break;
             }
         }
     }
-    a.failed.sort_by_key(|(i, _)| *i);
-    Err(a
+    r.failed.sort_by_key(|(i, _)| *i);
+    Err(r
         .failed
         .into_iter()
         .map(|(i, reason)| Failed {
-            what: candidates[i].to_string(),
+            what: names[i].clone(),
             reason,
         })
         .collect())
 }
 
-/// The attempts of one [`race`].
-struct Attempts<'a> {
-    endpoint: &'a quinn::Endpoint,
-    candidates: &'a [Candidate],
-    /// The next candidate to start.
+/// One lane of a [`race_all`]: the attempts `[next, end)` still to start, whether the lane is
+/// open, and when its next attempt starts anyway.
+#[derive(Clone, Copy)]
+struct Lane {
     next: usize,
-    running: JoinSet<(usize, Result<quinn::Connection, quinn::ConnectionError>)>,
-    in_flight: HashSet<usize>,
-    failed: Vec<(usize, String)>,
+    end: usize,
+    open: bool,
+    at: Instant,
 }
 
-impl Attempts<'_> {
-    /// Starts the next candidate that can be started; false when none is left.
-    fn start_next(&mut self) -> bool {
-        while let Some(c) = self.candidates.get(self.next) {
-            let i = self.next;
-            self.next += 1;
-            match self.endpoint.connect(c.addr, &c.server_name) {
-                Ok(connecting) => {
+impl Lane {
+    fn has_more(&self) -> bool {
+        self.next < self.end
+    }
+}
+
+/// The attempts of one [`race_all`].
+struct Race {
+    starts: Vec<Option<Start>>,
+    running: JoinSet<(usize, Result<Won, String>)>,
+    in_flight: HashSet<usize>,
+    failed: Vec<(usize, String)>,
+    lanes: [Lane; 2],
+}
+
+impl Race {
+    /// Starts the next attempt of `lane` that can be started (the lane's next one then waits
+    /// [`STAGGER`]); false when the lane is closed or has none left.
+    fn start_next(&mut self, lane: usize) -> bool {
+        let l = &mut self.lanes[lane];
+        if !l.open {
+            return false;
+        }
+        while l.next < l.end {
+            let i = l.next;
+            l.next += 1;
+            let Some(start) = self.starts[i].take() else {
+                continue;
+            };
+            match start() {
+                Ok(attempt) => {
+                    l.at = Instant::now() + STAGGER;
                     self.in_flight.insert(i);
-                    self.running.spawn(async move { (i, connecting.await) });
+                    self.running.spawn(async move { (i, attempt.await) });
                     return true;
                 }
-                Err(e) => self.failed.push((i, connect_error(&e))),
+                Err(e) => self.failed.push((i, e)),
             }
         }
         false
@@ -307,12 +575,12 @@ fn interleave_families(candidates: Vec<Candidate>) -> Vec<Candidate> {
     }
 }
 
-/// Drops the attempts still running (quinn abandons their handshakes) and closes any that
-/// finished meanwhile.
-fn abandon(mut attempts: JoinSet<(usize, Result<quinn::Connection, quinn::ConnectionError>)>) {
+/// Drops the attempts still running (quinn abandons their handshakes, a carrier being opened
+/// is closed) and closes any that finished meanwhile.
+fn abandon(mut attempts: JoinSet<(usize, Result<Won, String>)>) {
     attempts.abort_all();
     while let Some(done) = attempts.try_join_next() {
-        if let Ok((_, Ok(conn))) = done {
+        if let Ok((_, Ok(Won { conn, .. }))) = done {
             conn.close(
                 touchgate_proto::close::AGENT_DONE.into(),
                 b"another gateway answered first",
@@ -353,6 +621,7 @@ mod tests {
             configured: "gw.corp.example:443".into(),
             addr: addr.parse().expect("an address"),
             server_name: "gw.corp.example".into(),
+            link: Link::Quic,
         }
     }
 

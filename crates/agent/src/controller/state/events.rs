@@ -183,6 +183,8 @@ pub struct Session {
     /// The gateway address in use (empty: not known here, as after a renewal on the same
     /// connection).
     pub gateway: String,
+    /// How the gateway is reached, in words (empty: not known here).
+    pub transport: String,
 }
 
 impl From<&touchgate_proto::SessionInfo> for Session {
@@ -193,6 +195,7 @@ impl From<&touchgate_proto::SessionInfo> for Session {
             services: s.services.iter().map(|s| s.name.clone()).collect(),
             tcp: tcp_services(s),
             gateway: String::new(),
+            transport: String::new(),
         }
     }
 }

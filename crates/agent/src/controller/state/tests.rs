@@ -99,6 +99,7 @@ fn session(expires_at: u64) -> Session {
         services: vec!["api".into()],
         tcp: Vec::new(),
         gateway: IN_USE.into(),
+        transport: "QUIC".into(),
     }
 }
 
@@ -527,6 +528,7 @@ fn the_by_name_port_names_every_web_service_offered() {
         services: vec!["api".into(), "Web".into(), "db".into()],
         tcp: vec!["db".into()],
         gateway: String::new(),
+        transport: String::new(),
     };
     r.feed(Event::AgentStarted {
         agent: 1,

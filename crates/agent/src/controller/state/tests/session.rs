@@ -23,6 +23,7 @@ fn the_expiry_warning_comes_the_reminder_before_the_end_and_once() {
         services: vec!["api".into()],
         tcp: Vec::new(),
         gateway: IN_USE.into(),
+        transport: "QUIC".into(),
     });
     assert!(notices(&e).is_empty());
     assert_eq!(r.phase(), Phase::ExpiringSoon);
@@ -214,13 +215,34 @@ fn a_lost_connection_is_told_once_and_so_is_its_return() {
         expires_at: T0 + HOUR,
         services: vec!["api".into()],
         tcp: Vec::new(),
-        gateway: "gw.example.com:4433 (192.0.2.8:4433)".into(),
+        gateway: "gw.example.com:4433 (192.0.2.8:4433) over TCP".into(),
+        transport: "TCP: UDP seems blocked on this network".into(),
     });
     assert_eq!(notices(&e), [Notice::ConnectionRestored]);
     assert_eq!(r.phase(), Phase::Connected);
     assert!(r.s.view().services[0].live);
-    // The status says where the session now lives.
-    assert_eq!(r.s.view().gateway, "gw.example.com:4433 (192.0.2.8:4433)");
+    // The status says where the session now lives, and how it is reached.
+    assert_eq!(
+        r.s.view().gateway,
+        "gw.example.com:4433 (192.0.2.8:4433) over TCP"
+    );
+    assert_eq!(
+        r.s.view().transport,
+        "TCP: UDP seems blocked on this network"
+    );
+    assert!(
+        r.s.view()
+            .summary
+            .starts_with("Connected as alice over TCP — "),
+        "{}",
+        r.s.view().summary
+    );
+    // Lost again: no transport is claimed while reconnecting.
+    r.agent(AgentState::Reconnecting {
+        attempt: 0,
+        reason: "timed out".into(),
+    });
+    assert_eq!(r.s.view().transport, "");
 }
 
 #[test]
