@@ -9,12 +9,12 @@
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use http::{HeaderValue, Uri};
-use hyper_util::client::{
-    legacy::connect::{HttpConnector, proxy::Tunnel as Connect},
-    proxy::matcher::Matcher,
-};
+use hyper_util::{client::proxy::matcher::Matcher, rt::TokioIo};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 use touchgate_carrier::Ended;
 
 use super::{Candidate, TunnelError};
@@ -269,7 +269,7 @@ impl CarrierDialer {
                 .await
                 .map_err(|_| {
                     format!(
-                        "over TCP: no carrier within {}s (the gateway's TCP port, or the proxy, does not answer)",
+                        "no carrier within {}s (the gateway's TCP port, or the proxy, does not answer)",
                         OPEN_TIMEOUT.as_secs()
                     )
                 })??;
@@ -280,12 +280,12 @@ impl CarrierDialer {
                 carrier.hub,
                 Arc::new(quinn::TokioRuntime),
             )
-            .map_err(|e| format!("over TCP: {e}"))?;
+            .map_err(|e| e.to_string())?;
             let conn = endpoint
                 .connect_with(client, carrier.gateway, &target.server_name)
-                .map_err(|e| format!("over TCP: {e}"))?
+                .map_err(|e| e.to_string())?
                 .await
-                .map_err(|e| format!("over TCP: {e}"))?;
+                .map_err(|e| e.to_string())?;
             if let Some(ended) = guard.0.take() {
                 tokio::spawn(watch(endpoint.clone(), ended));
             }
@@ -334,25 +334,29 @@ async fn watch(endpoint: quinn::Endpoint, mut ended: tokio::task::JoinHandle<End
     }
 }
 
+/// A byte stream the carrier runs on: a TCP connection, or a tunnel through a proxy.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
 /// The TCP connection (through the proxy when given), the outer TLS and the WebSocket.
 async fn open(
     target: &Target,
     proxy: Option<(Uri, Option<HeaderValue>)>,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<(touchgate_carrier::client::Carrier, SocketAddr), String> {
-    let (tcp, peer) = match proxy {
-        Some((proxy, auth)) => through_proxy(target, proxy, auth).await?,
+    let (io, peer): (Box<dyn Io>, SocketAddr) = match proxy {
+        Some((proxy, auth)) => through_proxy(target, &proxy, auth).await?,
         None => {
             let tcp = match target.addr {
                 Some(a) => TcpStream::connect(a).await,
                 None => TcpStream::connect((target.host.as_str(), target.port)).await,
             }
-            .map_err(|e| format!("over TCP: cannot connect: {e}"))?;
-            let peer = tcp.peer_addr().map_err(|e| format!("over TCP: {e}"))?;
-            (tcp, peer)
+            .map_err(|e| format!("cannot connect: {e}"))?;
+            let _ = tcp.set_nodelay(true);
+            let peer = tcp.peer_addr().map_err(|e| e.to_string())?;
+            (Box::new(tcp), peer)
         }
     };
-    let _ = tcp.set_nodelay(true);
     // The outer TLS name: the front end's host, or the gateway's own name.
     let name = if target.front_end {
         target.host.clone()
@@ -360,45 +364,66 @@ async fn open(
         target.server_name.clone()
     };
     let name = ServerName::try_from(name.clone())
-        .map_err(|_| format!("over TCP: {name:?} is not a TLS server name"))?;
+        .map_err(|_| format!("{name:?} is not a TLS server name"))?;
     let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
+        .connect(name, io)
         .await
-        .map_err(|e| format!("over TCP: TLS: {e}"))?;
+        .map_err(|e| format!("TLS: {e}"))?;
     let carrier = touchgate_carrier::client::open(stream, &target.url)
         .await
-        .map_err(|e| format!("over TCP: {e}"))?;
+        .map_err(|e| e.to_string())?;
     Ok((carrier, peer))
 }
 
-/// A TCP connection to `target` through the HTTP `proxy` (CONNECT, with Basic credentials
-/// when the proxy's URL has them).
+/// A tunnel to `target` through the HTTP `proxy`: `CONNECT host:port`, with the Basic
+/// credentials of the proxy's URL when it has them (hyper writes the request and reads the
+/// answer).
 async fn through_proxy(
     target: &Target,
-    proxy: Uri,
+    proxy: &Uri,
     auth: Option<HeaderValue>,
-) -> Result<(TcpStream, SocketAddr), String> {
-    use tower_service::Service as _;
-    let shown = proxy_shown(&proxy);
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    let mut connect = Connect::new(proxy, http);
+) -> Result<(Box<dyn Io>, SocketAddr), String> {
+    let shown = proxy_shown(proxy);
+    let fail = |what: String| format!("through the proxy {shown}: {what}");
+    let host = proxy.host().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let tcp = TcpStream::connect((host, proxy.port_u16().unwrap_or(80)))
+        .await
+        .map_err(|e| fail(format!("cannot connect: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let peer = tcp.peer_addr().map_err(|e| fail(e.to_string()))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    tokio::spawn(conn.with_upgrades());
+    let authority = format!("{}:{}", url_host(&target.host), target.port);
+    let mut req = http::Request::connect(authority.as_str()).header(http::header::HOST, &authority);
     if let Some(auth) = auth {
-        connect = connect.with_auth(auth);
+        req = req.header(http::header::PROXY_AUTHORIZATION, auth);
     }
-    let dst: Uri = format!("https://{}:{}", url_host(&target.host), target.port)
-        .parse()
-        .map_err(|e| format!("over TCP: {e}"))?;
-    std::future::poll_fn(|cx| connect.poll_ready(cx))
+    let req = req
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| fail(e.to_string()))?;
+    let resp = send
+        .send_request(req)
         .await
-        .map_err(|e| proxy_error(&shown, &e))?;
-    let io = connect
-        .call(dst)
+        .map_err(|e| fail(e.to_string()))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let hint = match status.as_u16() {
+            // tinyproxy says 401.
+            401 | 407 => ": check the user and password in the proxy setting or HTTPS_PROXY",
+            403 => {
+                ": the proxy does not allow this destination (ask whoever runs it to allow CONNECT to the gateway's port)"
+            }
+            _ => "",
+        };
+        return Err(fail(format!("it refused the tunnel with {status}{hint}")));
+    }
+    let upgraded = hyper::upgrade::on(resp)
         .await
-        .map_err(|e| proxy_error(&shown, &e))?;
-    let tcp = io.into_inner();
-    let peer = tcp.peer_addr().map_err(|e| format!("over TCP: {e}"))?;
-    Ok((tcp, peer))
+        .map_err(|e| fail(e.to_string()))?;
+    Ok((Box::new(TokioIo::new(upgraded)), peer))
 }
 
 /// A proxy as shown to people: `host:port`, never its credentials.
@@ -407,21 +432,6 @@ fn proxy_shown(proxy: &Uri) -> String {
         .authority()
         .map(|a| a.as_str().rsplit('@').next().unwrap_or_default().to_owned())
         .unwrap_or_default()
-}
-
-fn proxy_error(proxy: &str, e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text = format!("{text}: {s}");
-        source = s.source();
-    }
-    let hint = if text.contains("auth") {
-        " (check the user and password in the proxy setting or HTTPS_PROXY)"
-    } else {
-        ""
-    };
-    format!("over TCP through the proxy {proxy}: {text}{hint}")
 }
 
 /// The outer TLS settings for a front end: the system's roots (`SSL_CERT_FILE` and
@@ -445,7 +455,7 @@ fn front_end_tls(gateway_ca: Option<&std::path::Path>) -> Result<rustls::ClientC
             .map(|e| format!(": {e}"))
             .unwrap_or_default();
         return Err(format!(
-            "over TCP: no trusted root certificates to check the front end with{why} \
+            "no trusted root certificates to check the front end with{why} \
              (install the system's CA certificates, set SSL_CERT_FILE, or set gateway_ca)"
         ));
     }

@@ -193,6 +193,7 @@ fn order_starting_with(cfg: &AgentConfig, first: &str) -> Order {
             configured: a.to_owned(),
             addr: a.parse().expect("an address"),
             server_name: cfg.server_name_for(a),
+            link: Default::default(),
         })
         .collect();
     (0..)
