@@ -284,6 +284,14 @@ allow_other_users: boolean,
  */
 router_port: number, 
 /**
+ * How the gateway is reached: `auto`, `quic` or `tcp`.
+ */
+transport: string, 
+/**
+ * The HTTP proxy for the TCP carrier, `http://host:port` (empty: `HTTPS_PROXY`).
+ */
+proxy: string, 
+/**
  * Services and their local ports.
  */
 services: Array<ServiceSetting>, };

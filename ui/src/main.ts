@@ -273,7 +273,7 @@ function settingsView(): HTMLElement {
   const locked = new Set(sv.locked);
   const values: Settings = structuredClone(sv.values);
   const lockNote = (key: string) => (locked.has(key) ? h("span", { class: "lock", title: "Set by your organisation" }, "set by your organisation") : null);
-  const text = (key: "gateway" | "gateway_cert_sha256" | "user" | "authenticator", label: string, hint?: string) =>
+  const text = (key: "gateway" | "gateway_cert_sha256" | "user" | "authenticator" | "proxy", label: string, hint?: string) =>
     h(
       "div",
       { class: "field" },
@@ -350,7 +350,34 @@ function settingsView(): HTMLElement {
     },
     sv.managed_file ? note(`Some settings are set by your organisation (${sv.managed_file}) and cannot be changed here.`, "managed") : null,
     sv.problem ? alertBox(`Not usable yet: ${sv.problem}`) : null,
-    h("fieldset", {}, h("legend", {}, "Gateway"), text("gateway", "Gateway address", "host:port, as your admin gave it; several replicas separated by commas"), text("gateway_cert_sha256", "Gateway certificate fingerprint (SHA-256)"), text("user", "Your user name"), text("authenticator", "Key", "hid for a USB security key")),
+    h("fieldset", {}, h("legend", {}, "Gateway"), text("gateway", "Gateway address", "host:port, as your admin gave it (or wss://host/path behind a front end); several replicas separated by commas"), text("gateway_cert_sha256", "Gateway certificate fingerprint (SHA-256)"), text("user", "Your user name"), text("authenticator", "Key", "hid for a USB security key")),
+    h(
+      "fieldset",
+      {},
+      h("legend", {}, "Network"),
+      h(
+        "div",
+        { class: "field" },
+        h("label", { for: "f-transport" }, "Connection", lockNote("transport")),
+        h(
+          "select",
+          {
+            id: "f-transport",
+            name: "transport",
+            disabled: locked.has("transport"),
+            onchange: (e: Event) => {
+              values.transport = (e.target as HTMLSelectElement).value;
+            },
+          },
+          ...[
+            ["auto", "Automatic: QUIC, or TCP where UDP is blocked"],
+            ["quic", "QUIC only"],
+            ["tcp", "TCP only"],
+          ].map(([v, label]) => h("option", { value: v, selected: values.transport === v }, label)),
+        ),
+      ),
+      text("proxy", "HTTP proxy", "http://host:port, for TCP through a proxy; empty: HTTPS_PROXY from the environment"),
+    ),
     h(
       "fieldset",
       {},

@@ -72,6 +72,7 @@ const view = (phase, extra = {}) => ({
   time_left: null,
   services: services(false),
   gateway: "gw.example.com:4433",
+  transport: "",
   user: "alice@example.com",
   error: null,
   organisation: { kind: "unknown" },
@@ -96,6 +97,8 @@ const settings = (locked = [], managed = null) => ({
     sign_in_on_launch: false,
     renew_reminder_minutes: 10,
     router_port: 0,
+    transport: "auto",
+    proxy: "",
     services: [
       { name: "api", local_port: 8081 },
       { name: "billing", local_port: 8082 },
@@ -201,6 +204,29 @@ describe("touchgate windows", () => {
     assert.equal(await none.page.getByTestId("enrol-org").count(), 0);
     assert.match(await none.page.locator("main").innerText(), /one-time invite code/);
     await none.context.close();
+  });
+
+  test("over TCP the windows say so, and the settings choose the transport and the proxy", async () => {
+    const tcp = "TCP: UDP seems blocked on this network";
+    const w = await open("status", {
+      view: { ...connected(), summary: "Connected as alice@example.com over TCP — 3 h 10 min left", gateway: "gw.example.com:4433 (192.0.2.7:4433) over TCP", transport: tcp },
+      settings: settings(["proxy"], "/etc/touchgate/managed.toml"),
+    });
+    assert.equal(await w.page.getByTestId("transport").innerText(), tcp);
+    assert.equal(await w.page.getByTestId("state").innerText(), "Connected as alice@example.com over TCP — 3 h 10 min left");
+    await w.page.evaluate(() => window.__emit("touchgate://navigate", "signin"));
+    await w.page.getByText(`Connected over ${tcp}. Services work as usual; QUIC is tried again now and then.`).waitFor();
+    await w.page.evaluate(() => window.__emit("touchgate://navigate", "settings"));
+    const transport = w.page.locator("#f-transport");
+    await transport.waitFor();
+    assert.equal(await transport.inputValue(), "auto");
+    assert.equal(await w.page.locator("#f-proxy").isDisabled(), true, "the organisation set the proxy");
+    await transport.selectOption("tcp");
+    await w.page.getByRole("button", { name: "Save" }).click();
+    const [save] = await requests(w);
+    assert.equal(save.kind, "save_settings");
+    assert.equal(save.settings.transport, "tcp");
+    await w.context.close();
   });
 
   test("settings set by the organisation are locked and a save leaves them as they are", async () => {

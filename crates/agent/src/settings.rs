@@ -113,8 +113,18 @@ pub struct Settings {
     /// (0: off).
     #[serde(default)]
     pub router_port: u16,
+    /// How the gateway is reached: `auto`, `quic` or `tcp`.
+    #[serde(default = "auto")]
+    pub transport: String,
+    /// The HTTP proxy for the TCP carrier, `http://host:port` (empty: `HTTPS_PROXY`).
+    #[serde(default)]
+    pub proxy: String,
     /// Services and their local ports.
     pub services: Vec<ServiceSetting>,
+}
+
+fn auto() -> String {
+    "auto".into()
 }
 
 /// The settings with what the organisation fixed, for the front ends.

@@ -96,6 +96,12 @@ const FIELDS: &[Field] = &[
         kind: Kind::Port(|s| &mut s.router_port),
         optional: true,
     },
+    Field {
+        key: "transport",
+        kind: Kind::Text(|s| &mut s.transport, "auto"),
+        optional: false,
+    },
+    Field::optional("proxy", |s| &mut s.proxy),
 ];
 
 /// One setting and its TOML key.
@@ -192,6 +198,8 @@ mod tests {
             rp_id: "example.com".into(),
             allow_other_users: true,
             router_port: 8080,
+            transport: "tcp".into(),
+            proxy: "http://proxy.example.com:3128".into(),
             services: Vec::new(),
         };
         let mut doc = toml_edit::DocumentMut::new();
