@@ -514,6 +514,15 @@ impl AgentConfig {
                 "gateway {url:?} is reached over TCP only, but transport is \"quic\": set transport = \"auto\" or \"tcp\""
             ));
         }
+        if self.quic_retry < std::time::Duration::from_secs(1) {
+            problems.push("quic_retry must be at least 1s (default 3m)".into());
+        }
+        if self.carrier_max_age < std::time::Duration::from_secs(30) {
+            problems.push(
+                "carrier_max_age must be at least 30s (default 55m, below Cloud Run's 60-minute request limit)"
+                    .into(),
+            );
+        }
         if let Some(proxy) = &self.proxy
             && let Err(e) = crate::tunnel::carrier::ProxySetting::parse(proxy)
         {
@@ -828,6 +837,13 @@ mod tests {
         let e =
             gateway("\"gw.corp.example:443\"", "proxy = \"socks5://p:1080\"\n").expect_err("socks");
         assert!(e.contains("proxy is a socks5:// URL"), "{e}");
+        let e = gateway(
+            "\"gw.corp.example:443\"",
+            "quic_retry = \"0s\"\ncarrier_max_age = \"5s\"\n",
+        )
+        .expect_err("too short");
+        assert!(e.contains("quic_retry must be at least 1s"), "{e}");
+        assert!(e.contains("carrier_max_age must be at least 30s"), "{e}");
         let e = gateway("\"gw.corp.example:443\"", "transport = \"udp\"\n")
             .expect_err("unknown transport");
         assert!(e.contains("unknown variant `udp`"), "{e}");
