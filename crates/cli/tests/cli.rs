@@ -133,7 +133,7 @@ async fn up_serves_the_services_and_status_tells_what_it_does() {
     );
     // It names the gateway address in use.
     assert!(
-        text.contains(&format!("\ngateway {}\n", lab.quic_addr)),
+        text.contains(&format!("\ngateway {}\ntransport QUIC\n", lab.quic_addr)),
         "{text}"
     );
 

@@ -10,6 +10,7 @@ mod counting_key;
 
 mod accounts;
 mod browsers;
+mod cloud_run;
 mod controller;
 mod disabled_agent;
 mod examples;
@@ -37,4 +38,5 @@ mod session_expiry;
 mod tunnel;
 mod upstream_failures;
 mod upstream_tls;
+mod verify_assertion;
 mod webauthn_refusals;
