@@ -70,7 +70,9 @@ ensure_test_packages() {
   command -v nft >/dev/null 2>&1 || need+=(nftables)
   command -v ip >/dev/null 2>&1 || need+=(iproute2)
   command -v unshare >/dev/null 2>&1 || need+=(util-linux)
-  # The example that verifies X-Touchgate-Assertion in Python (PyJWT).
+  # The example that verifies X-Touchgate-Assertion in Python (PyJWT; its ES256 needs
+  # python3-cryptography, which python3-jwt only recommends).
   /usr/bin/python3 -c 'import jwt' >/dev/null 2>&1 || need+=(python3-jwt)
+  /usr/bin/python3 -c 'import cryptography' >/dev/null 2>&1 || need+=(python3-cryptography)
   install_packages "${need[@]}"
 }
