@@ -11,7 +11,6 @@ mod counting_key;
 mod accounts;
 mod browsers;
 mod cloud_run;
-mod cloud_run;
 mod controller;
 mod disabled_agent;
 mod examples;
