@@ -263,3 +263,115 @@ async fn an_assertion_captured_through_the_front_end_is_refused_on_another_carri
     );
     Ok(())
 }
+
+/// A TLS connection to the lab gateway's carrier port, trusting its certificate.
+async fn carrier_tls(
+    lab: &Lab,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(lab.cert_path())? {
+        roots.add(c?)?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(lab.carrier_addr()).await?;
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect("localhost".try_into()?, tcp)
+        .await?)
+}
+
+/// A WebSocket to the lab's carrier, upgraded as a carrier (no size limits of our own: the
+/// gateway's are what is tested).
+async fn raw_carrier(
+    lab: &Lab,
+) -> anyhow::Result<
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut req = lab.carrier_url().into_client_request()?;
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        http::HeaderValue::from_static(touchgate_carrier::SUBPROTOCOL),
+    );
+    let (ws, _) = tokio_tungstenite::client_async(req, carrier_tls(lab).await?).await?;
+    Ok(ws)
+}
+
+#[tokio::test]
+async fn hostile_carriers_are_refused_and_audited_while_an_agent_on_the_same_port_carries_on()
+-> anyhow::Result<()> {
+    use futures_util::SinkExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (mut cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    cfg.transport = Transport::Tcp;
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let api = agent.local_addr("api").context("api")?;
+    let conn = agent.connection().context("connected")?.stable_id();
+
+    // Bytes that are no WebSocket frame, after a good upgrade.
+    let ws = raw_carrier(&lab).await?;
+    let mut tls = ws.into_inner();
+    tls.write_all(b"\xff\xff\xff\xffGET / HTTP/1.1 and other garbage\r\n\r\n")
+        .await?;
+    tls.flush().await?;
+    // A message far larger than a datagram.
+    let mut big = raw_carrier(&lab).await?;
+    let _ = big.send(Message::binary(vec![0u8; 1 << 20])).await;
+    // A message too small to be a QUIC packet.
+    let mut tiny = raw_carrier(&lab).await?;
+    let _ = tiny.send(Message::binary(vec![0u8; 3])).await;
+    // A flood of messages, each the size of the smallest QUIC packet.
+    let mut flood = raw_carrier(&lab).await?;
+    let flooding = tokio::spawn(async move {
+        for _ in 0..200_000 {
+            if flood.feed(Message::binary(vec![0u8; 21])).await.is_err() {
+                return;
+            }
+        }
+        let _ = flood.flush().await;
+    });
+    // Meanwhile the agent's requests, on a carrier at the same port, all work.
+    for i in 0..20 {
+        assert_eq!(
+            get(api, &format!("/under-attack-{i}"), &[]).await?.status,
+            200
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(60), flooding).await??;
+
+    let mut reasons = Vec::new();
+    for _ in 0..300 {
+        reasons = lab
+            .audit_events("connection_refused")
+            .iter()
+            .filter(|e| e["outcome"] == "carrier_refused")
+            .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+            .collect();
+        if reasons.len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for words in [
+        "a broken WebSocket",
+        "a message larger than a datagram may be",
+        "too small for a QUIC packet",
+        "messages in a second",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(words)),
+            "{words:?} not among {reasons:?}"
+        );
+    }
+    // The agent's own connection was never touched.
+    assert_eq!(agent.connection().map(|c| c.stable_id()), Some(conn));
+    assert_eq!(get(api, "/after-the-attack", &[]).await?.status, 200);
+    agent.shutdown().await;
+    Ok(())
+}
