@@ -56,11 +56,40 @@ fn lists(req: &Request<Incoming>, name: header::HeaderName, want: &str) -> bool 
     })
 }
 
+/// Where the client of a request is taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAddr {
+    /// The TCP peer.
+    Peer,
+    /// The address a front end put last in `X-Forwarded-For` (the one it saw; those before it
+    /// are the client's own word), else the TCP peer. Only where nothing but that front end
+    /// reaches the listener.
+    LastForwardedFor,
+}
+
+impl ClientAddr {
+    /// The client of `req`, which came from `peer`.
+    fn of(self, req: &Request<Incoming>, peer: SocketAddr) -> SocketAddr {
+        if self == Self::Peer {
+            return peer;
+        }
+        req.headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|ip| ip.trim().parse::<std::net::IpAddr>().ok())
+            .map_or(peer, |ip| SocketAddr::new(ip, 0))
+    }
+}
+
 /// Serves one TCP connection (after any TLS) from `peer` until it ends: a carrier on `hub`, a
-/// route, or a refusal.
+/// route, or a refusal; the client is `client` says.
 pub async fn serve<I>(
     io: I,
     peer: SocketAddr,
+    client: ClientAddr,
     hub: Arc<Hub>,
     limits: Limits,
     routes: Arc<dyn Routes>,
@@ -69,6 +98,7 @@ pub async fn serve<I>(
 {
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (hub, routes) = (hub.clone(), routes.clone());
+        let peer = client.of(&req, peer);
         async move { Ok::<_, std::convert::Infallible>(handle(req, peer, hub, limits, routes)) }
     });
     let conn = hyper::server::conn::http1::Builder::new()

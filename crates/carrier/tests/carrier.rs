@@ -42,6 +42,15 @@ impl server::Routes for Seen {
 
 /// A carrier server on 127.0.0.1 (plain TCP: TLS is the caller's layer) feeding `hub`.
 async fn carrier_server(hub: Arc<Hub>, limits: Limits) -> (SocketAddr, Arc<Seen>) {
+    carrier_server_taking(hub, limits, server::ClientAddr::Peer).await
+}
+
+/// [`carrier_server`], taking the client as `client` says.
+async fn carrier_server_taking(
+    hub: Arc<Hub>,
+    limits: Limits,
+    client: server::ClientAddr,
+) -> (SocketAddr, Arc<Seen>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -53,6 +62,7 @@ async fn carrier_server(hub: Arc<Hub>, limits: Limits) -> (SocketAddr, Arc<Seen>
             tokio::spawn(server::serve(
                 tcp,
                 peer,
+                client,
                 hub.clone(),
                 limits,
                 routes.clone(),
@@ -284,4 +294,45 @@ async fn the_http_side_serves_the_upgrade_and_its_routes_only() {
     );
     let refused = seen.refused.lock().expect("lock").clone();
     assert_eq!(refused.len(), 4, "each refusal reported: {refused:?}");
+}
+
+#[tokio::test]
+async fn the_client_is_the_tcp_peer_unless_the_front_end_is_trusted_to_name_it() {
+    let upgrade = |addr: SocketAddr| async move {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+        tcp.write_all(
+            b"GET /touchgate/carrier HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+              Sec-WebSocket-Protocol: touchgate-quic.v1\r\n\
+              X-Forwarded-For: 192.0.2.66\r\nX-Forwarded-For: 198.51.100.7, 203.0.113.9\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        let mut head = [0u8; 12];
+        tcp.read_exact(&mut head).await.expect("answer");
+        assert_eq!(&head, b"HTTP/1.1 101");
+        tcp
+    };
+    let opened = |seen: Arc<Seen>| async move {
+        for _ in 0..200 {
+            if let Some(p) = seen.opened.lock().expect("lock").first() {
+                return *p;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no carrier opened");
+    };
+    // By default a header is only a claim: the TCP peer is the client.
+    let (addr, seen) = carrier_server(Hub::new(), Limits::default()).await;
+    let _c = upgrade(addr).await;
+    assert!(opened(seen).await.ip().is_loopback());
+    // Behind a trusted front end: the address it added, last, not the ones the client wrote.
+    let (addr, seen) = carrier_server_taking(
+        Hub::new(),
+        Limits::default(),
+        server::ClientAddr::LastForwardedFor,
+    )
+    .await;
+    let _c = upgrade(addr).await;
+    assert_eq!(opened(seen).await, "203.0.113.9:0".parse().expect("addr"));
 }

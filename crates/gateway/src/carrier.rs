@@ -18,7 +18,10 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 use tokio::net::TcpListener;
-use touchgate_carrier::{Ended, Hub, Limits, server::Routes};
+use touchgate_carrier::{
+    Ended, Hub, Limits,
+    server::{ClientAddr, Routes},
+};
 
 use crate::{
     Gateway, GatewayError,
@@ -151,6 +154,12 @@ impl Gateway {
         };
         let routes: Arc<dyn Routes> = Arc::new(GatewayRoutes(self.clone()));
         let limits = Limits::default();
+        // A front end's word on the client only on the plain listener behind it.
+        let client = if !tls && self.cfg.listen_ws_trusts_x_forwarded_for {
+            ClientAddr::LastForwardedFor
+        } else {
+            ClientAddr::Peer
+        };
         loop {
             let Ok((tcp, peer)) = listener.accept().await else {
                 continue;
@@ -167,12 +176,16 @@ impl Gateway {
                     .await
                     {
                         Ok(Ok(tls)) => {
-                            touchgate_carrier::server::serve(tls, peer, hub, limits, routes).await
+                            touchgate_carrier::server::serve(tls, peer, client, hub, limits, routes)
+                                .await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "carrier TLS failed"),
                         Err(_) => tracing::debug!(%peer, "carrier TLS handshake too slow"),
                     },
-                    None => touchgate_carrier::server::serve(tcp, peer, hub, limits, routes).await,
+                    None => {
+                        touchgate_carrier::server::serve(tcp, peer, client, hub, limits, routes)
+                            .await
+                    }
                 }
             });
         }

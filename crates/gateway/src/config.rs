@@ -43,6 +43,12 @@ pub struct GatewayConfig {
     /// to `0.0.0.0:$PORT`. The carrier with TLS is always on TCP at `listen`.
     #[serde(default)]
     pub listen_ws: Option<SocketAddr>,
+    /// Take a carrier's client at `listen_ws` from the address its front end put last in
+    /// `X-Forwarded-For`, for rate limits and the audit (else every agent behind the front end
+    /// is one client, the front end). Only where nothing but that front end reaches
+    /// `listen_ws`, as on Cloud Run: anyone else could name any address.
+    #[serde(default)]
+    pub listen_ws_trusts_x_forwarded_for: bool,
     /// TCP address of the admin HTTP endpoint (`/healthz`, `/metrics`, JWKS). Keep it on loopback.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,

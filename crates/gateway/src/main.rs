@@ -480,8 +480,8 @@ fn widen_receive_buffer(socket: &std::net::UdpSocket) {
     let _ = sock.set_recv_buffer_size(UDP_RECEIVE_BUFFER);
     // Linux reports twice what it grants.
     match sock.recv_buffer_size() {
-        Ok(got) if got / 2 < UDP_RECEIVE_BUFFER => tracing::info!(
-            got,
+        Ok(reported) if reported / 2 < UDP_RECEIVE_BUFFER => tracing::info!(
+            granted = reported / 2,
             wanted = UDP_RECEIVE_BUFFER,
             "the QUIC socket's receive buffer is smaller than asked for: for thousands of \
              agents, raise net.core.rmem_max (sysctl) to at least {UDP_RECEIVE_BUFFER}"

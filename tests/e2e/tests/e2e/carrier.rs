@@ -375,3 +375,39 @@ async fn hostile_carriers_are_refused_and_audited_while_an_agent_on_the_same_por
     agent.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn before_its_maximum_age_the_carrier_is_replaced_and_a_request_in_flight_finishes()
+-> anyhow::Result<()> {
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (mut cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    cfg.transport = Transport::Tcp;
+    // The shortest allowed: a front end that ends requests after a minute would want this.
+    cfg.carrier_max_age = Duration::from_secs(30);
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let api = agent.local_addr("api").context("api")?;
+    let first = agent.connection().context("connected")?.stable_id();
+    let touches = lab.audit_events("challenge_issued").len();
+    // A slow request that is still in flight when the carrier reaches its age.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let slow = tokio::spawn(async move { get(api, "/slow?ms=10000", &[]).await });
+    wait_for_state(&agent, Duration::from_secs(20), |s| {
+        matches!(s, AgentState::Connected { .. })
+            && agent.connection().is_some_and(|c| c.stable_id() != first)
+    })
+    .await?;
+    let answer = tokio::time::timeout(Duration::from_secs(30), slow).await???;
+    assert_eq!(
+        answer.status, 200,
+        "the request in flight finished on the old carrier"
+    );
+    assert_eq!(get(api, "/on-the-fresh-carrier", &[]).await?.status, 200);
+    assert_eq!(
+        lab.audit_events("challenge_issued").len(),
+        touches,
+        "no touch"
+    );
+    assert!(!lab.audit_events("session_resumed").is_empty());
+    agent.shutdown().await;
+    Ok(())
+}

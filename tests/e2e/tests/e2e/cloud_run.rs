@@ -403,11 +403,20 @@ async fn on_cloud_run_the_carrier_and_the_keys_answer_on_port_and_the_audit_goes
         "{refused}"
     );
     // A request that is not an upgrade gets 426, audited too.
-    let not_upgrade = get(at_port, touchgate_carrier::PATH, &[]).await?;
+    // It comes through Cloud Run's front end, which added the address it saw last to
+    // X-Forwarded-For (the client wrote the first one): the audit names the last, the one the
+    // config trusts (listen_ws_trusts_x_forwarded_for).
+    let not_upgrade = get(
+        at_port,
+        touchgate_carrier::PATH,
+        &[("X-Forwarded-For", "192.0.2.66, 203.0.113.9")],
+    )
+    .await?;
     assert_eq!(not_upgrade.status, 426);
-    stdout
+    let refused = stdout
         .wait_for_audit("connection_refused", |v| v["outcome"] == "http_426")
         .await?;
+    assert_eq!(refused["peer"], "203.0.113.9:0", "{refused}");
 
     // QUIC through the carrier on $PORT: the agent's TLS settings with the pinned certificate
     // (the combined PEM file), and a sign-in begun on the control stream.
