@@ -1,8 +1,19 @@
 //! A whole touchgate system on loopback: a gateway with a self-signed certificate and SQLite in
 //! a temporary folder, the fake metadata server, a Cloud-Run-like upstream and a TCP echo
 //! service. The demo and the end-to-end tests both run on it.
+//!
+//! The gateway serves QUIC on UDP and, as the binary does, the TCP carrier: with TLS on TCP at
+//! the QUIC port ([`Lab::carrier_addr`]) and as plain HTTP on a port of its own
+//! ([`Lab::ws_addr`], the `listen_ws` a TLS-terminating front end forwards to). The carriers'
+//! TCP side runs on a thread of its own ([`CarrierThread`]), so that stopping the gateway ends
+//! every carrier's TCP connection, as the end of a gateway process does.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::{SocketAddr, UdpSocket},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -64,8 +75,10 @@ pub struct Lab {
     pub gateway_config_path: PathBuf,
     /// The gateway.
     pub gateway: Arc<Gateway>,
-    /// The gateway's QUIC address.
+    /// The gateway's QUIC address (UDP); the carrier with TLS is at the same port on TCP.
     pub quic_addr: SocketAddr,
+    /// The gateway's plain-HTTP carrier (`listen_ws`), for a front end that terminates TLS.
+    pub ws_addr: SocketAddr,
     /// The gateway's admin address.
     pub admin_addr: SocketAddr,
     /// The gateway's SCIM address, with [`LabOptions::scim_token`].
@@ -78,8 +91,8 @@ pub struct Lab {
     pub upstream: FakeServer,
     /// The TCP echo upstream behind service `echo`.
     pub tcp_echo: SocketAddr,
-    endpoint: Option<quinn::Endpoint>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// What serves the gateway while it runs.
+    serving: Option<Serving>,
     echo_task: tokio::task::JoinHandle<()>,
     /// Where the gateway runs connections: the test's runtime and one more thread, as the
     /// binary runs them thread-per-core (the first connection lands on the test's runtime, a
@@ -251,21 +264,20 @@ allow = ["*"]
         std::fs::write(&gateway_config_path, text)?;
         let cfg = GatewayConfig::load(&gateway_config_path)?;
         let shards = Arc::new(Shards::start(2).context("cannot start a shard thread")?);
-        let (gateway, endpoint, quic_addr, admin_addr, scim_addr, tasks) =
-            launch(cfg, None, shards.clone()).await?;
+        let launched = launch(cfg, None, shards.clone()).await?;
         Ok(Self {
             dir,
             gateway_config_path,
-            gateway,
-            quic_addr,
-            admin_addr,
-            scim_addr,
+            gateway: launched.gateway,
+            quic_addr: launched.addrs.quic,
+            ws_addr: launched.addrs.ws,
+            admin_addr: launched.addrs.admin,
+            scim_addr: launched.addrs.scim,
             fingerprint: cert.fingerprint,
             metadata,
             upstream,
             tcp_echo,
-            endpoint: Some(endpoint),
-            tasks,
+            serving: Some(launched.serving),
             echo_task,
             shards,
         })
@@ -291,38 +303,65 @@ allow = ["*"]
         toml_agent(&text)
     }
 
+    /// The carrier with TLS: TCP at the QUIC port, with the gateway's certificate.
+    pub fn carrier_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// `wss://localhost:PORT/touchgate/carrier`: the carrier with TLS, by the name in the
+    /// gateway's certificate.
+    pub fn carrier_url(&self) -> String {
+        format!(
+            "wss://localhost:{}{}",
+            self.quic_addr.port(),
+            touchgate_carrier::PATH
+        )
+    }
+
+    /// `ws://ADDR/touchgate/carrier`: the plain-HTTP carrier at [`Lab::ws_addr`].
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}{}", self.ws_addr, touchgate_carrier::PATH)
+    }
+
+    /// The gateway's certificate (PEM), self-signed for `localhost`: what a client of the
+    /// carrier with TLS trusts.
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
+    }
+
     /// A one-time invite for `user`.
     pub fn invite(&self, user: &str) -> anyhow::Result<String> {
         Ok(self.gateway.create_invite(user)?)
     }
 
-    /// Stops the gateway (closing connections) and starts a new one on the same UDP port with
-    /// the same database and keys, as a deploy or restart would.
+    /// Stops the gateway (closing connections) and starts a new one on the same ports (UDP and
+    /// the carrier's TCP ones) with the same database and keys, as a deploy or restart would.
     pub async fn restart_gateway(&mut self) -> anyhow::Result<()> {
         self.stop_gateway().await;
         self.start_gateway().await
     }
 
-    /// Stops the gateway, closing its connections (as a deploy or a crash would).
+    /// Stops the gateway, closing its connections (as a deploy or a crash would): QUIC ones
+    /// with a close frame, and every carrier's TCP connection.
     pub async fn stop_gateway(&mut self) {
-        if let Some(old) = self.endpoint.take() {
-            old.close(0u32.into(), b"gateway restarting");
-            old.wait_idle().await;
-        }
-        for t in self.tasks.drain(..) {
-            t.abort();
-            let _ = t.await;
+        if let Some(serving) = self.serving.take() {
+            serving.stop().await;
         }
     }
 
-    /// Starts the gateway again on its old UDP port, with the same database and keys.
+    /// Starts the gateway again on its old ports (UDP, and TCP for the carriers), with the
+    /// same database and keys.
     pub async fn start_gateway(&mut self) -> anyhow::Result<()> {
         let cfg = GatewayConfig::load(&self.gateway_config_path)?;
+        let ports = Ports {
+            quic: self.quic_addr,
+            ws: self.ws_addr,
+        };
         // The old endpoint's socket closes once its connection tasks have seen the close; give
         // them a moment, as a restarting process would wait for its old port.
         let mut tries = 0;
-        let (gateway, endpoint, quic_addr, admin_addr, scim_addr, tasks) = loop {
-            match launch(cfg.clone(), Some(self.quic_addr), self.shards.clone()).await {
+        let launched = loop {
+            match launch(cfg.clone(), Some(ports), self.shards.clone()).await {
                 Ok(l) => break l,
                 Err(e) if tries < 100 => {
                     tries += 1;
@@ -332,12 +371,12 @@ allow = ["*"]
                 Err(e) => return Err(e),
             }
         };
-        self.gateway = gateway;
-        self.endpoint = Some(endpoint);
-        self.quic_addr = quic_addr;
-        self.admin_addr = admin_addr;
-        self.scim_addr = scim_addr;
-        self.tasks = tasks;
+        self.gateway = launched.gateway;
+        self.quic_addr = launched.addrs.quic;
+        self.ws_addr = launched.addrs.ws;
+        self.admin_addr = launched.addrs.admin;
+        self.scim_addr = launched.addrs.scim;
+        self.serving = Some(launched.serving);
         Ok(())
     }
 
@@ -376,11 +415,8 @@ pub(crate) fn with_event(audit: Vec<serde_json::Value>, event: &str) -> Vec<serd
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        if let Some(e) = &self.endpoint {
-            e.close(0u32.into(), b"lab stopped");
-        }
-        for t in &self.tasks {
-            t.abort();
+        if let Some(serving) = &self.serving {
+            serving.close(b"lab stopped");
         }
         self.echo_task.abort();
     }
@@ -393,39 +429,236 @@ fn toml_agent(text: &str) -> anyhow::Result<AgentConfig> {
     Ok(AgentConfig::load(&p)?)
 }
 
-type Launched = (
-    Arc<Gateway>,
-    quinn::Endpoint,
-    SocketAddr,
-    SocketAddr,
-    Option<SocketAddr>,
-    Vec<tokio::task::JoinHandle<()>>,
-);
+/// Where a gateway listens.
+#[derive(Debug, Clone, Copy)]
+struct Addrs {
+    /// QUIC (UDP), and the carrier with TLS (TCP) at the same address.
+    quic: SocketAddr,
+    /// The plain-HTTP carrier.
+    ws: SocketAddr,
+    admin: SocketAddr,
+    scim: Option<SocketAddr>,
+}
 
+/// The ports a restarted gateway takes again.
+#[derive(Debug, Clone, Copy)]
+struct Ports {
+    quic: SocketAddr,
+    ws: SocketAddr,
+}
+
+/// A gateway [`launch`] started.
+struct Launched {
+    gateway: Arc<Gateway>,
+    addrs: Addrs,
+    serving: Serving,
+}
+
+/// What serves one gateway: its QUIC endpoints (UDP, and the one the carriers feed), the tasks
+/// on the caller's runtime, and the carriers' thread.
+struct Serving {
+    endpoint: quinn::Endpoint,
+    carrier_endpoint: quinn::Endpoint,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    carriers: CarrierThread,
+}
+
+impl Serving {
+    /// Closes every QUIC connection with a close frame and stops serving, at once (the
+    /// carriers' thread is told to stop when it is dropped).
+    fn close(&self, reason: &[u8]) {
+        self.close_endpoints(reason);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+
+    fn close_endpoints(&self, reason: &[u8]) {
+        for e in [&self.endpoint, &self.carrier_endpoint] {
+            e.close(0u32.into(), reason);
+        }
+    }
+
+    /// Closes every QUIC connection and waits until the close frames went out (over the
+    /// carriers too, which are still up meanwhile), then stops serving and waits until every
+    /// task and every carrier's TCP connection has ended.
+    async fn stop(self) {
+        self.close_endpoints(b"gateway restarting");
+        let Self {
+            endpoint,
+            carrier_endpoint,
+            tasks,
+            mut carriers,
+        } = self;
+        endpoint.wait_idle().await;
+        carrier_endpoint.wait_idle().await;
+        // First, so that the endpoints' drivers end (and the UDP socket closes) while the
+        // tasks are awaited below: a restart binds the same port next.
+        drop((endpoint, carrier_endpoint));
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        let _ = tokio::task::spawn_blocking(move || carriers.join()).await;
+    }
+}
+
+/// The carriers' TCP side of one gateway, on a runtime of its own thread. The gateway spawns a
+/// task per carrier connection that no serving task owns; ending this runtime drops them all,
+/// which closes their TCP connections as the end of a gateway process would (the lab's
+/// gateways otherwise share the test's runtime, which lives on).
+struct CarrierThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CarrierThread {
+    /// Serves `tls` (the carrier with TLS) and `plain` (without) for `gateway`.
+    fn start(
+        gateway: Arc<Gateway>,
+        tls: std::net::TcpListener,
+        plain: std::net::TcpListener,
+    ) -> anyhow::Result<Self> {
+        for l in [&tls, &plain] {
+            l.set_nonblocking(true)?;
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot make the carriers' runtime")?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("lab-carriers".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    tokio::select! {
+                        _ = serve_carrier(gateway.clone(), tls, true) => {}
+                        _ = serve_carrier(gateway, plain, false) => {}
+                        _ = stopped => {}
+                    }
+                });
+                // Every carrier connection's task is dropped unpolled: its TCP connection closes.
+                rt.shutdown_background();
+            })
+            .context("cannot start the carriers' thread")?;
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops serving carriers and waits until every carrier connection is closed (blocking).
+    fn join(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Serves carriers on `listener` (with TLS or not) until the task is dropped, saying why when
+/// it cannot.
+async fn serve_carrier(gateway: Arc<Gateway>, listener: std::net::TcpListener, with_tls: bool) {
+    let served = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => gateway
+            .serve_carrier(l, with_tls)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(error) = served {
+        tracing::error!(%error, with_tls, "the lab cannot serve the carrier");
+    }
+}
+
+impl Drop for CarrierThread {
+    fn drop(&mut self) {
+        // The thread ends on its own once told; nothing waits for it here.
+        drop(self.stop.take());
+    }
+}
+
+/// How often a fresh gateway tries another UDP port whose number was taken on TCP.
+const PORT_ATTEMPTS: usize = 20;
+
+/// Starts a gateway with `cfg` on the tasks' runtime and `shards`: QUIC on `cfg.listen` (or
+/// `ports`, a restart's old ones), the carrier with TLS on TCP at the same address, the plain
+/// carrier on `ports.ws` (else a free port of the QUIC address's IP), admin and SCIM on free
+/// ports of 127.0.0.1.
 async fn launch(
     cfg: GatewayConfig,
-    quic: Option<SocketAddr>,
+    ports: Option<Ports>,
     shards: Arc<Shards>,
 ) -> anyhow::Result<Launched> {
-    let quic_bind = quic.unwrap_or(cfg.listen);
+    let quic_bind = ports.map_or(cfg.listen, |p| p.quic);
+    let (socket, carrier_tls) = bind_quic_and_carrier(quic_bind)?;
+    let quic_addr = socket.local_addr()?;
+    let ws_bind = ports.map_or(SocketAddr::new(quic_addr.ip(), 0), |p| p.ws);
+    let carrier_plain = std::net::TcpListener::bind(ws_bind)
+        .with_context(|| format!("cannot bind TCP {ws_bind} for the plain carrier"))?;
+    let ws_addr = carrier_plain.local_addr()?;
     let scim = match &cfg.scim {
         Some(_) => Some(TcpListener::bind("127.0.0.1:0").await?),
         None => None,
     };
     let scim_addr = scim.as_ref().map(|l| l.local_addr()).transpose()?;
     let gateway = Gateway::new(cfg)?;
-    let socket = std::net::UdpSocket::bind(quic_bind)
-        .with_context(|| format!("cannot bind UDP {quic_bind}"))?;
     let endpoint = gateway.endpoint(socket)?;
-    let quic_addr = endpoint.local_addr()?;
+    let carrier_endpoint = gateway.carrier_endpoint()?;
     let admin = TcpListener::bind("127.0.0.1:0").await?;
     let admin_addr = admin.local_addr()?;
     let mut tasks = vec![
-        tokio::spawn(gateway.clone().serve_quic_on(endpoint.clone(), shards)),
+        tokio::spawn(
+            gateway
+                .clone()
+                .serve_quic_on(endpoint.clone(), shards.clone()),
+        ),
+        tokio::spawn(
+            gateway
+                .clone()
+                .serve_more_quic(carrier_endpoint.clone(), shards),
+        ),
         tokio::spawn(gateway.clone().serve_admin(admin)),
     ];
     tasks.extend(scim.map(|l| tokio::spawn(gateway.clone().serve_scim(l))));
-    Ok((gateway, endpoint, quic_addr, admin_addr, scim_addr, tasks))
+    let carriers = CarrierThread::start(gateway.clone(), carrier_tls, carrier_plain)?;
+    Ok(Launched {
+        gateway,
+        addrs: Addrs {
+            quic: quic_addr,
+            ws: ws_addr,
+            admin: admin_addr,
+            scim: scim_addr,
+        },
+        serving: Serving {
+            endpoint,
+            carrier_endpoint,
+            tasks,
+            carriers,
+        },
+    })
+}
+
+/// The UDP socket for QUIC at `addr`, and a TCP listener at the same address and port for the
+/// carrier with TLS, as the gateway binary binds them. When `addr` names no port, the system
+/// picks the UDP one, and the same number may be taken on TCP by another program: then another
+/// pair is tried.
+fn bind_quic_and_carrier(addr: SocketAddr) -> anyhow::Result<(UdpSocket, std::net::TcpListener)> {
+    let mut attempt = 1;
+    loop {
+        let udp = UdpSocket::bind(addr).with_context(|| format!("cannot bind UDP {addr}"))?;
+        let at = udp.local_addr()?;
+        match std::net::TcpListener::bind(at) {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if addr.port() == 0 && attempt < PORT_ATTEMPTS => {
+                tracing::debug!(error = %e, %at, "UDP port taken on TCP, trying another");
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot bind TCP {at} for the carrier"));
+            }
+        }
+    }
 }
 
 /// Writes `text` to a new file only its owner can read.

@@ -26,9 +26,13 @@ use tokio::net::TcpListener;
 
 pub mod gateway_process;
 pub mod hardware;
+pub mod http_proxy;
 pub mod idp;
 pub mod lab;
+pub mod netns;
+pub mod nginx;
 pub mod postgres;
+mod programs;
 pub mod relay;
 
 /// Issuer of Google ID tokens.
@@ -307,6 +311,26 @@ impl PrivateCa {
             leaf_pem: (leaf.pem(), leaf_key.serialize_pem()),
         })
     }
+}
+
+/// A TLS client that trusts only the certificates in the PEM file at `ca_path` (a test CA's, or
+/// a self-signed server's) and offers HTTP/1.1 by ALPN, as a WebSocket client does.
+pub fn tls_connector(ca_path: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", ca_path.display()))?
+    {
+        roots.add(cert.map_err(|e| anyhow::anyhow!("{}: {e}", ca_path.display()))?)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 /// [`start_cloud_run`] over HTTPS, with a certificate for `localhost` and 127.0.0.1 signed by

@@ -21,14 +21,15 @@
 
 use std::{
     io::Write as _,
-    net::{Ipv4Addr, TcpListener},
     os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::Command,
 };
 
 use anyhow::{Context, bail};
 use tempfile::TempDir;
+
+use crate::programs::{free_port, output_text};
 
 /// The superuser the cluster is made with, and the user in [`Postgres::url`].
 pub const USER: &str = "touchgate";
@@ -463,30 +464,12 @@ fn postgres_os_user() -> anyhow::Result<(u32, u32)> {
     Ok((uid, gid))
 }
 
-/// A port of 127.0.0.1 free a moment ago (the server binds it soon after; a race lost to another
-/// process is retried with another port).
-fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .context("cannot find a free port on 127.0.0.1")?;
-    Ok(listener.local_addr()?.port())
-}
-
-/// A failed command's status, standard output and error, for an error message.
-fn output_text(out: &Output) -> String {
-    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim().to_owned();
-    let mut s = out.status.to_string();
-    for stream in [text(&out.stdout), text(&out.stderr)] {
-        if !stream.is_empty() {
-            s.push('\n');
-            s.push_str(&stream);
-        }
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
+    use std::{
+        net::{Ipv4Addr, TcpListener},
+        time::Instant,
+    };
 
     use super::*;
 

@@ -1,7 +1,7 @@
 //! More gateways of a lab's system: replicas on the same SQLite file, certificate and config,
 //! each with ports and an audit log of its own, and each on a runtime of its own thread so that
 //! [`Replica::kill`] can end it the way SIGKILL ends a process: every task gone at once, no
-//! close frame sent, its UDP port answering nothing.
+//! close frame sent, its UDP port answering nothing, its carriers' TCP connections closed.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Instant};
 
@@ -14,8 +14,10 @@ use super::{Lab, launch, read_audit, with_event};
 pub struct Replica {
     /// The replica's gateway.
     pub gateway: Arc<Gateway>,
-    /// Its QUIC address.
+    /// Its QUIC address (UDP); the carrier with TLS is at the same port on TCP.
     pub quic_addr: SocketAddr,
+    /// Its plain-HTTP carrier (`listen_ws`).
+    pub ws_addr: SocketAddr,
     audit_path: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -62,28 +64,34 @@ impl Lab {
                         return;
                     }
                 };
-                rt.block_on(async move {
+                let launched = rt.block_on(async move {
                     match launch(cfg, None, Arc::new(Shards::current())).await {
-                        Ok((gateway, _endpoint, quic_addr, ..)) => {
-                            let _ = ready_tx.send(Ok((gateway, quic_addr)));
-                            // The endpoint and every task live until the runtime goes.
+                        Ok(launched) => {
+                            let _ = ready_tx.send(Ok((launched.gateway.clone(), launched.addrs)));
+                            // The endpoints and every task live until the runtime goes.
                             let _ = stopped.await;
+                            Some(launched)
                         }
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
+                            None
                         }
                     }
                 });
                 // A current-thread runtime runs nothing outside `block_on`: from here no task
                 // of this gateway is polled again, so nothing more is sent, and its tasks are
-                // dropped without being woken.
+                // dropped without being woken. Its carriers' TCP connections close.
+                if let Some(mut launched) = launched {
+                    launched.serving.carriers.join();
+                }
                 rt.shutdown_background();
             })
             .context("cannot start a replica thread")?;
-        let (gateway, quic_addr) = ready_rx.await.context("the replica thread ended")??;
+        let (gateway, addrs) = ready_rx.await.context("the replica thread ended")??;
         Ok(Replica {
             gateway,
-            quic_addr,
+            quic_addr: addrs.quic,
+            ws_addr: addrs.ws,
             audit_path: self.dir.path().join(audit),
             stop: Some(stop),
             thread: Some(thread),
@@ -92,8 +100,14 @@ impl Lab {
 }
 
 impl Replica {
-    /// Ends the replica as SIGKILL would: its runtime stops at once, so no connection is closed
-    /// and no packet is answered any more. Returns, once it has stopped, the moment it was
+    /// Its carrier with TLS: TCP at the QUIC port.
+    pub fn carrier_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// Ends the replica as SIGKILL would: its runtime stops at once, so no QUIC connection is
+    /// closed and no packet is answered any more, and its carriers' TCP connections close (as
+    /// the kernel closes a killed process's). Returns, once it has stopped, the moment it was
     /// told to.
     pub async fn kill(&mut self) -> Instant {
         drop(self.stop.take());
