@@ -17,6 +17,7 @@ mod examples;
 mod failover;
 mod faithful;
 mod foreign_site;
+mod front_ends;
 mod grpc;
 mod hardware_keys;
 mod hostile_http;
