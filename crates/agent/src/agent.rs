@@ -651,6 +651,11 @@ impl Shared {
     /// let go: it closes by itself when the last stream on it ends.
     async fn take_over(&self, tunnel: Result<Tunnel, TunnelError>) -> Result<(), TunnelError> {
         let tunnel = tunnel?;
+        if self.locked.load(std::sync::atomic::Ordering::SeqCst) {
+            // The key was unplugged (or the account disabled) meanwhile: the session is over.
+            tunnel.close(b"session ended").await;
+            return Err(TunnelError::Protocol("the session ended meanwhile".into()));
+        }
         let token = self
             .session
             .lock()
@@ -659,6 +664,10 @@ impl Shared {
             .map(|s| s.token.clone())
             .ok_or_else(|| TunnelError::Protocol("no session to resume".into()))?;
         match tunnel.resume(&token).await {
+            Ok(_) if self.locked.load(std::sync::atomic::Ordering::SeqCst) => {
+                tunnel.close(b"session ended").await;
+                Err(TunnelError::Protocol("the session ended meanwhile".into()))
+            }
             Ok(session) => {
                 self.live(tunnel, session).await;
                 Ok(())

@@ -514,8 +514,12 @@ impl AgentConfig {
                 "gateway {url:?} is reached over TCP only, but transport is \"quic\": set transport = \"auto\" or \"tcp\""
             ));
         }
-        if self.quic_retry < std::time::Duration::from_secs(1) {
-            problems.push("quic_retry must be at least 1s (default 3m)".into());
+        let day = std::time::Duration::from_secs(24 * 3600);
+        if self.quic_retry < std::time::Duration::from_secs(1) || self.quic_retry > day {
+            problems.push("quic_retry must be between 1s and 24h (default 3m)".into());
+        }
+        if self.carrier_max_age > day {
+            problems.push("carrier_max_age must be at most 24h (default 55m)".into());
         }
         if self.carrier_max_age < std::time::Duration::from_secs(30) {
             problems.push(
@@ -842,7 +846,7 @@ mod tests {
             "quic_retry = \"0s\"\ncarrier_max_age = \"5s\"\n",
         )
         .expect_err("too short");
-        assert!(e.contains("quic_retry must be at least 1s"), "{e}");
+        assert!(e.contains("quic_retry must be between 1s and 24h"), "{e}");
         assert!(e.contains("carrier_max_age must be at least 30s"), "{e}");
         let e = gateway("\"gw.corp.example:443\"", "transport = \"udp\"\n")
             .expect_err("unknown transport");

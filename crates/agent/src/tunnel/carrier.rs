@@ -308,6 +308,21 @@ fn proxy_for(m: Option<&Matcher>, target: &Target) -> Option<(Uri, Option<Header
     Some((i.uri().clone(), i.basic_auth().cloned()))
 }
 
+/// Refuses a proxy this agent cannot speak to safely: only `http://` (a `CONNECT` in plain
+/// HTTP). An `https://` or `socks5://` one from the environment is refused before anything is
+/// sent, so that its credentials never go out in the clear.
+fn check_proxy_scheme(proxy: &Uri) -> Result<(), String> {
+    match proxy.scheme_str() {
+        Some("http") => Ok(()),
+        other => Err(format!(
+            "through the proxy {}: a {}:// proxy is not supported (only http://, with CONNECT): \
+             set proxy = \"http://…\" in the config, or \"none\"",
+            proxy_shown(proxy),
+            other.unwrap_or("schemeless")
+        )),
+    }
+}
+
 /// A host as a URL writes it (an IPv6 address in brackets).
 fn url_host(host: &str) -> String {
     if host.contains(':') {
@@ -383,6 +398,7 @@ async fn through_proxy(
     proxy: &Uri,
     auth: Option<HeaderValue>,
 ) -> Result<(Box<dyn Io>, SocketAddr), String> {
+    check_proxy_scheme(proxy)?;
     let shown = proxy_shown(proxy);
     let fail = |what: String| format!("through the proxy {shown}: {what}");
     let host = proxy.host().unwrap_or_default();
@@ -529,6 +545,11 @@ mod tests {
             proxy_for(Some(&m), &t)
         };
         let (uri, auth) = dialer("gw.corp.example").expect("through the proxy");
+        check_proxy_scheme(&uri).expect("http");
+        let https: Uri = "https://u:p@proxy.corp.example:3128".parse().expect("uri");
+        let e = check_proxy_scheme(&https).expect_err("https proxy");
+        assert!(e.contains("a https:// proxy is not supported"), "{e}");
+        assert!(!e.contains("u:p"), "no credentials shown: {e}");
         assert_eq!(
             uri.authority().map(|a| a.host()),
             Some("proxy.corp.example")

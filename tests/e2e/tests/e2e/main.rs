@@ -10,6 +10,7 @@ mod counting_key;
 
 mod accounts;
 mod browsers;
+mod carrier;
 mod cloud_run;
 mod controller;
 mod disabled_agent;
