@@ -8,7 +8,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     task::{Context, Poll},
     time::Duration,
@@ -77,7 +77,17 @@ impl fmt::Display for Ended {
 
 /// Datagrams waiting for QUIC, from every carrier; more are dropped, as a full socket buffer
 /// drops them (QUIC takes it as loss).
-const INBOUND_QUEUE: usize = 4096;
+const INBOUND_QUEUE: usize = 8192;
+/// Of [`INBOUND_QUEUE`], what one carrier may fill: one busy (or hostile) carrier cannot make
+/// QUIC drop every other carrier's datagrams.
+const INBOUND_PER_CARRIER: usize = 256;
+/// How long one write to a carrier may wait for its peer to take it: a peer that stops
+/// reading is ended instead of holding the carrier (and its memory) forever.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A datagram waiting for QUIC: where it came from, and its carrier's count of datagrams
+/// waiting.
+type Inbound = (SocketAddr, Bytes, Arc<AtomicUsize>);
 /// Datagrams waiting to go out on one carrier.
 const OUTBOUND_QUEUE: usize = 1024;
 
@@ -85,8 +95,8 @@ const OUTBOUND_QUEUE: usize = 1024;
 /// makes for it (in `fd74:6763::/32`, never routed).
 pub struct Hub {
     local: SocketAddr,
-    inbound: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
-    inbound_tx: mpsc::Sender<(SocketAddr, Bytes)>,
+    inbound: Mutex<mpsc::Receiver<Inbound>>,
+    inbound_tx: mpsc::Sender<Inbound>,
     peers: RwLock<HashMap<SocketAddr, mpsc::Sender<Bytes>>>,
     next: AtomicU64,
 }
@@ -95,6 +105,11 @@ impl fmt::Debug for Hub {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Hub").field("local", &self.local).finish()
     }
+}
+
+/// Whether `addr` is one a hub makes for its carriers (in `fd74:6763::/32`).
+pub fn is_carrier_addr(addr: SocketAddr) -> bool {
+    matches!(addr.ip(), std::net::IpAddr::V6(ip) if ip.segments()[..2] == [0xfd74, 0x6763])
 }
 
 /// The address the hub gives its `n`th carrier.
@@ -162,7 +177,7 @@ impl Hub {
 async fn pump<S>(
     ws: WebSocketStream<S>,
     addr: SocketAddr,
-    inbound: mpsc::Sender<(SocketAddr, Bytes)>,
+    inbound: mpsc::Sender<Inbound>,
     mut outbound: mpsc::Receiver<Bytes>,
     limits: Limits,
 ) -> Ended
@@ -172,28 +187,20 @@ where
     let (mut sink, mut stream) = ws.split();
     let mut window = tokio::time::Instant::now();
     let mut in_window = 0u32;
+    // Only datagrams keep a carrier alive; WebSocket pings and pongs do not.
+    let mut idle_at = tokio::time::Instant::now() + limits.idle;
+    let waiting = Arc::new(AtomicUsize::new(0));
     let ended = loop {
         tokio::select! {
-            next = tokio::time::timeout(limits.idle, stream.next()) => {
+            next = tokio::time::timeout_at(idle_at, stream.next()) => {
                 let msg = match next {
                     Err(_) => break Ended::Idle,
                     Ok(None) => break Ended::Closed,
                     Ok(Some(Err(e))) => break refused_by_library(e),
                     Ok(Some(Ok(m))) => m,
                 };
-                let data = match msg {
-                    Message::Binary(b) => b,
-                    Message::Close(_) => break Ended::Closed,
-                    Message::Ping(_) | Message::Pong(_) => continue,
-                    Message::Text(_) => break Ended::Refused("a text message".into()),
-                    Message::Frame(_) => continue,
-                };
-                if data.len() < MIN_DATAGRAM {
-                    break Ended::Refused(format!(
-                        "a {}-byte message: too small for a QUIC packet",
-                        data.len()
-                    ));
-                }
+                // Every message counts against the rate, control frames included (each ping
+                // costs a pong).
                 let now = tokio::time::Instant::now();
                 if now.duration_since(window) >= Duration::from_secs(1) {
                     (window, in_window) = (now, 0);
@@ -205,22 +212,44 @@ where
                         limits.messages_per_second
                     ));
                 }
-                // A full queue drops the datagram, as a full socket buffer would.
-                let _ = inbound.try_send((addr, data));
+                let data = match msg {
+                    Message::Binary(b) => b,
+                    Message::Close(_) => break Ended::Closed,
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+                    Message::Text(_) => break Ended::Refused("a text message".into()),
+                };
+                if data.len() < MIN_DATAGRAM {
+                    break Ended::Refused(format!(
+                        "a {}-byte message: too small for a QUIC packet",
+                        data.len()
+                    ));
+                }
+                idle_at = now + limits.idle;
+                // A full queue (or this carrier's share of it) drops the datagram, as a full
+                // socket buffer would.
+                if waiting.load(Relaxed) < INBOUND_PER_CARRIER
+                    && inbound.try_send((addr, data, waiting.clone())).is_ok()
+                {
+                    waiting.fetch_add(1, Relaxed);
+                }
             }
             out = outbound.recv() => {
                 let Some(first) = out else { break Ended::Closed };
-                if sink.feed(Message::Binary(first)).await.is_err() {
-                    break Ended::Closed;
-                }
-                // Whatever else is queued goes in the same flush (fewer TLS records).
-                while let Ok(more) = outbound.try_recv() {
-                    if sink.feed(Message::Binary(more)).await.is_err() {
-                        break;
+                let write = async {
+                    sink.feed(Message::Binary(first)).await?;
+                    // Whatever else is queued goes in the same flush (fewer TLS records).
+                    while let Ok(more) = outbound.try_recv() {
+                        sink.feed(Message::Binary(more)).await?;
                     }
-                }
-                if sink.flush().await.is_err() {
-                    break Ended::Closed;
+                    sink.flush().await
+                };
+                match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break Ended::Closed,
+                    Err(_) => break Ended::Refused(format!(
+                        "not reading: nothing it was sent was taken for {}s",
+                        WRITE_TIMEOUT.as_secs()
+                    )),
                 }
             }
         }
@@ -230,12 +259,15 @@ where
         Ended::Idle => (CloseCode::Away, "idle"),
         Ended::Closed => (CloseCode::Normal, ""),
     };
-    let _ = sink
-        .send(Message::Close(Some(CloseFrame {
+    // A peer that does not read does not get to hold the carrier for its close either.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        sink.send(Message::Close(Some(CloseFrame {
             code,
             reason: reason.into(),
-        })))
-        .await;
+        }))),
+    )
+    .await;
     ended
 }
 
@@ -292,7 +324,10 @@ impl quinn::AsyncUdpSocket for Hub {
                 }
             };
             // The hub holds a sender itself, so the queue never closes.
-            let Some((from, data)) = next else { break };
+            let Some((from, data, waiting)) = next else {
+                break;
+            };
+            waiting.fetch_sub(1, Relaxed);
             let len = data.len().min(bufs[n].len());
             bufs[n][..len].copy_from_slice(&data[..len]);
             meta[n] = RecvMeta {

@@ -13,7 +13,7 @@ pub mod client;
 mod hub;
 pub mod server;
 
-pub use hub::{Ended, Hub, Limits};
+pub use hub::{Ended, Hub, Limits, is_carrier_addr};
 
 /// The largest QUIC datagram a carrier carries. QUIC over the carrier is not limited by a path
 /// MTU (TCP carries it), so endpoints on a carrier use larger datagrams than on UDP: fewer
@@ -44,11 +44,14 @@ pub fn tune_transport(t: &mut quinn::TransportConfig) {
         .congestion_controller_factory(std::sync::Arc::new(cubic));
 }
 
-/// The WebSocket settings of a carrier: a message, and a frame, is at most a datagram.
+/// The WebSocket settings of a carrier: a message, and a frame, is at most a datagram, and
+/// the read buffer two of them (the library's 128 KiB default, held by every carrier, would
+/// be most of a carrier's memory).
 pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .max_message_size(Some(MAX_DATAGRAM))
         .max_frame_size(Some(MAX_DATAGRAM))
+        .read_buffer_size(2 * MAX_DATAGRAM)
 }
 
 /// The endpoint settings for an endpoint on a carrier: datagrams up to [`MAX_DATAGRAM`].

@@ -29,6 +29,10 @@ pub trait Routes: Send + Sync + 'static {
     /// The answer to a `GET` of another path, if the gateway serves it (e.g. its public keys);
     /// `None` is a 404.
     fn get(&self, path: &str) -> Option<Response<Full<Bytes>>>;
+    /// Whether a carrier from `peer` may open now; why not, in words (answered 429).
+    fn admit(&self, _peer: SocketAddr) -> Result<(), String> {
+        Ok(())
+    }
     /// A carrier opened from `peer` (the TCP peer, or the client a trusted front end named) is
     /// known to QUIC as `addr`.
     fn opened(&self, addr: SocketAddr, peer: SocketAddr);
@@ -96,6 +100,7 @@ pub async fn serve<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let routes_on_error = routes.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (hub, routes) = (hub.clone(), routes.clone());
         let peer = client.of(&req, peer);
@@ -109,6 +114,22 @@ pub async fn serve<I>(
         .with_upgrades();
     if let Err(e) = conn.await {
         tracing::debug!(%peer, error = %e, "carrier HTTP connection ended");
+        // What hyper answered (or dropped) itself is a refusal too.
+        let refused = if e.is_parse_too_large() {
+            Some((
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "a request head over 16 KiB",
+            ))
+        } else if e.is_parse() {
+            Some((StatusCode::BAD_REQUEST, "not an HTTP/1.1 request"))
+        } else if e.is_timeout() {
+            Some((StatusCode::REQUEST_TIMEOUT, "no request head within 10 s"))
+        } else {
+            None
+        };
+        if let Some((status, why)) = refused {
+            routes_on_error.refused(peer, status, why);
+        }
     }
 }
 
@@ -135,6 +156,14 @@ fn handle(
             None => refuse(StatusCode::NOT_FOUND, "not found"),
         };
     }
+    // A browser's WebSocket always names the page's origin; the agent names none. A page must
+    // not open carriers from the developer's machine (they would count against its limits).
+    if req.headers().contains_key(header::ORIGIN) || req.headers().contains_key("sec-fetch-mode") {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "a browser's request: the carrier is for touchgate's agent only",
+        );
+    }
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
     let upgrade =
         lists(&req, header::CONNECTION, "upgrade") && lists(&req, header::UPGRADE, "websocket");
@@ -157,6 +186,9 @@ fn handle(
             StatusCode::BAD_REQUEST,
             "the carrier speaks one subprotocol, touchgate-quic.v1",
         );
+    }
+    if let Err(why) = routes.admit(peer) {
+        return refuse(StatusCode::TOO_MANY_REQUESTS, &why);
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {

@@ -292,8 +292,26 @@ async fn the_http_side_serves_the_upgrade_and_its_routes_only() {
         huge.starts_with("HTTP/1.1 431") || huge.is_empty(),
         "{huge}"
     );
+    // A browser's WebSocket (it always sends Origin) is refused: a page must not open carriers.
+    let from_a_page = ask(
+        "GET /touchgate/carrier HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: touchgate-quic.v1\r\nOrigin: https://evil.example\r\n\r\n",
+    )
+    .await;
+    assert!(from_a_page.starts_with("HTTP/1.1 403"), "{from_a_page}");
+    let garbage = ask("\x16\x03\x01 not http at all\r\n\r\n").await;
+    assert!(
+        garbage.starts_with("HTTP/1.1 400") || garbage.is_empty(),
+        "{garbage}"
+    );
     let refused = seen.refused.lock().expect("lock").clone();
-    assert_eq!(refused.len(), 4, "each refusal reported: {refused:?}");
+    let statuses: Vec<u16> = refused.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        statuses,
+        [426, 405, 404, 400, 431, 403, 400],
+        "each refusal reported, hyper's own too: {refused:?}"
+    );
 }
 
 #[tokio::test]
@@ -335,4 +353,100 @@ async fn the_client_is_the_tcp_peer_unless_the_front_end_is_trusted_to_name_it()
     .await;
     let _c = upgrade(addr).await;
     assert_eq!(opened(seen).await, "203.0.113.9:0".parse().expect("addr"));
+}
+
+/// A carrier on one end of an in-memory pipe, the other end a WebSocket client.
+async fn piped(
+    limits: Limits,
+) -> (
+    Arc<Hub>,
+    SocketAddr,
+    tokio::task::JoinHandle<Ended>,
+    tokio_tungstenite::WebSocketStream<tokio::io::DuplexStream>,
+) {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let hub = Hub::new();
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        ours,
+        Role::Server,
+        Some(touchgate_carrier::ws_config()),
+    )
+    .await;
+    let (addr, run) = hub.attach(ws, limits);
+    let peer =
+        tokio_tungstenite::WebSocketStream::from_raw_socket(theirs, Role::Client, None).await;
+    (hub, addr, tokio::spawn(run), peer)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_stops_reading_is_ended_instead_of_holding_the_carrier() {
+    use quinn::AsyncUdpSocket as _;
+    let (hub, addr, run, _peer_never_reads) = piped(Limits::default()).await;
+    // QUIC sends to the carrier far more than the pipe holds; nobody reads the other end.
+    let datagram = [7u8; 1200];
+    for _ in 0..200 {
+        hub.try_send(&quinn::udp::Transmit {
+            destination: addr,
+            ecn: None,
+            contents: &datagram,
+            segment_size: None,
+            src_ip: None,
+        })
+        .expect("send");
+        tokio::task::yield_now().await;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("ended in time")
+        .expect("join");
+    assert!(
+        matches!(&ended, Ended::Refused(why) if why.contains("not reading")),
+        "{ended:?}"
+    );
+    assert_eq!(hub.carriers(), 0, "the carrier is gone from the hub");
+}
+
+#[tokio::test(start_paused = true)]
+async fn pings_neither_keep_a_carrier_alive_nor_escape_the_rate() {
+    let limits = Limits {
+        idle: Duration::from_secs(1),
+        messages_per_second: 100,
+    };
+    // Pings every 400 ms, and no datagram: idle all the same.
+    let (_hub, _addr, run, mut peer) = piped(limits).await;
+    let pinger = tokio::spawn(async move {
+        loop {
+            if peer
+                .send(Message::Ping(Bytes::from_static(b"hi")))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+    });
+    let ended = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("ended")
+        .expect("join");
+    assert_eq!(ended, Ended::Idle);
+    pinger.abort();
+    // A flood of pings is a flood.
+    let (_hub, _addr, run, mut peer) = piped(limits).await;
+    for _ in 0..500 {
+        if peer.feed(Message::Ping(Bytes::new())).await.is_err() {
+            break;
+        }
+    }
+    let _ = peer.flush().await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("ended")
+        .expect("join");
+    assert!(
+        matches!(&ended, Ended::Refused(why) if why.contains("messages in a second")),
+        "{ended:?}"
+    );
 }

@@ -33,6 +33,8 @@ pub(crate) struct Carriers {
     pub(crate) hub: Arc<Hub>,
     /// The TCP peer of each carrier, by the address QUIC knows it by.
     peers: Mutex<HashMap<SocketAddr, SocketAddr>>,
+    /// Carrier connections open, over every listener ([`MAX_CARRIERS`]).
+    open: Arc<tokio::sync::Semaphore>,
 }
 
 impl Carriers {
@@ -40,24 +42,55 @@ impl Carriers {
         Self {
             hub: Hub::new(),
             peers: Mutex::default(),
+            open: Arc::new(tokio::sync::Semaphore::new(MAX_CARRIERS)),
         }
     }
 
-    /// The real peer behind `addr`: the TCP peer of a carrier, or `addr` itself (UDP).
-    pub(crate) fn peer_of(&self, addr: SocketAddr) -> SocketAddr {
-        self.peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&addr)
-            .copied()
-            .unwrap_or(addr)
+    /// The real peer behind `addr`: the TCP peer of a carrier, or `addr` itself (UDP);
+    /// `None` for a carrier's address whose carrier has ended (nobody to answer, nobody to
+    /// count it against).
+    pub(crate) fn peer_of(&self, addr: SocketAddr) -> Option<SocketAddr> {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        match peers.get(&addr) {
+            Some(peer) => Some(*peer),
+            None if touchgate_carrier::is_carrier_addr(addr) => None,
+            None => Some(addr),
+        }
+    }
+
+    /// The peer of a connection for logs and the audit: [`Carriers::peer_of`], else `addr`.
+    pub(crate) fn shown_peer(&self, addr: SocketAddr) -> SocketAddr {
+        self.peer_of(addr).unwrap_or(addr)
+    }
+
+    /// How many carriers are open from `ip`.
+    fn open_from(&self, ip: std::net::IpAddr) -> usize {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.values().filter(|p| p.ip() == ip).count()
     }
 }
 
 /// The carrier's HTTP side, answered by the gateway.
 struct GatewayRoutes(Arc<Gateway>);
 
+/// Carriers open at once on one gateway, over every listener; more are closed at once.
+const MAX_CARRIERS: usize = 20_000;
+/// Carriers open at once from one source address (a developer's machine, or an office behind
+/// one NAT); more are refused with 429.
+const MAX_CARRIERS_PER_SOURCE: usize = 512;
+
 impl Routes for GatewayRoutes {
+    fn admit(&self, peer: SocketAddr) -> Result<(), String> {
+        let open = self.0.carriers.open_from(peer.ip());
+        if open >= MAX_CARRIERS_PER_SOURCE {
+            return Err(format!(
+                "{open} carriers are open from {} already (at most {MAX_CARRIERS_PER_SOURCE})",
+                peer.ip()
+            ));
+        }
+        Ok(())
+    }
+
     fn get(&self, path: &str) -> Option<Response<Full<Bytes>>> {
         (path == "/.well-known/jwks.json").then(|| {
             let mut r = Response::new(Full::new(Bytes::from(self.0.signer.jwks().to_string())));
@@ -119,8 +152,10 @@ impl Gateway {
     /// The QUIC endpoint every carrier feeds: the gateway's certificate and keys, as the UDP
     /// endpoint, with the carrier's larger datagrams.
     pub fn carrier_endpoint(&self) -> Result<quinn::Endpoint, GatewayError> {
-        let server = self.quic_server_config(touchgate_carrier::tune_transport)?;
-        let mut config = self.endpoint_config();
+        let mut server = self.quic_server_config(touchgate_carrier::tune_transport)?;
+        // An agent never moves a connection from one carrier to another: it opens a new one.
+        server.migration(false);
+        let mut config = self.endpoint_config_for(b"touchgate carrier endpoint");
         let _ = config.max_udp_payload_size(touchgate_carrier::MAX_DATAGRAM as u16);
         let runtime = quinn::default_runtime().ok_or_else(|| GatewayError::Listen {
             addr: "carrier".into(),
@@ -154,6 +189,7 @@ impl Gateway {
         };
         let routes: Arc<dyn Routes> = Arc::new(GatewayRoutes(self.clone()));
         let limits = Limits::default();
+        let open = self.carriers.open.clone();
         // A front end's word on the client only on the plain listener behind it.
         let client = if !tls && self.cfg.listen_ws_trusts_x_forwarded_for {
             ClientAddr::LastForwardedFor
@@ -161,13 +197,25 @@ impl Gateway {
             ClientAddr::Peer
         };
         loop {
-            let Ok((tcp, peer)) = listener.accept().await else {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait rather than spin.
+                    tracing::warn!(error = %e, "cannot accept a carrier connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = open.clone().try_acquire_owned() else {
+                self.refuse_tls(peer, format!("{MAX_CARRIERS} carriers are open already"));
                 continue;
             };
             let _ = tcp.set_nodelay(true);
+            let gw = self.clone();
             let (hub, routes, acceptor) =
                 (self.carriers.hub.clone(), routes.clone(), acceptor.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 match acceptor {
                     Some(a) => match tokio::time::timeout(
                         touchgate_carrier::server::HEAD_TIMEOUT,
@@ -179,14 +227,28 @@ impl Gateway {
                             touchgate_carrier::server::serve(tls, peer, client, hub, limits, routes)
                                 .await
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "carrier TLS failed"),
-                        Err(_) => tracing::debug!(%peer, "carrier TLS handshake too slow"),
+                        Ok(Err(e)) => gw.refuse_tls(peer, format!("TLS failed: {e}")),
+                        Err(_) => gw.refuse_tls(peer, "no TLS handshake within 10 s".into()),
                     },
                     None => {
                         touchgate_carrier::server::serve(tcp, peer, client, hub, limits, routes)
                             .await
                     }
                 }
+            });
+        }
+    }
+
+    /// A carrier connection closed before its HTTP side, audited (under the per-source limit
+    /// on refusal lines).
+    fn refuse_tls(&self, peer: SocketAddr, why: String) {
+        tracing::debug!(%peer, %why, "carrier connection refused");
+        if self.audit.allow_refusal(Some(peer)) {
+            self.audit.record(AuditEvent {
+                peer: Some(peer.to_string()),
+                outcome: Some("carrier_refused".into()),
+                reason: Some(format!("carrier: {why}")),
+                ..AuditEvent::new(AuditKind::ConnectionRefused)
             });
         }
     }

@@ -39,8 +39,8 @@ pub struct GatewayConfig {
     /// UDP address of the QUIC tunnel endpoint.
     pub listen: SocketAddr,
     /// TCP address serving the carrier (QUIC in WebSocket messages) over plain HTTP, for a
-    /// gateway behind a front end that terminates TLS (Cloud Run); `$PORT`, when set, sets it
-    /// to `0.0.0.0:$PORT`. The carrier with TLS is always on TCP at `listen`.
+    /// gateway behind a front end that terminates TLS (Cloud Run); when it is not set, `$PORT`
+    /// (when set) means `0.0.0.0:$PORT`. The carrier with TLS is always on TCP at `listen`.
     #[serde(default)]
     pub listen_ws: Option<SocketAddr>,
     /// Take a carrier's client at `listen_ws` from the address its front end put last in

@@ -225,16 +225,27 @@ impl Gateway {
 
     /// The endpoint settings every QUIC endpoint of the gateway shares.
     fn endpoint_config(&self) -> quinn::EndpointConfig {
+        Self::endpoint_config_with(&self.reset_key)
+    }
+
+    /// [`Gateway::endpoint_config`] under keys derived for `purpose` (the carrier's endpoint):
+    /// a connection ID seen on one endpoint then gets no stateless reset from the other.
+    fn endpoint_config_for(&self, purpose: &[u8]) -> quinn::EndpointConfig {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.reset_key);
+        Self::endpoint_config_with(ring::hmac::sign(&key, purpose).as_ref())
+    }
+
+    fn endpoint_config_with(reset_key: &[u8]) -> quinn::EndpointConfig {
         // Stateless resets use a key kept in the database: a restarted (or killed and
         // restarted) gateway can then tell agents at once that their old connection is gone,
         // instead of leaving them to wait for their idle timeout.
         // Connection IDs carry a check value under a key that must survive the restart too,
         // or the new gateway drops the old connection's packets as invalid instead of
         // resetting them.
-        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.reset_key);
-        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(key));
         let mut cid_key = [0u8; 8];
-        cid_key.copy_from_slice(&self.reset_key[..8]);
+        cid_key.copy_from_slice(&reset_key[..8]);
         let cid_key = u64::from_le_bytes(cid_key);
         endpoint_config.cid_generator(move || {
             Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))

@@ -499,14 +499,16 @@ async fn serve_carrier(gw: Arc<Gateway>, listener: tokio::net::TcpListener, tls:
 
 async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
     let listen = cfg.listen;
-    // Cloud Run's convention: the port to serve on comes in `$PORT`.
-    let listen_ws = match std::env::var("PORT") {
-        Ok(p) => Some(SocketAddr::from((
+    // Cloud Run's convention: the port to serve on comes in `$PORT` — unless the config names
+    // `listen_ws` itself (a `PORT` set for something else must not open a public listener).
+    let listen_ws = match (cfg.listen_ws, std::env::var("PORT")) {
+        (Some(addr), _) => Some(addr),
+        (None, Ok(p)) => Some(SocketAddr::from((
             [0, 0, 0, 0],
             p.parse::<u16>()
                 .with_context(|| format!("PORT={p} is not a port number"))?,
         ))),
-        Err(_) => cfg.listen_ws,
+        (None, Err(_)) => None,
     };
     let admin_listen = cfg.admin_listen;
     let scim_listen = cfg.scim.as_ref().map(|s| (s.listen, s.scheme()));

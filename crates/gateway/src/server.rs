@@ -96,7 +96,10 @@ impl Gateway {
     async fn accept_loop(self: Arc<Self>, endpoint: quinn::Endpoint, shards: &Shards) {
         while let Some(incoming) = endpoint.accept().await {
             // Over the carrier, the TCP peer (QUIC sees an address the hub made).
-            let peer = self.carriers.peer_of(incoming.remote_address());
+            let Some(peer) = self.carriers.peer_of(incoming.remote_address()) else {
+                incoming.ignore();
+                continue;
+            };
             let ip = peer.ip();
             if !self
                 .limiter
@@ -136,7 +139,7 @@ impl Gateway {
     }
 
     async fn handle_connection(self: Arc<Self>, conn: quinn::Connection, id: u64) {
-        let peer = self.carriers.peer_of(conn.remote_address());
+        let peer = self.carriers.shown_peer(conn.remote_address());
         let Some(thumb) = peer_thumbprint(&conn) else {
             conn.close(
                 touchgate_proto::close::UNUSABLE.into(),

@@ -177,3 +177,83 @@ async fn quic_reaches_the_gateway_through_a_carrier_and_abuse_is_audited() {
     );
     drop(gw);
 }
+
+/// The audit lines of `dir`'s gateway with `words` in them, waiting a little for them.
+async fn audited(dir: &Path, words: &str) -> Vec<String> {
+    for _ in 0..200 {
+        let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap_or_default();
+        let found: Vec<String> = audit
+            .lines()
+            .filter(|l| l.contains(words))
+            .map(str::to_owned)
+            .collect();
+        if !found.is_empty() {
+            return found;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    Vec::new()
+}
+
+#[tokio::test]
+async fn too_many_carriers_from_one_source_and_failed_tls_are_refused_and_audited() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (gw, addr) = gateway(dir.path()).await;
+    // Not TLS at all: audited.
+    let mut plain = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    plain
+        .write_all(b"GET /touchgate/carrier HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let tls_failed = audited(dir.path(), "carrier: TLS failed").await;
+    assert!(
+        tls_failed
+            .iter()
+            .any(|l| l.contains("carrier_refused") && l.contains("127.0.0.1:")),
+        "{tls_failed:?}"
+    );
+    // As many carriers open from 127.0.0.1 as one source may have.
+    {
+        let mut peers = gw.carriers.peers.lock().expect("lock");
+        for n in 0..MAX_CARRIERS_PER_SOURCE as u16 {
+            peers.insert(
+                SocketAddr::from((
+                    std::net::Ipv6Addr::new(0xfd74, 0x6763, 9, 9, 0, 0, 0, n),
+                    443,
+                )),
+                SocketAddr::from(([127, 0, 0, 1], 40000 + n)),
+            );
+        }
+    }
+    let mut s = tls(dir.path(), addr).await;
+    s.write_all(
+        format!(
+            "GET {} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Protocol: {}\r\n\r\n",
+            touchgate_carrier::PATH,
+            touchgate_carrier::SUBPROTOCOL
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.expect("answer");
+    assert_eq!(&head, b"HTTP/1.1 429");
+    let refused = audited(dir.path(), "http_429").await;
+    assert!(
+        refused
+            .iter()
+            .any(|l| l.contains("512 carriers are open from 127.0.0.1")),
+        "{refused:?}"
+    );
+    // A carrier's address whose carrier is gone counts against nobody, and is not served.
+    let gone = SocketAddr::from((
+        std::net::Ipv6Addr::new(0xfd74, 0x6763, 0, 0, 0, 0, 7, 7),
+        443,
+    ));
+    assert_eq!(gw.carriers.peer_of(gone), None);
+    let udp: SocketAddr = "192.0.2.1:4433".parse().expect("addr");
+    assert_eq!(gw.carriers.peer_of(udp), Some(udp));
+}

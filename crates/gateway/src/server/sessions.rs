@@ -265,7 +265,7 @@ impl Gateway {
                     user: Some(claims.sub.clone()),
                     session: Some(claims.jti.clone()),
                     conn: Some(conn_id),
-                    peer: Some(self.carriers.peer_of(conn.remote_address()).to_string()),
+                    peer: Some(self.carriers.shown_peer(conn.remote_address()).to_string()),
                     ..AuditEvent::new(event)
                 });
             }
