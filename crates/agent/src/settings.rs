@@ -448,12 +448,20 @@ fn merge(mut user: toml::Table, managed: Option<toml::Table>) -> (toml::Table, B
     (user, locked)
 }
 
+/// Writes the user's file in one step, readable by its owner only: it may hold a proxy's
+/// password (`proxy = "http://user:password@…"`).
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, bytes)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    std::io::Write::write_all(&mut options.open(&tmp)?, bytes)?;
+    #[cfg(unix)]
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     std::fs::rename(&tmp, path)
 }
 
@@ -769,6 +777,32 @@ mod tests {
         for key in ["name", "local_port", "allowed_hosts", "allowed_origins"] {
             assert!(item.get(key).is_some(), "the schema's service lacks {key}");
         }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_saved_file_is_for_its_owner_only_as_it_may_hold_a_proxy_password() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let (_dir, paths) = layers(
+            &format!(
+                "gateway = \"gw.example.com:4433\"\nuser = \"alice\"\ngateway_cert_sha256 = \"{PIN}\"\n"
+            ),
+            None,
+        );
+        let l = Layered::load(&paths).expect("load");
+        let mut s = l.view().values;
+        s.proxy = "http://alice:s3cret@proxy.example.com:3128".into();
+        l.save(&s).expect("save");
+        let mode = std::fs::metadata(&paths.user)
+            .expect("file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        assert!(
+            std::fs::read_to_string(&paths.user)
+                .expect("read")
+                .contains("proxy = \"http://alice:s3cret@proxy.example.com:3128\"")
+        );
     }
 
     #[test]
