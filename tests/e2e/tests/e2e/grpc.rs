@@ -11,6 +11,7 @@ use std::{
 };
 
 use touchgate_agent::RunningAgent;
+use touchgate_agent::config::Transport;
 use touchgate_e2e::enrolled;
 use touchgate_testkit::lab::{Lab, LabOptions};
 
@@ -93,6 +94,18 @@ async fn a_grpcio_client_reaches_a_grpcio_server_through_the_tunnel() -> anyhow:
     every_call_works(
         &format!("upstream = \"http://127.0.0.1:{}\"", server.port),
         None,
+        Transport::Auto,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_grpcio_client_reaches_a_grpcio_server_over_the_tcp_carrier_too() -> anyhow::Result<()> {
+    let server = GrpcServer::start(None)?;
+    every_call_works(
+        &format!("upstream = \"http://127.0.0.1:{}\"", server.port),
+        None,
+        Transport::Tcp,
     )
     .await
 }
@@ -112,13 +125,19 @@ async fn a_grpcio_server_over_tls_behind_a_company_ca_is_reached_too() -> anyhow
             server.port
         ),
         Some(&ca.ca_pem),
+        Transport::Auto,
     )
     .await
 }
 
 /// Points `api` at the gRPC server with `upstream` (TOML lines), writes `ca_pem` beside the
-/// gateway config, and checks every kind of call through the agent's port.
-async fn every_call_works(upstream: &str, ca_pem: Option<&str>) -> anyhow::Result<()> {
+/// gateway config, and checks every kind of call through the agent's port, the agent reaching
+/// the gateway over `transport`.
+async fn every_call_works(
+    upstream: &str,
+    ca_pem: Option<&str>,
+    transport: Transport,
+) -> anyhow::Result<()> {
     let mut lab = Lab::start(LabOptions::default()).await?;
     if let Some(pem) = ca_pem {
         std::fs::write(lab.dir.path().join("company-ca.pem"), pem)?;
@@ -129,8 +148,13 @@ async fn every_call_works(upstream: &str, ca_pem: Option<&str>) -> anyhow::Resul
         &format!("name = \"api\"\nkind = \"http\"\n{upstream}"),
     )
     .await?;
-    let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    let (mut cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    cfg.transport = transport;
     let agent = RunningAgent::start(cfg, authn).await?;
+    assert_eq!(
+        agent.transport().is_some_and(|t| t.starts_with("TCP")),
+        transport == Transport::Tcp
+    );
     let api = agent.local_addr("api").expect("api");
 
     let seen = client(format!("127.0.0.1:{}", api.port())).await?;
