@@ -213,14 +213,17 @@ describe("touchgate windows", () => {
       settings: settings(["proxy"], "/etc/touchgate/managed.toml"),
     });
     assert.equal(await w.page.getByTestId("transport").innerText(), tcp);
+    await w.page.screenshot({ path: join(shots, "status-over-tcp.png"), fullPage: true });
     assert.equal(await w.page.getByTestId("state").innerText(), "Connected as alice@example.com over TCP — 3 h 10 min left");
     await w.page.evaluate(() => window.__emit("touchgate://navigate", "signin"));
     await w.page.getByText(`Connected over ${tcp}. Services work as usual; QUIC is tried again now and then.`).waitFor();
+    await w.page.screenshot({ path: join(shots, "signin-over-tcp.png"), fullPage: true });
     await w.page.evaluate(() => window.__emit("touchgate://navigate", "settings"));
     const transport = w.page.locator("#f-transport");
     await transport.waitFor();
     assert.equal(await transport.inputValue(), "auto");
     assert.equal(await w.page.locator("#f-proxy").isDisabled(), true, "the organisation set the proxy");
+    await w.page.screenshot({ path: join(shots, "settings-network.png"), fullPage: true });
     await transport.selectOption("tcp");
     await w.page.getByRole("button", { name: "Save" }).click();
     const [save] = await requests(w);

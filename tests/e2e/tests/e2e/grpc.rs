@@ -10,8 +10,7 @@ use std::{
     time::Duration,
 };
 
-use touchgate_agent::RunningAgent;
-use touchgate_agent::config::Transport;
+use touchgate_agent::{RunningAgent, config::Transport};
 use touchgate_e2e::enrolled;
 use touchgate_testkit::lab::{Lab, LabOptions};
 
