@@ -28,6 +28,10 @@ pub async fn run(once: bool, port: u16) -> anyhow::Result<std::process::ExitCode
         lab.quic_addr,
         &lab.fingerprint[..16]
     );
+    println!(
+        "               the same over TCP at tcp/{} (TLS), for networks that drop UDP",
+        lab.carrier_addr()
+    );
     println!("               admin http://{}/metrics", lab.admin_addr);
     println!(
         "  metadata     {} (mints Google-style ID tokens)",
@@ -69,6 +73,9 @@ pub async fn run(once: bool, port: u16) -> anyhow::Result<std::process::ExitCode
             "  signed in    one touch, session bound to this agent's in-memory key for {}",
             touchgate_agent::controller::time_left(s.expires_at, touchgate_agent::unix_now())
         );
+    }
+    if let Some(transport) = agent.transport() {
+        println!("  connected    over {transport}");
     }
     println!("\n  service api on http://{addr}\n");
     println!("  try it:  curl -s http://{addr}/hello\n");

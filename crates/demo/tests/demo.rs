@@ -27,4 +27,9 @@ fn demo_once_makes_a_real_request_through_the_tunnel_and_exits_zero() {
         "{stdout}"
     );
     assert!(stdout.contains("curl -s http://127.0.0.1:"), "{stdout}");
+    assert!(stdout.contains("  connected    over QUIC\n"), "{stdout}");
+    assert!(
+        stdout.contains("(TLS), for networks that drop UDP"),
+        "{stdout}"
+    );
 }
