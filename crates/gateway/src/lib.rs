@@ -20,6 +20,7 @@ pub mod limits;
 pub mod metrics;
 pub mod oidc;
 pub mod proxy;
+pub mod report;
 pub mod rp;
 pub mod scim;
 pub mod server;

@@ -1,5 +1,6 @@
 //! `touchgate-gateway`: run the gateway; manage users (invite, list, revoke, disable, enable,
-//! remove) beside a serving gateway on the same database; make development certificates.
+//! remove) beside a serving gateway on the same database; report on access from the audit log;
+//! make development certificates.
 
 /// mimalloc: the proxy allocates and frees many small buffers per request; glibc malloc took
 /// ~10% of the gateway's CPU under 64-connection load. (Not in the agent: it raised the agent's
@@ -14,6 +15,7 @@ use clap::{Parser, Subcommand};
 use touchgate_gateway::{
     Gateway, GatewayConfig,
     audit::{AuditEvent, AuditKind, AuditLog},
+    report,
     store::{Store, StoreError},
     tls, users,
 };
@@ -118,6 +120,10 @@ enum Cmd {
         #[arg(long, env = "TOUCHGATE_GATEWAY_CONFIG")]
         config: PathBuf,
     },
+    /// Who used which service in a period, with which keys and delegates, and what was refused,
+    /// from the audit log (its rotated and gzipped files included); with --access-review, every
+    /// user's grants and whether they were used.
+    Report(ReportArgs),
     /// Write a self-signed certificate and key for development (DIR/cert.pem, DIR/key.pem);
     /// prints the SHA-256 fingerprint as the last line.
     GenCert {
@@ -130,11 +136,46 @@ enum Cmd {
     },
 }
 
+/// `report`'s flags.
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// The gateway config file: its `audit_log` is read and, with --access-review, its database
+    /// and services.
+    #[arg(long, env = "TOUCHGATE_GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// An audit log to read instead of the config's (repeatable); its rotated files beside it
+    /// (FILE.1, FILE.2.gz, FILE-20261201) are read too.
+    #[arg(long, value_name = "FILE")]
+    audit: Vec<PathBuf>,
+    /// The start of the period: a duration back from now (7d, 12h) or a UTC time
+    /// (2026-12-01T00:00:00Z, or 2026-12-01).
+    #[arg(long, default_value = "7d", env = "TOUCHGATE_GATEWAY_REPORT_SINCE")]
+    since: report::When,
+    /// The end of the period (not included; default now): a UTC time or a duration back from now.
+    #[arg(long, env = "TOUCHGATE_GATEWAY_REPORT_UNTIL")]
+    until: Option<report::When>,
+    /// Only this user's lines.
+    #[arg(long)]
+    user: Option<String>,
+    /// Only this service's lines.
+    #[arg(long)]
+    service: Option<String>,
+    /// How to write the report.
+    #[arg(long, value_enum, default_value_t = report::Format::Table, env = "TOUCHGATE_GATEWAY_REPORT_FORMAT")]
+    format: report::Format,
+    /// Every user the store knows and every service the config lets them use: what grants it,
+    /// the last use in the period, and whether it went unused.
+    #[arg(long)]
+    access_review: bool,
+}
+
 fn main() -> std::process::ExitCode {
     touchgate_common::init_logging("info");
     let cli = Cli::parse();
-    if let Cmd::Check { config } = &cli.cmd {
-        return check(config);
+    match &cli.cmd {
+        Cmd::Check { config } => return check(config),
+        Cmd::Report(args) => return run_report(args),
+        _ => {}
     }
     // A single-threaded runtime: the QUIC endpoint, the admin endpoint and the connections
     // placed on it; `serve` adds one more such runtime per core for connections (shards).
@@ -217,6 +258,86 @@ fn check(path: &std::path::Path) -> std::process::ExitCode {
     }
 }
 
+/// `report`: exit status 2 for what the command line or the config asks wrongly, as for clap's
+/// own errors; 1 when something fails.
+fn run_report(args: &ReportArgs) -> std::process::ExitCode {
+    match report_text(args) {
+        Ok(text) => {
+            print!("{text}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("touchgate-gateway: error: {e:#}");
+            let usage = e.chain().any(|c| {
+                c.downcast_ref::<report::ReportError>()
+                    .is_some_and(report::ReportError::is_usage)
+            });
+            std::process::ExitCode::from(if usage { 2 } else { 1 })
+        }
+    }
+}
+
+fn report_text(args: &ReportArgs) -> anyhow::Result<String> {
+    use report::ReportError;
+    let now = std::time::SystemTime::now();
+    let period = report::Period::new(args.since.at(now), args.until.map_or(now, |u| u.at(now)))?;
+    let filter = report::Filter {
+        period,
+        user: args.user.clone(),
+        service: args.service.clone(),
+    };
+    let cfg = args
+        .config
+        .as_deref()
+        .map(GatewayConfig::load)
+        .transpose()?;
+    let logs: Vec<PathBuf> = if !args.audit.is_empty() {
+        args.audit.clone()
+    } else {
+        let cfg = cfg.as_ref().ok_or(ReportError::NothingToRead)?;
+        // Where `serve` writes when the environment overrides the config.
+        let log = std::env::var(AUDIT_LOG_ENV)
+            .ok()
+            .filter(|l| !l.is_empty())
+            .or_else(|| cfg.audit_log.clone());
+        match log.as_deref() {
+            None => return Err(ReportError::NoAuditLog("not set").into()),
+            Some("-") => return Err(ReportError::NoAuditLog("\"-\" (standard output)").into()),
+            Some(path) => vec![PathBuf::from(path)],
+        }
+    };
+    let mut files = report::LogFiles::default();
+    for log in &logs {
+        files.extend(report::log_files(log)?);
+    }
+    for f in &files.not_read {
+        eprintln!(
+            "touchgate-gateway: not read: {} (of rotated files, only gzipped ones are read: \
+             decompress it beside the log to include it)",
+            f.display()
+        );
+    }
+    let found = report::read_files(filter, &files.read)?;
+    for m in found.skip_messages() {
+        eprintln!("{m}");
+    }
+    if !args.access_review {
+        return Ok(report::render(&found, args.format)?);
+    }
+    let cfg = cfg.as_ref().ok_or(ReportError::ReviewNeedsConfig)?;
+    let store = Store::open_with(&cfg.database, cfg.database_password_file.as_deref())
+        .with_context(|| format!("cannot open the database {}", cfg.database_shown()))?;
+    let people = store.list_users().context("cannot read the users")?;
+    let groups = store
+        .user_groups(cfg.group_source())
+        .context("cannot read the users' groups")?;
+    let grants = report::access_review(&found, &people, &groups, &cfg.services);
+    Ok(report::render_review(&found, &grants, args.format)?)
+}
+
+/// The environment variable that overrides `audit_log` for `serve` (and so for `report`).
+const AUDIT_LOG_ENV: &str = "TOUCHGATE_GATEWAY_AUDIT_LOG";
+
 /// Fetches the provider's discovery document and keys, and says what it found.
 fn check_oidc(o: touchgate_gateway::config::OidcConfig) -> Result<String, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -232,7 +353,7 @@ fn check_oidc(o: touchgate_gateway::config::OidcConfig) -> Result<String, String
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Check { .. } => unreachable!("handled before the runtime starts"),
+        Cmd::Check { .. } | Cmd::Report(_) => unreachable!("handled before the runtime starts"),
         Cmd::Serve {
             config,
             listen,

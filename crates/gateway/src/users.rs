@@ -249,8 +249,9 @@ fn key_cols(c: &CredentialSummary, models: &ModelNames) -> [String; 4] {
     ]
 }
 
-/// Control characters escaped, so a stored name cannot drive the admin's terminal.
-fn printable(s: &str) -> String {
+/// Control characters escaped, so a stored name (or a line of the audit log) cannot drive the
+/// admin's terminal.
+pub fn printable(s: &str) -> String {
     s.chars()
         .flat_map(|c| {
             let escaped: Vec<char> = if c.is_control() {
