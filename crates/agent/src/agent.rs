@@ -199,6 +199,33 @@ impl RunningAgent {
         browser: crate::idp::Browser,
     ) -> Result<Self, AgentError> {
         let key = SessionKey::generate()?;
+        Self::launch(cfg, authn, key, on_session_end, browser, None).await
+    }
+
+    /// Starts a headless agent on a delegated grant: no security key and no touch. Its
+    /// session is the grant's token, resumed on every connection; when the gateway ends it
+    /// (expired, revoked, the user disabled) the agent stops in [`AgentState::SignedOut`].
+    pub async fn start_delegated(h: crate::delegation::Headless) -> Result<Self, AgentError> {
+        let label = h.grant.grant.label.clone();
+        let authn: SharedAuthn = Arc::new(Mutex::new(Box::new(NoKey(label))));
+        let browser: crate::idp::Browser =
+            Arc::new(|_: &str| Err("a delegated agent signs in with nobody's browser".to_owned()));
+        let crate::delegation::Headless {
+            cfg, key, token, ..
+        } = h;
+        Self::launch(cfg, authn, key, OnSessionEnd::Stop, browser, Some(token)).await
+    }
+
+    /// Binds the ports, starts the session (a sign-in with a touch, or `resume` of a token),
+    /// and serves.
+    async fn launch(
+        cfg: AgentConfig,
+        authn: SharedAuthn,
+        key: SessionKey,
+        on_session_end: OnSessionEnd,
+        browser: crate::idp::Browser,
+        resume: Option<String>,
+    ) -> Result<Self, AgentError> {
         let dialer = Dialer::new(&cfg, &key)?;
         let mut bound = Vec::new();
         for s in &cfg.services {
@@ -227,7 +254,10 @@ impl RunningAgent {
             on_session_end,
             browser,
         });
-        shared.sign_in().await?;
+        match resume {
+            None => shared.sign_in().await?,
+            Some(token) => shared.resume_first(&token).await?,
+        }
         let mut tasks = Vec::new();
         let mut listeners = Vec::new();
         for ((name, l, l6), svc) in bound.into_iter().zip(&shared.cfg.services) {
@@ -409,6 +439,21 @@ impl Shared {
     async fn sign_in(&self) -> Result<(), TunnelError> {
         let tunnel = Tunnel::dial(&self.dialer, &self.cfg, self.order).await?;
         self.login_on(tunnel).await
+    }
+
+    /// Starts on a session token made elsewhere (a delegated grant's).
+    async fn resume_first(&self, token: &str) -> Result<(), TunnelError> {
+        let tunnel = Tunnel::dial(&self.dialer, &self.cfg, self.order).await?;
+        match tunnel.resume(token).await {
+            Ok(session) => {
+                self.live(tunnel, session).await;
+                Ok(())
+            }
+            Err(e) => {
+                tunnel.close(b"refused").await;
+                Err(e)
+            }
+        }
     }
 
     fn key_name(&self) -> String {
@@ -743,6 +788,33 @@ fn closed_as_disabled(reason: &quinn::ConnectionError) -> bool {
         if c.error_code == touchgate_proto::close::ACCOUNT_DISABLED.into()
             // A gateway from before the close codes said it in words only.
             || String::from_utf8_lossy(&c.reason).contains(DISABLED_CLOSE))
+}
+
+/// The authenticator of a delegated agent: there is no key, and nothing asks for one (its
+/// session ends instead of signing in again).
+struct NoKey(String);
+
+impl crate::authenticator::Authenticator for NoKey {
+    fn describe(&self) -> String {
+        format!("the delegated grant {:?} (no security key)", self.0)
+    }
+
+    fn register(
+        &mut self,
+        _: &webauthn_rs_proto::PublicKeyCredentialCreationOptions,
+        _: &[u8],
+    ) -> Result<webauthn_rs_proto::RegisterPublicKeyCredential, crate::authenticator::AuthnError>
+    {
+        Err(crate::authenticator::AuthnError::NoDevice)
+    }
+
+    fn authenticate(
+        &mut self,
+        _: &webauthn_rs_proto::PublicKeyCredentialRequestOptions,
+        _: &[u8],
+    ) -> Result<webauthn_rs_proto::PublicKeyCredential, crate::authenticator::AuthnError> {
+        Err(crate::authenticator::AuthnError::NoDevice)
+    }
 }
 
 fn connected_state(session: &SessionInfo, tunnel: &Tunnel) -> AgentState {

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod authenticator;
 pub mod config;
 pub mod controller;
+pub mod delegation;
 pub mod idp;
 pub mod peer;
 pub mod settings;
@@ -48,19 +49,19 @@ pub fn shared_authenticator(
 
 /// A connection for one request (an enrolment), over QUIC or the TCP carrier as the config
 /// says, closed cleanly afterwards.
-struct OneOff {
-    tunnel: tunnel::Tunnel,
+pub(crate) struct OneOff {
+    pub(crate) tunnel: tunnel::Tunnel,
 }
 
 impl OneOff {
-    async fn open(cfg: &AgentConfig) -> Result<Self, tunnel::TunnelError> {
+    pub(crate) async fn open(cfg: &AgentConfig) -> Result<Self, tunnel::TunnelError> {
         let key = tunnel::SessionKey::generate()?;
         let dialer = tunnel::Dialer::new(cfg, &key)?;
         let tunnel = tunnel::Tunnel::dial(&dialer, cfg, tunnel::Order::random()).await?;
         Ok(Self { tunnel })
     }
 
-    async fn close(self) {
+    pub(crate) async fn close(self) {
         self.tunnel.close(b"done").await;
     }
 }

@@ -137,24 +137,38 @@ pub struct SessionKey {
 impl SessionKey {
     /// Makes a new session key.
     pub fn generate() -> Result<Self, TunnelError> {
-        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| TunnelError::Tls(e.to_string()))?;
-        let params = rcgen::CertificateParams::new(vec!["touchgate-session".to_owned()])
-            .map_err(|e| TunnelError::Tls(e.to_string()))?;
-        let cert = params
-            .self_signed(&kp)
-            .map_err(|e| TunnelError::Tls(e.to_string()))?;
+        let (cert, kp) = self_signed("touchgate-session").map_err(TunnelError::Tls)?;
         Ok(Self {
             cert: cert.der().clone(),
             key_pkcs8: kp.serialize_der(),
         })
     }
 
+    /// A session key from a certificate and its private key (PKCS#8 DER): a delegate's.
+    pub fn from_parts(cert: CertificateDer<'static>, key_pkcs8: Vec<u8>) -> Self {
+        Self { cert, key_pkcs8 }
+    }
+
     /// The certificate's thumbprint as the gateway's `cnf` claim names it.
     pub fn thumbprint(&self) -> String {
-        use base64::Engine;
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(&self.cert))
+        cert_thumbprint(&self.cert)
     }
+}
+
+/// A fresh P-256 key and a self-signed certificate for it, named `name`.
+pub(crate) fn self_signed(name: &str) -> Result<(rcgen::Certificate, rcgen::KeyPair), String> {
+    let kp =
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+    let params = rcgen::CertificateParams::new(vec![name.to_owned()]).map_err(|e| e.to_string())?;
+    let cert = params.self_signed(&kp).map_err(|e| e.to_string())?;
+    Ok((cert, kp))
+}
+
+/// A certificate's thumbprint as the gateway's `cnf` claim names it: base64url SHA-256 of its
+/// DER.
+pub fn cert_thumbprint(cert_der: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(cert_der))
 }
 
 /// Builds a QUIC client endpoint whose connections present `key` and verify the gateway as the

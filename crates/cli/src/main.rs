@@ -2,6 +2,7 @@
 //! ask a running agent for its status, or change the settings. The demo is a program of its own
 //! (`crates/demo`), so that this binary links no test fake and no gateway.
 
+mod delegate;
 mod prompt;
 
 use std::path::PathBuf;
@@ -48,11 +49,71 @@ enum Cmd {
         #[command(flatten)]
         pin: PinArgs,
     },
-    /// Sign in with one touch and serve every configured service on 127.0.0.1 until Ctrl-C.
+    /// Sign in with one touch and serve every configured service on 127.0.0.1 until Ctrl-C;
+    /// with --delegation, serve a delegated grant's services instead, without a key.
     Up {
+        /// The agent config file (default: the platform config folder's agent.toml).
+        #[arg(long, env = "TOUCHGATE_CONFIG", conflicts_with = "delegation")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        pin: PinArgs,
+        #[command(flatten)]
+        grant: GrantArgs,
+    },
+    /// Run a command with a delegated grant's services on localhost: exports
+    /// TOUCHGATE_<SERVICE>_URL for each, and ends the tunnels when the command exits.
+    Run {
+        #[command(flatten)]
+        grant: GrantArgs,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Grant a script, CI job or AI agent narrow, expiring access of yours, with one touch:
+    /// writes FILE (mode 0600) for `touchgate up --delegation FILE` or `touchgate run`.
+    Delegate {
         /// The agent config file (default: the platform config folder's agent.toml).
         #[arg(long, env = "TOUCHGATE_CONFIG")]
         config: Option<PathBuf>,
+        /// The services granted, comma-separated.
+        #[arg(long = "service", value_delimiter = ',', required = true)]
+        services: Vec<String>,
+        /// How long the grant lasts (the gateway caps it: 8h unless its admin says otherwise).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// Who it is for, in words: the upstream sees it in X-Touchgate-Delegate.
+        #[arg(long)]
+        name: Option<String>,
+        /// HTTP methods allowed, comma-separated (default: any).
+        #[arg(long, value_delimiter = ',')]
+        methods: Vec<String>,
+        /// A path prefix allowed, e.g. /v1/ (repeat for more; default: any path).
+        #[arg(long = "path-prefix")]
+        path_prefixes: Vec<String>,
+        /// Grant to a key made elsewhere (`touchgate delegation-key` on the delegate's
+        /// machine): its certificate file. FILE then holds no private key.
+        #[arg(long)]
+        for_key: Option<PathBuf>,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+    /// Make a delegate's own key: NAME.key (mode 0600) stays with the delegate, NAME.crt goes to
+    /// whoever grants it access (`touchgate delegate --for-key NAME.crt`).
+    DelegationKey {
+        /// NAME (the files are NAME.key and NAME.crt).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// List your delegated grants (one touch), or revoke one.
+    Delegations {
+        /// The agent config file (default: the platform config folder's agent.toml).
+        #[arg(long, env = "TOUCHGATE_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: Option<DelegationsCmd>,
         #[command(flatten)]
         pin: PinArgs,
     },
@@ -79,6 +140,29 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
         args: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum DelegationsCmd {
+    /// End a grant within seconds, by its id or label.
+    Revoke {
+        /// The grant's id or label.
+        id: String,
+    },
+}
+
+/// A delegated grant to run on.
+#[derive(clap::Args)]
+struct GrantArgs {
+    /// The file `touchgate delegate` wrote.
+    #[arg(long, env = "TOUCHGATE_DELEGATION")]
+    delegation: Option<PathBuf>,
+    /// The delegate's key file, when the grant was made for a key held here (--for-key).
+    #[arg(long, requires = "delegation")]
+    key: Option<PathBuf>,
+    /// A service's local port, SERVICE=PORT (repeat; default: a free port each).
+    #[arg(long = "port", value_parser = delegate::parse_port, requires = "delegation")]
+    ports: Vec<(String, u16)>,
 }
 
 #[derive(Subcommand)]
@@ -158,6 +242,16 @@ fn load_config(path: Option<PathBuf>) -> anyhow::Result<AgentConfig> {
     Ok(Layered::load(&config_paths(path)?)?.config()?)
 }
 
+/// The config and its (enrolled) key, for commands that ask for a touch.
+fn with_key(
+    path: Option<PathBuf>,
+    pin: &PinArgs,
+) -> anyhow::Result<(AgentConfig, touchgate_agent::SharedAuthn)> {
+    let cfg = load_config(path)?;
+    let authn = shared_authenticator(&cfg, false, pin.prompter())?;
+    Ok((cfg, authn))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.cmd {
         Cmd::Enroll {
@@ -167,7 +261,53 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             device,
             pin,
         } => enroll(load_config(config)?, code, org, device, pin).await,
-        Cmd::Up { config, pin } => up(config_paths(config)?, pin.prompter()).await,
+        Cmd::Up {
+            grant:
+                GrantArgs {
+                    delegation: Some(file),
+                    key,
+                    ports,
+                },
+            ..
+        } => delegate::up(file, key, ports).await,
+        Cmd::Up { config, pin, .. } => up(config_paths(config)?, pin.prompter()).await,
+        Cmd::Run { grant, cmd } => {
+            let file = grant
+                .delegation
+                .context("touchgate run needs --delegation FILE (or TOUCHGATE_DELEGATION)")?;
+            delegate::run(file, grant.key, grant.ports, cmd).await
+        }
+        Cmd::Delegate {
+            config,
+            services,
+            ttl,
+            name,
+            methods,
+            path_prefixes,
+            for_key,
+            out,
+            pin,
+        } => {
+            let (cfg, authn) = with_key(config, &pin)?;
+            delegate::delegate(
+                cfg,
+                authn,
+                services,
+                ttl,
+                name,
+                methods,
+                path_prefixes,
+                for_key,
+                out,
+            )
+            .await
+        }
+        Cmd::DelegationKey { out } => delegate::delegation_key(out),
+        Cmd::Delegations { config, cmd, pin } => {
+            let (cfg, authn) = with_key(config, &pin)?;
+            let revoke = cmd.map(|DelegationsCmd::Revoke { id }| id);
+            delegate::delegations(cfg, authn, revoke).await
+        }
         Cmd::Config { config, cmd } => config_cmd(config_paths(config)?, cmd),
         Cmd::Keys => keys(),
         Cmd::Status { config } => {

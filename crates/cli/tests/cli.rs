@@ -313,3 +313,148 @@ async fn up_stops_with_a_non_zero_exit_when_the_account_is_disabled() {
         "{err}"
     );
 }
+
+/// `touchgate delegate`, `run --delegation` and `up --delegation` as a user and a script run
+/// them: one touch makes the grant file (0600); `run` exports the service's URL to the command,
+/// passes its exit status on and leaves no tunnel behind; `up` prints the ports and stops with
+/// exit 6 when the user revokes the grant with `touchgate delegations revoke`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grant_is_made_with_one_touch_and_used_by_run_and_up() {
+    use std::io::BufRead;
+    let lab = touchgate_testkit::lab::Lab::start(Default::default())
+        .await
+        .expect("lab");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = lab_config(&lab, dir.path(), "dana@example.com");
+    let bin = env!("CARGO_BIN_EXE_touchgate");
+    let out = enroll_with_stdin(
+        bin,
+        &cfg,
+        &format!("{}\n", lab.invite("dana@example.com").expect("invite")),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let grant = dir.path().join("bot.grant");
+    let out = Command::new(bin)
+        .args([
+            "delegate",
+            "--service",
+            "api",
+            "--methods",
+            "GET",
+            "--ttl",
+            "10m",
+        ])
+        .args(["--name", "nightly-report", "--out"])
+        .arg(&grant)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("delegate");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.starts_with("granted \"nightly-report\" (dlg-"),
+        "{said}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&grant)
+            .expect("grant file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // `run`: the command sees the URL, reaches the service through it, and its status is ours.
+    let script = "curl -sf \"$TOUCHGATE_API_URL/v1/report\" -o /dev/null -w '%{http_code}' \
+                  && curl -s -X POST \"$TOUCHGATE_API_URL/v1/report\" -o /dev/null -w ' %{http_code}'; \
+                  echo \" $TOUCHGATE_API_URL\"; exit 7";
+    let out = Command::new(bin)
+        .args(["run", "--delegation"])
+        .arg(&grant)
+        .args(["--", "sh", "-c", script])
+        .output()
+        .expect("run");
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut parts = said.split_whitespace();
+    assert_eq!(parts.next(), Some("200"), "{said}");
+    assert_eq!(parts.next(), Some("403"), "{said}");
+    let url = parts.next().expect("the URL");
+    assert!(url.starts_with("http://127.0.0.1:"), "{said}");
+    // The tunnels ended with the command: nothing listens on its port any more.
+    let addr = url.trim_start_matches("http://");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "{addr} still open"
+    );
+
+    // `up`: the port as asked, until the user revokes the grant.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let mut up = Command::new(bin)
+        .args(["up", "--delegation"])
+        .arg(&grant)
+        .args(["--port", &format!("api={port}")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("up");
+    let mut lines = std::io::BufReader::new(up.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a line").expect("utf-8");
+    assert_eq!(first, format!("service api on 127.0.0.1:{port}"));
+    let out = Command::new(bin)
+        .args(["delegations", "revoke", "nightly-report", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("revoke");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let code = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            if let Some(s) = up.try_wait().expect("wait") {
+                return s.code();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("up stopped");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut up.stderr.take().expect("stderr"), &mut err).expect("read");
+    assert_eq!(code, Some(6), "{err}");
+    assert!(err.contains("the grant ended"), "{err}");
+    assert!(err.contains("revoked"), "{err}");
+
+    // The list shows it revoked.
+    let out = Command::new(bin)
+        .args(["delegations", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("list");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("\"nightly-report\"") && said.contains("revoked"),
+        "{said}"
+    );
+}

@@ -1,8 +1,15 @@
-//! The audit log: one JSON line per security-relevant event.
+//! The audit log: one JSON line per security-relevant event, and per request.
+//!
+//! Lines are formatted by whoever records them and queued; a thread of the log's own writes
+//! what has queued up every few milliseconds, in one call: a request pays for formatting its
+//! line and a short lock, not for a system call or a thread woken per line.
+//! [`AuditLog::flush`] waits until everything recorded so far is written (the gateway flushes
+//! when it stops); the last clone of a log flushes when it is dropped.
 
 use std::{
     io::Write,
-    sync::{Arc, Mutex},
+    sync::{Arc, Condvar, Mutex},
+    time::Duration,
 };
 
 use serde::Serialize;
@@ -12,7 +19,9 @@ use crate::limits::WindowCounter;
 /// Where audit lines go.
 #[derive(Clone)]
 pub struct AuditLog {
-    sink: Arc<Mutex<Sink>>,
+    /// The writing thread; `None` when no audit log is configured (events are not even
+    /// formatted).
+    writer: Option<Arc<Writer>>,
     refusals: Arc<WindowCounter>,
 }
 
@@ -20,10 +29,137 @@ pub struct AuditLog {
 /// one `refusals_suppressed` line when the source is next refused.
 pub const REFUSAL_LINES_PER_MINUTE: u32 = 20;
 
+/// How long [`AuditLog::flush`] waits for the writing thread.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
+/// How often the writing thread writes what has queued up (sooner when much has, or when
+/// asked to flush).
+const TICK: Duration = Duration::from_millis(10);
+/// What makes the writing thread write before its tick.
+const BATCH_MAX: usize = 256 * 1024;
+
+/// Lines waiting for the writing thread, and the flushes asked for and done.
+#[derive(Default)]
+struct Queue {
+    buf: Vec<u8>,
+    asked: u64,
+    done: u64,
+    closed: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Wakes the writing thread before its tick.
+    wake: Condvar,
+    /// Tells flushes their lines are written.
+    written: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The queue of the writing thread; dropping the last one flushes and ends the thread.
+struct Writer {
+    shared: Arc<Shared>,
+}
+
+impl Writer {
+    fn start(mut sink: Sink) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::default(),
+            wake: Condvar::new(),
+            written: Condvar::new(),
+        });
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("audit-log".into())
+            .spawn(move || {
+                let mut spare = Vec::new();
+                loop {
+                    let (target, closed) = {
+                        let mut q = s.lock();
+                        if q.asked == q.done && !q.closed && q.buf.len() < BATCH_MAX {
+                            q = s
+                                .wake
+                                .wait_timeout(q, TICK)
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0;
+                        }
+                        std::mem::swap(&mut q.buf, &mut spare);
+                        (q.asked, q.closed)
+                    };
+                    if !spare.is_empty() {
+                        if let Err(e) = sink.write(&spare) {
+                            tracing::error!(error = %e, "cannot write the audit log");
+                        }
+                        spare.clear();
+                    }
+                    let mut q = s.lock();
+                    q.done = q.done.max(target);
+                    s.written.notify_all();
+                    if closed && q.buf.is_empty() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Self { shared })
+    }
+
+    fn push(&self, line: &[u8]) {
+        let mut q = self.shared.lock();
+        q.buf.extend_from_slice(line);
+        if q.buf.len() >= BATCH_MAX {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    fn flush(&self) {
+        let mut q = self.shared.lock();
+        q.asked += 1;
+        let want = q.asked;
+        self.shared.wake.notify_one();
+        let deadline = std::time::Instant::now() + FLUSH_WAIT;
+        while q.done < want {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::error!("the audit log's writer did not catch up within {FLUSH_WAIT:?}");
+                return;
+            }
+            q = self
+                .shared
+                .written
+                .wait_timeout(q, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.flush();
+    }
+}
+
 enum Sink {
     File(std::fs::File),
     Stdout,
-    Discard,
+}
+
+impl Sink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::File(f) => f.write_all(bytes),
+            Sink::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(bytes)?;
+                out.flush()
+            }
+        }
+    }
 }
 
 /// What an audit line records; written as its snake_case name in the line's `event`.
@@ -63,8 +199,17 @@ pub enum AuditKind {
     KeyRemoved,
     /// Refusal lines from one source were left out (over the per-minute limit).
     RefusalsSuppressed,
+    /// An HTTP request was answered (one line per request; `[audit] requests`).
+    Request,
     /// A request was refused for its own shape (a path leaving the base path).
     RequestRefused,
+    /// A user approved a delegated grant with a touch.
+    DelegationGranted,
+    /// A delegation was refused: asked for beyond the policy, or a request or stream
+    /// outside its grant.
+    DelegationRefused,
+    /// A delegated grant was revoked (by its user or an admin).
+    DelegationRevoked,
     /// The identity provider created a group over SCIM.
     ScimGroupCreated,
     /// A SCIM group changed: a member added or removed (one line per user), renamed.
@@ -115,7 +260,7 @@ pub enum AuditKind {
 
 impl AuditKind {
     /// Every kind, for documentation and tests.
-    pub const ALL: [AuditKind; 40] = [
+    pub const ALL: [AuditKind; 44] = [
         Self::BrowserRequestRefused,
         Self::ChallengeIssued,
         Self::ChallengeRefused,
@@ -132,7 +277,11 @@ impl AuditKind {
         Self::InviteUsed,
         Self::KeyRemoved,
         Self::RefusalsSuppressed,
+        Self::Request,
         Self::RequestRefused,
+        Self::DelegationGranted,
+        Self::DelegationRefused,
+        Self::DelegationRevoked,
         Self::ScimGroupCreated,
         Self::ScimGroupChanged,
         Self::ScimGroupRemoved,
@@ -177,7 +326,11 @@ impl AuditKind {
             Self::InviteUsed => "invite_used",
             Self::KeyRemoved => "key_removed",
             Self::RefusalsSuppressed => "refusals_suppressed",
+            Self::Request => "request",
             Self::RequestRefused => "request_refused",
+            Self::DelegationGranted => "delegation_granted",
+            Self::DelegationRefused => "delegation_refused",
+            Self::DelegationRevoked => "delegation_revoked",
             Self::ScimGroupCreated => "scim_group_created",
             Self::ScimGroupChanged => "scim_group_changed",
             Self::ScimGroupRemoved => "scim_group_removed",
@@ -255,9 +408,27 @@ pub struct AuditEvent {
     /// What let the user use the service: `user`, `everyone` or `group:NAME`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub granted_by: Option<String>,
+    /// Who used a delegated grant: its label (the user is the person who approved it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delegate: Option<String>,
+    /// The credential (base64url id) whose touch began the session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    /// That key's authenticator model (AAGUID).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aaguid: Option<String>,
+    /// The model's name, where the attestation trust list names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     /// HTTP method, for request events.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
+    /// The request's path (its query string only with `[audit] query = true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The HTTP status answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
     /// How many lines like this one were left out (`refusals_suppressed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub suppressed: Option<u64>,
@@ -281,9 +452,94 @@ impl AuditEvent {
             duration_ms: None,
             expires_at: None,
             granted_by: None,
+            delegate: None,
+            credential: None,
+            aaguid: None,
+            model: None,
             method: None,
+            path: None,
+            status: None,
             suppressed: None,
         }
+    }
+
+    /// Names the security key that signed in: its credential, its model's AAGUID and name.
+    pub fn with_key(mut self, rp: &crate::rp::RelyingParty, key: &crate::tokens::KeyUsed) -> Self {
+        self.credential = Some(key.cred.clone());
+        self.model = rp.model_name(&key.aaguid);
+        self.aaguid = Some(key.aaguid.clone());
+        self
+    }
+
+    /// Names the key behind a session (sessions from before keys were recorded name none),
+    /// and the delegate acting under a grant.
+    pub fn with_claims(
+        self,
+        rp: &crate::rp::RelyingParty,
+        claims: &crate::tokens::SessionClaims,
+    ) -> Self {
+        let mut e = match &claims.key {
+            Some(k) => self.with_key(rp, k),
+            None => self,
+        };
+        e.delegate = claims.act.as_ref().map(|a| a.sub.clone());
+        e
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// The fields an event has in common with many others (a stream's user, key and service),
+/// formatted once as JSON members, to which each line adds its own ([`LineBuilder`]).
+#[derive(Debug, Clone)]
+pub struct Prefix(Arc<str>);
+
+impl AuditEvent {
+    /// This event's fields, formatted once, for lines that each add a few of their own.
+    pub fn prefix(&self) -> Prefix {
+        let json = serde_json::to_string(self).unwrap_or_else(|_| "{}".into());
+        let inner = json
+            .strip_prefix('{')
+            .and_then(|j| j.strip_suffix('}'))
+            .unwrap_or_default();
+        Prefix(inner.into())
+    }
+}
+
+/// One line: a [`Prefix`] and the fields of this line only (which the prefix must not have).
+pub struct LineBuilder(Vec<u8>);
+
+impl LineBuilder {
+    /// A line stamped now, starting with `prefix`'s fields.
+    pub fn new(prefix: &Prefix) -> Self {
+        let mut s = Vec::with_capacity(prefix.0.len() + 224);
+        let _ = write!(
+            s,
+            "{{\"ts\":\"{}\"",
+            humantime::format_rfc3339_millis(std::time::SystemTime::now())
+        );
+        if !prefix.0.is_empty() {
+            s.push(b',');
+            s.extend_from_slice(prefix.0.as_bytes());
+        }
+        Self(s)
+    }
+
+    /// Adds a text field.
+    pub fn text(mut self, name: &str, value: &str) -> Self {
+        let _ = write!(self.0, ",\"{name}\":");
+        if serde_json::to_writer(&mut self.0, value).is_err() {
+            self.0.extend_from_slice(b"null");
+        }
+        self
+    }
+
+    /// Adds a number field.
+    pub fn number(mut self, name: &str, value: u64) -> Self {
+        let _ = write!(self.0, ",\"{name}\":{value}");
+        self
     }
 }
 
@@ -298,24 +554,24 @@ impl AuditLog {
     /// Opens the audit log: a file path (appended to), `"-"` for stdout, or `None` to discard.
     pub fn open(target: Option<&str>) -> std::io::Result<Self> {
         let sink = match target {
-            None => Sink::Discard,
-            Some("-") => Sink::Stdout,
+            None => None,
+            Some("-") => Some(Sink::Stdout),
             Some(path) => {
                 if let Some(dir) = std::path::Path::new(path).parent()
                     && !dir.as_os_str().is_empty()
                 {
                     std::fs::create_dir_all(dir)?;
                 }
-                Sink::File(
+                Some(Sink::File(
                     std::fs::OpenOptions::new()
                         .create(true)
                         .append(true)
                         .open(path)?,
-                )
+                ))
             }
         };
         Ok(Self {
-            sink: Arc::new(Mutex::new(sink)),
+            writer: sink.map(Writer::start).transpose()?.map(Arc::new),
             refusals: Arc::new(WindowCounter::new(1 << 16)),
         })
     }
@@ -356,25 +612,39 @@ impl AuditLog {
         hit.count <= limit
     }
 
-    /// Writes one event as one line. Failing to write is reported in the process log; it does
-    /// not fail the request.
+    /// Records one event as one line. Failing to write is reported in the process log; it
+    /// does not fail the request.
     pub fn record(&self, event: AuditEvent) {
+        let Some(w) = &self.writer else { return };
         let line = Line {
-            ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            ts: now_rfc3339(),
             event: &event,
         };
         let Ok(mut text) = serde_json::to_string(&line) else {
             return;
         };
         text.push('\n');
-        let mut sink = self.sink.lock().unwrap_or_else(|e| e.into_inner());
-        let res = match &mut *sink {
-            Sink::File(f) => f.write_all(text.as_bytes()),
-            Sink::Stdout => std::io::stdout().lock().write_all(text.as_bytes()),
-            Sink::Discard => Ok(()),
-        };
-        if let Err(e) = res {
-            tracing::error!(error = %e, "cannot write the audit log");
+        w.push(text.as_bytes());
+    }
+
+    /// Whether lines are kept at all (an audit log is configured).
+    pub fn keeps(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    /// Records a line made by [`LineBuilder`].
+    pub fn record_built(&self, line: LineBuilder) {
+        if let Some(w) = &self.writer {
+            let mut text = line.0;
+            text.extend_from_slice(b"}\n");
+            w.push(&text);
+        }
+    }
+
+    /// Waits until every line recorded so far is written (at most a few seconds).
+    pub fn flush(&self) {
+        if let Some(w) = &self.writer {
+            w.flush();
         }
     }
 }
@@ -405,6 +675,7 @@ mod tests {
         assert_eq!(allowed, REFUSAL_LINES_PER_MINUTE as usize);
         // Another source is not held back by the first.
         assert!(log.allow_refusal(Some(std::net::SocketAddr::from(([198, 51, 100, 1], 443)))));
+        log.flush();
         let text = std::fs::read_to_string(&path).expect("read");
         let notes: Vec<serde_json::Value> = text
             .lines()
@@ -429,6 +700,7 @@ mod tests {
         log.record(AuditEvent {
             ..AuditEvent::new(AuditKind::SessionIssued)
         });
+        log.flush();
         let text = std::fs::read_to_string(&path).expect("read");
         let lines: Vec<serde_json::Value> = text
             .lines()

@@ -67,6 +67,9 @@ pub struct GatewayConfig {
     /// Path of the audit log (JSON lines), or `"-"` for stdout.
     #[serde(default)]
     pub audit_log: Option<String>,
+    /// What the audit log keeps besides security events.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Certificate and key of the QUIC endpoint.
     pub tls: TlsConfig,
     /// Which authenticators may enrol.
@@ -78,6 +81,9 @@ pub struct GatewayConfig {
     /// Session lifetimes.
     #[serde(default)]
     pub session: SessionConfig,
+    /// Grants users delegate to scripts, CI jobs and AI agents.
+    #[serde(default)]
+    pub delegation: DelegationConfig,
     /// Invites.
     #[serde(default)]
     pub invite: InviteConfig,
@@ -93,6 +99,30 @@ pub struct GatewayConfig {
     /// The services behind the gateway.
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+}
+
+/// `[audit]`: what the audit log keeps besides security events.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// One line per HTTP request (user, delegate, key, service, method, path, status, bytes,
+    /// duration). Off for gateways that must not keep them; sign-ins, streams and refusals are
+    /// audited either way.
+    #[serde(default = "yes")]
+    pub requests: bool,
+    /// Keep a request's query string in its line (dropped by default: queries carry tokens
+    /// and personal data more often than paths do).
+    #[serde(default)]
+    pub query: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            requests: true,
+            query: false,
+        }
+    }
 }
 
 /// TLS files of the QUIC endpoint.
@@ -204,6 +234,35 @@ impl Default for SessionConfig {
             challenge_ttl: default_challenge_ttl(),
         }
     }
+}
+
+/// `[delegation]`: what users may delegate (`touchgate delegate`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelegationConfig {
+    /// Whether users may delegate at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The longest a grant may last (a longer `--ttl` is refused, with this limit named).
+    #[serde(default = "default_delegation_max_ttl", with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// When not empty, only these services may be delegated.
+    #[serde(default)]
+    pub services: Vec<String>,
+}
+
+impl Default for DelegationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_ttl: default_delegation_max_ttl(),
+            services: Vec::new(),
+        }
+    }
+}
+
+fn default_delegation_max_ttl() -> Duration {
+    Duration::from_secs(8 * 3600)
 }
 
 /// Size and rate limits against hostile or broken clients.
@@ -613,6 +672,16 @@ impl GatewayConfig {
         }
         if self.session.max_age.is_zero() {
             problems.push("session.max_age must be more than zero".into());
+        }
+        for d in &self.delegation.services {
+            if self.service(d).is_none() {
+                problems.push(format!(
+                    "delegation.services names {d:?}, which is not a service of this gateway"
+                ));
+            }
+        }
+        if self.delegation.max_ttl < Duration::from_secs(60) {
+            problems.push("delegation.max_ttl must be at least 1m".into());
         }
         problems.extend(crate::store::not_a_file(&self.database));
         if let Some(o) = &self.oidc {

@@ -135,6 +135,7 @@ impl Gateway {
         };
         revocations.set_epochs(store.epochs().map_err(store_err)?);
         revocations.set_disabled(store.disabled_users().map_err(store_err)?);
+        revocations.set_revoked_delegations(store.revoked_delegations().map_err(store_err)?);
         revocations.set_groups(store.user_groups(cfg.group_source()).map_err(store_err)?);
         let oidc = match &cfg.oidc {
             Some(o) => {
@@ -159,6 +160,7 @@ impl Gateway {
             signer.clone(),
             metrics.clone(),
             audit.clone(),
+            cfg.audit,
             cfg.limits.clone(),
         )?);
         Ok(Arc::new(Self {
@@ -187,6 +189,11 @@ impl Gateway {
     /// The metrics.
     pub fn metrics(&self) -> &metrics::Metrics {
         &self.metrics
+    }
+
+    /// Waits until every audit line recorded so far is written.
+    pub fn flush_audit(&self) {
+        self.audit.flush();
     }
 
     /// The token signer (for tools and tests that mint or inspect tokens).

@@ -74,6 +74,27 @@ enum Cmd {
         #[arg(long, env = "TOUCHGATE_GATEWAY_CONFIG")]
         config: PathBuf,
     },
+    /// List delegated grants, live and ended in the last week: id, user, label, scope,
+    /// expiry, last use.
+    Delegations {
+        /// Only this user's.
+        #[arg(long)]
+        user: Option<String>,
+        /// The gateway config file.
+        #[arg(long, env = "TOUCHGATE_GATEWAY_CONFIG")]
+        config: PathBuf,
+        /// Print JSON (times in seconds since the epoch) instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End the delegated grant ID within seconds (its delegate's connections close).
+    RevokeDelegation {
+        /// The grant's id (see `delegations`).
+        id: String,
+        /// The gateway config file.
+        #[arg(long, env = "TOUCHGATE_GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
     /// List every user: state, enrolled keys, last sign-in, open invites.
     Users {
         /// The gateway config file.
@@ -418,6 +439,82 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Delegations { user, config, json } => {
+            let (_, store) = open_store(&config)?;
+            let list = store
+                .delegations(user.as_deref())
+                .context("cannot read the grants")?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).context("cannot write JSON")?
+                );
+                return Ok(());
+            }
+            if list.is_empty() {
+                println!("no grants");
+            }
+            let now = touchgate_gateway::store::now_secs();
+            for d in &list {
+                let g = &d.grant;
+                let state = match d.revoked_at {
+                    Some(_) => "revoked".to_owned(),
+                    None if g.expires_at <= now => "expired".to_owned(),
+                    None => format!("{}s left", g.expires_at - now),
+                };
+                let any = |v: &[String]| {
+                    if v.is_empty() {
+                        "any".to_owned()
+                    } else {
+                        v.join(",")
+                    }
+                };
+                println!(
+                    "{}  {}  {}  services {}  methods {}  paths {}  {state}  {}",
+                    d.id,
+                    users::printable(&d.user),
+                    users::printable(&format!("{:?}", g.label)),
+                    g.services.join(","),
+                    any(&g.methods),
+                    any(&g.path_prefixes),
+                    d.last_used_at
+                        .map_or("never used".to_owned(), |t| format!("last used {}", at(t))),
+                );
+            }
+            Ok(())
+        }
+        Cmd::RevokeDelegation { id, config } => {
+            let (cfg, store) = open_store(&config)?;
+            let audit = open_audit(&cfg)?;
+            let Some(d) = store
+                .delegation(&id)
+                .context("cannot read the grant")?
+                .filter(|d| d.revoked_at.is_none())
+            else {
+                anyhow::bail!(
+                    "no live grant {id:?} on this gateway (see `touchgate-gateway delegations`)"
+                );
+            };
+            store
+                .revoke_delegation(None, &d.id)
+                .context("cannot store the revocation")?;
+            audit.record(AuditEvent {
+                user: Some(d.user.clone()),
+                delegate: Some(d.grant.label.clone()),
+                session: Some(d.id.clone()),
+                outcome: Some("ok".into()),
+                reason: Some("revoked by an admin".into()),
+                ..AuditEvent::new(AuditKind::DelegationRevoked)
+            });
+            println!(
+                "revoked {} ({:?} of {}): running gateways on this database close its connections within {}",
+                d.id,
+                d.grant.label,
+                d.user,
+                poll()
+            );
+            Ok(())
+        }
         Cmd::Users { config, json } => {
             let (cfg, store) = open_store(&config)?;
             let list = store.list_users().context("cannot read the users")?;
@@ -583,6 +680,11 @@ fn user_error(e: StoreError, doing: &'static str) -> anyhow::Error {
 }
 
 /// How soon running gateways act on a change, e.g. "1s".
+/// A time in seconds since the epoch, in RFC 3339.
+fn at(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
 fn poll() -> humantime::FormattedDuration {
     humantime::format_duration(touchgate_gateway::server::REVOCATION_POLL)
 }
@@ -709,5 +811,6 @@ async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
     if let Some(t) = scim_task {
         t.abort();
     }
+    gw.flush_audit();
     Ok(())
 }

@@ -19,6 +19,7 @@ use hyper_util::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
+mod audited;
 mod error;
 mod expect;
 mod headers;
@@ -29,6 +30,7 @@ pub use error::ProxyError;
 pub use upstream::UPSTREAM_CONNECT_TIMEOUT;
 
 pub use crate::counted::Counted;
+use audited::{AuditedBody, RequestLine};
 use headers::{
     check_browser, clean_trailers, is_grpc, sanitise_request_headers, strip_hop_by_hop,
     wants_trailers, wants_upgrade,
@@ -41,6 +43,7 @@ use upstream::{IdleConns, absolute, connect_http1, upstream_path};
 use crate::{
     audit::{AuditEvent, AuditLog},
     browser::{BrowserPolicy, BrowserRefusal},
+    config::AuditConfig,
     config::{LimitsConfig, ServiceConfig},
     idtoken::IdTokens,
     metrics::Metrics,
@@ -53,6 +56,8 @@ pub const SERVERLESS_AUTH: HeaderName = HeaderName::from_static("x-serverless-au
 pub const USER_HEADER: HeaderName = HeaderName::from_static("x-touchgate-user");
 /// Header carrying the gateway-signed identity assertion (a JWT; keys at the JWKS endpoint).
 pub const ASSERTION_HEADER: HeaderName = HeaderName::from_static("x-touchgate-assertion");
+/// Header naming the delegate (a grant's label) acting for the user in `X-Touchgate-User`.
+pub const DELEGATE_HEADER: HeaderName = HeaderName::from_static("x-touchgate-delegate");
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -74,12 +79,68 @@ pub struct StreamContext {
     upstream: Result<Upstream, String>,
     user_header: Option<HeaderValue>,
     assertion: std::sync::Mutex<Option<(HeaderValue, u64)>>,
+    /// The delegated grant the stream is used under, if any: checked on every request.
+    delegation: Option<Delegation>,
+    /// Each request's audit line starts as this (user, service, key, session, grant); none
+    /// when `[audit] requests = false`.
+    request_line: Option<crate::audit::Prefix>,
     /// The stream's own upstream connection (plain-HTTP upstreams, HTTP/1 callers): taken
     /// from the idle set at the first request, kept for the stream's life, given back after.
     own: std::sync::Mutex<Option<Http1Sender>>,
 }
 
 type Http1Sender = hyper::client::conn::http1::SendRequest<ProxyBody>;
+
+/// What a delegated grant allows on a stream's requests.
+struct Delegation {
+    label: String,
+    header: Option<HeaderValue>,
+    methods: Vec<String>,
+    paths: Vec<String>,
+}
+
+impl Delegation {
+    /// Whether the grant allows `method` on `path` (the caller's path, before the service's
+    /// base path); the refusal's words say what it allows instead.
+    fn check(&self, method: &http::Method, path: &str) -> Result<(), ProxyError> {
+        let refuse = |why: String| ProxyError::Delegation {
+            label: self.label.clone(),
+            why,
+        };
+        if !self.methods.is_empty() && !self.methods.iter().any(|m| m == method.as_str()) {
+            return Err(refuse(format!(
+                "method {method} (it allows {})",
+                self.methods.join(", ")
+            )));
+        }
+        if self.paths.is_empty() {
+            return Ok(());
+        }
+        // Checked on the path as the upstream will read it: decoded, and with nothing that
+        // could walk out of a prefix once decoded or normalised there.
+        let lower = path.to_ascii_lowercase();
+        if path.contains('\\') || lower.contains("%2f") || lower.contains("%5c") {
+            return Err(refuse(
+                "a path with an encoded slash or a backslash under a path-limited grant".into(),
+            ));
+        }
+        let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+        if decoded.split('/').any(|seg| seg == "." || seg == "..") {
+            return Err(refuse(
+                "a path with dot segments under a path-limited grant".into(),
+            ));
+        }
+        if self.paths.iter().any(|p| decoded.starts_with(p.as_str())) {
+            Ok(())
+        } else {
+            Err(refuse(format!(
+                "path {} (it allows paths starting with {})",
+                crate::browser::untrusted(&decoded),
+                self.paths.join(", ")
+            )))
+        }
+    }
+}
 
 /// The parsed upstream base URL.
 struct Upstream {
@@ -121,6 +182,8 @@ impl StreamContext {
             upstream,
             user_header: HeaderValue::from_str(user).ok(),
             assertion: Default::default(),
+            delegation: None,
+            request_line: None,
             own: Default::default(),
             service,
         }
@@ -131,6 +194,24 @@ impl StreamContext {
     /// Names the agent's address in the stream's audit lines.
     pub fn with_peer(mut self, peer: std::net::SocketAddr) -> Self {
         self.peer = Some(peer);
+        self
+    }
+
+    /// Uses the stream under the delegated grant `scope`, labelled `label`: each request is
+    /// checked against it, and the upstream is told who acts for the user.
+    pub fn with_delegation(mut self, label: &str, scope: &crate::tokens::DelegatedScope) -> Self {
+        self.delegation = Some(Delegation {
+            label: label.to_owned(),
+            header: HeaderValue::from_str(label).ok(),
+            methods: scope.methods.clone(),
+            paths: scope.paths.clone(),
+        });
+        self
+    }
+
+    /// Audits each request on the stream, starting its line as `template`.
+    pub fn with_request_audit(mut self, template: AuditEvent) -> Self {
+        self.request_line = Some(template.prefix());
         self
     }
 }
@@ -148,14 +229,20 @@ pub struct Proxy {
     signer: TokenSigner,
     metrics: Arc<Metrics>,
     audit: AuditLog,
+    /// Whether request lines keep the query string.
+    audit_query: bool,
     limits: LimitsConfig,
-    assertions: std::sync::Mutex<std::collections::HashMap<(String, String), (HeaderValue, u64)>>,
+    /// Signed assertions by user, service and delegate (empty for none), with their expiry.
+    assertions: std::sync::Mutex<std::collections::HashMap<AssertionKey, (HeaderValue, u64)>>,
     idle: Arc<IdleConns>,
     /// Clients (any protocol, HTTP/2 only) that trust a service's `upstream_ca`, by its path.
     private_ca: std::sync::Mutex<
         std::collections::HashMap<std::path::PathBuf, (PooledClient, PooledClient)>,
     >,
 }
+
+/// User, service, and delegate (empty for none).
+type AssertionKey = (String, String, String);
 
 type PooledClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
 
@@ -212,6 +299,7 @@ impl Proxy {
         signer: TokenSigner,
         metrics: Arc<Metrics>,
         audit: AuditLog,
+        audit_cfg: AuditConfig,
         limits: LimitsConfig,
     ) -> Result<Self, rustls::Error> {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -228,6 +316,7 @@ impl Proxy {
             signer,
             metrics,
             audit,
+            audit_query: audit_cfg.query,
             limits,
             assertions: Default::default(),
             idle: Arc::default(),
@@ -279,18 +368,39 @@ impl Proxy {
 
     async fn forward(&self, req: Request<Incoming>, ctx: &StreamContext) -> Response<ProxyBody> {
         let method = req.method().clone();
-        match self.try_forward(req, ctx).await {
+        let mut line = ctx.request_line.as_ref().map(|prefix| {
+            let uri = req.uri();
+            let path = match (self.audit_query, uri.path_and_query()) {
+                (true, Some(pq)) => pq.as_str().to_owned(),
+                _ => uri.path().to_owned(),
+            };
+            RequestLine::start(&self.audit, prefix, &method, path)
+        });
+        let resp = match self.try_forward(req, ctx, &mut line).await {
             Ok(resp) => resp,
-            Err(e) => self.fail(ctx, &method, e),
+            Err(e) => self.fail(ctx, &method, e, &mut line),
+        };
+        match line {
+            Some(line) => {
+                let status = resp.status().as_u16();
+                resp.map(|b| AuditedBody::new(b, line, status).boxed())
+            }
+            None => resp,
         }
     }
 
+    /// Forwards one request; counts its body's bytes into `line`, and takes `line` to write
+    /// when an upgraded connection closes.
     async fn try_forward(
         &self,
         mut req: Request<Incoming>,
         ctx: &StreamContext,
+        line: &mut Option<RequestLine>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let svc = &ctx.service;
+        if let Some(d) = &ctx.delegation {
+            d.check(req.method(), req.uri().path())?;
+        }
         check_browser(&ctx.browser, &req).map_err(|refusal| ProxyError::Browser {
             service: svc.name.clone(),
             refusal,
@@ -355,6 +465,9 @@ impl Proxy {
         if let Some(v) = &ctx.user_header {
             parts.headers.insert(USER_HEADER, v.clone());
         }
+        if let Some(v) = ctx.delegation.as_ref().and_then(|d| d.header.clone()) {
+            parts.headers.insert(DELEGATE_HEADER, v);
+        }
         parts.headers.insert(ASSERTION_HEADER, assertion);
         parts.uri = uri;
         parts.version = if h2 {
@@ -368,9 +481,19 @@ impl Proxy {
                 .insert(header::TE, HeaderValue::from_static("trailers"));
         }
         // Trailers are headers too: a caller must not smuggle identity headers in them.
-        let body = body.map_frame(clean_trailers);
+        let body = match line.as_ref().map(|l| l.up.clone()) {
+            Some(up) => body
+                .map_frame(move |f| {
+                    if let Some(d) = f.data_ref() {
+                        up.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    clean_trailers(f)
+                })
+                .boxed(),
+            None => body.map_frame(clean_trailers).boxed(),
+        };
         let continues = expect::expects_continue(&parts.headers);
-        let mut out = Request::from_parts(parts, body.boxed());
+        let mut out = Request::from_parts(parts, body);
         if continues {
             // HTTP/1 upstreams (plain or TLS) report their 100; over HTTP/2 hyper has no 1xx,
             // so the upstream's final answer or the wait decides.
@@ -413,14 +536,25 @@ impl Proxy {
             && let Some(client_upgrade) = client_upgrade
         {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            // The request's line covers the upgraded connection: written when it closes.
+            let line = line.take();
             tokio::spawn(async move {
-                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                let (copied, outcome) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok((c, u)) => {
                         let mut c = TokioIo::new(c);
                         let mut u = TokioIo::new(u);
-                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                        match tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                            Ok(n) => (n, "ok".to_owned()),
+                            Err(e) => ((0, 0), format!("error: {e}")),
+                        }
                     }
-                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "upgrade failed");
+                        ((0, 0), format!("error: {e}"))
+                    }
+                };
+                if let Some(line) = line {
+                    line.finish(101, copied.0, copied.1, outcome);
                 }
             });
         } else {
@@ -444,7 +578,12 @@ impl Proxy {
             return Ok(v);
         }
         let (user, service) = (ctx.user.as_str(), ctx.service.name.as_str());
-        let key = (user.to_owned(), service.to_owned());
+        let delegate = ctx.delegation.as_ref().map(|d| d.label.as_str());
+        let key = (
+            user.to_owned(),
+            service.to_owned(),
+            delegate.unwrap_or_default().to_owned(),
+        );
         let shared = self
             .assertions
             .lock()
@@ -456,7 +595,7 @@ impl Proxy {
         }
         let jwt = self
             .signer
-            .identity_assertion(user, service, &ctx.audience)
+            .identity_assertion(user, service, &ctx.audience, delegate)
             .map_err(|e| e.to_string())?;
         let v = HeaderValue::from_str(&jwt).map_err(|e| e.to_string())?;
         let exp = now + crate::tokens::ASSERTION_TTL_SECS;
@@ -565,6 +704,7 @@ impl Proxy {
         ctx: &StreamContext,
         method: &http::Method,
         e: ProxyError,
+        line: &mut Option<RequestLine>,
     ) -> Response<ProxyBody> {
         let status = e.status();
         let msg = e.to_string();
@@ -580,10 +720,14 @@ impl Proxy {
                 service: Some(ctx.service.name.clone()),
                 peer: ctx.peer.map(|p| p.to_string()),
                 method: Some(method.to_string()),
+                delegate: ctx.delegation.as_ref().map(|d| d.label.clone()),
                 outcome: Some(status.as_u16().to_string()),
                 reason: Some(msg.clone()),
                 ..AuditEvent::new(e.event())
             });
+        } else {
+            // Over the per-source limit for what callers cause: no request line either.
+            *line = None;
         }
         plain(status, &msg)
     }

@@ -90,6 +90,8 @@ pub struct RelyingParty {
     allowed_aaguids: Vec<Uuid>,
     user_verification: UserVerification,
     challenge_ttl: Duration,
+    /// Model names the attestation trust list gives, by AAGUID.
+    models: crate::users::ModelNames,
 }
 
 impl RelyingParty {
@@ -129,7 +131,14 @@ impl RelyingParty {
             allowed_aaguids: cfg.attestation.allowed_aaguids.clone(),
             user_verification: cfg.attestation.user_verification,
             challenge_ttl: cfg.session.challenge_ttl,
+            models: crate::users::ModelNames::from_config(&cfg.attestation),
         })
+    }
+
+    /// The name of the authenticator model `aaguid`, where the trust list gives one (an
+    /// entry's `description`), and for touchgate's software key.
+    pub fn model_name(&self, aaguid: &str) -> Option<String> {
+        self.models.name(aaguid).map(str::to_owned)
     }
 
     /// The origin agents must put in `clientDataJSON`.

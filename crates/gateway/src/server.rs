@@ -27,7 +27,7 @@ use crate::{
     rp::{PendingEnrol, PendingLogin},
     shards::Shards,
     store::{StoredCredential, now_secs},
-    tokens::{SessionClaims, TokenError, cert_thumbprint},
+    tokens::{KeyUsed, SessionClaims, TokenError, cert_thumbprint},
 };
 use touchgate_common::wire::{WireError, read_frame_limited, write_frame};
 
@@ -49,6 +49,7 @@ const PRE_SESSION_STREAMS: usize = 4;
 pub const MAX_USER_LEN: usize = 256;
 
 mod control;
+mod delegation;
 mod sessions;
 mod splice;
 mod streams;

@@ -68,6 +68,9 @@ pub enum StoreError {
     /// No user of this name (never invited).
     #[error("no user {0} on this gateway")]
     UnknownUser(String),
+    /// The request names more than one thing where it must name one.
+    #[error("{0}")]
+    Conflict(String),
     /// No credential of the user has an id starting with the given prefix.
     #[error("no key of {user} has an id starting with {prefix:?}")]
     UnknownKey {
@@ -286,6 +289,21 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (group_id, user)
     );
     CREATE INDEX IF NOT EXISTS scim_members_user ON scim_members(user);
+"#,
+    // Delegated grants: the scope as the key signed it (JSON), until when, and their ends.
+    r#"
+    CREATE TABLE IF NOT EXISTS delegations (
+        id TEXT PRIMARY KEY,
+        "user" TEXT NOT NULL REFERENCES users(name),
+        label TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        cred_id TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        expires INTEGER NOT NULL,
+        last_used INTEGER,
+        revoked INTEGER
+    );
+    CREATE INDEX IF NOT EXISTS delegations_user ON delegations("user");
 "#,
 ];
 
@@ -1200,6 +1218,7 @@ fn bump_epoch(tx: &Tx<'_>, user: &str) -> Result<u64, StoreError> {
     .get(0)
 }
 
+mod delegations;
 mod files;
 pub mod pg;
 mod scim;

@@ -76,6 +76,47 @@ pub struct SessionClaims {
     /// The user's revocation epoch when the session began; a revoke bumps it.
     #[serde(default)]
     pub epoch: u64,
+    /// The security key whose touch began the session, for the audit: every request names
+    /// the physical key behind it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<KeyUsed>,
+    /// For a delegated grant's token: who acts on the user's behalf (RFC 8693's `act`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Actor>,
+    /// For a delegated grant's token: what the grant allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dlg: Option<DelegatedScope>,
+}
+
+/// The actor of a delegated grant: its label (RFC 8693 `act`, whose `sub` names the actor).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// The grant's label.
+    pub sub: String,
+}
+
+/// What a delegated grant allows, as its token carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DelegatedScope {
+    /// The grant's id (what a revoke names).
+    pub id: String,
+    /// The services granted.
+    pub services: Vec<String>,
+    /// The HTTP methods allowed; empty for any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// The path prefixes allowed; empty for any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+}
+
+/// A credential that signed in: its id and its authenticator model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyUsed {
+    /// The base64url credential id.
+    pub cred: String,
+    /// The authenticator's AAGUID (its model).
+    pub aaguid: String,
 }
 
 /// Claims of the identity assertion sent to upstreams.
@@ -93,6 +134,9 @@ pub struct IdentityClaims {
     pub iat: u64,
     /// Expires at.
     pub exp: u64,
+    /// A delegate acting for the user (RFC 8693's `act`: `{"sub": LABEL}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Actor>,
 }
 
 /// The thumbprint of a certificate as used in `cnf`.
@@ -252,10 +296,11 @@ impl TokenSigner {
         iat: u64,
         exp: u64,
     ) -> Result<(String, SessionClaims), KeyError> {
-        self.issue_session_at_epoch(user, thumbprint, iat, exp, 0)
+        self.issue_session_at_epoch(user, thumbprint, iat, exp, 0, None)
     }
 
-    /// Issues a session token that carries the user's revocation `epoch`.
+    /// Issues a session token that carries the user's revocation `epoch` and the `key` that
+    /// signed in.
     pub fn issue_session_at_epoch(
         &self,
         user: &str,
@@ -263,9 +308,13 @@ impl TokenSigner {
         iat: u64,
         exp: u64,
         epoch: u64,
+        key: Option<KeyUsed>,
     ) -> Result<(String, SessionClaims), KeyError> {
         let claims = SessionClaims {
             epoch,
+            key,
+            act: None,
+            dlg: None,
             iss: self.issuer.clone(),
             sub: user.to_owned(),
             aud: SESSION_AUDIENCE.to_owned(),
@@ -337,6 +386,7 @@ impl TokenSigner {
         user: &str,
         service: &str,
         audience: &str,
+        delegate: Option<&str>,
     ) -> Result<String, KeyError> {
         let iat = now_secs();
         self.sign(&IdentityClaims {
@@ -346,7 +396,43 @@ impl TokenSigner {
             svc: service.to_owned(),
             iat,
             exp: iat + ASSERTION_TTL_SECS,
+            act: delegate.map(|d| Actor { sub: d.to_owned() }),
         })
+    }
+
+    /// Issues the token of a delegated grant `info` (approved by its user with `key`), bound
+    /// to the delegate's certificate, carrying the user's revocation `epoch`: revoking or
+    /// disabling the user ends the grant too.
+    pub fn issue_delegation(
+        &self,
+        info: &touchgate_proto::DelegationInfo,
+        key: KeyUsed,
+        epoch: u64,
+    ) -> Result<(String, SessionClaims), KeyError> {
+        let g = &info.grant;
+        let claims = SessionClaims {
+            iss: self.issuer.clone(),
+            sub: info.user.clone(),
+            aud: SESSION_AUDIENCE.to_owned(),
+            iat: info.created_at,
+            exp: g.expires_at,
+            jti: info.id.clone(),
+            cnf: Confirmation {
+                x5t_s256: g.key.clone(),
+            },
+            epoch,
+            key: Some(key),
+            act: Some(Actor {
+                sub: g.label.clone(),
+            }),
+            dlg: Some(DelegatedScope {
+                id: info.id.clone(),
+                services: g.services.clone(),
+                methods: g.methods.clone(),
+                paths: g.path_prefixes.clone(),
+            }),
+        };
+        Ok((self.sign(&claims)?, claims))
     }
 }
 

@@ -719,7 +719,7 @@ fn admin_commands_work_against_postgres_named_by_the_environment() {
     let (out, said) = run(&["revoke", "alice@example.com"]);
     assert!(out.status.success(), "{said}");
     let (_, said) = run(&["check"]);
-    assert!(said.contains("schema version 1 of 1 (current)"), "{said}");
+    assert!(said.contains("schema version 2 of 2 (current)"), "{said}");
     assert!(
         !dir.path().join("gw.db").exists(),
         "no SQLite file was made"

@@ -171,6 +171,105 @@ pub enum ClientMsg {
         /// The session token issued earlier.
         token: String,
     },
+    /// Ask for a delegated grant of `user`'s access: the gateway checks the scope against its
+    /// policy and answers [`ServerMsg::LoginChallenge`]; the key's assertion must carry the
+    /// binding [`Grant::binding`] makes for this connection, so what is touched is what is
+    /// granted.
+    DelegateBegin {
+        /// The user approving the grant.
+        user: String,
+        /// What is granted, to which key.
+        grant: Grant,
+    },
+    /// The key's answer to the delegation's challenge; the answer is [`ServerMsg::Delegated`].
+    DelegateFinish {
+        /// A WebAuthn `PublicKeyCredential`, as JSON.
+        credential: serde_json::Value,
+    },
+    /// List the signed-in user's delegated grants ([`ServerMsg::Delegations`]). Needs the
+    /// user's own session on this connection (not a delegated one).
+    ListDelegations,
+    /// End one of the signed-in user's grants, by id or label ([`ServerMsg::DelegationRevoked`]).
+    RevokeDelegation {
+        /// The grant's id, or its label.
+        id: String,
+    },
+}
+
+/// A delegated grant's scope, as asked for and as recorded: which services, which methods and
+/// path prefixes (HTTP services; empty for any), until when, for whom (`label`), and to which
+/// key (`key`: the `x5t#S256` thumbprint of the delegate's certificate, whose connection alone
+/// can use the grant).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// Who the grant is for, in words ("ci-nightly", "coding-assistant").
+    pub label: String,
+    /// The services granted.
+    pub services: Vec<String>,
+    /// The HTTP methods allowed, upper case; empty for any.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// The path prefixes allowed (each starting with `/`); empty for any.
+    #[serde(default)]
+    pub path_prefixes: Vec<String>,
+    /// Expiry, in seconds since the Unix epoch.
+    pub expires_at: u64,
+    /// The delegate's certificate thumbprint (`x5t#S256`, base64url of SHA-256 of its DER).
+    pub key: String,
+}
+
+impl Grant {
+    /// The same grant in one canonical form: methods upper case, every list sorted and without
+    /// duplicates. Both ends bind and compare this form.
+    pub fn normalised(&self) -> Self {
+        fn tidy(v: &[String], f: impl Fn(&str) -> String) -> Vec<String> {
+            let mut v: Vec<String> = v.iter().map(|s| f(s.trim())).collect();
+            v.sort();
+            v.dedup();
+            v
+        }
+        Self {
+            label: self.label.trim().to_owned(),
+            services: tidy(&self.services, str::to_owned),
+            methods: tidy(&self.methods, str::to_ascii_uppercase),
+            path_prefixes: tidy(&self.path_prefixes, str::to_owned),
+            expires_at: self.expires_at,
+            key: self.key.clone(),
+        }
+    }
+
+    /// The channel binding a delegation's assertion carries in `clientDataJSON` instead of the
+    /// bare exporter: SHA-256 over a label, the connection's exporter and the canonical grant,
+    /// so the key's signature covers the scope and is good on this connection only.
+    pub fn binding(&self, exporter: &[u8]) -> Vec<u8> {
+        use sha2::{Digest, Sha256};
+        let grant = serde_json::to_vec(&self.normalised()).unwrap_or_default();
+        let mut h = Sha256::new();
+        h.update(b"touchgate-delegation\0");
+        h.update((exporter.len() as u32).to_be_bytes());
+        h.update(exporter);
+        h.update(&grant);
+        h.finalize().to_vec()
+    }
+}
+
+/// A delegated grant as the gateway keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DelegationInfo {
+    /// The grant's id.
+    pub id: String,
+    /// The user who approved it.
+    pub user: String,
+    /// Its scope.
+    pub grant: Grant,
+    /// When it was made, seconds since the Unix epoch.
+    pub created_at: u64,
+    /// When a delegate last used it, if ever.
+    #[serde(default)]
+    pub last_used_at: Option<u64>,
+    /// When it was revoked, if it was.
+    #[serde(default)]
+    pub revoked_at: Option<u64>,
 }
 
 /// A message from the gateway on the control stream.
@@ -231,6 +330,26 @@ pub enum ServerMsg {
     },
     /// A session is live on this connection.
     Session(SessionInfo),
+    /// The delegated grant is made: its token, good only with the grant's key, until its
+    /// expiry.
+    Delegated {
+        /// The grant as recorded.
+        info: DelegationInfo,
+        /// The delegation token (presented with [`ClientMsg::Resume`] by the delegate).
+        token: String,
+        /// The services granted, with their kinds.
+        services: Vec<ServiceInfo>,
+    },
+    /// The signed-in user's grants, live and recently ended.
+    Delegations {
+        /// The grants, newest first.
+        grants: Vec<DelegationInfo>,
+    },
+    /// The grant is revoked: its delegate's connections close within seconds.
+    DelegationRevoked {
+        /// The grant's id.
+        id: String,
+    },
     /// The request was refused.
     Error(Refusal),
 }
@@ -383,6 +502,8 @@ pub enum RefusalCode {
     IdpCheckNeeded,
     /// This gateway has no identity provider: enrol with an invite.
     NoIdentityProvider,
+    /// The delegated grant does not allow this (service, method, path, or delegating at all).
+    DelegationRefused,
 }
 
 #[cfg(test)]

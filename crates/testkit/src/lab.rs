@@ -390,6 +390,7 @@ allow = ["*"]
 
     /// The audit log, one JSON value per line.
     pub fn audit(&self) -> Vec<serde_json::Value> {
+        self.gateway.flush_audit();
         read_audit(&self.dir.path().join("audit.jsonl"))
     }
 

@@ -20,6 +20,14 @@ pub enum ProxyError {
     /// The request's path could step out of the service's base path.
     #[error("touchgate: {0}")]
     BadPath(String),
+    /// The delegated grant the request came under does not allow it.
+    #[error("touchgate: the grant {label:?} does not allow this: {why}")]
+    Delegation {
+        /// The grant's label.
+        label: String,
+        /// What it does not allow, and what it does.
+        why: String,
+    },
     /// The service's upstream URL is not usable (a config error).
     #[error("touchgate: {0}")]
     BadUpstream(String),
@@ -56,7 +64,7 @@ impl ProxyError {
     /// The status the caller gets.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Browser { .. } => StatusCode::FORBIDDEN,
+            Self::Browser { .. } | Self::Delegation { .. } => StatusCode::FORBIDDEN,
             Self::BadPath(_) => StatusCode::BAD_REQUEST,
             Self::Assertion(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -71,6 +79,7 @@ impl ProxyError {
         match self {
             Self::Browser { .. } => AuditKind::BrowserRequestRefused,
             Self::BadPath(_) => AuditKind::RequestRefused,
+            Self::Delegation { .. } => AuditKind::DelegationRefused,
             _ => AuditKind::UpstreamError,
         }
     }
@@ -78,7 +87,10 @@ impl ProxyError {
     /// Whether the caller (or a page in its browser) caused it, rather than the gateway or
     /// the upstream: such lines are limited per source.
     pub fn caused_by_caller(&self) -> bool {
-        matches!(self, Self::Browser { .. } | Self::BadPath(_))
+        matches!(
+            self,
+            Self::Browser { .. } | Self::BadPath(_) | Self::Delegation { .. }
+        )
     }
 }
 

@@ -419,7 +419,9 @@ fn the_access_review_lists_every_grant_with_its_last_use() {
     let people = [user("ann", false, 2), user("bo", true, 1)];
     let groups = HashMap::from([("bo".to_owned(), vec!["dba".to_owned()])]);
     let grants = access_review(&r, &people, &groups, &services());
-    let seen: Vec<(&str, Option<&str>, Option<&str>, bool, bool)> = grants
+    // User, service, granted by, disabled, unused.
+    type Seen<'a> = (&'a str, Option<&'a str>, Option<&'a str>, bool, bool);
+    let seen: Vec<Seen<'_>> = grants
         .iter()
         .map(|g| {
             (

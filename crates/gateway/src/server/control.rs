@@ -14,10 +14,12 @@ struct Pending {
     idp_nonce: Option<String>,
     /// A user whose key's answer verified but whose last check with the identity provider is
     /// too old: the session waits for [`ClientMsg::IdpRecheck`].
-    idp_recheck: Option<String>,
+    idp_recheck: Option<(String, KeyUsed)>,
     /// A device enrolment waiting for the user at the provider (the device code never leaves
     /// the gateway).
     device: Option<PendingDevice>,
+    /// A delegated grant waiting for the key's answer.
+    delegation: Option<super::delegation::PendingDelegation>,
 }
 
 /// A device authorization in progress on one connection.
@@ -75,7 +77,9 @@ impl ConnCtx {
         session: &watch::Sender<Option<Arc<SessionClaims>>>,
     ) -> ServerMsg {
         let gw = &self.gw;
-        if let ClientMsg::EnrollBegin { user, .. } | ClientMsg::LoginBegin { user } = &msg
+        if let ClientMsg::EnrollBegin { user, .. }
+        | ClientMsg::LoginBegin { user }
+        | ClientMsg::DelegateBegin { user, .. } = &msg
             && (user.is_empty() || user.len() > MAX_USER_LEN)
         {
             let r = Refusal::new(
@@ -216,17 +220,19 @@ impl ConnCtx {
                         self.count_failure(&user);
                     }
                 }) {
-                    Ok(()) => {
+                    Ok(key) => {
                         gw.audit.record(AuditEvent {
                             user: Some(user.clone()),
                             outcome: Some("ok".into()),
-                            ..self.event(AuditKind::ChallengeVerified)
+                            ..self
+                                .event(AuditKind::ChallengeVerified)
+                                .with_key(&gw.rp, &key)
                         });
                         match self.idp_fresh(&user).await {
-                            Ok(until) => self.issue_session(&user, until, session),
+                            Ok(until) => self.issue_session(&user, until, key, session),
                             Err(r) => {
                                 if r.code == RefusalCode::IdpCheckNeeded {
-                                    pending.idp_recheck = Some(user.clone());
+                                    pending.idp_recheck = Some((user.clone(), key));
                                 }
                                 self.refused(AuditKind::IdpRefused, Some(&user), &r);
                                 ServerMsg::Error(r)
@@ -259,17 +265,71 @@ impl ConnCtx {
                 code_verifier,
                 redirect_uri,
             } => {
-                let (user, nonce) = (pending.idp_recheck.take(), pending.idp_nonce.take());
+                let (signed_in, nonce) = (pending.idp_recheck.take(), pending.idp_nonce.take());
+                let (user, key) = signed_in.unzip();
                 match self
                     .idp_recheck(user, nonce, &code, &code_verifier, &redirect_uri)
                     .await
                 {
-                    Ok((user, until)) => self.issue_session(&user, Some(until), session),
+                    Ok((user, until)) => match key {
+                        Some(key) => self.issue_session(&user, Some(until), key, session),
+                        None => ServerMsg::Error(Refusal::new(
+                            RefusalCode::Internal,
+                            "no sign-in waits for the identity provider on this connection",
+                        )),
+                    },
                     Err(r) => {
                         self.count_failure("");
                         self.refused(AuditKind::IdpRefused, None, &r);
                         ServerMsg::Error(r)
                     }
+                }
+            }
+            ClientMsg::DelegateBegin { user, grant } => {
+                match self.delegate_begin(&user, &grant).await {
+                    Ok((options, p)) => {
+                        pending.delegation = Some(p);
+                        gw.audit.record(AuditEvent {
+                            user: Some(untrusted_user(&user)),
+                            delegate: Some(crate::browser::untrusted(&grant.label)),
+                            ..self.event(AuditKind::ChallengeIssued)
+                        });
+                        ServerMsg::LoginChallenge {
+                            options,
+                            origin: gw.rp.origin().to_owned(),
+                        }
+                    }
+                    Err(r) => {
+                        self.refused(AuditKind::DelegationRefused, Some(&user), &r);
+                        ServerMsg::Error(r)
+                    }
+                }
+            }
+            ClientMsg::DelegateFinish { credential } => {
+                let Some(p) = pending.delegation.take() else {
+                    let r = Refusal::new(
+                        RefusalCode::ChallengeExpired,
+                        "no delegation is in progress on this connection: challenges are single-use",
+                    );
+                    self.refused(AuditKind::DelegationRefused, None, &r);
+                    return ServerMsg::Error(r);
+                };
+                match self.delegate_finish(p, credential).await {
+                    Ok(reply) => reply,
+                    Err(r) => {
+                        self.refused(AuditKind::DelegationRefused, None, &r);
+                        ServerMsg::Error(r)
+                    }
+                }
+            }
+            ClientMsg::ListDelegations => match self.list_delegations(session).await {
+                Ok(grants) => ServerMsg::Delegations { grants },
+                Err(r) => ServerMsg::Error(r),
+            },
+            ClientMsg::RevokeDelegation { id } => {
+                match self.revoke_own_delegation(session, &id).await {
+                    Ok(id) => ServerMsg::DelegationRevoked { id },
+                    Err(r) => ServerMsg::Error(r),
                 }
             }
             ClientMsg::Resume { token } => match self.resume(&token) {
@@ -279,7 +339,9 @@ impl ConnCtx {
                         user: Some(claims.sub.clone()),
                         session: Some(claims.jti.clone()),
                         expires_at: Some(claims.exp),
-                        ..self.event(AuditKind::SessionResumed)
+                        ..self
+                            .event(AuditKind::SessionResumed)
+                            .with_claims(&gw.rp, &claims)
                     });
                     self.start_session(token, claims, session)
                 }
@@ -298,6 +360,7 @@ impl ConnCtx {
         &self,
         user: &str,
         until: Option<u64>,
+        key: KeyUsed,
         session: &watch::Sender<Option<Arc<SessionClaims>>>,
     ) -> ServerMsg {
         let gw = &self.gw;
@@ -307,7 +370,7 @@ impl ConnCtx {
         let (token, claims) =
             match gw
                 .signer
-                .issue_session_at_epoch(user, &self.thumb, now, exp, epoch)
+                .issue_session_at_epoch(user, &self.thumb, now, exp, epoch, Some(key))
             {
                 Ok(t) => t,
                 Err(e) => {
@@ -319,7 +382,9 @@ impl ConnCtx {
             user: Some(user.to_owned()),
             session: Some(claims.jti.clone()),
             expires_at: Some(claims.exp),
-            ..self.event(AuditKind::SessionIssued)
+            ..self
+                .event(AuditKind::SessionIssued)
+                .with_claims(&gw.rp, &claims)
         });
         self.start_session(token, claims, session)
     }
@@ -403,6 +468,12 @@ impl ConnCtx {
             .services
             .iter()
             .filter(|s| s.allows(&claims.sub, &groups))
+            .filter(|s| {
+                claims
+                    .dlg
+                    .as_ref()
+                    .is_none_or(|d| d.services.contains(&s.name))
+            })
             .map(|s| ServiceInfo {
                 name: s.name.clone(),
                 kind: s.kind,
@@ -430,7 +501,7 @@ impl ConnCtx {
     /// source address. Only failures count against a user, and only from the address they
     /// came from: a peer elsewhere that asks for challenges in someone's name, or sends
     /// garbage answers, cannot lock that person out.
-    fn rate_limit(&self, user: &str) -> Result<(), Refusal> {
+    pub(super) fn rate_limit(&self, user: &str) -> Result<(), Refusal> {
         let gw = &self.gw;
         let per = gw.cfg.limits.signin_attempts_per_minute;
         let ip = self.peer.ip();
@@ -448,7 +519,7 @@ impl ConnCtx {
     }
 
     /// Counts a failed enrolment or sign-in against the user from this source address.
-    fn count_failure(&self, user: &str) {
+    pub(super) fn count_failure(&self, user: &str) {
         self.gw.limiter.failure(user, self.peer.ip());
     }
 
@@ -767,7 +838,10 @@ impl ConnCtx {
     /// looks the same, for a credential that does not exist (its id derived from a gateway
     /// secret, so it is stable per name): a peer cannot tell who is enrolled, and the
     /// answer fails as a wrong key's would.
-    async fn login_begin(&self, user: &str) -> Result<(serde_json::Value, PendingLogin), Refusal> {
+    pub(super) async fn login_begin(
+        &self,
+        user: &str,
+    ) -> Result<(serde_json::Value, PendingLogin), Refusal> {
         let gw = &self.gw;
         let u = user.to_owned();
         let keys = load_keys(&gw.db(move |s| s.credentials(&u)).await?)?;
@@ -785,14 +859,26 @@ impl ConnCtx {
         &self,
         p: PendingLogin,
         credential: serde_json::Value,
-    ) -> Result<(), Refusal> {
+    ) -> Result<KeyUsed, Refusal> {
+        self.login_finish_bound(p, credential, &self.binding.clone())
+            .await
+    }
+
+    /// Verifies a sign-in assertion that must carry `binding` (this connection's exporter, or
+    /// a delegation's binding over it), advances the key's counter, and says which key it was.
+    pub(super) async fn login_finish_bound(
+        &self,
+        p: PendingLogin,
+        credential: serde_json::Value,
+        binding: &[u8],
+    ) -> Result<KeyUsed, Refusal> {
         let gw = &self.gw;
         let user = p.user.clone();
-        let result = gw.rp.finish_login(p, credential, &self.binding)?;
+        let result = gw.rp.finish_login(p, credential, binding)?;
         // Persist the new counter before the session exists, so a clone cannot race it.
         let u = user.clone();
         let stored = gw.db(move |s| s.credentials(&u)).await?;
-        let mut updated: Option<(String, String)> = None;
+        let mut updated: Option<(String, String, String)> = None;
         for c in &stored {
             let mut key: webauthn_rs::prelude::SecurityKey = serde_json::from_str(&c.key_json)
                 .map_err(|e| {
@@ -804,10 +890,10 @@ impl ConnCtx {
             if key.update_credential(&result).is_some() {
                 let json = serde_json::to_string(&key)
                     .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?;
-                updated = Some((c.cred_id.clone(), json));
+                updated = Some((c.cred_id.clone(), json, c.aaguid.clone()));
             }
         }
-        let Some((cred_id, json)) = updated else {
+        let Some((cred_id, json, aaguid)) = updated else {
             return Err(Refusal::new(
                 RefusalCode::VerificationFailed,
                 "the assertion's credential is not enrolled for this user",
@@ -829,6 +915,10 @@ impl ConnCtx {
         if gw.db(move |s| s.is_disabled(&u)).await? {
             return Err(disabled_refusal());
         }
+        let key = KeyUsed {
+            cred: cred_id.clone(),
+            aaguid,
+        };
         let (u, id) = (user.clone(), cred_id);
         let recorded = gw.store.clone();
         tokio::task::spawn_blocking(move || recorded.record_sign_in(&u, &id, now_secs()))
@@ -841,7 +931,7 @@ impl ConnCtx {
                     "this key was removed from your account during the sign-in: ask your admin",
                 )
             })?;
-        Ok(())
+        Ok(key)
     }
 
     fn resume(&self, token: &str) -> Result<SessionClaims, Refusal> {
@@ -867,10 +957,28 @@ impl ConnCtx {
         if gw.revocations.disabled(&claims.sub) {
             return Err(disabled_refusal());
         }
+        if let Some(d) = &claims.dlg {
+            if gw.revocations.delegation_revoked(&d.id) {
+                return Err(Refusal::new(
+                    RefusalCode::SessionRevoked,
+                    "this delegated grant was revoked: ask its owner for a new one",
+                ));
+            }
+            if !gw.cfg.delegation.enabled {
+                return Err(Refusal::new(
+                    RefusalCode::DelegationRefused,
+                    "this gateway no longer allows delegated access ([delegation] enabled = false)",
+                ));
+            }
+        }
         if gw.revocations.revoked(&claims) {
             return Err(revoked_refusal());
         }
-        if let Some(idle) = gw.activity.idle_for(&claims.jti)
+        // A grant lasts until its expiry, however long its delegate is away.
+        if let Some(idle) = gw
+            .activity
+            .idle_for(&claims.jti)
+            .filter(|_| claims.dlg.is_none())
             && idle > gw.cfg.session.idle_timeout
         {
             return Err(Refusal::new(

@@ -45,8 +45,15 @@ pub(crate) struct Revocations {
     disabled: std::sync::RwLock<std::collections::HashSet<String>>,
     /// Each user's groups (identity provider or SCIM), for `allow_groups`.
     groups: std::sync::RwLock<HashMap<String, Arc<[String]>>>,
+    /// Delegated grants revoked before their expiry.
+    revoked_delegations: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// When each grant's last use was written to the store.
+    delegation_use: Mutex<HashMap<String, Instant>>,
     live: Mutex<HashMap<u64, (Arc<SessionClaims>, quinn::Connection)>>,
 }
+
+/// How often a grant's last use is written to the store, at most.
+const DELEGATION_USE_EVERY: Duration = Duration::from_secs(60);
 
 /// How often the gateway reloads revocation epochs.
 pub const REVOCATION_POLL: Duration = Duration::from_secs(1);
@@ -69,6 +76,46 @@ impl Revocations {
 
     pub(crate) fn set_disabled(&self, d: std::collections::HashSet<String>) {
         *self.disabled.write().unwrap_or_else(|e| e.into_inner()) = d;
+    }
+
+    pub(crate) fn set_revoked_delegations(&self, d: std::collections::HashSet<String>) {
+        *self
+            .revoked_delegations
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = d;
+    }
+
+    /// Marks grant `id` revoked at once (the store has it too; the next reload agrees).
+    pub(super) fn revoke_delegation(&self, id: &str) {
+        self.revoked_delegations
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned());
+    }
+
+    pub(super) fn delegation_revoked(&self, id: &str) -> bool {
+        self.revoked_delegations
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+    }
+
+    /// Whether a use of grant `id` is to be written now: at most once a minute per grant.
+    pub(super) fn note_delegation_use(&self, id: &str) -> bool {
+        let mut used = self
+            .delegation_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if used.len() > 100_000 {
+            used.retain(|_, t| t.elapsed() < DELEGATION_USE_EVERY);
+        }
+        match used.get(id) {
+            Some(t) if t.elapsed() < DELEGATION_USE_EVERY => false,
+            _ => {
+                used.insert(id.to_owned(), Instant::now());
+                true
+            }
+        }
     }
 
     pub(crate) fn set_groups(&self, g: HashMap<String, Vec<String>>) {
@@ -113,7 +160,11 @@ impl Revocations {
     /// Whether an admin ended the session: its user's epoch moved past it, or the user is
     /// disabled (which also covers a sign-in that raced the disable past the epoch reload).
     pub(super) fn revoked(&self, c: &SessionClaims) -> bool {
-        c.epoch < self.epoch(&c.sub) || self.disabled(&c.sub)
+        c.epoch < self.epoch(&c.sub)
+            || self.disabled(&c.sub)
+            || c.dlg
+                .as_ref()
+                .is_some_and(|d| self.delegation_revoked(&d.id))
     }
 
     pub(super) fn add(&self, conn_id: u64, claims: Arc<SessionClaims>, conn: quinn::Connection) {
@@ -217,9 +268,14 @@ impl Gateway {
                     {
                         tracing::error!(error = %e, "cannot reload the signing keys");
                     }
-                    store
-                        .epochs()
-                        .and_then(|e| Ok((e, store.disabled_users()?, store.user_groups(groups)?)))
+                    store.epochs().and_then(|e| {
+                        Ok((
+                            e,
+                            store.disabled_users()?,
+                            store.user_groups(groups)?,
+                            store.revoked_delegations()?,
+                        ))
+                    })
                 }),
             )
             .await;
@@ -231,10 +287,11 @@ impl Gateway {
                 continue;
             };
             match loaded {
-                Ok(Ok((e, d, g))) => {
+                Ok(Ok((e, d, g, r))) => {
                     self.revocations.set_epochs(e);
                     self.revocations.set_disabled(d);
                     self.revocations.set_groups(g);
+                    self.revocations.set_revoked_delegations(r);
                 }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "cannot reload revocations");
@@ -246,11 +303,21 @@ impl Gateway {
                 }
             }
             for (conn_id, claims, conn) in self.revocations.take_revoked() {
+                let grant_ended = claims
+                    .dlg
+                    .as_ref()
+                    .is_some_and(|d| self.revocations.delegation_revoked(&d.id));
                 let (event, code, why): (_, _, &[u8]) = if self.revocations.disabled(&claims.sub) {
                     (
                         AuditKind::SessionDisabled,
                         close::ACCOUNT_DISABLED,
                         b"account disabled by an admin",
+                    )
+                } else if grant_ended {
+                    (
+                        AuditKind::SessionRevoked,
+                        close::SESSION_REVOKED,
+                        b"delegated grant revoked",
                     )
                 } else {
                     (
@@ -266,6 +333,7 @@ impl Gateway {
                     session: Some(claims.jti.clone()),
                     conn: Some(conn_id),
                     peer: Some(self.carriers.shown_peer(conn.remote_address()).to_string()),
+                    delegate: claims.act.as_ref().map(|a| a.sub.clone()),
                     ..AuditEvent::new(event)
                 });
             }

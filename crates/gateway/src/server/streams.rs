@@ -3,6 +3,22 @@
 
 use super::*;
 
+/// Whether the gateway's `[delegation]` policy lets `service` be delegated; the words say why not.
+pub fn delegable(cfg: &crate::config::DelegationConfig, service: &str) -> Result<(), String> {
+    if !cfg.enabled {
+        return Err(
+            "this gateway does not allow delegated access ([delegation] enabled = false)".into(),
+        );
+    }
+    if !cfg.services.is_empty() && !cfg.services.iter().any(|s| s == service) {
+        return Err(format!(
+            "this gateway does not allow delegating service {service:?} (it allows {})",
+            cfg.services.join(", ")
+        ));
+    }
+    Ok(())
+}
+
 /// How long a refusal to a stream opened before sign-in may take to be written.
 const REFUSAL_WRITE_WAIT: Duration = Duration::from_secs(5);
 
@@ -42,6 +58,22 @@ pub fn authorize_stream<'c>(
             ),
         ));
     };
+    if let Some(d) = &claims.dlg {
+        let label = claims.act.as_ref().map_or("?", |a| a.sub.as_str());
+        if let Err(why) = delegable(&cfg.delegation, &svc.name) {
+            return Err(Refusal::new(RefusalCode::DelegationRefused, why));
+        }
+        if !d.services.contains(&svc.name) {
+            return Err(Refusal::new(
+                RefusalCode::DelegationRefused,
+                format!(
+                    "the grant {label:?} does not include service {:?} (it has {})",
+                    svc.name,
+                    d.services.join(", ")
+                ),
+            ));
+        }
+    }
     match svc.grant(&claims.sub, groups) {
         Some(grant) => Ok((svc, grant)),
         None => Err(Refusal::new(
@@ -157,15 +189,31 @@ impl ConnCtx {
             return;
         }
         gw.activity.touch(&claims.jti);
+        if let Some(d) = &claims.dlg
+            && gw.revocations.note_delegation_use(&d.id)
+        {
+            let (store, id) = (gw.store.clone(), d.id.clone());
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.record_delegation_use(&id, now_secs()) {
+                    tracing::warn!(error = %e, "cannot record a grant's use");
+                }
+            });
+        }
         let _open = OpenStream::new(&self.open_streams);
         Metrics::inc(&gw.metrics.streams_total);
         Metrics::inc(&gw.metrics.streams_open);
-        gw.audit.record(AuditEvent {
+        // Who is behind every line of this stream: the user, the session and its key.
+        let who = AuditEvent {
             user: Some(user.to_owned()),
             service: Some(svc.name.clone()),
             session: Some(claims.jti.clone()),
-            granted_by: Some(grant),
-            ..self.event(AuditKind::StreamOpened)
+            ..self
+                .event(AuditKind::StreamOpened)
+                .with_claims(&gw.rp, &claims)
+        };
+        gw.audit.record(AuditEvent {
+            granted_by: Some(grant.clone()),
+            ..who.clone()
         });
         let started = Instant::now();
         let io = Counted::new(tokio::io::join(recv, send));
@@ -192,7 +240,17 @@ impl ConnCtx {
                 }
             }
             None => {
-                let ctx = StreamContext::new(user, svc.clone(), browser).with_peer(self.peer);
+                let mut ctx = StreamContext::new(user, svc.clone(), browser).with_peer(self.peer);
+                if let (Some(scope), Some(act)) = (&claims.dlg, &claims.act) {
+                    ctx = ctx.with_delegation(&act.sub, scope);
+                }
+                if gw.cfg.audit.requests && gw.audit.keeps() {
+                    ctx = ctx.with_request_audit(AuditEvent {
+                        event: AuditKind::Request,
+                        granted_by: Some(grant),
+                        ..who.clone()
+                    });
+                }
                 gw.proxy.clone().serve_http(io, ctx).await;
                 "ok".to_owned()
             }
@@ -203,14 +261,12 @@ impl ConnCtx {
         Metrics::dec(&gw.metrics.streams_open);
         gw.activity.touch(&claims.jti);
         gw.audit.record(AuditEvent {
-            user: Some(user.to_owned()),
-            service: Some(svc.name.clone()),
-            session: Some(claims.jti.clone()),
+            event: AuditKind::StreamClosed,
             outcome: Some(outcome),
             bytes_up: Some(up),
             bytes_down: Some(down),
             duration_ms: Some(started.elapsed().as_millis() as u64),
-            ..self.event(AuditKind::StreamClosed)
+            ..who
         });
     }
 

@@ -69,7 +69,8 @@ pub(crate) mod locks {
 
 /// The schema, version by version. A database at version N has run the first N; each runs in
 /// one transaction with the migration lock held, so replicas starting together take turns.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE users (
         name TEXT PRIMARY KEY,
         uuid TEXT NOT NULL,
@@ -150,7 +151,25 @@ const MIGRATIONS: &[&str] = &[r#"
         FOR EACH STATEMENT EXECUTE FUNCTION touchgate_changed();
     CREATE TRIGGER keys_changed AFTER INSERT ON signing_keys
         FOR EACH STATEMENT EXECUTE FUNCTION touchgate_changed();
-"#];
+"#,
+    // Delegated grants; a revoke is announced like a user's.
+    r#"
+    CREATE TABLE delegations (
+        id TEXT PRIMARY KEY,
+        "user" TEXT NOT NULL REFERENCES users(name),
+        label TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        cred_id TEXT NOT NULL,
+        created BIGINT NOT NULL,
+        expires BIGINT NOT NULL,
+        last_used BIGINT,
+        revoked BIGINT
+    );
+    CREATE INDEX delegations_user ON delegations("user");
+    CREATE TRIGGER delegations_changed AFTER UPDATE OF revoked ON delegations
+        FOR EACH STATEMENT EXECUTE FUNCTION touchgate_changed();
+"#,
+];
 
 /// Whether `database` is a PostgreSQL URL.
 pub fn is_url(database: &str) -> bool {

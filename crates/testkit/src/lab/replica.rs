@@ -120,6 +120,7 @@ impl Replica {
 
     /// The replica's audit log, one JSON value per line.
     pub fn audit(&self) -> Vec<serde_json::Value> {
+        self.gateway.flush_audit();
         read_audit(&self.audit_path)
     }
 

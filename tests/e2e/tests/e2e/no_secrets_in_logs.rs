@@ -102,6 +102,7 @@ async fn a_full_run_logs_no_secret_at_info_or_above() -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("poisoned"))?
             .clone(),
     )?;
+    lab.gateway.flush_audit();
     let audit_text = std::fs::read_to_string(lab.dir.path().join("audit.jsonl"))?;
     assert!(
         log_text.contains("INFO") && log_text.contains("WARN"),

@@ -165,8 +165,12 @@ async fn a_service_verifies_the_gateways_assertion_and_refuses_every_other() -> 
     // Another gateway (a staging one, say) with keys of its own.
     let other_dir = tempfile::tempdir()?;
     let other_store = Store::open(&other_dir.path().join("other.db"))?;
-    let other_gateway =
-        TokenSigner::load(&other_store, ISSUER)?.identity_assertion(ALICE, "api", API_AUDIENCE)?;
+    let other_gateway = TokenSigner::load(&other_store, ISSUER)?.identity_assertion(
+        ALICE,
+        "api",
+        API_AUDIENCE,
+        None,
+    )?;
     let other_key = other_store
         .signing_keys()?
         .into_iter()
