@@ -1,10 +1,12 @@
 //! Benchmark tools for `scripts/bench`: a fast local upstream, HTTP figures measured against any
 //! base URL (so direct, `ssh -L` and touchgate are measured the same way), and figures only
 //! touchgate has (assertion verifications per second, gateway memory per open stream, the
-//! agent's per-connection check of who owns a local connection), and for `scripts/scale`, the
-//! signed-in agents one gateway holds open and sign-ins per second on each store (module `scale`).
+//! agent's per-connection check of who owns a local connection), a delay relay that gives
+//! each path the same round-trip time (module `relay`), and for `scripts/scale`, the signed-in
+//! agents one gateway holds open and sign-ins per second on each store (module `scale`).
 //! Every figure is printed as one JSON object on stdout.
 
+mod relay;
 mod scale;
 
 use std::{
@@ -31,7 +33,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Print a free TCP port on 127.0.0.1.
+    /// Print a port of 127.0.0.1 free on both TCP and UDP (the gateway, and a relay in front
+    /// of it, take the same port on both).
     FreePort,
     /// Serve `/small` (13 bytes) and `/bulk?n=N` (N bytes) over HTTP/1.1.
     Upstream {
@@ -108,6 +111,9 @@ enum Cmd {
         #[arg(long)]
         gateway_pid: u32,
     },
+    /// Relay UDP datagrams or TCP connections (or both, on one port) to another address,
+    /// adding a fixed delay in each direction: a round-trip time without netem.
+    Relay(relay::Relay),
     /// Start a PostgreSQL for a run (Debian's, in a temporary directory, on a free port of
     /// 127.0.0.1); print its URL and keep it until Ctrl-C or SIGTERM.
     Postgres,
@@ -127,11 +133,7 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::FreePort => {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-            println!("{}", l.local_addr()?.port());
-            Ok(())
-        }
+        Cmd::FreePort => free_port(),
         Cmd::Upstream { listen } => upstream(listen).await,
         Cmd::Bulk { url, conns, bytes } => bulk(&url, conns, bytes).await,
         Cmd::Latency {
@@ -149,11 +151,24 @@ async fn main() -> anyhow::Result<()> {
             count,
             gateway_pid,
         } => streams(&config, &service, count, gateway_pid).await,
+        Cmd::Relay(args) => relay::relay(&args).await,
         Cmd::Postgres => scale::postgres().await,
         Cmd::Enrol { target } => scale::enrol(&target).await,
         Cmd::Agents(args) => scale::agents(&args).await,
         Cmd::Signins(args) => scale::signins(&args).await,
     }
+}
+
+fn free_port() -> anyhow::Result<()> {
+    for _ in 0..100 {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = tcp.local_addr()?.port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            println!("{port}");
+            return Ok(());
+        }
+    }
+    anyhow::bail!("no port of 127.0.0.1 free on both TCP and UDP in 100 tries")
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -225,12 +240,23 @@ async fn open(addr: &str) -> anyhow::Result<Sender> {
     Ok(sender)
 }
 
-async fn get_all(sender: &mut Sender, path: &str) -> anyhow::Result<u64> {
+/// GETs `path` from `host` (the URL's `host:port`, as a browser or curl would send it: the agent
+/// refuses other names in `Host`) and counts the body's bytes.
+async fn get_all(sender: &mut Sender, host: &str, path: &str) -> anyhow::Result<u64> {
     sender.ready().await?;
     let req = hyper::Request::get(path)
-        .header("host", "bench")
+        .header("host", host)
         .body(Empty::new())?;
-    let mut body = sender.send_request(req).await?.into_body();
+    let resp = sender.send_request(req).await?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::bail!(
+            "{path} answered {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
+    }
+    let mut body = resp.into_body();
     let mut n = 0u64;
     while let Some(f) = body.frame().await {
         if let Some(d) = f?.data_ref() {
@@ -248,7 +274,7 @@ async fn bulk(url: &str, conns: usize, bytes: u64) -> anyhow::Result<()> {
         let addr = addr.clone();
         tasks.push(tokio::spawn(async move {
             let mut s = open(&addr).await?;
-            get_all(&mut s, &format!("/bulk?n={bytes}")).await
+            get_all(&mut s, &addr, &format!("/bulk?n={bytes}")).await
         }));
     }
     let mut total = 0;
@@ -294,7 +320,7 @@ async fn latency(url: &str, rate: u64, conns: u64, duration: Duration) -> anyhow
                     break;
                 }
                 tokio::time::sleep_until(scheduled.into()).await;
-                get_all(&mut s, "/small").await?;
+                get_all(&mut s, &addr, "/small").await?;
                 let ms = scheduled.elapsed().as_secs_f64() * 1000.0;
                 samples
                     .lock()
@@ -328,7 +354,7 @@ async fn connect(url: &str, count: usize) -> anyhow::Result<()> {
         let mut s = open(&addr).await?;
         s.ready().await?;
         let req = hyper::Request::get("/small")
-            .header("host", "bench")
+            .header("host", &addr)
             .body(Empty::new())?;
         let resp = s.send_request(req).await?;
         v.push(t.elapsed().as_secs_f64() * 1000.0);
