@@ -278,7 +278,7 @@ async fn approve(
             token,
             services,
         } => {
-            if info.grant != *grant {
+            if info.grant != *grant || info.user != cfg.user || !grant_id_ok(&info.id) {
                 return Err(TunnelError::Protocol(
                     "the gateway recorded another grant than the one approved".into(),
                 )
@@ -288,6 +288,13 @@ async fn approve(
         }
         other => Err(TunnelError::Protocol(format!("expected the grant, got {other:?}")).into()),
     }
+}
+
+/// Whether `id` has the shape the gateway gives grant ids (`dlg-` and 16 hex digits): it
+/// names a file of the agent's, so nothing else is taken.
+fn grant_id_ok(id: &str) -> bool {
+    id.strip_prefix("dlg-")
+        .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Fails unless only the owner can read `path` (it holds a private key).
@@ -395,6 +402,12 @@ pub fn load_headless(
     ports: &[(String, u16)],
     socket: Option<PathBuf>,
 ) -> Result<Headless, DelegationError> {
+    if !grant_id_ok(&file.grant.id) {
+        return Err(DelegationError::Key(format!(
+            "the file names a grant id of an unknown shape ({:?})",
+            file.grant.id
+        )));
+    }
     let now = crate::unix_now();
     if file.grant.grant.expires_at <= now {
         return Err(DelegationError::Expired {
@@ -604,6 +617,19 @@ pub fn describe(d: &DelegationInfo, now: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_gateways_grant_ids_are_taken() {
+        assert!(grant_id_ok("dlg-3f9c0d41a2b7e815"));
+        for bad in [
+            "dlg-3f9c0d41a2b7e81",
+            "dlg-../../../tmp/x",
+            "x-3f9c0d41a2b7e815",
+            "",
+        ] {
+            assert!(!grant_id_ok(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn url_variables_are_shell_names() {

@@ -2,7 +2,10 @@
 //!
 //! Lines are formatted by whoever records them and queued; a thread of the log's own writes
 //! what has queued up every few milliseconds, in one call: a request pays for formatting its
-//! line and a short lock, not for a system call or a thread woken per line.
+//! line and a short lock, not for a system call or a thread woken per line. Security events
+//! (sign-ins, sessions, refusals, admin changes) wait until they are written; request and
+//! stream lines go with the next batch, and are dropped, counted, when the writer falls more
+//! than 64 MiB behind.
 //! [`AuditLog::flush`] waits until everything recorded so far is written (the gateway flushes
 //! when it stops); the last clone of a log flushes when it is dropped.
 
@@ -36,6 +39,10 @@ const FLUSH_WAIT: Duration = Duration::from_secs(5);
 const TICK: Duration = Duration::from_millis(10);
 /// What makes the writing thread write before its tick.
 const BATCH_MAX: usize = 256 * 1024;
+/// The most the queue holds: when the sink stalls (a full disk, a stuck pipe), request and
+/// stream lines past it are counted and dropped, and one `audit_lines_dropped` line says how
+/// many; security events are always kept.
+const QUEUE_MAX: usize = 64 * 1024 * 1024;
 
 /// Lines waiting for the writing thread, and the flushes asked for and done.
 #[derive(Default)]
@@ -44,6 +51,8 @@ struct Queue {
     asked: u64,
     done: u64,
     closed: bool,
+    /// Lines dropped since the last write.
+    dropped: u64,
 }
 
 struct Shared {
@@ -88,6 +97,9 @@ impl Writer {
                                 .0;
                         }
                         std::mem::swap(&mut q.buf, &mut spare);
+                        if q.dropped > 0 {
+                            spare.extend_from_slice(&dropped_line(std::mem::take(&mut q.dropped)));
+                        }
                         (q.asked, q.closed)
                     };
                     if !spare.is_empty() {
@@ -107,11 +119,22 @@ impl Writer {
         Ok(Self { shared })
     }
 
-    fn push(&self, line: &[u8]) {
-        let mut q = self.shared.lock();
-        q.buf.extend_from_slice(line);
-        if q.buf.len() >= BATCH_MAX {
-            self.shared.wake.notify_one();
+    /// Queues `line`; a `durable` one is written before this returns, any other may be
+    /// dropped when the queue is full.
+    fn push(&self, line: &[u8], durable: bool) {
+        {
+            let mut q = self.shared.lock();
+            if !durable && q.buf.len() + line.len() > QUEUE_MAX {
+                q.dropped += 1;
+                return;
+            }
+            q.buf.extend_from_slice(line);
+            if q.buf.len() >= BATCH_MAX && !durable {
+                self.shared.wake.notify_one();
+            }
+        }
+        if durable {
+            self.flush();
         }
     }
 
@@ -199,6 +222,8 @@ pub enum AuditKind {
     KeyRemoved,
     /// Refusal lines from one source were left out (over the per-minute limit).
     RefusalsSuppressed,
+    /// Request or stream lines were not written: the log's writer fell too far behind.
+    AuditLinesDropped,
     /// An HTTP request was answered (one line per request; `[audit] requests`).
     Request,
     /// A request was refused for its own shape (a path leaving the base path).
@@ -260,7 +285,7 @@ pub enum AuditKind {
 
 impl AuditKind {
     /// Every kind, for documentation and tests.
-    pub const ALL: [AuditKind; 44] = [
+    pub const ALL: [AuditKind; 45] = [
         Self::BrowserRequestRefused,
         Self::ChallengeIssued,
         Self::ChallengeRefused,
@@ -277,6 +302,7 @@ impl AuditKind {
         Self::InviteUsed,
         Self::KeyRemoved,
         Self::RefusalsSuppressed,
+        Self::AuditLinesDropped,
         Self::Request,
         Self::RequestRefused,
         Self::DelegationGranted,
@@ -326,6 +352,7 @@ impl AuditKind {
             Self::InviteUsed => "invite_used",
             Self::KeyRemoved => "key_removed",
             Self::RefusalsSuppressed => "refusals_suppressed",
+            Self::AuditLinesDropped => "audit_lines_dropped",
             Self::Request => "request",
             Self::RequestRefused => "request_refused",
             Self::DelegationGranted => "delegation_granted",
@@ -487,6 +514,24 @@ impl AuditEvent {
     }
 }
 
+/// The line that says `n` lines were dropped.
+fn dropped_line(n: u64) -> Vec<u8> {
+    let event = AuditEvent {
+        suppressed: Some(n),
+        reason: Some(format!(
+            "the audit log's writer fell behind: {n} request or stream lines were not written"
+        )),
+        ..AuditEvent::new(AuditKind::AuditLinesDropped)
+    };
+    let mut line = serde_json::to_vec(&Line {
+        ts: now_rfc3339(),
+        event: &event,
+    })
+    .unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
@@ -624,7 +669,13 @@ impl AuditLog {
             return;
         };
         text.push('\n');
-        w.push(text.as_bytes());
+        // Security events are on disk before the caller goes on; the frequent stream lines
+        // are written with the next batch.
+        let durable = !matches!(
+            event.event,
+            AuditKind::StreamOpened | AuditKind::StreamClosed
+        );
+        w.push(text.as_bytes(), durable);
     }
 
     /// Whether lines are kept at all (an audit log is configured).
@@ -637,7 +688,7 @@ impl AuditLog {
         if let Some(w) = &self.writer {
             let mut text = line.0;
             text.extend_from_slice(b"}\n");
-            w.push(&text);
+            w.push(&text, false);
         }
     }
 

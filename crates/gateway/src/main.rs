@@ -487,17 +487,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (cfg, store) = open_store(&config)?;
             let audit = open_audit(&cfg)?;
             let Some(d) = store
-                .delegation(&id)
-                .context("cannot read the grant")?
-                .filter(|d| d.revoked_at.is_none())
+                .revoke_delegation_by_id(&id)
+                .context("cannot store the revocation")?
             else {
                 anyhow::bail!(
-                    "no live grant {id:?} on this gateway (see `touchgate-gateway delegations`)"
+                    "no live grant {id:?} on this gateway: it is unknown, expired or already revoked (see `touchgate-gateway delegations`)"
                 );
             };
-            store
-                .revoke_delegation(None, &d.id)
-                .context("cannot store the revocation")?;
             audit.record(AuditEvent {
                 user: Some(d.user.clone()),
                 delegate: Some(d.grant.label.clone()),

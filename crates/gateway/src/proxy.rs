@@ -101,44 +101,83 @@ struct Delegation {
 
 impl Delegation {
     /// Whether the grant allows `method` on `path` (the caller's path, before the service's
-    /// base path); the refusal's words say what it allows instead.
-    fn check(&self, method: &http::Method, path: &str) -> Result<(), ProxyError> {
+    /// base path) with `headers`; the refusal's words say what it allows instead.
+    fn check(
+        &self,
+        method: &http::Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<(), ProxyError> {
         let refuse = |why: String| ProxyError::Delegation {
             label: self.label.clone(),
             why,
         };
-        if !self.methods.is_empty() && !self.methods.iter().any(|m| m == method.as_str()) {
-            return Err(refuse(format!(
-                "method {method} (it allows {})",
-                self.methods.join(", ")
-            )));
+        if !self.methods.is_empty() {
+            let allowed = |m: &str| self.methods.iter().any(|a| a.eq_ignore_ascii_case(m));
+            if !allowed(method.as_str()) {
+                return Err(refuse(format!(
+                    "method {method} (it allows {})",
+                    self.methods.join(", ")
+                )));
+            }
+            // Frameworks that honour a method override would turn an allowed POST into a
+            // DELETE: an override must name an allowed method too.
+            for h in METHOD_OVERRIDES {
+                for v in headers.get_all(h) {
+                    let m = v.to_str().unwrap_or("?").trim();
+                    if !allowed(m) {
+                        return Err(refuse(format!(
+                            "{h}: {} (it allows {})",
+                            crate::browser::untrusted(m),
+                            self.methods.join(", ")
+                        )));
+                    }
+                }
+            }
         }
         if self.paths.is_empty() {
             return Ok(());
         }
-        // Checked on the path as the upstream will read it: decoded, and with nothing that
-        // could walk out of a prefix once decoded or normalised there.
-        let lower = path.to_ascii_lowercase();
-        if path.contains('\\') || lower.contains("%2f") || lower.contains("%5c") {
+        // Checked on the path as an upstream may read it: anything that could walk out of a
+        // prefix once decoded (once or more) or normalised there (`..;`, an encoded slash)
+        // is refused rather than normalised here.
+        if upstream::escapes_base(path) {
             return Err(refuse(
-                "a path with an encoded slash or a backslash under a path-limited grant".into(),
+                "a path with dot segments or an encoded slash under a path-limited grant".into(),
             ));
         }
         let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
-        if decoded.split('/').any(|seg| seg == "." || seg == "..") {
-            return Err(refuse(
-                "a path with dot segments under a path-limited grant".into(),
-            ));
-        }
-        if self.paths.iter().any(|p| decoded.starts_with(p.as_str())) {
+        // `;parameters` are dropped by some servers before routing: matched without them.
+        let plain: String = decoded
+            .split('/')
+            .map(|seg| seg.split(';').next().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("/");
+        if self.paths.iter().any(|p| under_prefix(&plain, p)) {
             Ok(())
         } else {
             Err(refuse(format!(
-                "path {} (it allows paths starting with {})",
+                "path {} (it allows paths under {})",
                 crate::browser::untrusted(&decoded),
                 self.paths.join(", ")
             )))
         }
+    }
+}
+
+/// Headers some frameworks take as the request's real method.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Whether `path` is `prefix` or under it, on a segment boundary: `/v1` covers `/v1` and
+/// `/v1/items`, not `/v10` or `/v1-internal`; `/v1/` covers what starts with it.
+fn under_prefix(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
     }
 }
 
@@ -399,7 +438,7 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let svc = &ctx.service;
         if let Some(d) = &ctx.delegation {
-            d.check(req.method(), req.uri().path())?;
+            d.check(req.method(), req.uri().path(), req.headers())?;
         }
         check_browser(&ctx.browser, &req).map_err(|refusal| ProxyError::Browser {
             service: svc.name.clone(),

@@ -304,6 +304,7 @@ const MIGRATIONS: &[&str] = &[
         revoked INTEGER
     );
     CREATE INDEX IF NOT EXISTS delegations_user ON delegations("user");
+    CREATE INDEX IF NOT EXISTS delegations_revoked ON delegations(expires) WHERE revoked IS NOT NULL;
 "#,
 ];
 

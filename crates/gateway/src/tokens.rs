@@ -17,6 +17,11 @@ use crate::store::{Store, StoreError, StoredSigningKey, now_secs};
 /// Audience of session tokens.
 pub const SESSION_AUDIENCE: &str = "touchgate-session";
 
+/// Audience of a delegated grant's token: one of its own, so that a gateway that knows no
+/// grants (an older replica during an upgrade) refuses it instead of taking it for the user's
+/// whole session.
+pub const DELEGATION_AUDIENCE: &str = "touchgate-delegation";
+
 /// How long an identity assertion is valid for the upstream.
 pub const ASSERTION_TTL_SECS: u64 = 300;
 
@@ -352,7 +357,7 @@ impl TokenSigner {
             .get(&kid)
             .ok_or_else(|| TokenError::Invalid("signed by an unknown or retired key".into()))?;
         let mut v = Validation::new(Algorithm::ES256);
-        v.set_audience(&[SESSION_AUDIENCE]);
+        v.set_audience(&[SESSION_AUDIENCE, DELEGATION_AUDIENCE]);
         v.set_issuer(&[&self.issuer]);
         v.leeway = 0;
         v.set_required_spec_claims(&["exp", "iat", "aud", "iss", "sub"]);
@@ -372,6 +377,12 @@ impl TokenSigner {
         if data.claims.iat > now_secs() + 60 {
             return Err(TokenError::Invalid(
                 "issued in the future (not yet valid)".into(),
+            ));
+        }
+        // A grant's token says so twice, in its audience and its scope; either alone is forged.
+        if (data.claims.aud == DELEGATION_AUDIENCE) != data.claims.dlg.is_some() {
+            return Err(TokenError::Invalid(
+                "the audience and the delegated scope disagree".into(),
             ));
         }
         if data.claims.cnf.x5t_s256 != thumbprint {
@@ -413,7 +424,7 @@ impl TokenSigner {
         let claims = SessionClaims {
             iss: self.issuer.clone(),
             sub: info.user.clone(),
-            aud: SESSION_AUDIENCE.to_owned(),
+            aud: DELEGATION_AUDIENCE.to_owned(),
             iat: info.created_at,
             exp: g.expires_at,
             jti: info.id.clone(),

@@ -392,7 +392,7 @@ impl ConnCtx {
     /// For a user enrolled through the identity provider: whether its last check is recent
     /// enough (`[oidc] max_age`), and until when it is. Asked only once the key has answered,
     /// so a peer that merely names someone learns nothing.
-    async fn idp_fresh(&self, user: &str) -> Result<Option<u64>, Refusal> {
+    pub(super) async fn idp_fresh(&self, user: &str) -> Result<Option<u64>, Refusal> {
         let gw = &self.gw;
         let Some(oidc) = gw.oidc.as_deref() else {
             return Ok(None);

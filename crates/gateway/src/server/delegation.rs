@@ -25,16 +25,19 @@ pub(super) struct PendingDelegation {
     grant: Grant,
 }
 
-/// Checks a grant's shape and the gateway's policy; returns it in canonical form.
+/// Checks a grant's shape, its length and that the gateway delegates at all; returns it in
+/// canonical form. Nothing here depends on the gateway's services or on the user.
 pub fn check_grant(
     cfg: &crate::config::DelegationConfig,
-    services: &[crate::config::ServiceConfig],
     grant: &Grant,
     now: u64,
 ) -> Result<Grant, Refusal> {
     let g = grant.normalised();
     let bad = |msg: String| Err(Refusal::new(RefusalCode::BadRequest, msg));
     let refused = |msg: String| Err(Refusal::new(RefusalCode::DelegationRefused, msg));
+    if !cfg.enabled {
+        return refused("this gateway does not allow delegated access".into());
+    }
     let label_ok = |c: char| c.is_ascii_alphanumeric() || "._@:+- ".contains(c);
     if g.label.is_empty()
         || g.label.len() > MAX_LABEL
@@ -56,6 +59,9 @@ pub fn check_grant(
             "a grant lists at most {MAX_ITEMS} services, methods and path prefixes each"
         ));
     }
+    if g.services.iter().any(|s| s.is_empty() || s.len() > 128) {
+        return bad("a service name has 1 to 128 bytes".into());
+    }
     for m in &g.methods {
         if m.is_empty() || m.len() > 16 || !m.bytes().all(|b| b.is_ascii_uppercase()) {
             return bad(format!("{} is not an HTTP method", untrusted(m)));
@@ -64,12 +70,12 @@ pub fn check_grant(
     for p in &g.path_prefixes {
         if !p.starts_with('/')
             || p.len() > MAX_PREFIX
-            || p.contains(['%', '\\', '?', '#'])
+            || p.contains(['%', '\\', '?', '#', ';'])
             || p.chars().any(char::is_control)
             || p.split('/').any(|s| s == "." || s == "..")
         {
             return bad(format!(
-                "path prefix {} must start with / and hold no dot segments, %, \\, ? or #",
+                "path prefix {} must start with / and hold no dot segments, %, \\, ?, # or ;",
                 untrusted(p)
             ));
         }
@@ -92,27 +98,46 @@ pub fn check_grant(
             humantime::format_duration(cfg.max_ttl)
         ));
     }
-    for s in &g.services {
-        let Some(svc) = services.iter().find(|c| c.name == *s) else {
+    Ok(g)
+}
+
+/// Checks, once the key has proved `user` (in `groups`), that every service of `grant`
+/// exists, may be delegated, is whole when it is a TCP service, and is one `user` may use.
+pub fn check_services(
+    cfg: &crate::GatewayConfig,
+    grant: &Grant,
+    user: &str,
+    groups: &[String],
+) -> Result<(), Refusal> {
+    let bad = |msg: String| Err(Refusal::new(RefusalCode::BadRequest, msg));
+    let refused = |msg: String| Err(Refusal::new(RefusalCode::DelegationRefused, msg));
+    for s in &grant.services {
+        let Some(svc) = cfg.service(s) else {
             return bad(format!(
                 "this gateway has no service named {}",
                 untrusted(s)
             ));
         };
-        if let Err(why) = streams::delegable(cfg, &svc.name) {
+        if let Err(why) = streams::delegable(&cfg.delegation, &svc.name) {
             return refused(why);
         }
         if svc.kind == touchgate_proto::ServiceKind::Tcp
-            && (!g.methods.is_empty() || !g.path_prefixes.is_empty())
+            && (!grant.methods.is_empty() || !grant.path_prefixes.is_empty())
         {
             return bad(format!(
-                "service {:?} is a TCP service: it is granted whole, without methods or path prefixes \
-                 (make a separate grant for it)",
+                "service {:?} is a TCP service: it is granted whole, without methods or path \
+                 prefixes (make a separate grant for it)",
+                svc.name
+            ));
+        }
+        if !svc.allows(user, groups) {
+            return refused(format!(
+                "{user} may not use service {:?}, so cannot delegate it",
                 svc.name
             ));
         }
     }
-    Ok(g)
+    Ok(())
 }
 
 impl ConnCtx {
@@ -124,7 +149,7 @@ impl ConnCtx {
     ) -> Result<(serde_json::Value, PendingDelegation), Refusal> {
         let gw = &self.gw;
         self.rate_limit(user)?;
-        let grant = check_grant(&gw.cfg.delegation, &gw.cfg.services, grant, now_secs())?;
+        let grant = check_grant(&gw.cfg.delegation, grant, now_secs())?;
         let (options, login) = self.login_begin(user).await?;
         Ok((options, PendingDelegation { login, grant }))
     }
@@ -148,18 +173,28 @@ impl ConnCtx {
                 }
             })?;
         let grant = p.grant;
-        let groups = gw.revocations.groups(&user);
-        for s in &grant.services {
-            let allowed = gw
-                .cfg
-                .service(s)
-                .is_some_and(|svc| svc.allows(&user, &groups));
-            if !allowed {
-                return Err(Refusal::new(
-                    RefusalCode::DelegationRefused,
-                    format!("{user} may not use service {s:?}, so cannot delegate it"),
-                ));
-            }
+        check_services(&gw.cfg, &grant, &user, &gw.revocations.groups(&user))?;
+        // The identity provider's word on the user is as fresh as a sign-in needs, and a
+        // grant ends no later than it does.
+        if let Some(until) = self.idp_fresh(&user).await.map_err(|r| {
+            Refusal::new(
+                RefusalCode::DelegationRefused,
+                format!(
+                    "{} — sign in with your organisation again (touchgate up), then delegate",
+                    r.message
+                ),
+            )
+        })? && grant.expires_at > until
+        {
+            return Err(Refusal::new(
+                RefusalCode::DelegationRefused,
+                format!(
+                    "your organisation's sign-in is good for {} more: ask for a grant that ends by then",
+                    humantime::format_duration(Duration::from_secs(
+                        until.saturating_sub(now_secs())
+                    ))
+                ),
+            ));
         }
         let id = format!("dlg-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
         let (u, g, i, c) = (user.clone(), grant.clone(), id.clone(), key.cred.clone());
@@ -313,8 +348,9 @@ allow = ["*"]
     #[test]
     fn a_grant_within_the_policy_comes_back_canonical() {
         let c = cfg();
-        let g = check_grant(&c.delegation, &c.services, &grant(), 1_000).expect("allowed");
+        let g = check_grant(&c.delegation, &grant(), 1_000).expect("allowed");
         assert_eq!(g.methods, vec!["GET", "HEAD"]);
+        check_services(&c, &g, "alice@example.com", &[]).expect("services allowed");
     }
 
     #[test]
@@ -323,7 +359,7 @@ allow = ["*"]
         let check = |f: &dyn Fn(&mut Grant)| {
             let mut g = grant();
             f(&mut g);
-            check_grant(&c.delegation, &c.services, &g, 1_000).expect_err("refused")
+            check_grant(&c.delegation, &g, 1_000).expect_err("refused")
         };
         let r = check(&|g| g.expires_at = 1_000 + 3 * 3600);
         assert_eq!(r.code, RefusalCode::DelegationRefused);
@@ -340,11 +376,6 @@ allow = ["*"]
                 .contains("label")
         );
         assert!(
-            check(&|g| g.services = vec!["nope".into()])
-                .message
-                .contains("no service")
-        );
-        assert!(
             check(&|g| g.services.clear())
                 .message
                 .contains("at least one")
@@ -354,7 +385,14 @@ allow = ["*"]
                 .message
                 .contains("not an HTTP method")
         );
-        for p in ["v1/", "/v1/../admin", "/v1/%2e%2e/", "/a\\b", "/q?x"] {
+        for p in [
+            "v1/",
+            "/v1/../admin",
+            "/v1/%2e%2e/",
+            "/a\\b",
+            "/q?x",
+            "/v1;x/",
+        ] {
             assert!(
                 check(&|g| g.path_prefixes = vec![p.into()])
                     .message
@@ -367,8 +405,21 @@ allow = ["*"]
                 .message
                 .contains("thumbprint")
         );
+        // Nothing about the gateway's services is said before the key answers.
+        let unknown = Grant {
+            services: vec!["nope".into()],
+            ..grant()
+        };
+        let g = check_grant(&c.delegation, &unknown, 1_000).expect("the shape only");
+        let r = check_services(&c, &g, "alice@example.com", &[]).expect_err("unknown");
+        assert!(r.message.contains("no service"), "{}", r.message);
         // A TCP service is granted whole.
-        let r = check(&|g| g.services = vec!["db".into()]);
+        let tcp = Grant {
+            services: vec!["db".into()],
+            ..grant()
+        };
+        let r =
+            check_services(&c, &tcp.normalised(), "alice@example.com", &[]).expect_err("refused");
         assert!(r.message.contains("TCP service"), "{}", r.message);
     }
 
@@ -376,7 +427,8 @@ allow = ["*"]
     fn the_policy_can_turn_delegation_off_or_limit_it_to_services() {
         let mut c = cfg();
         c.delegation.services = vec!["db".into()];
-        let r = check_grant(&c.delegation, &c.services, &grant(), 1_000).expect_err("refused");
+        let g = check_grant(&c.delegation, &grant(), 1_000).expect("shape");
+        let r = check_services(&c, &g, "alice@example.com", &[]).expect_err("refused");
         assert_eq!(r.code, RefusalCode::DelegationRefused);
         assert!(
             r.message
@@ -385,8 +437,12 @@ allow = ["*"]
             r.message
         );
         c.delegation.enabled = false;
-        let r = check_grant(&c.delegation, &c.services, &grant(), 1_000).expect_err("refused");
-        assert!(r.message.contains("enabled = false"), "{}", r.message);
+        let r = check_grant(&c.delegation, &grant(), 1_000).expect_err("refused");
+        assert!(
+            r.message.contains("does not allow delegated access"),
+            "{}",
+            r.message
+        );
     }
 
     #[test]

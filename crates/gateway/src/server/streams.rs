@@ -241,8 +241,9 @@ impl ConnCtx {
             }
             None => {
                 let mut ctx = StreamContext::new(user, svc.clone(), browser).with_peer(self.peer);
-                if let (Some(scope), Some(act)) = (&claims.dlg, &claims.act) {
-                    ctx = ctx.with_delegation(&act.sub, scope);
+                if let Some(scope) = &claims.dlg {
+                    let label = claims.act.as_ref().map_or("?", |a| a.sub.as_str());
+                    ctx = ctx.with_delegation(label, scope);
                 }
                 if gw.cfg.audit.requests && gw.audit.keeps() {
                     ctx = ctx.with_request_audit(AuditEvent {

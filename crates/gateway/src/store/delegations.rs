@@ -147,6 +147,27 @@ impl Store {
         })
     }
 
+    /// Revokes the grant `id` (the admin's `revoke-delegation`), if it is live; returns it.
+    pub fn revoke_delegation_by_id(&self, id: &str) -> Result<Option<DelegationInfo>, StoreError> {
+        let now = now_secs();
+        self.write(|tx| {
+            let n = tx.exec(
+                "UPDATE delegations SET revoked = ?1 WHERE id = ?2 AND revoked IS NULL AND expires > ?1",
+                args![now, id],
+            )?;
+            if n == 0 {
+                return Ok(None);
+            }
+            tx.opt(
+                &format!("SELECT {COLUMNS} FROM delegations WHERE id = ?1"),
+                args![id],
+            )?
+            .as_ref()
+            .map(info)
+            .transpose()
+        })
+    }
+
     /// The ids of grants revoked and not yet expired: what the gateway refuses and closes.
     pub fn revoked_delegations(&self) -> Result<HashSet<String>, StoreError> {
         self.read(|tx| {

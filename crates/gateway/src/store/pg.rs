@@ -166,6 +166,7 @@ const MIGRATIONS: &[&str] = &[
         revoked BIGINT
     );
     CREATE INDEX delegations_user ON delegations("user");
+    CREATE INDEX delegations_revoked ON delegations(expires) WHERE revoked IS NOT NULL;
     CREATE TRIGGER delegations_changed AFTER UPDATE OF revoked ON delegations
         FOR EACH STATEMENT EXECUTE FUNCTION touchgate_changed();
 "#,

@@ -218,3 +218,39 @@ async fn the_query_is_kept_only_when_configured_and_lines_can_be_turned_off() ->
     agent.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_websocket_is_one_line_with_the_whole_conversations_bytes() -> anyhow::Result<()> {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest as _};
+    let (lab, agent, cred) = lab_with("").await?;
+    let api = agent.local_addr("api").expect("api");
+    // The app's own page talking to its WebSocket: same origin, as a browser would send it.
+    let mut req = format!("ws://{api}/app/ws").into_client_request()?;
+    req.headers_mut()
+        .insert("origin", format!("http://{api}").parse()?);
+    let (mut ws, resp) =
+        tokio_tungstenite::client_async(req, tokio::net::TcpStream::connect(api).await?).await?;
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("hello from a tool")).await?;
+    let heard = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await?
+        .expect("a message")?;
+    assert_eq!(heard.into_text()?.as_str(), "heard you");
+    drop(ws);
+
+    let lines = request_lines(&lab, 1).await;
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    let l = &lines[0];
+    assert_eq!(
+        (l["method"].as_str(), l["path"].as_str()),
+        (Some("GET"), Some("/app/ws"))
+    );
+    assert_eq!(l["status"], 101);
+    assert_eq!(l["credential"], cred.as_str());
+    // The client's masked frame went up, the app's answer came down.
+    assert!(l["bytes_up"].as_u64().is_some_and(|n| n >= 17 + 6), "{l}");
+    assert_eq!(l["bytes_down"], 2 + 9);
+    agent.shutdown().await;
+    Ok(())
+}
