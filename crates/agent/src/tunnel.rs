@@ -179,19 +179,47 @@ pub fn client_endpoint(
 ) -> Result<quinn::Endpoint, TunnelError> {
     let client = client_config(cfg, key)?;
     let v4 = SocketAddr::from(([0, 0, 0, 0], 0));
-    let endpoint = if only_ipv4(cfg) {
-        quinn::Endpoint::client(v4)
+    let socket = if only_ipv4(cfg) {
+        udp_socket(v4)
     } else {
         // One dual-stack socket reaches IPv6 and IPv4 addresses alike, whatever a name
         // resolves to; a machine without IPv6 gets an IPv4 socket, and IPv6 addresses are then
         // skipped with a reason.
-        quinn::Endpoint::client(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))
-            .or_else(|_| quinn::Endpoint::client(v4))
+        udp_socket(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))
+            .or_else(|_| udp_socket(v4))
     };
-    let mut endpoint =
-        endpoint.map_err(|e| TunnelError::Tls(format!("cannot open a UDP socket: {e}")))?;
+    let fail = |e: std::io::Error| TunnelError::Tls(format!("cannot open a UDP socket: {e}"));
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| fail(std::io::Error::other("no async runtime")))?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket.map_err(fail)?,
+        runtime,
+    )
+    .map_err(fail)?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
+}
+
+/// What the agent's UDP socket asks the kernel to buffer: a download at tens of milliseconds of
+/// round trip brings more than the usual 208 KiB between two reads of a busy agent, and each
+/// datagram the kernel drops halves QUIC's congestion window. The kernel caps it at
+/// `net.core.rmem_max`.
+const UDP_RECEIVE_BUFFER: usize = 4 * 1024 * 1024;
+
+/// A UDP socket on `addr` (dual-stack for `[::]`), with a receive buffer of
+/// [`UDP_RECEIVE_BUFFER`] where the kernel allows it.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(false)?;
+    }
+    // Best effort: a smaller buffer is still a working socket.
+    let _ = s.set_recv_buffer_size(UDP_RECEIVE_BUFFER);
+    s.bind(&addr.into())?;
+    Ok(s.into())
 }
 
 /// The QUIC client settings of a connection to the gateway: TLS 1.3 presenting `key`, the
