@@ -420,6 +420,43 @@ impl RunningAgent {
         self.shared.renew().await
     }
 
+    /// The live tunnel, or why there is none.
+    async fn live_tunnel(&self) -> Result<Arc<Tunnel>, TunnelError> {
+        self.shared
+            .tunnel
+            .lock()
+            .await
+            .clone()
+            .filter(|t| t.connection().close_reason().is_none())
+            .ok_or_else(|| {
+                TunnelError::Protocol(
+                    "not connected to the gateway: wait for the connection to come back".into(),
+                )
+            })
+    }
+
+    /// The user's delegated grants, asked on the live session: no touch.
+    pub async fn delegations(&self) -> Result<Vec<touchgate_proto::DelegationInfo>, TunnelError> {
+        crate::delegation::list_on(&*self.live_tunnel().await?).await
+    }
+
+    /// Revokes one of the user's grants (its id or label) on the live session: no touch.
+    pub async fn revoke_delegation(&self, id: &str) -> Result<String, TunnelError> {
+        crate::delegation::revoke_on(&*self.live_tunnel().await?, id).await
+    }
+
+    /// Approves a grant with a touch of this agent's key, on the live connection; the grant
+    /// is bound to `key`.
+    pub async fn delegate(
+        &self,
+        request: &crate::delegation::GrantRequest,
+        key: crate::delegation::DelegateKey,
+    ) -> Result<crate::delegation::DelegationFile, crate::delegation::DelegationError> {
+        let tunnel = self.live_tunnel().await?;
+        crate::delegation::delegate_on(&tunnel, &self.shared.cfg, &self.shared.authn, request, key)
+            .await
+    }
+
     /// Closes the tunnel cleanly and stops every task.
     pub async fn shutdown(&self) {
         for t in &self.tasks {

@@ -196,6 +196,20 @@ pub async fn delegate(
     request: &GrantRequest,
     key: DelegateKey,
 ) -> Result<DelegationFile, DelegationError> {
+    let c = crate::OneOff::open(cfg).await?;
+    let made = delegate_on(&c.tunnel, cfg, authn, request, key).await;
+    c.close().await;
+    made
+}
+
+/// [`delegate`] on a connection already open (a running agent's).
+pub(crate) async fn delegate_on(
+    tunnel: &crate::tunnel::Tunnel,
+    cfg: &AgentConfig,
+    authn: &SharedAuthn,
+    request: &GrantRequest,
+    key: DelegateKey,
+) -> Result<DelegationFile, DelegationError> {
     let grant = Grant {
         label: request.label.clone(),
         services: request.services.clone(),
@@ -205,10 +219,7 @@ pub async fn delegate(
         key: key.thumbprint()?,
     }
     .normalised();
-    let c = crate::OneOff::open(cfg).await?;
-    let made = approve(&c.tunnel, cfg, authn, &grant).await;
-    c.close().await;
-    let (grant, token, services) = made?;
+    let (grant, token, services) = approve(tunnel, cfg, authn, &grant).await?;
     Ok(DelegationFile {
         format: FORMAT,
         grant,
@@ -521,12 +532,7 @@ pub async fn list(
         c.tunnel
             .login(authn, &cfg.user, cfg.origin.as_deref())
             .await?;
-        match c.tunnel.request(&ClientMsg::ListDelegations).await? {
-            ServerMsg::Delegations { grants } => Ok(grants),
-            other => Err(TunnelError::Protocol(format!(
-                "expected the grants, got {other:?}"
-            ))),
-        }
+        list_on(&c.tunnel).await
     }
     .await;
     c.close().await;
@@ -545,20 +551,39 @@ pub async fn revoke(
         c.tunnel
             .login(authn, &cfg.user, cfg.origin.as_deref())
             .await?;
-        match c
-            .tunnel
-            .request(&ClientMsg::RevokeDelegation { id: id.to_owned() })
-            .await?
-        {
-            ServerMsg::DelegationRevoked { id } => Ok(id),
-            other => Err(TunnelError::Protocol(format!(
-                "expected the revocation, got {other:?}"
-            ))),
-        }
+        revoke_on(&c.tunnel, id).await
     }
     .await;
     c.close().await;
     Ok(done?)
+}
+
+/// The user's grants, asked on `tunnel`'s session.
+pub(crate) async fn list_on(
+    tunnel: &crate::tunnel::Tunnel,
+) -> Result<Vec<DelegationInfo>, TunnelError> {
+    match tunnel.request(&ClientMsg::ListDelegations).await? {
+        ServerMsg::Delegations { grants } => Ok(grants),
+        other => Err(TunnelError::Protocol(format!(
+            "expected the grants, got {other:?}"
+        ))),
+    }
+}
+
+/// Revokes the user's grant `id` (id or label) on `tunnel`'s session; returns its id.
+pub(crate) async fn revoke_on(
+    tunnel: &crate::tunnel::Tunnel,
+    id: &str,
+) -> Result<String, TunnelError> {
+    match tunnel
+        .request(&ClientMsg::RevokeDelegation { id: id.to_owned() })
+        .await?
+    {
+        ServerMsg::DelegationRevoked { id } => Ok(id),
+        other => Err(TunnelError::Protocol(format!(
+            "expected the revocation, got {other:?}"
+        ))),
+    }
 }
 
 /// The environment variable `touchgate run` exports a service's URL in:

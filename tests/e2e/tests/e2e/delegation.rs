@@ -435,3 +435,54 @@ async fn a_grant_for_a_key_held_elsewhere_needs_that_key() -> anyhow::Result<()>
     bot.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_users_running_agent_delegates_with_a_touch_and_lists_and_revokes_without_one()
+-> anyhow::Result<()> {
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (cfg, authn, _) = enrolled(&lab, ALICE, &[]).await?;
+    let agent = RunningAgent::start(cfg, authn).await?;
+    let file = agent
+        .delegate(&narrow(Duration::from_secs(600)), DelegateKey::generate()?)
+        .await?;
+    let bot = RunningAgent::start_delegated(headless(&lab, &file, "bot")?).await?;
+    let asked = lab.audit_events("challenge_issued").len();
+
+    // Listing and revoking happen on the agent's live session: no new challenge, no touch.
+    let grants = agent.delegations().await?;
+    assert_eq!(grants.len(), 1);
+    assert_eq!(grants[0].id, file.grant.id);
+    assert_eq!(grants[0].grant.label, "ci-nightly");
+    assert_eq!(agent.revoke_delegation("ci-nightly").await?, file.grant.id);
+    wait_for_state(&bot, Duration::from_secs(10), |s| {
+        matches!(s, AgentState::SignedOut { .. })
+    })
+    .await?;
+    assert_eq!(lab.audit_events("challenge_issued").len(), asked);
+    let listed = agent.delegations().await?;
+    assert!(listed[0].revoked_at.is_some());
+
+    // The delegate's own session may do none of this.
+    let bot2_file = agent
+        .delegate(
+            &GrantRequest {
+                label: "second".into(),
+                ..narrow(Duration::from_secs(600))
+            },
+            DelegateKey::generate()?,
+        )
+        .await?;
+    let bot2 = RunningAgent::start_delegated(headless(&lab, &bot2_file, "bot2")?).await?;
+    match bot2.delegations().await {
+        Err(TunnelError::Refused(r)) => assert_eq!(r.code, RefusalCode::DelegationRefused),
+        other => panic!("a delegate listed grants: {other:?}"),
+    }
+    match bot2.revoke_delegation("ci-nightly").await {
+        Err(TunnelError::Refused(r)) => assert_eq!(r.code, RefusalCode::DelegationRefused),
+        other => panic!("a delegate revoked a grant: {other:?}"),
+    }
+    for a in [agent, bot, bot2] {
+        a.shutdown().await;
+    }
+    Ok(())
+}
