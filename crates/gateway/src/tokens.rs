@@ -474,6 +474,71 @@ mod tests {
     }
 
     #[test]
+    fn a_grants_token_has_its_own_audience_and_says_so_twice() {
+        let (_d, _s, signer) = signer();
+        let now = now_secs();
+        let info = touchgate_proto::DelegationInfo {
+            id: "dlg-0123456789abcdef".into(),
+            user: "alice".into(),
+            grant: touchgate_proto::Grant {
+                label: "bot".into(),
+                services: vec!["api".into()],
+                methods: vec!["GET".into()],
+                path_prefixes: vec![],
+                expires_at: now + 600,
+                key: "k".into(),
+            },
+            created_at: now,
+            last_used_at: None,
+            revoked_at: None,
+        };
+        let key = KeyUsed {
+            cred: "c".into(),
+            aaguid: "a".into(),
+        };
+        let (token, claims) = signer.issue_delegation(&info, key, 0).expect("issue");
+        assert_eq!(claims.aud, DELEGATION_AUDIENCE);
+        let back = signer.verify_session(&token, "k").expect("valid");
+        assert_eq!(
+            back.dlg.as_ref().map(|d| d.id.as_str()),
+            Some("dlg-0123456789abcdef")
+        );
+        assert_eq!(back.act.as_ref().map(|a| a.sub.as_str()), Some("bot"));
+
+        // A gateway that knows only sessions (an older replica) refuses it.
+        let keys = signer.current();
+        let kid = jsonwebtoken::decode_header(&token)
+            .expect("header")
+            .kid
+            .expect("kid");
+        let mut v = Validation::new(Algorithm::ES256);
+        v.set_audience(&[SESSION_AUDIENCE]);
+        v.set_issuer(&["https://gw.test"]);
+        let old = jsonwebtoken::decode::<serde_json::Value>(&token, &keys.verify[&kid].key, &v);
+        assert!(old.is_err(), "an older gateway took a grant's token");
+
+        // A scope under the session audience, or the grant audience without a scope, is forged.
+        let forged = SessionClaims {
+            aud: SESSION_AUDIENCE.into(),
+            ..claims.clone()
+        };
+        let t = signer.sign(&forged).expect("sign");
+        assert!(matches!(
+            signer.verify_session(&t, "k"),
+            Err(TokenError::Invalid(_))
+        ));
+        let forged = SessionClaims {
+            dlg: None,
+            ..claims
+        };
+        let t = signer.sign(&forged).expect("sign");
+        assert!(matches!(
+            signer.verify_session(&t, "k"),
+            Err(TokenError::Invalid(_))
+        ));
+    }
+
+    #[test]
     fn expired_session_token_is_refused() {
         let (_d, _s, signer) = signer();
         let now = now_secs();
