@@ -51,6 +51,17 @@ fn list(tx: &Tx<'_>, user: Option<&str>, now: u64) -> Result<Vec<DelegationInfo>
     rows.iter().map(info).collect()
 }
 
+/// One grant by id.
+fn by_id(tx: &Tx<'_>, id: &str) -> Result<Option<DelegationInfo>, StoreError> {
+    tx.opt(
+        &format!("SELECT {COLUMNS} FROM delegations WHERE id = ?1"),
+        args![id],
+    )?
+    .as_ref()
+    .map(info)
+    .transpose()
+}
+
 impl Store {
     /// Records a grant `user` approved with a touch of `cred_id`; the grant's id is `id`.
     pub fn add_delegation(
@@ -85,19 +96,6 @@ impl Store {
     /// week, newest first.
     pub fn delegations(&self, user: Option<&str>) -> Result<Vec<DelegationInfo>, StoreError> {
         self.read(|tx| list(tx, user, now_secs()))
-    }
-
-    /// One grant by id.
-    pub fn delegation(&self, id: &str) -> Result<Option<DelegationInfo>, StoreError> {
-        self.read(|tx| {
-            tx.opt(
-                &format!("SELECT {COLUMNS} FROM delegations WHERE id = ?1"),
-                args![id],
-            )?
-            .as_ref()
-            .map(info)
-            .transpose()
-        })
     }
 
     /// Revokes the live grant `id_or_label` (its id, or the label of one live grant) of `user`
@@ -158,13 +156,7 @@ impl Store {
             if n == 0 {
                 return Ok(None);
             }
-            tx.opt(
-                &format!("SELECT {COLUMNS} FROM delegations WHERE id = ?1"),
-                args![id],
-            )?
-            .as_ref()
-            .map(info)
-            .transpose()
+            by_id(tx, id)
         })
     }
 
