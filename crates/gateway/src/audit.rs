@@ -72,10 +72,12 @@ impl Shared {
 /// The queue of the writing thread; dropping the last one flushes and ends the thread.
 struct Writer {
     shared: Arc<Shared>,
+    /// The most the queue holds for lines that may be dropped ([`QUEUE_MAX`]).
+    queue_max: usize,
 }
 
 impl Writer {
-    fn start(mut sink: Sink) -> std::io::Result<Self> {
+    fn start(mut sink: Sink, queue_max: usize) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             queue: Mutex::default(),
             wake: Condvar::new(),
@@ -116,7 +118,7 @@ impl Writer {
                     }
                 }
             })?;
-        Ok(Self { shared })
+        Ok(Self { shared, queue_max })
     }
 
     /// Queues `line`; a `durable` one is written before this returns, any other may be
@@ -124,7 +126,7 @@ impl Writer {
     fn push(&self, line: &[u8], durable: bool) {
         {
             let mut q = self.shared.lock();
-            if !durable && q.buf.len() + line.len() > QUEUE_MAX {
+            if !durable && q.buf.len() + line.len() > self.queue_max {
                 q.dropped += 1;
                 return;
             }
@@ -170,6 +172,9 @@ impl Drop for Writer {
 enum Sink {
     File(std::fs::File),
     Stdout,
+    /// Whatever a test writes to (one that stalls, as a full disk).
+    #[cfg(test)]
+    Test(Box<dyn Write + Send>),
 }
 
 impl Sink {
@@ -181,6 +186,8 @@ impl Sink {
                 out.write_all(bytes)?;
                 out.flush()
             }
+            #[cfg(test)]
+            Sink::Test(w) => w.write_all(bytes),
         }
     }
 }
@@ -616,7 +623,20 @@ impl AuditLog {
             }
         };
         Ok(Self {
-            writer: sink.map(Writer::start).transpose()?.map(Arc::new),
+            writer: sink
+                .map(|s| Writer::start(s, QUEUE_MAX))
+                .transpose()?
+                .map(Arc::new),
+            refusals: Arc::new(WindowCounter::new(1 << 16)),
+        })
+    }
+
+    /// A log writing to `sink` whose queue holds at most `queue_max` bytes of lines that may
+    /// be dropped (instead of [`QUEUE_MAX`]).
+    #[cfg(test)]
+    fn with_sink(sink: Box<dyn Write + Send>, queue_max: usize) -> std::io::Result<Self> {
+        Ok(Self {
+            writer: Some(Arc::new(Writer::start(Sink::Test(sink), queue_max)?)),
             refusals: Arc::new(WindowCounter::new(1 << 16)),
         })
     }
@@ -735,6 +755,195 @@ mod tests {
         assert_eq!(notes.len(), 1, "{text}");
         assert_eq!(notes[0]["event"], "refusals_suppressed");
         assert_eq!(notes[0]["peer"], "192.0.2.7");
+    }
+
+    /// A sink that takes nothing until the test opens it (a full disk, a stuck pipe), and says
+    /// when the writing thread is stuck in it.
+    #[derive(Clone, Default)]
+    struct Stuck(Arc<(Mutex<StuckState>, Condvar)>);
+
+    #[derive(Default)]
+    struct StuckState {
+        open: bool,
+        writing: bool,
+        out: Vec<u8>,
+    }
+
+    impl Stuck {
+        fn state(&self) -> std::sync::MutexGuard<'_, StuckState> {
+            self.0.0.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        /// Waits (at most ten seconds) until the writing thread is inside `write`.
+        fn wait_writing(&self) {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let mut s = self.state();
+            while !s.writing {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                assert!(!left.is_zero(), "the writing thread never wrote");
+                s = self.0.1.wait_timeout(s, left).expect("wait").0;
+            }
+        }
+
+        fn open(&self) {
+            self.state().open = true;
+            self.0.1.notify_all();
+        }
+
+        fn lines(&self) -> Vec<serde_json::Value> {
+            String::from_utf8(self.state().out.clone())
+                .expect("utf8")
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("json line"))
+                .collect()
+        }
+    }
+
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut s = self.state();
+            s.writing = true;
+            self.0.1.notify_all();
+            while !s.open {
+                s = self.0.1.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            s.out.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn request_and_stream_lines_past_the_backlog_bound_are_dropped_and_counted_not_security_events()
+    {
+        const BOUND: usize = 4096;
+        let sink = Stuck::default();
+        let log = AuditLog::with_sink(Box::new(sink.clone()), BOUND).expect("log");
+        let writer = log.writer.clone().expect("a writer");
+        let prefix = AuditEvent {
+            user: Some("alice@example.com".into()),
+            service: Some("api".into()),
+            ..AuditEvent::new(AuditKind::Request)
+        }
+        .prefix();
+        let request = |i: u64| {
+            log.record_built(
+                LineBuilder::new(&prefix)
+                    .text("method", "GET")
+                    .text("path", "/v1/items")
+                    .number("status", 200 + i % 10),
+            );
+        };
+        let stream = || {
+            log.record(AuditEvent {
+                user: Some("alice@example.com".into()),
+                service: Some("db".into()),
+                ..AuditEvent::new(AuditKind::StreamOpened)
+            });
+        };
+        let queued = || writer.shared.lock().buf.len();
+
+        // The writing thread takes the first line and sticks in the sink with it.
+        request(0);
+        sink.wait_writing();
+        assert_eq!(queued(), 0, "the thread took the first line");
+
+        // The backlog grows to the bound and no further: the lines past it are counted.
+        let (mut sent, mut longest) = (0u64, 0usize);
+        for i in 0..200 {
+            let before = queued();
+            if i % 2 == 0 {
+                request(i);
+            } else {
+                stream();
+            }
+            sent += 1;
+            longest = longest.max(queued() - before);
+            assert!(queued() <= BOUND, "{} queued past the bound", queued());
+        }
+        let dropped = writer.shared.lock().dropped;
+        assert!(dropped > 100, "{dropped} of {sent} dropped");
+        let kept = sent - dropped;
+        assert!(kept > 10, "{kept} kept");
+        assert!(BOUND - queued() < longest, "the queue was filled");
+
+        // A security event is queued past the bound, and is on disk before its caller goes on.
+        let security = std::thread::scope(|s| {
+            let caller = s.spawn(|| {
+                log.record(AuditEvent {
+                    user: Some("alice@example.com".into()),
+                    session: Some("dlg-0123456789abcdef".into()),
+                    delegate: Some("ci-nightly".into()),
+                    reason: Some("delegated grant revoked while the log was stuck".into()),
+                    ..AuditEvent::new(AuditKind::SessionRevoked)
+                });
+                String::from_utf8_lossy(&sink.state().out).contains("\"session_revoked\"")
+            });
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !String::from_utf8_lossy(&writer.shared.lock().buf).contains("session_revoked") {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the security event was not queued"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(
+                queued() > BOUND,
+                "the security event was kept past the bound"
+            );
+            // Still full: one more request line is dropped.
+            request(1);
+            assert_eq!(writer.shared.lock().dropped, dropped + 1);
+            sink.open();
+            caller.join().expect("the caller")
+        });
+        assert!(
+            security,
+            "record returned before the security event was written"
+        );
+
+        let lines = sink.lines();
+        let count = |event: &str| lines.iter().filter(|l| l["event"] == event).count();
+        assert_eq!(
+            (count("request") + count("stream_opened")) as u64,
+            1 + kept,
+            "{lines:#?}"
+        );
+        assert_eq!(count("session_revoked"), 1);
+        let notes: Vec<_> = lines
+            .iter()
+            .filter(|l| l["event"] == "audit_lines_dropped")
+            .collect();
+        assert_eq!(notes.len(), 1, "{lines:#?}");
+        assert_eq!(notes[0]["suppressed"], dropped + 1);
+        let reason = notes[0]["reason"].as_str().expect("reason");
+        assert!(
+            reason.contains(&format!(
+                "{} request or stream lines were not written",
+                dropped + 1
+            )),
+            "{reason}"
+        );
+        // The note comes after what was kept: it is written with the batch that catches up.
+        assert_eq!(
+            lines.last().map(|l| &l["event"]),
+            Some(&"audit_lines_dropped".into())
+        );
+
+        // Caught up, the queue takes request lines again, and nothing more is counted.
+        request(2);
+        stream();
+        log.flush();
+        let lines = sink.lines();
+        let tail: Vec<_> = lines[lines.len() - 2..]
+            .iter()
+            .map(|l| l["event"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(tail, ["request", "stream_opened"]);
+        assert_eq!(writer.shared.lock().dropped, 0);
     }
 
     #[test]
