@@ -65,7 +65,7 @@ fn menu_item<R: Runtime>(app: &AppHandle<R>, item: &Item) -> tauri::Result<Box<d
             *enabled,
             None::<&str>,
         )?),
-        Item::Service { text, items } => {
+        Item::Submenu { text, items } => {
             let children = items
                 .iter()
                 .map(|i| menu_item(app, i))
@@ -219,6 +219,8 @@ fn on_action<R: Runtime>(app: &AppHandle<R>, action: Action) {
                 tracing::warn!(error = %e, "cannot open the browser");
             }
         }
+        Action::Delegate => show_window(app, Route::Delegate),
+        Action::Revoke(id) => send(app, Request::RevokeDelegation { id }),
         Action::Enrol => show_window(app, Route::Enrol),
         Action::Settings => show_window(app, Route::Settings),
         Action::Status => show_window(app, Route::Status),
@@ -337,14 +339,21 @@ pub fn open_url<R: Runtime>(
         .map_err(ControllerError::failed)
 }
 
-/// Copies a live service's URL (nothing else).
+/// Copies a live service's URL, or the file or command of the grant just made (nothing else).
 #[tauri::command]
 pub fn copy_text<R: Runtime>(
     app: AppHandle<R>,
     state: tauri::State<'_, Arc<Desk>>,
     text: String,
 ) -> Result<(), ControllerError> {
-    live_url(&state, &text)?;
+    let granted = state
+        .controller
+        .view()
+        .granted
+        .is_some_and(|g| text == g.file || text == g.run);
+    if !granted {
+        live_url(&state, &text)?;
+    }
     app.clipboard()
         .write_text(text)
         .map_err(ControllerError::failed)

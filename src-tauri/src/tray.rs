@@ -56,6 +56,10 @@ pub enum Action {
     CopyUrl(String),
     /// Open a service's URL in the browser.
     OpenUrl(String),
+    /// Open the delegate window.
+    Delegate,
+    /// Revoke the user's grant (its id).
+    Revoke(String),
     /// Open the enrolment window.
     Enrol,
     /// Open the settings window.
@@ -78,6 +82,8 @@ impl Action {
             Self::Cancel => "cancel".into(),
             Self::CopyUrl(s) => format!("copy-url:{s}"),
             Self::OpenUrl(s) => format!("open-url:{s}"),
+            Self::Delegate => "delegate".into(),
+            Self::Revoke(id) => format!("revoke:{id}"),
             Self::Enrol => "enrol".into(),
             Self::Settings => "settings".into(),
             Self::Status => "status".into(),
@@ -93,6 +99,7 @@ impl Action {
             "renew" => Self::Renew,
             "sign-out" => Self::SignOut,
             "cancel" => Self::Cancel,
+            "delegate" => Self::Delegate,
             "enrol" => Self::Enrol,
             "settings" => Self::Settings,
             "status" => Self::Status,
@@ -103,6 +110,8 @@ impl Action {
                     Self::CopyUrl(s.to_owned())
                 } else if let Some(s) = other.strip_prefix("open-url:") {
                     Self::OpenUrl(s.to_owned())
+                } else if let Some(s) = other.strip_prefix("revoke:") {
+                    Self::Revoke(s.to_owned())
                 } else {
                     return None;
                 }
@@ -125,11 +134,11 @@ pub enum Item {
         /// Whether it can be clicked now.
         enabled: bool,
     },
-    /// A service, with its own submenu.
-    Service {
+    /// An entry with a submenu: a service (Copy URL, Open in browser), a grant (Revoke).
+    Submenu {
         /// `api — http://127.0.0.1:8081`.
         text: String,
-        /// Copy URL and Open in browser.
+        /// Its entries.
         items: Vec<Item>,
     },
     /// A line between groups.
@@ -154,6 +163,9 @@ fn action(text: &str, action: Action) -> Item {
         enabled: true,
     }
 }
+
+/// How many grants the menu lists; the delegate window lists them all.
+const MAX_GRANTS: usize = 8;
 
 /// The tray for `view`; its words are the view's own summary.
 pub fn tray(view: &View) -> Tray {
@@ -200,7 +212,7 @@ pub fn tray(view: &View) -> Tray {
         } else {
             format!("{} — {where_} (not live)", s.name)
         };
-        items.push(Item::Service {
+        items.push(Item::Submenu {
             text,
             items: vec![
                 Item::Action {
@@ -215,6 +227,31 @@ pub fn tray(view: &View) -> Tray {
                 },
             ],
         });
+    }
+    // Delegated access: while signed in, a grant is one touch away, and each live grant can
+    // be revoked from here.
+    let signed_in = matches!(view.phase, Phase::Connected | Phase::ExpiringSoon);
+    items.push(Item::Separator);
+    items.push(Item::Action {
+        text: "Delegate access…".into(),
+        action: Action::Delegate,
+        enabled: signed_in,
+    });
+    // A long list stays in the window (a gateway decides how many there are).
+    for g in view.delegations.iter().take(MAX_GRANTS) {
+        items.push(Item::Submenu {
+            text: format!("Grant: {} — {} left", g.label, g.time_left),
+            items: vec![
+                Item::Label(g.scope.clone()),
+                action("Revoke", Action::Revoke(g.id.clone())),
+            ],
+        });
+    }
+    if view.delegations.len() > MAX_GRANTS {
+        items.push(action(
+            &format!("{} more grants…", view.delegations.len() - MAX_GRANTS),
+            Action::Delegate,
+        ));
     }
     items.extend([
         Item::Separator,
@@ -235,7 +272,7 @@ pub fn tray(view: &View) -> Tray {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use touchgate_agent::controller::{Purpose, ServiceView, SessionView};
+    use touchgate_agent::controller::{GrantView, Purpose, ServiceView, SessionView};
 
     /// The view of `phase` as the controller words it at 10,000 s after the epoch.
     fn view(phase: Phase, live: bool) -> View {
@@ -262,7 +299,7 @@ mod tests {
                 Item::Action { text, enabled, .. } => {
                     format!("{text}{}", if *enabled { "" } else { " (disabled)" })
                 }
-                Item::Service { text, .. } => format!("> {text}"),
+                Item::Submenu { text, .. } => format!("> {text}"),
                 Item::Separator => "---".into(),
             })
             .collect()
@@ -286,6 +323,8 @@ mod tests {
                 "---",
                 "> api — http://127.0.0.1:8081",
                 "---",
+                "Delegate access…",
+                "---",
                 "Enrol a key…",
                 "Settings…",
                 "Status…",
@@ -294,7 +333,7 @@ mod tests {
                 "Quit touchgate",
             ]
         );
-        let Item::Service { items, .. } = &t.items[5] else {
+        let Item::Submenu { items, .. } = &t.items[5] else {
             panic!("service item")
         };
         assert_eq!(
@@ -408,6 +447,62 @@ mod tests {
     }
 
     #[test]
+    fn live_grants_are_listed_with_revoke_and_delegating_needs_a_session() {
+        let mut v = view(Phase::Connected, true);
+        let info = touchgate_proto::DelegationInfo {
+            id: "dlg-00000000000000aa".into(),
+            user: "alice@example.com".into(),
+            grant: touchgate_proto::Grant {
+                label: "nightly CI".into(),
+                services: vec!["api".into()],
+                methods: vec!["GET".into()],
+                path_prefixes: Vec::new(),
+                expires_at: 10_000 + 25 * 60,
+                key: "k".into(),
+            },
+            created_at: 9_000,
+            last_used_at: None,
+            revoked_at: None,
+        };
+        v.delegations = vec![GrantView::of(&info)];
+        v.set_words(10_000);
+        let t = tray(&v);
+        let shown = texts(&t);
+        let at = shown
+            .iter()
+            .position(|t| t == "Delegate access…")
+            .expect("the entry");
+        assert_eq!(shown[at + 1], "> Grant: nightly CI — 25 min left");
+        let Item::Submenu { items, .. } = &t.items[at + 1] else {
+            panic!("a grant's submenu")
+        };
+        assert_eq!(
+            items,
+            &[
+                Item::Label("api · GET · any path".into()),
+                action("Revoke", Action::Revoke("dlg-00000000000000aa".into())),
+            ]
+        );
+        // Many grants: the menu lists the first few and sends the rest to the window.
+        v.delegations = (0..20)
+            .map(|i| {
+                let mut g = GrantView::of(&info);
+                g.id = format!("dlg-{i:016x}");
+                g
+            })
+            .collect();
+        let shown = texts(&tray(&v));
+        assert_eq!(
+            shown.iter().filter(|t| t.starts_with("> Grant:")).count(),
+            8
+        );
+        assert!(shown.contains(&"12 more grants…".to_owned()), "{shown:?}");
+        // Signed out: the entry is there, greyed.
+        let t = tray(&view(Phase::SignedOut { reason: None }, false));
+        assert!(texts(&t).contains(&"Delegate access… (disabled)".to_owned()));
+    }
+
+    #[test]
     fn menu_ids_round_trip() {
         for a in [
             Action::SignIn,
@@ -416,6 +511,8 @@ mod tests {
             Action::Cancel,
             Action::CopyUrl("api".into()),
             Action::OpenUrl("billing-v2".into()),
+            Action::Delegate,
+            Action::Revoke("dlg-00000000000000aa".into()),
             Action::Enrol,
             Action::Settings,
             Action::Status,

@@ -21,9 +21,17 @@ port: number, } | { "kind": "save_settings",
 /**
  * The new values.
  */
-settings: Settings, };
+settings: Settings, } | { "kind": "delegate", 
+/**
+ * What to grant.
+ */
+grant: GrantForm, } | { "kind": "list_delegations" } | { "kind": "revoke_delegation", 
+/**
+ * The grant's id.
+ */
+id: string, };
 
-export type Purpose = "sign_in" | "renew" | "enrol";
+export type Purpose = "sign_in" | "renew" | "enrol" | "delegate";
 
 export type Phase = { "kind": "not_configured", 
 /**
@@ -109,6 +117,76 @@ export type Organisation = { "kind": "unknown" } | { "kind": "none" } | { "kind"
  */
 name: string, };
 
+export type GrantForm = { 
+/**
+ * Who it is for, in words ("nightly CI", "coding assistant").
+ */
+label: string, 
+/**
+ * The services.
+ */
+services: Array<string>, 
+/**
+ * HTTP methods (empty: any).
+ */
+methods: Array<string>, 
+/**
+ * Path prefixes, such as `/v1/` (empty: any path).
+ */
+path_prefixes: Array<string>, 
+/**
+ * How long it lasts, in minutes (the gateway caps it).
+ */
+minutes: number, };
+
+export type GrantView = { 
+/**
+ * The grant's id (`dlg-…`).
+ */
+id: string, 
+/**
+ * Who it is for.
+ */
+label: string, 
+/**
+ * What it allows, in words: `api, billing · GET, HEAD · paths /v1/`.
+ */
+scope: string, 
+/**
+ * When it ends, seconds since the epoch.
+ */
+expires_at: number, 
+/**
+ * How long it has left, in words (kept current like the session's).
+ */
+time_left: string, 
+/**
+ * When a delegate last used it, seconds since the epoch.
+ */
+last_used_at: number | null, };
+
+export type GrantedView = { 
+/**
+ * The grant's id.
+ */
+id: string, 
+/**
+ * Who it is for.
+ */
+label: string, 
+/**
+ * The grant's file (mode 0600: it holds the delegate's key and token).
+ */
+file: string, 
+/**
+ * The command that runs a program on the grant.
+ */
+run: string, 
+/**
+ * When it ends, seconds since the epoch.
+ */
+expires_at: number, };
+
 export type View = { 
 /**
  * Where the agent is.
@@ -152,7 +230,16 @@ error: string | null,
 /**
  * Whether the gateway enrols through an identity provider (the enrol window asks).
  */
-organisation: Organisation, };
+organisation: Organisation, 
+/**
+ * The user's grants that have not ended, as the gateway last listed them (while signed
+ * in).
+ */
+delegations: Array<GrantView>, 
+/**
+ * The grant made last in this run of the app.
+ */
+granted: GrantedView | null, };
 
 export type Notice = { "kind": "expiring_soon", 
 /**
@@ -190,7 +277,7 @@ title: string,
  */
 body: string, };
 
-export type ErrorKind = "cancelled" | "busy" | "not_configured" | "account_disabled" | "no_pin_asked" | "no_invite_code" | "unknown_service" | "not_saved" | "failed";
+export type ErrorKind = "cancelled" | "busy" | "not_configured" | "account_disabled" | "no_pin_asked" | "no_invite_code" | "unknown_service" | "not_signed_in" | "bad_grant" | "not_saved" | "failed";
 
 export type ControllerError = { 
 /**
@@ -202,7 +289,7 @@ kind: ErrorKind,
  */
 message: string, };
 
-export type Route = "signin" | "enrol" | "settings" | "status";
+export type Route = "signin" | "enrol" | "settings" | "status" | "delegate";
 
 export type AppInfo = { 
 /**
@@ -320,7 +407,7 @@ user_file: string,
 problem: string | null, };
 
 /** The window's routes, one view each. */
-export const ROUTES: readonly Route[] = ["signin", "enrol", "settings", "status"];
+export const ROUTES: readonly Route[] = ["signin", "enrol", "settings", "status", "delegate"];
 
 /** The events the window listens to. */
 export const EVENTS = { view: "touchgate://view", notice: "touchgate://notice", navigate: "touchgate://navigate" } as const;

@@ -1,5 +1,5 @@
 // The touchgate window: sign-in, enrolment, settings and status views over one controller.
-import type { Phase, Purpose, ServiceSetting, ServiceView, Settings } from "./bindings";
+import type { GrantForm, GrantView, Phase, Purpose, ServiceSetting, ServiceView, Settings } from "./bindings";
 import { alertBox, clock, h, note } from "./dom";
 import {
   ROUTES,
@@ -76,7 +76,7 @@ function prompt(phase: Phase, purposes: Purpose[]): HTMLElement | null {
       "div",
       { class: "flow touch", "data-testid": "touch" },
       h("div", { class: "pulse", "aria-hidden": "true" }),
-      h("h2", {}, "Touch your security key"),
+      h("h2", {}, phase.purpose === "delegate" ? "Touch your security key to approve the grant" : "Touch your security key"),
       h("p", { class: "key" }, phase.key),
       h("p", { class: "hint" }, "Its light blinks while it waits."),
       h("button", { type: "button", class: "secondary", onclick: cancel }, "Cancel"),
@@ -129,7 +129,7 @@ function prompt(phase: Phase, purposes: Purpose[]): HTMLElement | null {
 }
 
 function purposeRoute(p: Purpose): Route {
-  return p === "enrol" ? "enrol" : "signin";
+  return p === "enrol" ? "enrol" : p === "delegate" ? "delegate" : "signin";
 }
 
 function flash(route: Route): HTMLElement | null {
@@ -420,6 +420,200 @@ function settingsView(): HTMLElement {
   return h("section", { "aria-labelledby": "t-settings" }, h("h1", { id: "t-settings" }, "Settings"), flash("settings"), form);
 }
 
+/** What the delegate form holds, kept across redraws (the time left changes every minute). */
+interface Draft {
+  label: string;
+  services: string[];
+  methods: "read" | "any" | "only";
+  only: string;
+  paths: string;
+  minutes: number;
+}
+
+const draft: Draft = { label: "", services: [], methods: "read", only: "", paths: "", minutes: 60 };
+
+const DURATIONS: [number, string][] = [
+  [15, "15 minutes"],
+  [60, "1 hour"],
+  [240, "4 hours"],
+  [480, "8 hours"],
+];
+
+const list = (text: string) =>
+  text
+    .split(",")
+    .map((x) => x.trim())
+    .filter((x) => x !== "");
+
+function grantForm(): GrantForm {
+  return {
+    label: draft.label.trim(),
+    services: draft.services,
+    methods: draft.methods === "read" ? ["GET", "HEAD"] : draft.methods === "any" ? [] : list(draft.only),
+    path_prefixes: list(draft.paths),
+    minutes: draft.minutes,
+  };
+}
+
+/** The window asks the gateway for the grants once each time it shows this view. */
+let listedGrants = false;
+
+function grantList(grants: GrantView[]): HTMLElement {
+  if (grants.length === 0) return note("No live grants.");
+  return h(
+    "ul",
+    { class: "grants", "aria-label": "Live grants" },
+    grants.map((g) =>
+      h(
+        "li",
+        { "data-grant": g.id },
+        h("span", { class: "name" }, g.label),
+        h("span", { class: "scope" }, g.scope),
+        h("span", { class: "muted" }, `${g.time_left} left · ${g.last_used_at === null ? "never used" : `last used ${clock(g.last_used_at)}`}`),
+        h(
+          "button",
+          {
+            type: "button",
+            class: "small secondary",
+            "aria-label": `Revoke ${g.label}`,
+            onclick: () => void act("delegate", () => request({ kind: "revoke_delegation", id: g.id }), `The grant "${g.label}" is revoked: its delegate is cut off within seconds.`),
+          },
+          "Revoke",
+        ),
+      ),
+    ),
+  );
+}
+
+function delegateView(v: View): HTMLElement {
+  const title = h("h1", { id: "t-delegate" }, "Delegate access");
+  const intro = h("p", {}, "Give a script, a CI job or an AI agent narrow, expiring access to your services. You approve it with one touch; the gateway logs every request it makes under your name and its own.");
+  const section = (...body: (HTMLElement | HTMLElement[] | null)[]) => h("section", { "aria-labelledby": "t-delegate" }, title, intro, flash("delegate"), ...body);
+  const flow = prompt(v.phase, ["delegate"]);
+  if (flow) return section(flow);
+  if (!v.session || !(v.phase.kind === "connected" || v.phase.kind === "expiring_soon")) {
+    listedGrants = false;
+    return section(
+      note("Sign in first: a grant is approved with a touch on your live session.", "warn"),
+      h("button", { type: "button", onclick: () => navigate("signin") }, "Go to sign in"),
+    );
+  }
+  if (!listedGrants) {
+    listedGrants = true;
+    void request({ kind: "list_delegations" }).catch(() => undefined);
+  }
+  const live = v.services.filter((s) => s.live);
+  draft.services = draft.services.filter((n) => live.some((s) => s.name === n));
+  const only = h("input", {
+    id: "g-only",
+    "aria-label": "Only these methods",
+    placeholder: "GET, POST",
+    value: draft.only,
+    disabled: draft.methods !== "only",
+    spellcheck: "false",
+    oninput: (e: Event) => {
+      draft.only = (e.target as HTMLInputElement).value;
+    },
+  });
+  const radio = (value: Draft["methods"], label: string) =>
+    h(
+      "div",
+      { class: "field check" },
+      h("input", {
+        type: "radio",
+        id: `g-m-${value}`,
+        name: "methods",
+        value,
+        checked: draft.methods === value,
+        onchange: () => {
+          draft.methods = value;
+          only.disabled = value !== "only";
+        },
+      }),
+      h("label", { for: `g-m-${value}` }, label),
+    );
+  const form = h(
+    "form",
+    {
+      "data-testid": "delegate-form",
+      onsubmit: (e: Event) => {
+        e.preventDefault();
+        void act("delegate", () => request({ kind: "delegate", grant: grantForm() }));
+      },
+    },
+    h(
+      "div",
+      { class: "field" },
+      h("label", { for: "g-label" }, "Who is it for?"),
+      h("input", { id: "g-label", name: "label", required: true, maxlength: 64, placeholder: "nightly CI, coding assistant", value: draft.label, spellcheck: "false", oninput: (e: Event) => { draft.label = (e.target as HTMLInputElement).value; } }),
+    ),
+    h(
+      "fieldset",
+      {},
+      h("legend", {}, "Services"),
+      live.length === 0
+        ? note("Your session offers no services.")
+        : live.map((s) =>
+            h(
+              "div",
+              { class: "field check" },
+              h("input", {
+                type: "checkbox",
+                id: `g-s-${s.name}`,
+                name: "service",
+                value: s.name,
+                checked: draft.services.includes(s.name),
+                onchange: (e: Event) => {
+                  const on = (e.target as HTMLInputElement).checked;
+                  draft.services = on ? [...draft.services, s.name] : draft.services.filter((n) => n !== s.name);
+                },
+              }),
+              h("label", { for: `g-s-${s.name}` }, s.name),
+            ),
+          ),
+    ),
+    h("fieldset", {}, h("legend", {}, "Requests"), radio("read", "Read only (GET and HEAD)"), radio("any", "Any method"), radio("only", "Only these methods:"), only),
+    h(
+      "div",
+      { class: "field" },
+      h("label", { for: "g-paths" }, "Only paths under"),
+      h("input", { id: "g-paths", name: "paths", placeholder: "/v1/ (empty: any path)", value: draft.paths, spellcheck: "false", oninput: (e: Event) => { draft.paths = (e.target as HTMLInputElement).value; } }),
+      h("p", { class: "hint" }, "Comma-separated. A TCP service is granted whole."),
+    ),
+    h(
+      "div",
+      { class: "field" },
+      h("label", { for: "g-minutes" }, "How long"),
+      h(
+        "select",
+        { id: "g-minutes", name: "minutes", onchange: (e: Event) => { draft.minutes = Number((e.target as HTMLSelectElement).value); } },
+        DURATIONS.map(([m, label]) => h("option", { value: m, selected: draft.minutes === m }, label)),
+      ),
+      h("p", { class: "hint" }, "Your gateway may allow less."),
+    ),
+    h("div", { class: "buttons" }, h("button", { type: "submit" }, "Touch key to grant")),
+  );
+  const g = v.granted;
+  const made = g
+    ? h(
+        "div",
+        { class: "granted", "data-testid": "granted", role: "status" },
+        h("p", { class: "ok" }, `Granted "${g.label}" until ${clock(g.expires_at)}.`),
+        h("p", {}, "Its file holds the grant's own key: give it to the delegate only."),
+        h("code", { "data-testid": "granted-file" }, g.file),
+        h("p", {}, "Run a program on it:"),
+        h("code", { "data-testid": "granted-run" }, g.run),
+        h(
+          "div",
+          { class: "buttons" },
+          h("button", { type: "button", class: "small", onclick: () => void copyText(g.file) }, "Copy file path"),
+          h("button", { type: "button", class: "small", onclick: () => void copyText(g.run) }, "Copy command"),
+        ),
+      )
+    : null;
+  return section(made, form, h("h2", {}, "Live grants"), grantList(v.delegations));
+}
+
 function statusView(v: View): HTMLElement {
   const info = state.info;
   return h(
@@ -467,10 +661,19 @@ function render(force = false) {
     state.route === "settings"
       ? JSON.stringify(["settings", state.settings, state.flash.settings])
       : JSON.stringify([state.route, v, state.flash[state.route], state.info]);
+  if (state.route !== "delegate") listedGrants = false;
   if (!force && key === lastKey) return;
   lastKey = key;
   const view =
-    state.route === "enrol" ? enrolView(v) : state.route === "settings" ? settingsView() : state.route === "status" ? statusView(v) : signInView(v);
+    state.route === "enrol"
+      ? enrolView(v)
+      : state.route === "settings"
+        ? settingsView()
+        : state.route === "status"
+          ? statusView(v)
+          : state.route === "delegate"
+            ? delegateView(v)
+            : signInView(v);
   app.replaceChildren(view);
 }
 

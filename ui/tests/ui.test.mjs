@@ -339,6 +339,86 @@ describe("touchgate windows", () => {
     await b.context.close();
   });
 
+  test("the delegate window grants with a touch, shows the grant's file and revokes", async () => {
+    const now = Math.floor(Date.now() / 1000);
+    const grant = (id, label, scope, left) => ({ id, label, scope, expires_at: now + 3600, time_left: left, last_used_at: null });
+    const withGrants = (extra = {}) => ({
+      ...connected(),
+      delegations: [grant("dlg-00000000000000bb", "coding assistant", "api · GET, HEAD · any path", "25 min")],
+      granted: null,
+      ...extra,
+    });
+    const w = await open("delegate", { view: withGrants() });
+    const main = w.page.locator("main");
+    assert.equal(await main.locator("h1").innerText(), "Delegate access");
+    // The window asks for a fresh list when it opens.
+    assert.deepEqual(await requests(w), [{ kind: "list_delegations" }]);
+    assert.match(await main.locator("li[data-grant=dlg-00000000000000bb]").innerText(), /coding assistant[\s\S]*api · GET, HEAD · any path[\s\S]*25 min left · never used/);
+
+    await w.page.getByLabel("Who is it for?").fill("nightly CI");
+    await w.page.getByLabel("api").check();
+    // What the user typed survives a new view (the time left changes every minute).
+    await w.page.evaluate((v) => window.__emit("touchgate://view", v), withGrants({ delegations: [grant("dlg-00000000000000bb", "coding assistant", "api · GET, HEAD · any path", "24 min")] }));
+    await main.getByText("24 min left").waitFor();
+    assert.equal(await w.page.getByLabel("Who is it for?").inputValue(), "nightly CI");
+    assert.equal(await w.page.getByLabel("api").isChecked(), true);
+    await w.page.getByLabel("Only these methods:").check();
+    await w.page.getByLabel("Only these methods", { exact: true }).fill("get, post");
+    await w.page.getByLabel("Only paths under").fill("/v1/, /v2/");
+    await w.page.getByLabel("How long").selectOption("240");
+    await w.page.screenshot({ path: join(shots, "delegate-form.png"), fullPage: true });
+    await w.page.getByRole("button", { name: "Touch key to grant" }).click();
+    assert.deepEqual((await requests(w)).at(-1), {
+      kind: "delegate",
+      grant: { label: "nightly CI", services: ["api"], methods: ["get", "post"], path_prefixes: ["/v1/", "/v2/"], minutes: 240 },
+    });
+
+    await w.page.evaluate((v) => window.__emit("touchgate://view", v), withGrants({
+      phase: { kind: "waiting_for_touch", key: "YubiKey 5 NFC", purpose: "delegate" },
+      summary: "Touch your security key to approve the grant (YubiKey 5 NFC)",
+    }));
+    await w.page.getByTestId("touch").waitFor();
+    assert.match(await w.page.getByTestId("touch").innerText(), /YubiKey 5 NFC/);
+    await w.page.screenshot({ path: join(shots, "delegate-touch.png"), fullPage: true });
+
+    const file = "/home/dev/.config/touchgate/grants/dlg-00000000000000aa.json";
+    const run = `touchgate run --delegation ${file} -- COMMAND`;
+    await w.page.evaluate((v) => window.__emit("touchgate://view", v), withGrants({
+      granted: { id: "dlg-00000000000000aa", label: "nightly CI", file, run, expires_at: now + 4 * 3600 },
+      delegations: [grant("dlg-00000000000000bb", "coding assistant", "api · GET, HEAD · any path", "24 min"), grant("dlg-00000000000000aa", "nightly CI", "api · GET, POST · paths /v1/, /v2/", "4 h 00 min")],
+    }));
+    await w.page.getByTestId("granted").waitFor();
+    assert.equal(await w.page.getByTestId("granted-file").innerText(), file);
+    assert.equal(await w.page.getByTestId("granted-run").innerText(), run);
+    await w.page.screenshot({ path: join(shots, "delegate-granted.png"), fullPage: true });
+    await w.page.getByRole("button", { name: "Copy command" }).click();
+    const copied = (await w.calls()).filter((c) => c.cmd === "copy_text").map((c) => c.args.text);
+    assert.deepEqual(copied, [run]);
+
+    await w.page.getByRole("button", { name: "Revoke nightly CI" }).click();
+    assert.deepEqual((await requests(w)).at(-1), { kind: "revoke_delegation", id: "dlg-00000000000000aa" });
+    await main.getByText('The grant "nightly CI" is revoked').waitFor();
+    assert.deepEqual(w.errors, []);
+    await w.context.close();
+
+    // The gateway's refusal is said in its words; signed out, the window says to sign in.
+    const r = await open("delegate", {
+      view: withGrants(),
+      fail: { delegate: { kind: "failed", message: "The grant was not made: the gateway refused: delegation is off on this gateway" } },
+    });
+    await r.page.getByLabel("Who is it for?").fill("x");
+    await r.page.getByLabel("api").check();
+    await r.page.getByRole("button", { name: "Touch key to grant" }).click();
+    await r.page.getByRole("alert").waitFor();
+    assert.equal(await r.page.getByRole("alert").innerText(), "The grant was not made: the gateway refused: delegation is off on this gateway");
+    await r.context.close();
+    const out = await open("delegate", { view: view({ kind: "signed_out", reason: null }) });
+    assert.match(await out.page.locator("main").innerText(), /Sign in first: a grant is approved with a touch on your live session/);
+    assert.equal(await out.page.getByTestId("delegate-form").count(), 0);
+    assert.deepEqual(await requests(out), [], "signed out, nothing is asked");
+    await out.context.close();
+  });
+
   test("the tray's navigate event switches the view", async () => {
     const w = await open("status", { view: connected(), settings: settings() });
     await w.page.evaluate(() => window.__emit("touchgate://navigate", "enrol"));

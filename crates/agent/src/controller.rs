@@ -29,14 +29,15 @@ use tokio::task::JoinHandle;
 pub use error::{ControllerError, ErrorKind, WireError};
 pub use seam::{AppInfo, NAVIGATE_EVENT, NOTICE_EVENT, Route, VIEW_EVENT, typescript_bindings};
 pub use view::{
-    Notice, Organisation, Phase, Purpose, Request, ServiceView, SessionView, ShownNotice, View,
-    time_left,
+    GrantForm, GrantView, GrantedView, Notice, Organisation, Phase, Purpose, Request, ServiceView,
+    SessionView, ShownNotice, View, time_left,
 };
 
 use crate::{
     AgentConfig, AgentState, RunningAgent, SharedAuthn,
     agent::{AgentError, OnSessionEnd},
     authenticator::{AuthnError, hid::Prompter},
+    delegation::{DelegateKey, DelegationError, GrantRequest},
     settings::{ConfigPaths, Layered, SettingsView},
     tunnel::TunnelError,
     unix_now,
@@ -105,6 +106,7 @@ impl Controller {
     /// [`Controller::new`] with another way to open the authenticator.
     pub fn with_opener(paths: ConfigPaths, ui: Arc<dyn Ui>, opener: Opener) -> Self {
         let layers = Layered::load(&paths).map_err(|e| e.to_string());
+        let grants = paths.grants_dir();
         let (state, first) = ControllerState::new(layers, unix_now());
         let inner = Arc::new(Inner {
             state: Mutex::new(state),
@@ -116,6 +118,7 @@ impl Controller {
             pin: Mutex::new(None),
             timers: Mutex::new(HashMap::new()),
             agents: AtomicU64::new(0),
+            grants,
         });
         inner.perform_now(first);
         Self { inner }
@@ -176,6 +179,8 @@ struct Inner {
     pin: Mutex<Option<mpsc::Sender<Option<SecretString>>>>,
     timers: Mutex<HashMap<Timer, JoinHandle<()>>>,
     agents: AtomicU64,
+    /// Where the grants the user makes are written ([`ConfigPaths::grants_dir`]).
+    grants: std::path::PathBuf,
 }
 
 struct Live {
@@ -217,6 +222,20 @@ impl Inner {
                     Effect::Renew => self.renew().await,
                     Effect::Enrol { config, code } => {
                         self.enrol(&config, code.expose_secret()).await
+                    }
+                    Effect::Delegate { grant } => self.delegate(grant).await,
+                    Effect::ListDelegations { answer } => Event::DelegationsListed {
+                        grants: match self.live_agent().await {
+                            Some(a) => a.delegations().await.map_err(|e| e.to_string()),
+                            None => Err("not signed in".into()),
+                        },
+                        answer,
+                    },
+                    Effect::RevokeDelegation { id } => {
+                        Event::DelegationRevoked(match self.live_agent().await {
+                            Some(a) => a.revoke_delegation(&id).await.map_err(|e| e.to_string()),
+                            None => Err("not signed in".into()),
+                        })
                     }
                     Effect::FindOrganisation { config } => Event::OrganisationFound(
                         crate::identity_provider(&config)
@@ -355,15 +374,68 @@ impl Inner {
         }
     }
 
+    async fn live_agent(&self) -> Option<Arc<RunningAgent>> {
+        self.live.lock().await.as_ref().map(|l| l.agent.clone())
+    }
+
     async fn renew(&self) -> Event {
-        let agent = self.live.lock().await.as_ref().map(|l| l.agent.clone());
-        let Some(agent) = agent else {
+        let Some(agent) = self.live_agent().await else {
             return Event::FlowFailed(Failure::Error("not signed in".into()));
         };
         match agent.renew().await {
             Ok(s) => Event::Renewed(Session::from(&s)),
             Err(e) => Event::FlowFailed(failure(e)),
         }
+    }
+
+    /// Approves `form` with a touch of the running agent's key, on a key pair made for the
+    /// grant, and writes the grant's file (0600) into the grants folder (0700).
+    async fn delegate(&self, form: GrantForm) -> Event {
+        let Some(agent) = self.live_agent().await else {
+            return Event::FlowFailed(Failure::Error("not signed in".into()));
+        };
+        // The folder first: a grant is not asked for if its file cannot be kept.
+        if let Err(e) = private_dir(&self.grants) {
+            return Event::FlowFailed(Failure::Error(format!(
+                "cannot make {}: {e}",
+                self.grants.display()
+            )));
+        }
+        let request = GrantRequest {
+            label: form.label,
+            services: form.services,
+            methods: form.methods,
+            path_prefixes: form.path_prefixes,
+            ttl: Duration::from_secs(u64::from(form.minutes) * 60),
+        };
+        let made = match DelegateKey::generate() {
+            Ok(key) => agent.delegate(&request, key).await,
+            Err(e) => Err(e),
+        };
+        let file = match made {
+            Ok(f) => f,
+            Err(DelegationError::Tunnel(e)) => return Event::FlowFailed(failure(e)),
+            Err(e) => return Event::FlowFailed(Failure::Error(e.to_string())),
+        };
+        let g = &file.grant;
+        // The id has the gateway's shape (checked when the grant came back).
+        let path = self.grants.join(format!("{}.json", g.id));
+        if let Err(e) = file.write(&path) {
+            return Event::FlowFailed(Failure::Error(format!(
+                "the grant {} was made but its file was not written ({e}): revoke it",
+                g.id
+            )));
+        }
+        let shown = path.display().to_string();
+        let quoted = shlex::try_quote(&shown).map_or_else(|_| shown.clone(), |q| q.into_owned());
+        tracing::info!(grant = %g.id, label = %g.grant.label, file = %shown, "grant made");
+        Event::Delegated(Box::new(GrantedView {
+            id: g.id.clone(),
+            label: g.grant.label.clone(),
+            run: format!("touchgate run --delegation {quoted} -- COMMAND"),
+            file: shown,
+            expires_at: g.grant.expires_at,
+        }))
     }
 
     async fn enrol(&self, config: &AgentConfig, code: &str) -> Event {
@@ -480,6 +552,18 @@ fn failure(e: TunnelError) -> Failure {
         TunnelError::Authenticator(AuthnError::Cancelled) => Failure::Cancelled,
         other => Failure::Error(other.to_string()),
     }
+}
+
+/// Makes `dir` (and its parents) if needed; the folder itself only its owner may enter.
+fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
 }
 
 /// The instant `at` (seconds since the epoch) falls on.

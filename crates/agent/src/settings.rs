@@ -52,6 +52,14 @@ impl ConfigPaths {
             managed: managed_path(),
         }
     }
+
+    /// Where the tray app writes the grants the user makes: `grants/` beside the user's
+    /// config file (made with mode 0700; each file is 0600).
+    pub fn grants_dir(&self) -> PathBuf {
+        self.user
+            .parent()
+            .map_or_else(|| PathBuf::from("grants"), |d| d.join("grants"))
+    }
 }
 
 /// The platform's managed config path.

@@ -39,6 +39,15 @@ pub enum ControllerError {
         /// The name asked for.
         service: String,
     },
+    /// Grants are made, listed and revoked on a live session.
+    #[error("sign in first: grants are made and listed on your live session")]
+    NotSignedIn,
+    /// A grant the delegate window asked for cannot be made; the words say why.
+    #[error("{problem}")]
+    BadGrant {
+        /// What is wrong, in words.
+        problem: String,
+    },
     /// The settings were not saved (a locked key, an unusable value, a file that cannot be
     /// written); the words say which.
     #[error("{message}")]
@@ -74,6 +83,10 @@ pub enum ErrorKind {
     NoInviteCode,
     /// [`ControllerError::UnknownService`].
     UnknownService,
+    /// [`ControllerError::NotSignedIn`].
+    NotSignedIn,
+    /// [`ControllerError::BadGrant`].
+    BadGrant,
     /// [`ControllerError::NotSaved`].
     NotSaved,
     /// [`ControllerError::Failed`].
@@ -91,6 +104,8 @@ impl ControllerError {
             Self::NoPinAsked => ErrorKind::NoPinAsked,
             Self::NoInviteCode => ErrorKind::NoInviteCode,
             Self::UnknownService { .. } => ErrorKind::UnknownService,
+            Self::NotSignedIn => ErrorKind::NotSignedIn,
+            Self::BadGrant { .. } => ErrorKind::BadGrant,
             Self::NotSaved { .. } => ErrorKind::NotSaved,
             Self::Failed { .. } => ErrorKind::Failed,
         }

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use ts_rs::TS;
 
 use super::{
-    ErrorKind, Notice, Organisation, Phase, Purpose, Request, ServiceView, SessionView,
-    ShownNotice, View, WireError,
+    ErrorKind, GrantForm, GrantView, GrantedView, Notice, Organisation, Phase, Purpose, Request,
+    ServiceView, SessionView, ShownNotice, View, WireError,
 };
 use crate::settings::{ServiceSetting, Settings, SettingsView};
 
@@ -32,11 +32,19 @@ pub enum Route {
     Settings,
     /// The state, the session and the services.
     Status,
+    /// Grant a delegate access with a touch; the user's live grants, with Revoke.
+    Delegate,
 }
 
 impl Route {
     /// Every route.
-    pub const ALL: [Route; 4] = [Self::SignIn, Self::Enrol, Self::Settings, Self::Status];
+    pub const ALL: [Route; 5] = [
+        Self::SignIn,
+        Self::Enrol,
+        Self::Settings,
+        Self::Status,
+        Self::Delegate,
+    ];
 
     /// The route's name in the window's address (`#signin`).
     pub fn as_str(self) -> &'static str {
@@ -45,6 +53,7 @@ impl Route {
             Self::Enrol => "enrol",
             Self::Settings => "settings",
             Self::Status => "status",
+            Self::Delegate => "delegate",
         }
     }
 }
@@ -71,6 +80,9 @@ pub fn typescript_bindings() -> String {
         SessionView::decl(&cfg),
         ServiceView::decl(&cfg),
         Organisation::decl(&cfg),
+        GrantForm::decl(&cfg),
+        GrantView::decl(&cfg),
+        GrantedView::decl(&cfg),
         View::decl(&cfg),
         Notice::decl(&cfg),
         ShownNotice::decl(&cfg),

@@ -22,8 +22,8 @@ pub use events::{Effect, Event, Failure, Session, Timer};
 
 use super::error::ControllerError;
 use super::{
-    Notice, Organisation, Phase, Purpose, Request, ServiceView, SessionView, View,
-    view::time_left_changes,
+    GrantForm, GrantView, Notice, Organisation, Phase, Purpose, Request, ServiceView, SessionView,
+    View, view::time_left_changes,
 };
 use crate::{AgentConfig, AgentState, settings::Layered};
 
@@ -160,6 +160,42 @@ impl ControllerState {
                     out.push(Effect::Reply(Ok(())));
                 }
             }
+            Event::Delegated(granted) => {
+                if self.take_flow(Purpose::Delegate, &mut out).is_some() {
+                    self.view.granted = Some(*granted);
+                    out.push(Effect::ListDelegations { answer: false });
+                    out.push(Effect::Reply(Ok(())));
+                }
+            }
+            Event::DelegationsListed { grants, answer } => {
+                let r = match grants {
+                    Ok(list) => {
+                        if self.agent.is_some() {
+                            self.show_grants(&list, now);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot list the grants");
+                        Err(ControllerError::Failed {
+                            message: format!("The grants could not be listed: {e}"),
+                        })
+                    }
+                };
+                if answer {
+                    out.push(Effect::Reply(r));
+                }
+            }
+            Event::DelegationRevoked(Ok(id)) => {
+                self.view.delegations.retain(|g| g.id != id);
+                out.push(Effect::ListDelegations { answer: false });
+                out.push(Effect::Reply(Ok(())));
+            }
+            Event::DelegationRevoked(Err(e)) => {
+                out.push(Effect::Reply(Err(ControllerError::Failed {
+                    message: format!("The grant was not revoked: {e}"),
+                })))
+            }
             Event::FlowFailed(failure) => self.failed(failure, &mut out, &mut notices),
             Event::OrganisationFound(found) => {
                 self.view.organisation = match found {
@@ -223,17 +259,31 @@ impl ControllerState {
     fn request(&mut self, request: Request, out: &mut Vec<Effect>, notices: &mut Vec<Notice>) {
         let reply = |out: &mut Vec<Effect>, r| out.push(Effect::Reply(r));
         match request {
-            Request::SignIn => self.begin(Purpose::SignIn, String::new(), out),
-            Request::Renew => self.begin(Purpose::Renew, String::new(), out),
+            Request::SignIn => self.begin(Purpose::SignIn, String::new(), None, out),
+            Request::Renew => self.begin(Purpose::Renew, String::new(), None, out),
             Request::Enrol { code } => {
                 let code = code.trim();
                 if code.is_empty() {
                     return reply(out, Err(ControllerError::NoInviteCode));
                 }
-                self.begin(Purpose::Enrol, code.to_owned(), out);
+                self.begin(Purpose::Enrol, code.to_owned(), None, out);
             }
             // No code: the shell enrols through the identity provider (see `Effect::Enrol`).
-            Request::EnrolWithOrganisation => self.begin(Purpose::Enrol, String::new(), out),
+            Request::EnrolWithOrganisation => {
+                self.begin(Purpose::Enrol, String::new(), None, out);
+            }
+            Request::Delegate { grant } => match self.checked_grant(grant) {
+                Ok(grant) => self.begin(Purpose::Delegate, String::new(), Some(grant), out),
+                Err(e) => reply(out, Err(e)),
+            },
+            Request::ListDelegations => match &self.agent {
+                Some(_) => out.push(Effect::ListDelegations { answer: true }),
+                None => reply(out, Err(ControllerError::NotSignedIn)),
+            },
+            Request::RevokeDelegation { id } => match &self.agent {
+                Some(_) => out.push(Effect::RevokeDelegation { id }),
+                None => reply(out, Err(ControllerError::NotSignedIn)),
+            },
             Request::FindOrganisation => match self.config() {
                 Ok(config) => out.push(Effect::FindOrganisation {
                     config: Box::new(config),
@@ -287,8 +337,15 @@ impl ControllerState {
         }
     }
 
-    /// Starts a flow: one at a time; the key is opened unless the running agent holds it.
-    fn begin(&mut self, purpose: Purpose, code: String, out: &mut Vec<Effect>) {
+    /// Starts a flow: one at a time; the key is opened unless the running agent holds it
+    /// (renewal, and a grant: `grant`).
+    fn begin(
+        &mut self,
+        purpose: Purpose,
+        code: String,
+        grant: Option<GrantForm>,
+        out: &mut Vec<Effect>,
+    ) {
         let reply = |out: &mut Vec<Effect>, r| out.push(Effect::Reply(r));
         if self.flow.is_some() {
             return reply(out, Err(ControllerError::Busy));
@@ -296,10 +353,13 @@ impl ControllerState {
         let purpose = match (purpose, &self.agent) {
             (Purpose::SignIn, Some(_)) => return reply(out, Ok(())),
             (Purpose::Renew, None) => Purpose::SignIn,
+            (Purpose::Delegate, None) => return reply(out, Err(ControllerError::NotSignedIn)),
             (p, _) => p,
         };
-        self.view.error = None;
-        if let (Purpose::Renew, Some(a)) = (purpose, &self.agent) {
+        if purpose != Purpose::Delegate {
+            self.view.error = None;
+        }
+        if let (Purpose::Renew | Purpose::Delegate, Some(a)) = (purpose, &self.agent) {
             self.flow = Some(Flow {
                 purpose,
                 step: Step::Touch { key: a.key.clone() },
@@ -308,7 +368,10 @@ impl ControllerState {
                 code,
                 key: a.key.clone(),
             });
-            return out.push(Effect::Renew);
+            return out.push(match grant {
+                Some(grant) => Effect::Delegate { grant },
+                None => Effect::Renew,
+            });
         }
         let config = match self.config() {
             Ok(c) => c,
@@ -344,6 +407,8 @@ impl ControllerState {
                 code: SecretString::from(f.code.clone()),
             },
             Purpose::SignIn | Purpose::Renew => Effect::StartAgent { config },
+            // A grant uses the running agent's key, which is open already.
+            Purpose::Delegate => return,
         });
     }
 
@@ -382,6 +447,74 @@ impl ControllerState {
             self.show_session(session, now, out, notices);
         }
         out.push(Effect::Reply(Ok(())));
+        // The tray lists the user's live grants, with Revoke.
+        out.push(Effect::ListDelegations { answer: false });
+    }
+
+    /// Checks a grant the window asks for before the key is asked: a name, services the
+    /// session offers, a duration, methods and path prefixes in their shape. (The gateway
+    /// checks it again, with its own limits.)
+    fn checked_grant(&self, g: GrantForm) -> Result<GrantForm, ControllerError> {
+        let bad = |problem: String| Err(ControllerError::BadGrant { problem });
+        if self.agent.is_none() {
+            return Err(ControllerError::NotSignedIn);
+        }
+        let label = g.label.trim().to_owned();
+        if label.is_empty() {
+            return bad("name the grant: who or what is it for (\"nightly CI\")?".into());
+        }
+        if g.services.is_empty() {
+            return bad("choose at least one service".into());
+        }
+        if let Some(s) = g
+            .services
+            .iter()
+            .find(|s| !self.view.services.iter().any(|v| v.live && v.name == **s))
+        {
+            return bad(format!("{s:?} is not a live service of your session"));
+        }
+        if g.minutes == 0 {
+            return bad("choose how long the grant lasts".into());
+        }
+        let methods: Vec<String> = g
+            .methods
+            .iter()
+            .map(|m| m.trim().to_ascii_uppercase())
+            .filter(|m| !m.is_empty())
+            .collect();
+        if let Some(m) = methods
+            .iter()
+            .find(|m| !m.bytes().all(|b| b.is_ascii_alphabetic()))
+        {
+            return bad(format!("{m:?} is not an HTTP method"));
+        }
+        let path_prefixes: Vec<String> = g
+            .path_prefixes
+            .iter()
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect();
+        if let Some(p) = path_prefixes.iter().find(|p| !p.starts_with('/')) {
+            return bad(format!("a path prefix starts with /: {p:?}"));
+        }
+        Ok(GrantForm {
+            label,
+            services: g.services,
+            methods,
+            path_prefixes,
+            minutes: g.minutes,
+        })
+    }
+
+    /// Shows the user's grants that have not ended, the soonest to end first.
+    fn show_grants(&mut self, list: &[touchgate_proto::DelegationInfo], now: u64) {
+        let mut grants: Vec<GrantView> = list
+            .iter()
+            .filter(|d| d.revoked_at.is_none() && d.grant.expires_at > now)
+            .map(GrantView::of)
+            .collect();
+        grants.sort_by(|a, b| (a.expires_at, &a.id).cmp(&(b.expires_at, &b.id)));
+        self.view.delegations = grants;
     }
 
     /// Ends the flow of `purpose` (a stale answer for another is dropped).
@@ -436,6 +569,12 @@ impl ControllerState {
                 let message = format!("The key was not enrolled: {m}");
                 self.view.error = Some(message.clone());
                 ControllerError::Failed { message }
+            }
+            // Said in the delegate window only: the session is as it was.
+            (Purpose::Delegate, Failure::Error(m) | Failure::Disabled(m)) => {
+                ControllerError::Failed {
+                    message: format!("The grant was not made: {m}"),
+                }
             }
         };
         out.push(Effect::Reply(Err(error)));
@@ -634,6 +773,7 @@ impl ControllerState {
         self.base = phase;
         self.lost = false;
         self.view.session = None;
+        self.view.delegations.clear();
         self.view.services.iter_mut().for_each(|s| s.live = false);
         self.view.gateway = self.configured_gateway.clone();
         self.view.transport.clear();
@@ -709,11 +849,21 @@ impl ControllerState {
                 }
             }
         };
+        // A grant that ended since the gateway listed it is gone.
+        v.delegations.retain(|g| g.expires_at > now);
         v.set_words(now);
+        let grants = v
+            .delegations
+            .iter()
+            .flat_map(|g| [time_left_changes(g.expires_at, now), Some(g.expires_at)]);
         let tick = v
             .session
             .as_ref()
-            .and_then(|s| time_left_changes(s.expires_at, now));
+            .map(|s| time_left_changes(s.expires_at, now))
+            .into_iter()
+            .chain(grants)
+            .flatten()
+            .min();
         self.arm(Timer::Tick, tick, out);
         if self.shown.as_ref() != Some(&v) {
             self.shown = Some(v.clone());

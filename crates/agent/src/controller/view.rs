@@ -47,6 +47,101 @@ pub enum Request {
         /// The new values.
         settings: Settings,
     },
+    /// Grant a delegate (a script, a CI job, an AI agent) narrow access to the user's
+    /// services with a touch, on the live session; the grant's file is written to the grants
+    /// folder ([`View::granted`]).
+    Delegate {
+        /// What to grant.
+        grant: GrantForm,
+    },
+    /// Ask the gateway for the user's live grants ([`View::delegations`]); no touch.
+    ListDelegations,
+    /// End one of the user's grants within seconds; no touch.
+    RevokeDelegation {
+        /// The grant's id.
+        id: String,
+    },
+}
+
+/// A grant as the delegate window asks for it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, TS)]
+pub struct GrantForm {
+    /// Who it is for, in words ("nightly CI", "coding assistant").
+    pub label: String,
+    /// The services.
+    pub services: Vec<String>,
+    /// HTTP methods (empty: any).
+    pub methods: Vec<String>,
+    /// Path prefixes, such as `/v1/` (empty: any path).
+    pub path_prefixes: Vec<String>,
+    /// How long it lasts, in minutes (the gateway caps it).
+    pub minutes: u32,
+}
+
+/// One of the user's live grants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, TS)]
+pub struct GrantView {
+    /// The grant's id (`dlg-…`).
+    pub id: String,
+    /// Who it is for.
+    pub label: String,
+    /// What it allows, in words: `api, billing · GET, HEAD · paths /v1/`.
+    pub scope: String,
+    /// When it ends, seconds since the epoch.
+    #[ts(type = "number")]
+    pub expires_at: u64,
+    /// How long it has left, in words (kept current like the session's).
+    pub time_left: String,
+    /// When a delegate last used it, seconds since the epoch.
+    #[ts(type = "number | null")]
+    pub last_used_at: Option<u64>,
+}
+
+impl GrantView {
+    /// The view of a grant the gateway listed.
+    pub fn of(d: &touchgate_proto::DelegationInfo) -> Self {
+        let g = &d.grant;
+        let or_any = |v: &[String], any: &str| {
+            if v.is_empty() {
+                any.to_owned()
+            } else {
+                v.join(", ")
+            }
+        };
+        let paths = if g.path_prefixes.is_empty() {
+            "any path".to_owned()
+        } else {
+            format!("paths {}", g.path_prefixes.join(", "))
+        };
+        Self {
+            id: d.id.clone(),
+            label: g.label.clone(),
+            scope: format!(
+                "{} · {} · {paths}",
+                g.services.join(", "),
+                or_any(&g.methods, "any method"),
+            ),
+            expires_at: g.expires_at,
+            time_left: String::new(),
+            last_used_at: d.last_used_at,
+        }
+    }
+}
+
+/// The grant made last in this run of the app: where its file is, and how a delegate uses it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, TS)]
+pub struct GrantedView {
+    /// The grant's id.
+    pub id: String,
+    /// Who it is for.
+    pub label: String,
+    /// The grant's file (mode 0600: it holds the delegate's key and token).
+    pub file: String,
+    /// The command that runs a program on the grant.
+    pub run: String,
+    /// When it ends, seconds since the epoch.
+    #[ts(type = "number")]
+    pub expires_at: u64,
 }
 
 impl std::fmt::Debug for Request {
@@ -67,6 +162,11 @@ impl std::fmt::Debug for Request {
                 .field("port", port)
                 .finish(),
             Self::SaveSettings { .. } => f.write_str("SaveSettings"),
+            Self::Delegate { grant } => f.debug_struct("Delegate").field("grant", grant).finish(),
+            Self::ListDelegations => f.write_str("ListDelegations"),
+            Self::RevokeDelegation { id } => {
+                f.debug_struct("RevokeDelegation").field("id", id).finish()
+            }
         }
     }
 }
@@ -81,6 +181,8 @@ pub enum Purpose {
     Renew,
     /// Enrolling the key.
     Enrol,
+    /// Approving a delegated grant.
+    Delegate,
 }
 
 /// Where the agent is, for the tray icon, the menu and the windows.
@@ -232,6 +334,11 @@ pub struct View {
     pub error: Option<String>,
     /// Whether the gateway enrols through an identity provider (the enrol window asks).
     pub organisation: Organisation,
+    /// The user's grants that have not ended, as the gateway last listed them (while signed
+    /// in).
+    pub delegations: Vec<GrantView>,
+    /// The grant made last in this run of the app.
+    pub granted: Option<GrantedView>,
 }
 
 impl Default for View {
@@ -247,6 +354,8 @@ impl Default for View {
             user: String::new(),
             error: None,
             organisation: Organisation::Unknown,
+            delegations: Vec::new(),
+            granted: None,
         };
         v.set_words(0);
         v
@@ -257,6 +366,9 @@ impl View {
     /// Words [`View::summary`] and [`View::time_left`] for `now` (seconds since the epoch).
     pub fn set_words(&mut self, now: u64) {
         self.time_left = self.session.as_ref().map(|s| time_left(s.expires_at, now));
+        for g in &mut self.delegations {
+            g.time_left = time_left(g.expires_at, now);
+        }
         let left = self.time_left.as_deref().unwrap_or_default();
         let user = self.session.as_ref().map(|s| s.user.as_str()).unwrap_or("");
         let over = if self.transport.starts_with("TCP") {
@@ -269,6 +381,10 @@ impl View {
             Phase::SignedOut { reason: None } => "Signed out".to_owned(),
             Phase::SignedOut { reason: Some(r) } => format!("Signed out: {r}"),
             Phase::Connecting { .. } => "Connecting to the gateway…".to_owned(),
+            Phase::WaitingForTouch {
+                key,
+                purpose: Purpose::Delegate,
+            } => format!("Touch your security key to approve the grant ({key})"),
             Phase::WaitingForTouch { key, .. } => format!("Touch your security key ({key})"),
             Phase::PinNeeded { .. } => "Enter your key's PIN".to_owned(),
             Phase::Connected => format!("Connected as {user}{over} — {left} left"),

@@ -5,10 +5,12 @@
 use std::{path::Path, sync::Arc, time::Duration};
 
 use touchgate_agent::{
-    controller::{Controller, Notice, Phase, Purpose, Request},
+    AgentState, RunningAgent,
+    controller::{Controller, ControllerError, GrantForm, Notice, Phase, Purpose, Request},
+    delegation::{self, DelegationFile},
     settings::ConfigPaths,
 };
-use touchgate_e2e::{FakeUi, get, hid, lab_trusting};
+use touchgate_e2e::{FakeUi, get, hid, lab_trusting, wait_for_state};
 use touchgate_testkit::{
     hardware::Vendor,
     lab::{Lab, LabOptions},
@@ -351,5 +353,116 @@ async fn failures_are_shown_in_words() -> anyhow::Result<()> {
     }
     let e = c.handle(Request::SignIn).await.expect_err("not configured");
     assert!(e.to_string().contains("must be host:port"), "{e}");
+    Ok(())
+}
+
+/// The tray's "Delegate access…": one touch on the signed-in key makes a grant whose file is
+/// written 0600 in a 0700 folder beside the config; the view lists it, a headless agent uses
+/// it, and Revoke ends it with no touch.
+#[tokio::test]
+async fn the_tray_grants_with_a_touch_writes_a_private_file_lists_and_revokes() -> anyhow::Result<()>
+{
+    let lab = Lab::start(LabOptions::default()).await?;
+    let (ui, c) = enrolled(&lab, "").await?;
+    // Not signed in: nothing is asked of the key.
+    let form = GrantForm {
+        label: "nightly CI".into(),
+        services: vec!["api".into()],
+        methods: vec!["get".into()],
+        path_prefixes: vec!["/v1/".into()],
+        minutes: 30,
+    };
+    let e = c
+        .handle(Request::Delegate {
+            grant: form.clone(),
+        })
+        .await;
+    assert_eq!(e, Err(ControllerError::NotSignedIn));
+    c.handle(Request::SignIn).await?;
+    assert!(c.view().delegations.is_empty());
+    let asked = lab.audit_events("challenge_issued").len();
+
+    // A service the session does not offer is refused before the key is asked.
+    let e = c
+        .handle(Request::Delegate {
+            grant: GrantForm {
+                services: vec!["billing".into()],
+                ..form.clone()
+            },
+        })
+        .await;
+    assert!(
+        matches!(&e, Err(ControllerError::BadGrant { problem }) if problem.contains("billing")),
+        "{e:?}"
+    );
+    assert_eq!(lab.audit_events("challenge_issued").len(), asked);
+
+    c.handle(Request::Delegate { grant: form }).await?;
+    assert!(
+        ui.phases()
+            .contains(&"waiting_for_touch:delegate".to_owned()),
+        "{:?}",
+        ui.phases()
+    );
+    let v = c.view();
+    assert_eq!(v.phase, Phase::Connected);
+    let granted = v.granted.clone().expect("the grant just made");
+    let grants_dir = lab.dir.path().join("user/grants");
+    let file = std::path::PathBuf::from(&granted.file);
+    assert_eq!(file, grants_dir.join(format!("{}.json", granted.id)));
+    assert_eq!(
+        granted.run,
+        format!("touchgate run --delegation {} -- COMMAND", granted.file)
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
+        assert_eq!(mode(&file)?, 0o600);
+        assert_eq!(mode(&grants_dir)?, 0o700);
+    }
+    let listed: Vec<_> = v
+        .delegations
+        .iter()
+        .map(|g| (g.id.as_str(), g.label.as_str(), g.scope.as_str()))
+        .collect();
+    assert_eq!(
+        listed,
+        [(granted.id.as_str(), "nightly CI", "api · GET · paths /v1/")]
+    );
+    assert_eq!(lab.audit_events("delegation_granted").len(), 1);
+
+    // The file is what a delegate needs: a headless agent serves the grant's scope.
+    let f = DelegationFile::read(&file)?;
+    let bot = RunningAgent::start_delegated(delegation::load_headless(
+        &f,
+        None,
+        &[],
+        Some(lab.dir.path().join("bot.sock")),
+    )?)
+    .await?;
+    let bot_addr = bot.listeners()[0].1;
+    assert_eq!(get(bot_addr, "/v1/items", &[]).await?.status, 200);
+    assert_eq!(get(bot_addr, "/admin", &[]).await?.status, 403);
+
+    // Revoke: no touch; the list empties and the delegate's session ends within seconds.
+    let challenges = lab.audit_events("challenge_issued").len();
+    c.handle(Request::RevokeDelegation {
+        id: granted.id.clone(),
+    })
+    .await?;
+    assert!(c.view().delegations.is_empty());
+    wait_for_state(&bot, WAIT, |s| matches!(s, AgentState::SignedOut { .. })).await?;
+    assert_eq!(lab.audit_events("challenge_issued").len(), challenges);
+    let e = c
+        .handle(Request::RevokeDelegation {
+            id: "dlg-0000000000000000".into(),
+        })
+        .await;
+    assert!(
+        matches!(&e, Err(ControllerError::Failed { message }) if message.starts_with("The grant was not revoked")),
+        "{e:?}"
+    );
+    bot.shutdown().await;
+    c.shutdown().await;
     Ok(())
 }

@@ -6,7 +6,7 @@ use secrecy::SecretString;
 use super::ControllerState;
 use crate::{
     AgentConfig, AgentState,
-    controller::{Notice, Request, View, error::ControllerError},
+    controller::{GrantForm, GrantedView, Notice, Request, View, error::ControllerError},
     settings::{Layered, Settings},
 };
 
@@ -35,6 +35,19 @@ pub enum Event {
     Renewed(Session),
     /// The key was enrolled ([`Effect::Enrol`]).
     Enrolled,
+    /// The running agent's key approved a grant and its file was written
+    /// ([`Effect::Delegate`]).
+    Delegated(Box<GrantedView>),
+    /// The gateway listed the user's grants ([`Effect::ListDelegations`]), or why it could
+    /// not.
+    DelegationsListed {
+        /// The grants, or why not, in words.
+        grants: Result<Vec<touchgate_proto::DelegationInfo>, String>,
+        /// Whether a request waits for this list.
+        answer: bool,
+    },
+    /// The gateway revoked a grant ([`Effect::RevokeDelegation`]): its id, or why not.
+    DelegationRevoked(Result<String, String>),
     /// The flow's IO step failed.
     FlowFailed(Failure),
     /// The gateway said whether it enrols through an identity provider
@@ -99,6 +112,24 @@ pub enum Effect {
         /// the organisation's identity provider in the browser instead.
         code: SecretString,
     },
+    /// Approve `grant` with a touch of the running agent's key and write its file; answer
+    /// with [`Event::Delegated`] or [`Event::FlowFailed`].
+    Delegate {
+        /// What to grant (checked).
+        grant: GrantForm,
+    },
+    /// Ask the running agent's session for the user's grants; answer with
+    /// [`Event::DelegationsListed`].
+    ListDelegations {
+        /// Whether a request waits for the list.
+        answer: bool,
+    },
+    /// Revoke the user's grant `id` on the running agent's session; answer with
+    /// [`Event::DelegationRevoked`].
+    RevokeDelegation {
+        /// The grant's id.
+        id: String,
+    },
     /// Ask the gateway about its identity provider; answer with [`Event::OrganisationFound`].
     FindOrganisation {
         /// The checked config.
@@ -139,6 +170,9 @@ impl Effect {
                 | Self::Renew
                 | Self::Enrol { .. }
                 | Self::FindOrganisation { .. }
+                | Self::Delegate { .. }
+                | Self::ListDelegations { .. }
+                | Self::RevokeDelegation { .. }
                 | Self::Save { .. }
                 | Self::Reply(_)
         )

@@ -2,7 +2,7 @@
 //! sleeping. Each test feeds events as the shell would and checks the effects and the view.
 
 use super::*;
-use crate::settings::ConfigPaths;
+use crate::{controller::GrantedView, settings::ConfigPaths};
 
 const PIN: &str = "abababababababababababababababababababababababababababababababab";
 /// The fake clock's start, seconds since the epoch.
@@ -617,4 +617,247 @@ fn the_enrol_window_learns_whether_the_gateway_has_an_identity_provider() {
     r.ask(Request::FindOrganisation);
     r.feed(Event::OrganisationFound(Err("unreachable".into())));
     assert_eq!(r.s.view().organisation, Organisation::Unknown);
+}
+
+fn grant_info(id: &str, label: &str, expires_at: u64) -> touchgate_proto::DelegationInfo {
+    touchgate_proto::DelegationInfo {
+        id: id.into(),
+        user: "alice".into(),
+        grant: touchgate_proto::Grant {
+            label: label.into(),
+            services: vec!["api".into()],
+            methods: vec!["GET".into(), "HEAD".into()],
+            path_prefixes: vec!["/v1/".into()],
+            expires_at,
+            key: "thumbprint".into(),
+        },
+        created_at: T0,
+        last_used_at: None,
+        revoked_at: None,
+    }
+}
+
+fn form(label: &str, services: &[&str]) -> GrantForm {
+    GrantForm {
+        label: label.into(),
+        services: services.iter().map(|s| (*s).to_owned()).collect(),
+        methods: vec![" get".into(), "head ".into()],
+        path_prefixes: vec!["/v1/".into(), " ".into()],
+        minutes: 60,
+    }
+}
+
+#[test]
+fn a_grant_is_refused_before_the_key_unless_signed_in_and_in_shape() {
+    let mut r = Rig::new();
+    let e = r.ask(Request::Delegate {
+        grant: form("ci", &["api"]),
+    });
+    assert_eq!(reply(&e), Some(Err(ControllerError::NotSignedIn)));
+    for ask in [
+        Request::ListDelegations,
+        Request::RevokeDelegation { id: "dlg-1".into() },
+    ] {
+        assert_eq!(reply(&r.ask(ask)), Some(Err(ControllerError::NotSignedIn)));
+    }
+    r.signed_in(8 * HOUR);
+    let cases = [
+        (form("  ", &["api"]), "name the grant"),
+        (form("ci", &[]), "at least one service"),
+        // The session offers api only; billing is configured but not live.
+        (
+            form("ci", &["billing"]),
+            "\"billing\" is not a live service",
+        ),
+        (
+            GrantForm {
+                minutes: 0,
+                ..form("ci", &["api"])
+            },
+            "how long",
+        ),
+        (
+            GrantForm {
+                methods: vec!["GET /x".into()],
+                ..form("ci", &["api"])
+            },
+            "not an HTTP method",
+        ),
+        (
+            GrantForm {
+                path_prefixes: vec!["v1/".into()],
+                ..form("ci", &["api"])
+            },
+            "starts with /",
+        ),
+    ];
+    for (grant, words) in cases {
+        let e = r.ask(Request::Delegate { grant });
+        assert!(
+            matches!(reply(&e), Some(Err(ControllerError::BadGrant { problem })) if problem.contains(words)),
+            "{words}: {e:?}"
+        );
+        assert!(!e.iter().any(|e| matches!(e, Effect::Delegate { .. })));
+        assert_eq!(r.phase(), Phase::Connected);
+    }
+}
+
+#[test]
+fn a_grant_asks_the_running_agents_key_then_shows_its_file_and_the_list() {
+    let mut r = Rig::new();
+    let e = r.signed_in(8 * HOUR + 50);
+    assert!(
+        e.iter()
+            .any(|e| matches!(e, Effect::ListDelegations { answer: false })),
+        "the tray lists the grants after sign-in: {e:?}"
+    );
+    let e = r.ask(Request::Delegate {
+        grant: form(" nightly CI ", &["api"]),
+    });
+    // Checked and tidied before the key is asked; the touch is on the running agent's key.
+    let Some(Effect::Delegate { grant }) = e.last() else {
+        panic!("{e:?}")
+    };
+    assert_eq!(grant.label, "nightly CI");
+    assert_eq!(grant.methods, ["GET", "HEAD"]);
+    assert_eq!(grant.path_prefixes, ["/v1/"]);
+    assert_eq!(reply(&e), None, "the request waits for the touch");
+    assert_eq!(
+        r.phase(),
+        Phase::WaitingForTouch {
+            key: "YubiKey 5".into(),
+            purpose: Purpose::Delegate
+        }
+    );
+    assert_eq!(
+        r.s.view().summary,
+        "Touch your security key to approve the grant (YubiKey 5)"
+    );
+    // One flow at a time.
+    assert_eq!(
+        reply(&r.ask(Request::Renew)),
+        Some(Err(ControllerError::Busy))
+    );
+
+    let granted = GrantedView {
+        id: "dlg-00000000000000aa".into(),
+        label: "nightly CI".into(),
+        file: "/home/alice/.config/touchgate/grants/dlg-00000000000000aa.json".into(),
+        run: "touchgate run --delegation /home/alice/.config/touchgate/grants/dlg-00000000000000aa.json -- COMMAND".into(),
+        expires_at: r.now + HOUR,
+    };
+    let e = r.feed(Event::Delegated(Box::new(granted.clone())));
+    assert_eq!(reply(&e), Some(Ok(())));
+    assert!(
+        e.iter()
+            .any(|e| matches!(e, Effect::ListDelegations { answer: false }))
+    );
+    assert_eq!(r.phase(), Phase::Connected);
+    assert_eq!(r.s.view().granted, Some(granted));
+
+    // The list shows live grants only, the soonest to end first, with their words.
+    let mut revoked = grant_info("dlg-00000000000000cc", "old", r.now + HOUR);
+    revoked.revoked_at = Some(r.now - 5);
+    let list = vec![
+        grant_info("dlg-00000000000000aa", "nightly CI", r.now + HOUR + 50),
+        grant_info("dlg-00000000000000bb", "assistant", r.now + 10 * 60 + 30),
+        revoked,
+        grant_info("dlg-00000000000000dd", "ended", r.now - 1),
+    ];
+    let e = r.feed(Event::DelegationsListed {
+        grants: Ok(list),
+        answer: true,
+    });
+    assert_eq!(reply(&e), Some(Ok(())));
+    let v = r.s.view();
+    let shown: Vec<_> = v
+        .delegations
+        .iter()
+        .map(|g| (g.label.as_str(), g.scope.as_str(), g.time_left.as_str()))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("assistant", "api · GET, HEAD · paths /v1/", "10 min"),
+            ("nightly CI", "api · GET, HEAD · paths /v1/", "1 h 00 min"),
+        ]
+    );
+    // The words change with the clock, and a grant that ends leaves the list by itself.
+    let tick = timer_at(&e, Timer::Tick).expect("a tick for the grants' words");
+    assert_eq!(tick, r.now + 31, "the assistant's 10 min become 9 min");
+    r.fire_at(Timer::Tick, tick);
+    assert_eq!(r.s.view().delegations[0].time_left, "9 min");
+    let end = r.now + 10 * 60;
+    r.fire_at(Timer::Tick, end);
+    let labels: Vec<_> =
+        r.s.view()
+            .delegations
+            .iter()
+            .map(|g| g.label.clone())
+            .collect();
+    assert_eq!(labels, ["nightly CI"]);
+
+    // Revoked: gone from the list at once, and the list is asked again.
+    let e = r.ask(Request::RevokeDelegation {
+        id: "dlg-00000000000000aa".into(),
+    });
+    assert!(
+        matches!(e.last(), Some(Effect::RevokeDelegation { id }) if id == "dlg-00000000000000aa")
+    );
+    let e = r.feed(Event::DelegationRevoked(Ok("dlg-00000000000000aa".into())));
+    assert_eq!(reply(&e), Some(Ok(())));
+    assert!(r.s.view().delegations.is_empty());
+    let e = r.feed(Event::DelegationRevoked(Err("no such grant".into())));
+    assert!(
+        matches!(reply(&e), Some(Err(ControllerError::Failed { message })) if message == "The grant was not revoked: no such grant")
+    );
+
+    // Signing out clears the list (it is the session's), not the grant just made.
+    r.feed(Event::DelegationsListed {
+        grants: Ok(vec![grant_info("dlg-00000000000000ee", "x", r.now + HOUR)]),
+        answer: false,
+    });
+    r.ask(Request::SignOut);
+    assert!(r.s.view().delegations.is_empty());
+    assert!(r.s.view().granted.is_some());
+}
+
+#[test]
+fn a_refused_or_cancelled_grant_leaves_the_session_as_it_was() {
+    let mut r = Rig::new();
+    r.signed_in(8 * HOUR);
+    r.ask(Request::Delegate {
+        grant: form("ci", &["api"]),
+    });
+    let e = r.feed(Event::FlowFailed(Failure::Error(
+        "the gateway refused: delegation is off on this gateway".into(),
+    )));
+    assert!(
+        matches!(reply(&e), Some(Err(ControllerError::Failed { message })) if message == "The grant was not made: the gateway refused: delegation is off on this gateway")
+    );
+    let v = r.s.view();
+    assert_eq!(v.phase, Phase::Connected);
+    assert_eq!(v.error, None, "the sign-in window does not show it");
+    assert!(v.session.is_some());
+
+    r.ask(Request::Delegate {
+        grant: form("ci", &["api"]),
+    });
+    r.ask(Request::Cancel);
+    let e = r.feed(Event::FlowFailed(Failure::Cancelled));
+    assert_eq!(reply(&e), Some(Err(ControllerError::Cancelled)));
+    assert_eq!(r.phase(), Phase::Connected);
+    // A list that cannot be had is said to the request that asked, and only to it.
+    let e = r.feed(Event::DelegationsListed {
+        grants: Err("timed out".into()),
+        answer: false,
+    });
+    assert_eq!(reply(&e), None);
+    let e = r.feed(Event::DelegationsListed {
+        grants: Err("timed out".into()),
+        answer: true,
+    });
+    assert!(
+        matches!(reply(&e), Some(Err(ControllerError::Failed { message })) if message.contains("timed out"))
+    );
 }
