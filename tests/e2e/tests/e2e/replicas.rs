@@ -1,8 +1,9 @@
 //! Two gateway replicas — two `touchgate-gateway serve` processes — on one real PostgreSQL:
 //! they serve the same users, an agent moves from one to the other with no touch when its own
 //! is killed, a revoke made anywhere closes the user's connection on whichever replica holds
-//! it, races through both keep invites and signature counters to their rules, and the database
-//! going away spares open sessions.
+//! it, a delegated grant revoked on one replica ends its delegate on the other, races through
+//! both keep invites and signature counters to their rules, and the database going away spares
+//! open sessions.
 
 use std::{
     net::SocketAddr,
@@ -12,11 +13,12 @@ use std::{
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use touchgate_agent::{
-    AgentConfig, RunningAgent, SharedAuthn,
+    AgentConfig, AgentState, RunningAgent, SharedAuthn,
+    delegation::{self, DelegateKey, GrantRequest},
     tunnel::{SessionKey, Tunnel, TunnelError, client_endpoint},
 };
-use touchgate_e2e::{get, soft_authn};
-use touchgate_proto::RefusalCode;
+use touchgate_e2e::{get, request, soft_authn, wait_for_state};
+use touchgate_proto::{RefusalCode, close};
 use touchgate_testkit::{
     gateway_process::{GatewayProcess, gateway_program},
     lab::{Lab, LabOptions},
@@ -200,6 +202,154 @@ async fn an_agent_moves_to_the_other_replica_with_no_touch_and_revokes_reach_it(
         .map_err(|_| anyhow::anyhow!("the revoke did not reach the replica within 2 s"))?;
     eprintln!("connection closed {:?} after the revoke", revoked.elapsed());
     agent.shutdown().await;
+    Ok(())
+}
+
+/// A grant approved through replica A, used by a headless delegate connected to replica B, and
+/// revoked by its owner through A: B hears it from the database (its change notification) and
+/// closes the delegate's connection within two seconds of the revoke's commit, cutting a
+/// download in flight; the delegate cannot come back, and B's audit log says both.
+#[tokio::test]
+async fn a_grant_revoked_on_one_replica_ends_its_delegate_on_the_other_within_seconds()
+-> anyhow::Result<()> {
+    let r = Replicas::start().await?;
+    let user = "alice@example.com";
+    let label = "ci-nightly";
+    // Alice enrols, delegates and revokes through A only.
+    let (cfg, authn, _) = r.enrolled(user, r.a.quic_addr).await?;
+    let grant = GrantRequest {
+        label: label.into(),
+        services: vec!["api".into()],
+        methods: vec!["GET".into()],
+        path_prefixes: vec!["/v1/".into(), "/bytes".into()],
+        ttl: Duration::from_secs(600),
+    };
+    let mut file = delegation::delegate(&cfg, &authn, &grant, DelegateKey::generate()?).await?;
+    assert_eq!(file.gateway, [r.a.quic_addr.to_string()]);
+    let granted = r.a.audit_events("delegation_granted");
+    assert_eq!(granted.len(), 1, "{granted:?}");
+    assert_eq!(granted[0]["session"], file.grant.id.as_str());
+    assert_eq!(granted[0]["delegate"], label);
+
+    // The delegate runs elsewhere and reaches B alone (B knows the grant only from the
+    // database, and its token only by the signing keys the replicas share).
+    file.gateway = vec![r.b.quic_addr.to_string()];
+    let sock = |name: &str| Some(r.lab.dir.path().join(format!("{name}.sock")));
+    let bot =
+        RunningAgent::start_delegated(delegation::load_headless(&file, None, &[], sock("bot"))?)
+            .await?;
+    let conn = bot.connection().expect("connected");
+    assert_eq!(conn.remote_address(), r.b.quic_addr, "the delegate is on B");
+    let api = bot.local_addr("api").expect("api port");
+    let ok = get(api, "/v1/items", &[]).await?;
+    assert_eq!(ok.status, 200, "{}", String::from_utf8_lossy(&ok.body));
+    let echo = ok.json()?;
+    assert_eq!(echo["headers"]["x-touchgate-user"], user);
+    assert_eq!(echo["headers"]["x-touchgate-delegate"], label);
+    // B holds the grant to its scope.
+    assert_eq!(
+        request(api, "POST", "/v1/items", "localhost", &[])
+            .await?
+            .status,
+        403
+    );
+    let resumed = r.b.audit_events("session_resumed");
+    assert!(
+        resumed
+            .iter()
+            .any(|e| e["user"] == user && e["delegate"] == label),
+        "{resumed:?}"
+    );
+    let mut download = download_in_flight(api).await?;
+
+    // Alice revokes the grant through A (a touch on a sign-in of its own there). The revoke's
+    // commit lies between asking and the answer: B's end is timed from the asking.
+    let asked = std::time::SystemTime::now();
+    assert_eq!(
+        delegation::revoke(&cfg, &authn, label).await?,
+        file.grant.id
+    );
+    let why = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .map_err(|_| anyhow::anyhow!("the delegate's connection to B outlived the revoke"))?;
+    eprintln!(
+        "the delegate saw its connection end {:?} after the revoke was asked on A",
+        asked.elapsed().unwrap_or_default()
+    );
+    match why {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, close::SESSION_REVOKED.into(), "{c:?}");
+            assert_eq!(&c.reason[..], b"delegated grant revoked");
+        }
+        // The close frame goes out once: lost (in the flood of the download in flight), the
+        // agent's next packet finds the connection gone and is answered with a stateless reset
+        // (or, that lost too, the agent's idle timeout ends it). When and why B ended it are
+        // then in B's audit log and its refusal of the resume, below.
+        quinn::ConnectionError::Reset | quinn::ConnectionError::TimedOut => {
+            eprintln!("the close frame was lost: {why:?}");
+        }
+        other => panic!("the delegate's connection ended otherwise: {other:?}"),
+    }
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), download.read_to_end(&mut rest))
+        .await
+        .map_err(|_| anyhow::anyhow!("the download outlived the grant"))??;
+    wait_for_state(
+        &bot,
+        Duration::from_secs(10),
+        |s| matches!(s, AgentState::SignedOut { reason } if reason.contains("revoked")),
+    )
+    .await?;
+
+    // B ended the delegate's session for the revoke, within two seconds of its asking (by the
+    // one machine's clock): on its change notification, not its ten-second poll.
+    let ended = r.b.audit_events("session_revoked");
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[0]["user"], user);
+    assert_eq!(ended[0]["delegate"], label);
+    let at = humantime::parse_rfc3339(ended[0]["ts"].as_str().unwrap_or_default())?;
+    let took = at.duration_since(asked).unwrap_or_default();
+    eprintln!("B ended the delegate's session {took:?} after the revoke was asked on A");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+
+    // The delegate cannot come back on B: refused with the reason, and B's log says so.
+    match RunningAgent::start_delegated(delegation::load_headless(
+        &file,
+        None,
+        &[],
+        sock("bot-again"),
+    )?)
+    .await
+    {
+        Err(e) => assert!(
+            e.to_string().contains("this delegated grant was revoked"),
+            "{e}"
+        ),
+        Ok(_) => panic!("a revoked grant started again on B"),
+    }
+    let refused: Vec<_> =
+        r.b.audit_events("session_refused")
+            .into_iter()
+            .filter(|e| e["outcome"] == "session_revoked")
+            .collect();
+    assert!(
+        !refused.is_empty(),
+        "{:?}",
+        r.b.audit_events("session_refused")
+    );
+    for e in &refused {
+        assert_eq!(
+            e["reason"],
+            "this delegated grant was revoked: ask its owner for a new one"
+        );
+    }
+    // A recorded the owner's revoke; only B had a session to end.
+    let by_owner = r.a.audit_events("delegation_revoked");
+    assert_eq!(by_owner.len(), 1, "{by_owner:?}");
+    assert_eq!(by_owner[0]["reason"], "revoked by its owner");
+    assert_eq!(by_owner[0]["session"], file.grant.id.as_str());
+    assert!(r.a.audit_events("session_revoked").is_empty());
+    bot.shutdown().await;
     Ok(())
 }
 
