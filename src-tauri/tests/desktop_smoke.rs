@@ -155,10 +155,11 @@ async fn the_tray_app_signs_in_and_serves_a_request() -> anyhow::Result<()> {
         &config,
         format!(
             "gateway = \"{}\"\nserver_name = \"localhost\"\ngateway_cert_sha256 = \"{}\"\nuser = \"{ALICE}\"\n\
-             authenticator = \"soft:{}\"\nsign_in_on_launch = true\nautostart = true\n\n[[service]]\nname = \"api\"\nlocal_port = {port}\n",
+             authenticator = \"soft:{}\"\nsign_in_on_launch = true\nautostart = true\ncontrol_socket = \"{}\"\n\n[[service]]\nname = \"api\"\nlocal_port = {port}\n",
             lab.quic_addr,
             lab.fingerprint,
-            key.display()
+            key.display(),
+            home.path().join("agent.sock").display()
         ),
     )?;
     let cfg = touchgate_agent::AgentConfig::load(&config)?;
@@ -251,6 +252,29 @@ async fn the_tray_app_signs_in_and_serves_a_request() -> anyhow::Result<()> {
     let seen = answer.json()?;
     assert_eq!(seen["headers"]["x-touchgate-user"], ALICE);
     assert_eq!(seen["path"], "/from-the-tray-app");
+
+    // `touchgate status` and `touchgate delegations` ask the tray app as they ask `up`.
+    let socket = home.path().join("agent.sock");
+    let report = touchgate_agent::status::query(&socket)
+        .await?
+        .expect("the tray app answers on its status socket");
+    assert!(
+        report
+            .view
+            .summary
+            .starts_with("Connected as alice@example.com"),
+        "{}",
+        report.view.summary
+    );
+    let listed = touchgate_agent::status::command(
+        &socket,
+        &touchgate_agent::status::Command::ListDelegations,
+    )
+    .await?;
+    assert_eq!(
+        listed,
+        Some(touchgate_agent::status::Answer::Delegations { grants: Vec::new() })
+    );
 
     // The window shows the signed-in state; the tray shows its icon in trayer.
     let dir = screenshots_dir();

@@ -149,6 +149,43 @@ impl Controller {
             .map(|l| l.agent.clone())
     }
 
+    /// What the status socket carries out for `touchgate delegations`: the user's grants
+    /// listed and revoked on the live session, with no touch.
+    pub fn status_commands(&self) -> crate::status::Commands {
+        let c = self.clone();
+        Arc::new(move |command| {
+            let c = c.clone();
+            Box::pin(async move { c.command(command).await })
+        })
+    }
+
+    async fn command(&self, command: crate::status::Command) -> crate::status::Answer {
+        use crate::status::{Answer, Command};
+        let Some(agent) = self.agent().await else {
+            return Answer::Unavailable {
+                message: "not signed in".into(),
+            };
+        };
+        match command {
+            Command::ListDelegations => match agent.delegations().await {
+                Ok(grants) => Answer::Delegations { grants },
+                Err(e) => Answer::Failed {
+                    message: e.to_string(),
+                },
+            },
+            Command::RevokeDelegation { id } => match agent.revoke_delegation(&id).await {
+                Ok(id) => {
+                    // The tray's list follows.
+                    let _ = self.handle(Request::ListDelegations).await;
+                    Answer::Revoked { id }
+                }
+                Err(e) => Answer::Failed {
+                    message: e.to_string(),
+                },
+            },
+        }
+    }
+
     /// Carries out `request`; returns when it is done (a sign-in returns after the touch).
     /// Failures come back as a [`ControllerError`], and show in the view.
     pub async fn handle(&self, request: Request) -> Result<(), ControllerError> {

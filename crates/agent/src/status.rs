@@ -1,8 +1,20 @@
-//! The local status socket: `touchgate status` asks the running agent what it is doing.
+//! The local status socket: `touchgate status` asks the running agent what it is doing, and
+//! `touchgate delegations` asks it to list or revoke the user's grants on its live session (no
+//! touch). The socket is the user's own (mode 0600, in the user's runtime folder).
+//!
+//! On each connection the agent writes one line, its [`StatusReport`]; a client with a
+//! [`Command`] then writes it as one line and reads one [`Answer`] line.
 
-use std::path::{Path, PathBuf};
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
+use touchgate_proto::DelegationInfo;
 
 use crate::controller::View;
 
@@ -13,14 +25,66 @@ pub struct StatusReport {
     pub view: View,
 }
 
+/// What a client may ask the running agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Command {
+    /// The user's grants, as the gateway lists them.
+    ListDelegations,
+    /// End one of the user's grants (its id or label).
+    RevokeDelegation {
+        /// Its id or label.
+        id: String,
+    },
+}
+
+/// The agent's answer to a [`Command`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum Answer {
+    /// The user's grants.
+    Delegations {
+        /// Every grant, live, expired or revoked.
+        grants: Vec<DelegationInfo>,
+    },
+    /// The grant was revoked.
+    Revoked {
+        /// Its id.
+        id: String,
+    },
+    /// The agent cannot do it here (not signed in, running on a grant, a command it does not
+    /// know): ask elsewhere.
+    Unavailable {
+        /// Why, in words.
+        message: String,
+    },
+    /// The agent asked and the gateway refused, or could not be reached.
+    Failed {
+        /// Why, in words.
+        message: String,
+    },
+}
+
+/// Carries out a [`Command`] for the socket.
+pub type Commands =
+    Arc<dyn Fn(Command) -> Pin<Box<dyn Future<Output = Answer> + Send>> + Send + Sync>;
+
+/// A command line is small: past this the socket stops reading.
+const COMMAND_MAX: u64 = 4096;
+
+/// How long the socket waits for a command after its report, and for the answer's IO.
+const COMMAND_WAIT: Duration = Duration::from_secs(5);
+
 /// Serves status reports (`report()` at each connection) on a Unix socket at `path` until the
-/// task is dropped. A stale socket file from a dead agent is replaced.
+/// task is dropped, and carries out [`Command`]s with `commands` (None: each is refused with
+/// `refusal`). A stale socket file from a dead agent is replaced.
 #[cfg(unix)]
 pub async fn serve(
     path: PathBuf,
     report: impl Fn() -> StatusReport + Send + Sync + 'static,
+    commands: Result<Commands, String>,
 ) -> std::io::Result<()> {
-    use tokio::io::AsyncWriteExt;
+    use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -37,19 +101,82 @@ pub async fn serve(
         std::fs::remove_file(&path)?;
     }
     let listener = tokio::net::UnixListener::bind(&path)?;
+    // Only the user may connect, whatever the folder's mode: it revokes the user's grants.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let commands = Arc::new(commands);
     loop {
-        let (mut s, _) = listener.accept().await?;
+        let (s, _) = listener.accept().await?;
         let mut line = serde_json::to_vec(&report()).unwrap_or_default();
         line.push(b'\n');
-        let _ = s.write_all(&line).await;
+        tokio::spawn(connection(s, line, commands.clone()));
     }
+}
+
+#[cfg(unix)]
+async fn connection(
+    mut s: tokio::net::UnixStream,
+    report: Vec<u8>,
+    commands: Arc<Result<Commands, String>>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    if s.write_all(&report).await.is_err() {
+        return;
+    }
+    let (read, mut write) = s.split();
+    let mut line = String::new();
+    // A status client reads its line and goes; a command client writes one line.
+    let mut read = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, COMMAND_MAX));
+    match tokio::time::timeout(COMMAND_WAIT, read.read_line(&mut line)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return,
+    }
+    let answer = match (serde_json::from_str::<Command>(&line), &*commands) {
+        (Err(e), _) => Answer::Unavailable {
+            message: format!("not a command this agent knows ({e})"),
+        },
+        (Ok(_), Err(refusal)) => Answer::Unavailable {
+            message: refusal.clone(),
+        },
+        (Ok(c), Ok(run)) => run(c).await,
+    };
+    let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+    out.push(b'\n');
+    let _ = tokio::time::timeout(COMMAND_WAIT, write.write_all(&out)).await;
 }
 
 /// Asks the agent behind `path`; `Ok(None)` when no agent is running.
 #[cfg(unix)]
 pub async fn query(path: &Path) -> std::io::Result<Option<StatusReport>> {
-    use tokio::io::AsyncReadExt;
-    let mut s = match tokio::net::UnixStream::connect(path).await {
+    let Some((report, _)) = connect(path).await? else {
+        return Ok(None);
+    };
+    Ok(Some(report))
+}
+
+/// Asks the agent behind `path` to carry out `command`; `Ok(None)` when no agent is running.
+#[cfg(unix)]
+pub async fn command(path: &Path, command: &Command) -> std::io::Result<Option<Answer>> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let Some((_, mut s)) = connect(path).await? else {
+        return Ok(None);
+    };
+    let mut line = serde_json::to_vec(command).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    s.get_mut().write_all(&line).await?;
+    let mut answer = String::new();
+    s.read_line(&mut answer).await?;
+    serde_json::from_str(&answer)
+        .map(Some)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Connects and reads the report line.
+#[cfg(unix)]
+async fn connect(
+    path: &Path,
+) -> std::io::Result<Option<(StatusReport, tokio::io::BufReader<tokio::net::UnixStream>)>> {
+    use tokio::io::AsyncBufReadExt;
+    let s = match tokio::net::UnixStream::connect(path).await {
         Ok(s) => s,
         Err(e)
             if matches!(
@@ -61,15 +188,136 @@ pub async fn query(path: &Path) -> std::io::Result<Option<StatusReport>> {
         }
         Err(e) => return Err(e),
     };
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    serde_json::from_slice(&buf)
-        .map(Some)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    let mut s = tokio::io::BufReader::new(s);
+    let mut line = String::new();
+    s.read_line(&mut line).await?;
+    let report = serde_json::from_str(&line)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    Ok(Some((report, s)))
 }
 
 /// Status needs Unix sockets; other platforms report no agent.
 #[cfg(not(unix))]
 pub async fn query(_path: &Path) -> std::io::Result<Option<StatusReport>> {
     Ok(None)
+}
+
+/// Commands need Unix sockets; other platforms have no agent to ask.
+#[cfg(not(unix))]
+pub async fn command(_path: &Path, _command: &Command) -> std::io::Result<Option<Answer>> {
+    Ok(None)
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    fn report() -> StatusReport {
+        StatusReport {
+            view: View::default(),
+        }
+    }
+
+    async fn wait_for(path: &Path) {
+        for _ in 0..200 {
+            if path.exists() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no socket at {}", path.display());
+    }
+
+    #[tokio::test]
+    async fn the_socket_reports_carries_out_commands_and_is_the_users_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = asked.clone();
+        let commands: Commands = Arc::new(move |c: Command| {
+            seen.lock().expect("lock").push(c.clone());
+            Box::pin(async move {
+                match c {
+                    Command::ListDelegations => Answer::Delegations { grants: Vec::new() },
+                    Command::RevokeDelegation { id } => Answer::Revoked { id },
+                }
+            })
+        });
+        let task = tokio::spawn(serve(path.clone(), report, Ok(commands)));
+        wait_for(&path).await;
+        let mode = std::fs::metadata(&path)
+            .expect("socket")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let r = query(&path).await.expect("query").expect("an agent");
+        assert_eq!(r.view.summary, "Signed out");
+        let a = command(&path, &Command::ListDelegations)
+            .await
+            .expect("ask");
+        assert_eq!(a, Some(Answer::Delegations { grants: Vec::new() }));
+        let a = command(&path, &Command::RevokeDelegation { id: "ci".into() })
+            .await
+            .expect("ask");
+        assert_eq!(a, Some(Answer::Revoked { id: "ci".into() }));
+        assert_eq!(
+            *asked.lock().expect("lock"),
+            [
+                Command::ListDelegations,
+                Command::RevokeDelegation { id: "ci".into() }
+            ]
+        );
+
+        // A line that is not a command is refused in words; nothing is carried out.
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let s = tokio::net::UnixStream::connect(&path)
+            .await
+            .expect("connect");
+        let mut s = tokio::io::BufReader::new(s);
+        let mut line = String::new();
+        s.read_line(&mut line).await.expect("report");
+        s.get_mut()
+            .write_all(b"{\"command\":\"shutdown\"}\n")
+            .await
+            .expect("write");
+        line.clear();
+        s.read_line(&mut line).await.expect("answer");
+        let a: Answer = serde_json::from_str(&line).expect("json");
+        assert!(
+            matches!(&a, Answer::Unavailable { message } if message.starts_with("not a command this agent knows")),
+            "{a:?}"
+        );
+        assert_eq!(asked.lock().expect("lock").len(), 2);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn an_agent_without_commands_refuses_them_in_its_words() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let task = tokio::spawn(serve(
+            path.clone(),
+            report,
+            Err("this agent runs on a grant: it cannot list or revoke grants".into()),
+        ));
+        wait_for(&path).await;
+        let a = command(&path, &Command::ListDelegations)
+            .await
+            .expect("ask");
+        assert_eq!(
+            a,
+            Some(Answer::Unavailable {
+                message: "this agent runs on a grant: it cannot list or revoke grants".into()
+            })
+        );
+        task.abort();
+        assert_eq!(
+            command(&dir.path().join("none.sock"), &Command::ListDelegations)
+                .await
+                .expect("no agent"),
+            None
+        );
+    }
 }

@@ -137,7 +137,8 @@ async fn start(
             let report = move || touchgate_agent::status::StatusReport {
                 view: view(&label, &user, expires, &listeners, &state.borrow()),
             };
-            if let Err(e) = touchgate_agent::status::serve(socket, report).await {
+            let refusal = "this agent runs on a grant: it cannot list or revoke grants".to_owned();
+            if let Err(e) = touchgate_agent::status::serve(socket, report, Err(refusal)).await {
                 tracing::warn!(error = %e, "status socket unavailable");
             }
         }))
@@ -305,25 +306,52 @@ pub async fn run(
 /// `touchgate delegations [revoke ID]`: one touch signs in to list (or revoke) your grants.
 pub async fn delegations(
     cfg: AgentConfig,
-    authn: touchgate_agent::SharedAuthn,
+    open_key: impl FnOnce() -> anyhow::Result<touchgate_agent::SharedAuthn>,
     revoke: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    eprintln!("touch your security key to sign in");
-    match revoke {
-        Some(id) => {
-            let id = delegation::revoke(&cfg, &authn, &id).await?;
-            println!("revoked {id}: its delegate's connections close within seconds");
+    use touchgate_agent::status::{self, Answer, Command};
+    // The user's running agent (`touchgate up`, the tray app) asks on its live session: no
+    // touch. Otherwise, or when it cannot, sign in on a connection of our own.
+    let command = match &revoke {
+        Some(id) => Command::RevokeDelegation { id: id.clone() },
+        None => Command::ListDelegations,
+    };
+    let answer = match status::command(&cfg.control_socket(), &command).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot ask the running agent");
+            None
         }
-        None => {
-            let grants = delegation::list(&cfg, &authn).await?;
-            if grants.is_empty() {
-                println!("no grants");
+    };
+    let (grants, revoked) = match answer {
+        Some(Answer::Delegations { grants }) => (grants, None),
+        Some(Answer::Revoked { id }) => (Vec::new(), Some(id)),
+        Some(Answer::Failed { message }) => anyhow::bail!("{message}"),
+        other => {
+            if let Some(Answer::Unavailable { message }) = other {
+                eprintln!("the running agent cannot ({message}): signing in on its own");
             }
-            let now = touchgate_agent::unix_now();
-            for d in &grants {
-                println!("{}", delegation::describe(d, now));
+            let authn = open_key()?;
+            eprintln!("touch your security key to sign in");
+            match &revoke {
+                Some(id) => (
+                    Vec::new(),
+                    Some(delegation::revoke(&cfg, &authn, id).await?),
+                ),
+                None => (delegation::list(&cfg, &authn).await?, None),
             }
         }
+    };
+    if let Some(id) = revoked {
+        println!("revoked {id}: its delegate's connections close within seconds");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if grants.is_empty() {
+        println!("no grants");
+    }
+    let now = touchgate_agent::unix_now();
+    for d in &grants {
+        println!("{}", delegation::describe(d, now));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -107,7 +107,8 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// List your delegated grants (one touch), or revoke one.
+    /// List your delegated grants, or revoke one: through your running agent with no touch,
+    /// else with one.
     Delegations {
         /// The agent config file (default: the platform config folder's agent.toml).
         #[arg(long, env = "TOUCHGATE_CONFIG", global = true)]
@@ -304,9 +305,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Cmd::DelegationKey { out } => delegate::delegation_key(out),
         Cmd::Delegations { config, cmd, pin } => {
-            let (cfg, authn) = with_key(config, &pin)?;
+            let cfg = load_config(config.clone())?;
             let revoke = cmd.map(|DelegationsCmd::Revoke { id }| id);
-            delegate::delegations(cfg, authn, revoke).await
+            delegate::delegations(cfg, || Ok(with_key(config, &pin)?.1), revoke).await
         }
         Cmd::Config { config, cmd } => config_cmd(config_paths(config)?, cmd),
         Cmd::Keys => keys(),
@@ -453,8 +454,9 @@ async fn up(
         let c = controller.clone();
         let socket = socket.clone();
         tokio::spawn(async move {
+            let commands = c.status_commands();
             let report = move || touchgate_agent::status::StatusReport { view: c.view() };
-            if let Err(e) = touchgate_agent::status::serve(socket, report).await {
+            if let Err(e) = touchgate_agent::status::serve(socket, report, Ok(commands)).await {
                 tracing::warn!(error = %e, "status socket unavailable");
             }
         })

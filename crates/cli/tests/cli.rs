@@ -219,12 +219,51 @@ fn lab_config(
     std::fs::write(
         &cfg,
         format!(
-            "gateway = \"{}\"\nserver_name = \"localhost\"\ngateway_cert_sha256 = \"{}\"\nuser = \"{user}\"\nauthenticator = \"soft:{user}.softkey\"\n",
-            lab.quic_addr, lab.fingerprint,
+            "gateway = \"{}\"\nserver_name = \"localhost\"\ngateway_cert_sha256 = \"{}\"\nuser = \"{user}\"\nauthenticator = \"soft:{user}.softkey\"\ncontrol_socket = \"{}\"\n",
+            lab.quic_addr,
+            lab.fingerprint,
+            dir.join(format!("{user}.sock")).display(),
         ),
     )
     .expect("write config");
     cfg
+}
+
+/// `user` enrolled on `lab` with a config in `dir` serving `api`, and `touchgate up` for them,
+/// signed in and serving (its first line read; the rest of its stdout stays open).
+fn enrolled_up(
+    lab: &touchgate_testkit::lab::Lab,
+    dir: &std::path::Path,
+    user: &str,
+) -> (
+    std::path::PathBuf,
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) {
+    let bin = env!("CARGO_BIN_EXE_touchgate");
+    let cfg = lab_config(lab, dir, user);
+    let mut text = std::fs::read_to_string(&cfg).expect("read config");
+    text.push_str("[[service]]\nname = \"api\"\nlocal_port = 0\n");
+    std::fs::write(&cfg, text).expect("write config");
+    let out = enroll_with_stdin(bin, &cfg, &lab.invite(user).expect("invite"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut up = Command::new(bin)
+        .args(["up", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("up");
+    // The first line on stdout comes once it is signed in and serving.
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(up.stdout.take().expect("stdout")));
+    let first = lines.next().expect("a line").expect("utf-8");
+    assert!(first.starts_with("service api on 127.0.0.1:"), "{first}");
+    (cfg, up, lines)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -264,33 +303,7 @@ async fn up_stops_with_a_non_zero_exit_when_the_account_is_disabled() {
         .await
         .expect("lab");
     let dir = tempfile::tempdir().expect("tempdir");
-    let bin = env!("CARGO_BIN_EXE_touchgate");
-    let cfg = lab_config(&lab, dir.path(), "erin@example.com");
-    let mut text = std::fs::read_to_string(&cfg).expect("read config");
-    text.push_str(&format!(
-        "control_socket = \"{}\"\n[[service]]\nname = \"api\"\nlocal_port = 0\n",
-        dir.path().join("agent.sock").display()
-    ));
-    std::fs::write(&cfg, text).expect("write config");
-    let out = enroll_with_stdin(bin, &cfg, &lab.invite("erin@example.com").expect("invite"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-
-    let mut up = Command::new(bin)
-        .args(["up", "--config"])
-        .arg(&cfg)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("up");
-    // The first line on stdout comes once it is signed in and serving.
-    let mut lines =
-        std::io::BufRead::lines(std::io::BufReader::new(up.stdout.take().expect("stdout")));
-    let first = lines.next().expect("a line").expect("utf-8");
-    assert!(first.starts_with("service api on 127.0.0.1:"), "{first}");
+    let (_cfg, mut up, _stdout) = enrolled_up(&lab, dir.path(), "erin@example.com");
 
     touchgate_gateway::store::Store::open(&lab.dir.path().join("gateway.db"))
         .expect("store")
@@ -457,4 +470,85 @@ async fn a_grant_is_made_with_one_touch_and_used_by_run_and_up() {
         said.contains("\"nightly-report\"") && said.contains("revoked"),
         "{said}"
     );
+}
+
+/// With the user's `touchgate up` running, `touchgate delegations` lists and revokes through
+/// its status socket on the live session: no touch, no new challenge. A grant the gateway does
+/// not know is an error in its words, not a second try with a touch.
+#[tokio::test(flavor = "multi_thread")]
+async fn delegations_ask_the_running_agent_without_a_touch() {
+    let lab = touchgate_testkit::lab::Lab::start(Default::default())
+        .await
+        .expect("lab");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = env!("CARGO_BIN_EXE_touchgate");
+    let (cfg, mut up, _stdout) = enrolled_up(&lab, dir.path(), "fay@example.com");
+    let grant = dir.path().join("bot.grant");
+    let out = Command::new(bin)
+        .args([
+            "delegate",
+            "--service",
+            "api",
+            "--name",
+            "weekly-export",
+            "--out",
+        ])
+        .arg(&grant)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("delegate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let asked = lab.audit_events("challenge_issued").len();
+
+    let delegations = |args: &[&str]| {
+        Command::new(bin)
+            .arg("delegations")
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .expect("delegations")
+    };
+    let out = delegations(&[]);
+    let (said, err) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(out.status.success(), "{err}");
+    assert!(
+        said.contains("\"weekly-export\"") && said.contains("never used"),
+        "{said}"
+    );
+    assert!(!err.contains("touch"), "asked for a touch: {err}");
+
+    let out = delegations(&["revoke", "no-such-grant"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success());
+    assert!(!err.contains("touch your security key"), "{err}");
+    assert!(
+        err.contains("you have no live grant with the id or label"),
+        "{err}"
+    );
+
+    let out = delegations(&["revoke", "weekly-export"]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.starts_with("revoked dlg-"), "{said}");
+    assert_eq!(
+        lab.audit_events("challenge_issued").len(),
+        asked,
+        "no sign-in: the running agent's session did it"
+    );
+    assert_eq!(lab.audit_events("delegation_revoked").len(), 1);
+    let _ = up.kill();
+    let _ = up.wait();
 }
