@@ -3,7 +3,7 @@
 //! the service, and each refusal with its audit line: a verified email is needed, a domain
 //! must be allowed, a code is good only on the connection whose nonce it carries and only for
 //! the gateway's client, the browser's `state` must match, and a second callback finds
-//! nobody.
+//! nobody. Past `[oidc] max_age` a sign-in, and a delegation, wait for the provider again.
 
 use std::sync::Arc;
 
@@ -387,6 +387,148 @@ async fn a_sign_in_after_max_age_checks_with_the_identity_provider_again() -> an
         .collect();
     assert_eq!(vouched, [ALICE_EMAIL, "dave@example.com", ALICE_EMAIL]);
     assert_eq!(lab.audit_events("session_issued").len(), 1);
+    agent.shutdown().await;
+    Ok(())
+}
+
+/// Delegating needs the identity provider's word within `[oidc] max_age`, as a sign-in does:
+/// within it a grant is made (and may not outlast it); past it the key's touch is not enough
+/// and the refusal says what to do; once a sign-in has checked with the provider again
+/// (`touchgate up`), delegating works again. The provider's check ages by time passing, as in
+/// use: `max_age` is a few seconds here.
+#[tokio::test]
+async fn delegating_past_max_age_waits_for_the_identity_provider_again() -> anyhow::Result<()> {
+    use std::time::Duration;
+    use touchgate_agent::{
+        delegation::{self, DelegateKey, DelegationError, DelegationFile, GrantRequest},
+        tunnel::TunnelError,
+    };
+    use touchgate_proto::{Refusal, RefusalCode};
+    const MAX_AGE: u64 = 8;
+    let idp = Arc::new(Idp::start_default().await?);
+    let lab = Lab::start(LabOptions {
+        tables: oidc_table(&idp, &format!("max_age = \"{MAX_AGE}s\"\n")),
+        ..LabOptions::default()
+    })
+    .await?;
+    let alice = IdpUser::alice();
+    let key_path = lab.dir.path().join("alice.softkey");
+    let cfg = lab.agent_config(&alice.email, &key_path, &[])?;
+    let authn = soft_authn(&key_path)?;
+    let (open, _) = browser(idp.clone(), alice.clone(), as_is);
+    touchgate_agent::enroll_with_idp(&cfg, &authn, &open).await?;
+    let store = touchgate_gateway::store::Store::open(&lab.dir.path().join("gateway.db"))?;
+    // When the provider last vouched for Alice (read, never written, by the test).
+    let checked = || -> anyhow::Result<u64> {
+        Ok(store
+            .idp_state_of(ALICE_EMAIL)?
+            .ok_or_else(|| anyhow::anyhow!("Alice is not the provider's"))?
+            .1)
+    };
+    let enrolled_at = checked()?;
+    let grant = |label: &str, ttl: u64| GrantRequest {
+        label: label.into(),
+        services: vec!["api".into()],
+        methods: vec!["GET".into()],
+        path_prefixes: vec!["/v1/".into()],
+        ttl: Duration::from_secs(ttl),
+    };
+    let refusal = |r: Result<DelegationFile, DelegationError>| -> Refusal {
+        match r {
+            Err(DelegationError::Tunnel(TunnelError::Refused(r))) => r,
+            Err(e) => panic!("expected the gateway's refusal, got {e}"),
+            Ok(f) => panic!("expected a refusal, got grant {}", f.grant.id),
+        }
+    };
+
+    // Within max_age: a grant that ends within the check is made …
+    let fresh =
+        delegation::delegate(&cfg, &authn, &grant("fresh", 3), DelegateKey::generate()?).await?;
+    assert!(
+        fresh.grant.grant.expires_at <= enrolled_at + MAX_AGE,
+        "{} > {}",
+        fresh.grant.grant.expires_at,
+        enrolled_at + MAX_AGE
+    );
+    // … one that would outlast it is refused, saying how long the check still holds.
+    let r = refusal(
+        delegation::delegate(
+            &cfg,
+            &authn,
+            &grant("too-long", 3600),
+            DelegateKey::generate()?,
+        )
+        .await,
+    );
+    assert_eq!(r.code, RefusalCode::DelegationRefused, "{r:?}");
+    assert!(
+        r.message
+            .contains("your organisation's sign-in is good for")
+            && r.message
+                .ends_with("more: ask for a grant that ends by then"),
+        "{}",
+        r.message
+    );
+
+    // Past max_age, the same key's touch is not enough, and the refusal says what to do.
+    let stale_at = std::time::UNIX_EPOCH + Duration::from_secs(enrolled_at + MAX_AGE + 1);
+    if let Ok(wait) = stale_at.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
+    let r = refusal(
+        delegation::delegate(&cfg, &authn, &grant("stale", 3), DelegateKey::generate()?).await,
+    );
+    assert_eq!(r.code, RefusalCode::DelegationRefused, "{r:?}");
+    assert_eq!(
+        r.message,
+        format!(
+            "sign in with Example Corp again: the last check is more than {MAX_AGE}s old — \
+             sign in with your organisation again (touchgate up), then delegate"
+        )
+    );
+    let labels = |store: &touchgate_gateway::store::Store| -> anyhow::Result<Vec<String>> {
+        let mut l: Vec<String> = store
+            .delegations(Some(ALICE_EMAIL))?
+            .into_iter()
+            .map(|d| d.grant.label)
+            .collect();
+        l.sort();
+        Ok(l)
+    };
+    assert_eq!(labels(&store)?, ["fresh"], "a refused grant was recorded");
+    let refused = lab.audit_events("delegation_refused");
+    assert_eq!(refused.len(), 2, "{refused:#?}");
+    assert!(refused.iter().all(|e| e["outcome"] == "delegation_refused"));
+    assert!(
+        refused[1]["reason"]
+            .as_str()
+            .is_some_and(|w| w.contains(&format!("the last check is more than {MAX_AGE}s old"))),
+        "{refused:#?}"
+    );
+    // The key itself verified each time: it is the provider's word that was missing.
+    assert!(lab.audit_events("challenge_refused").is_empty());
+
+    // `touchgate up`: the sign-in checks with the provider again in the browser; the running
+    // agent then delegates with a touch.
+    let (open, seen) = browser(idp.clone(), alice.clone(), as_is);
+    let agent = RunningAgent::start_with_browser(
+        cfg.clone(),
+        authn.clone(),
+        OnSessionEnd::Stop,
+        Arc::new(open),
+    )
+    .await?;
+    assert_eq!(seen.await??, [200]);
+    let rechecked = checked()?;
+    assert!(rechecked > enrolled_at + MAX_AGE, "{rechecked}");
+    let again = agent
+        .delegate(&grant("after-recheck", 3), DelegateKey::generate()?)
+        .await?;
+    assert!(again.grant.grant.expires_at <= rechecked + MAX_AGE);
+    assert_eq!(labels(&store)?, ["after-recheck", "fresh"]);
+    let granted = lab.audit_events("delegation_granted");
+    assert_eq!(granted.len(), 2, "{granted:#?}");
+    assert!(granted.iter().all(|e| e["user"] == ALICE_EMAIL));
     agent.shutdown().await;
     Ok(())
 }
