@@ -316,8 +316,8 @@ impl ConnCtx {
                 };
                 match self.delegate_finish(p, credential).await {
                     Ok(reply) => reply,
-                    Err(r) => {
-                        self.refused(AuditKind::DelegationRefused, None, &r);
+                    Err((r, user)) => {
+                        self.refused(AuditKind::DelegationRefused, user.as_deref(), &r);
                         ServerMsg::Error(r)
                     }
                 }

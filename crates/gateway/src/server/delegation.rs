@@ -160,9 +160,11 @@ impl ConnCtx {
         &self,
         p: PendingDelegation,
         credential: serde_json::Value,
-    ) -> Result<ServerMsg, Refusal> {
+    ) -> Result<ServerMsg, (Refusal, Option<String>)> {
         let gw = &self.gw;
         let user = p.login.user.clone();
+        // Once the key has answered, a refusal names the user it verified.
+        let named = |r: Refusal| (r, Some(user.clone()));
         let binding = p.grant.binding(&self.binding);
         let key = self
             .login_finish_bound(p.login, credential, &binding)
@@ -171,22 +173,23 @@ impl ConnCtx {
                 if r.code != RefusalCode::AccountDisabled {
                     self.count_failure(&user);
                 }
-            })?;
+            })
+            .map_err(|r| (r, None))?;
         let grant = p.grant;
-        check_services(&gw.cfg, &grant, &user, &gw.revocations.groups(&user))?;
+        check_services(&gw.cfg, &grant, &user, &gw.revocations.groups(&user)).map_err(named)?;
         // The identity provider's word on the user is as fresh as a sign-in needs, and a
         // grant ends no later than it does.
         if let Some(until) = self.idp_fresh(&user).await.map_err(|r| {
-            Refusal::new(
+            named(Refusal::new(
                 RefusalCode::DelegationRefused,
                 format!(
                     "{} — sign in with your organisation again (touchgate up), then delegate",
                     r.message
                 ),
-            )
+            ))
         })? && grant.expires_at > until
         {
-            return Err(Refusal::new(
+            return Err(named(Refusal::new(
                 RefusalCode::DelegationRefused,
                 format!(
                     "your organisation's sign-in is good for {} more: ask for a grant that ends by then",
@@ -194,16 +197,19 @@ impl ConnCtx {
                         until.saturating_sub(now_secs())
                     ))
                 ),
-            ));
+            )));
         }
         let id = format!("dlg-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
         let (u, g, i, c) = (user.clone(), grant.clone(), id.clone(), key.cred.clone());
-        let info = gw.db(move |s| s.add_delegation(&i, &u, &g, &c)).await?;
+        let info = gw
+            .db(move |s| s.add_delegation(&i, &u, &g, &c))
+            .await
+            .map_err(named)?;
         let epoch = gw.revocations.epoch(&user);
         let (token, _) = gw
             .signer
             .issue_delegation(&info, key.clone(), epoch)
-            .map_err(|e| Refusal::new(RefusalCode::Internal, e.to_string()))?;
+            .map_err(|e| named(Refusal::new(RefusalCode::Internal, e.to_string())))?;
         let services = grant
             .services
             .iter()

@@ -499,6 +499,8 @@ async fn delegating_past_max_age_waits_for_the_identity_provider_again() -> anyh
     let refused = lab.audit_events("delegation_refused");
     assert_eq!(refused.len(), 2, "{refused:#?}");
     assert!(refused.iter().all(|e| e["outcome"] == "delegation_refused"));
+    // Refused after the key answered: the line names the user the key verified.
+    assert!(refused.iter().all(|e| e["user"] == ALICE_EMAIL), "{refused:#?}");
     assert!(
         refused[1]["reason"]
             .as_str()
