@@ -269,6 +269,7 @@ async fn the_tray_app_signs_in_and_serves_a_request() -> anyhow::Result<()> {
     let listed = touchgate_agent::status::command(
         &socket,
         &touchgate_agent::status::Command::ListDelegations,
+        |_| Ok(()),
     )
     .await?;
     assert_eq!(

@@ -592,6 +592,7 @@ function delegateView(v: View): HTMLElement {
       h("p", { class: "hint" }, "Your gateway may allow less."),
     ),
     h("div", { class: "buttons" }, h("button", { type: "submit" }, "Touch key to grant")),
+    h("p", { class: "hint" }, "Programs running as you can read the grant's file. For a delegate on another machine, or one you trust less, make its key there (touchgate delegation-key) and grant with touchgate delegate --for-key."),
   );
   const g = v.granted;
   const made = g
@@ -599,7 +600,7 @@ function delegateView(v: View): HTMLElement {
         "div",
         { class: "granted", "data-testid": "granted", role: "status" },
         h("p", { class: "ok" }, `Granted "${g.label}" until ${clock(g.expires_at)}.`),
-        h("p", {}, "Its file holds the grant's own key: give it to the delegate only."),
+        h("p", {}, "Its file holds the grant's own key: give it to the delegate only. It is removed when the grant is revoked or ends."),
         h("code", { "data-testid": "granted-file" }, g.file),
         h("p", {}, "Run a program on it:"),
         h("code", { "data-testid": "granted-run" }, g.run),

@@ -107,6 +107,8 @@ impl Controller {
     pub fn with_opener(paths: ConfigPaths, ui: Arc<dyn Ui>, opener: Opener) -> Self {
         let layers = Layered::load(&paths).map_err(|e| e.to_string());
         let grants = paths.grants_dir();
+        // The path the window shows and copies works from any folder.
+        let grants = std::path::absolute(&grants).unwrap_or(grants);
         let (state, first) = ControllerState::new(layers, unix_now());
         let inner = Arc::new(Inner {
             state: Mutex::new(state),
@@ -161,6 +163,14 @@ impl Controller {
 
     async fn command(&self, command: crate::status::Command) -> crate::status::Answer {
         use crate::status::{Answer, Command};
+        // The gateway's refusal is the answer; anything else (no session, no connection just
+        // now) lets the asker sign in on its own.
+        let said = |e: TunnelError| match e {
+            TunnelError::Refused(r) => Answer::Failed { message: r.message },
+            other => Answer::Unavailable {
+                message: other.to_string(),
+            },
+        };
         let Some(agent) = self.agent().await else {
             return Answer::Unavailable {
                 message: "not signed in".into(),
@@ -169,9 +179,7 @@ impl Controller {
         match command {
             Command::ListDelegations => match agent.delegations().await {
                 Ok(grants) => Answer::Delegations { grants },
-                Err(e) => Answer::Failed {
-                    message: e.to_string(),
-                },
+                Err(e) => said(e),
             },
             Command::RevokeDelegation { id } => match agent.revoke_delegation(&id).await {
                 Ok(id) => {
@@ -179,9 +187,7 @@ impl Controller {
                     let _ = self.handle(Request::ListDelegations).await;
                     Answer::Revoked { id }
                 }
-                Err(e) => Answer::Failed {
-                    message: e.to_string(),
-                },
+                Err(e) => said(e),
             },
         }
     }
@@ -261,18 +267,25 @@ impl Inner {
                         self.enrol(&config, code.expose_secret()).await
                     }
                     Effect::Delegate { grant } => self.delegate(grant).await,
-                    Effect::ListDelegations { answer } => Event::DelegationsListed {
-                        grants: match self.live_agent().await {
+                    Effect::ListDelegations { answer } => {
+                        let grants = match self.live_agent().await {
                             Some(a) => a.delegations().await.map_err(|e| e.to_string()),
                             None => Err("not signed in".into()),
-                        },
-                        answer,
-                    },
+                        };
+                        if let Ok(list) = &grants {
+                            self.sweep_grant_files(list);
+                        }
+                        Event::DelegationsListed { grants, answer }
+                    }
                     Effect::RevokeDelegation { id } => {
-                        Event::DelegationRevoked(match self.live_agent().await {
+                        let revoked = match self.live_agent().await {
                             Some(a) => a.revoke_delegation(&id).await.map_err(|e| e.to_string()),
                             None => Err("not signed in".into()),
-                        })
+                        };
+                        if let Ok(id) = &revoked {
+                            self.remove_grant_file(id);
+                        }
+                        Event::DelegationRevoked(revoked)
                     }
                     Effect::FindOrganisation { config } => Event::OrganisationFound(
                         crate::identity_provider(&config)
@@ -445,8 +458,16 @@ impl Inner {
             path_prefixes: form.path_prefixes,
             ttl: Duration::from_secs(u64::from(form.minutes) * 60),
         };
+        // The touch has its own time limit; this one is for a gateway that stops answering.
         let made = match DelegateKey::generate() {
-            Ok(key) => agent.delegate(&request, key).await,
+            Ok(key) => tokio::time::timeout(DELEGATE_WAIT, agent.delegate(&request, key))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(DelegationError::Tunnel(TunnelError::Protocol(format!(
+                        "the gateway did not answer within {} s",
+                        DELEGATE_WAIT.as_secs()
+                    ))))
+                }),
             Err(e) => Err(e),
         };
         let file = match made {
@@ -457,7 +478,7 @@ impl Inner {
         let g = &file.grant;
         // The id has the gateway's shape (checked when the grant came back).
         let path = self.grants.join(format!("{}.json", g.id));
-        if let Err(e) = file.write(&path) {
+        if let Err(e) = file.write_new(&path) {
             return Event::FlowFailed(Failure::Error(format!(
                 "the grant {} was made but its file was not written ({e}): revoke it",
                 g.id
@@ -473,6 +494,32 @@ impl Inner {
             file: shown,
             expires_at: g.grant.expires_at,
         }))
+    }
+
+    /// Removes the files of the user's grants that ended (revoked or expired): a grant's file
+    /// holds its key, and is kept no longer than the grant.
+    fn sweep_grant_files(&self, list: &[touchgate_proto::DelegationInfo]) {
+        let now = unix_now();
+        for d in list {
+            if d.revoked_at.is_some() || d.grant.expires_at <= now {
+                self.remove_grant_file(&d.id);
+            }
+        }
+    }
+
+    fn remove_grant_file(&self, id: &str) {
+        // Only names of the gateway's shape: a hostile gateway cannot name another file.
+        if !crate::delegation::grant_id_ok(id) {
+            return;
+        }
+        let path = self.grants.join(format!("{id}.json"));
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!(file = %path.display(), "ended grant's file removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot remove an ended grant's file")
+            }
+        }
     }
 
     async fn enrol(&self, config: &AgentConfig, code: &str) -> Event {
@@ -591,7 +638,8 @@ fn failure(e: TunnelError) -> Failure {
     }
 }
 
-/// Makes `dir` (and its parents) if needed; the folder itself only its owner may enter.
+/// Makes `dir` (and its parents) if needed; the folder itself must be a folder (not a link)
+/// of this user's, and is made 0700 if it was wider.
 fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     let mut b = std::fs::DirBuilder::new();
     b.recursive(true);
@@ -600,8 +648,32 @@ fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
         use std::os::unix::fs::DirBuilderExt;
         b.mode(0o700);
     }
-    b.create(dir)
+    b.create(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::symlink_metadata(dir)?;
+        let other = |why: &str| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("{} {why}", dir.display()),
+            ))
+        };
+        if !meta.file_type().is_dir() {
+            return other("is not a folder (a link?)");
+        }
+        if crate::peer::own_uid().is_some_and(|me| meta.uid() != me) {
+            return other("belongs to another user");
+        }
+        if meta.mode() & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    Ok(())
 }
+
+/// How long a grant waits for the gateway, the touch included.
+const DELEGATE_WAIT: Duration = Duration::from_secs(120);
 
 /// The instant `at` (seconds since the epoch) falls on.
 fn instant_at(at: u64) -> tokio::time::Instant {

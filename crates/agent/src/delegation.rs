@@ -303,7 +303,7 @@ async fn approve(
 
 /// Whether `id` has the shape the gateway gives grant ids (`dlg-` and 16 hex digits): it
 /// names a file of the agent's, so nothing else is taken.
-fn grant_id_ok(id: &str) -> bool {
+pub(crate) fn grant_id_ok(id: &str) -> bool {
     id.strip_prefix("dlg-")
         .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
@@ -333,12 +333,22 @@ fn check_private(path: &Path) -> Result<(), DelegationError> {
 
 /// Writes `text` to `path`, readable by its owner only (mode 0600), replacing what was there.
 pub fn write_private(path: &Path, text: &str) -> Result<(), DelegationError> {
+    write_private_as(path, text, false)
+}
+
+/// [`write_private`] to a file that must not exist yet (nor be a link to one).
+fn write_private_as(path: &Path, text: &str, new: bool) -> Result<(), DelegationError> {
     let fail = |e: std::io::Error| DelegationError::File {
         path: path.to_owned(),
         reason: e.to_string(),
     };
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    if new {
+        // O_CREAT|O_EXCL: fails on anything there, a symbolic link included.
+        opts.write(true).create_new(true);
+    } else {
+        opts.write(true).create(true).truncate(true);
+    }
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -358,11 +368,20 @@ pub fn write_private(path: &Path, text: &str) -> Result<(), DelegationError> {
 impl DelegationFile {
     /// Writes the file (mode 0600: it holds the token and, usually, the key).
     pub fn write(&self, path: &Path) -> Result<(), DelegationError> {
+        self.write_as(path, false)
+    }
+
+    /// [`DelegationFile::write`] to a new file: nothing may be at `path` yet.
+    pub fn write_new(&self, path: &Path) -> Result<(), DelegationError> {
+        self.write_as(path, true)
+    }
+
+    fn write_as(&self, path: &Path, new: bool) -> Result<(), DelegationError> {
         let text = serde_json::to_string_pretty(self).map_err(|e| DelegationError::File {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-        write_private(path, &format!("{text}\n"))
+        write_private_as(path, &format!("{text}\n"), new)
     }
 
     /// Reads a file; refuses one others may read.
@@ -629,14 +648,20 @@ pub fn describe(d: &DelegationInfo, now: u64) -> String {
         ),
         None => "never used".to_owned(),
     };
-    format!(
+    printable(&format!(
         "{}  {:?}  services {}  methods {}  paths {}  {state}  {used}",
         d.id,
         g.label,
         g.services.join(","),
         any(&g.methods, "any"),
         any(&g.path_prefixes, "any"),
-    )
+    ))
+}
+
+/// `s` without control characters: what a gateway says goes to a terminal as text, never as
+/// escape sequences.
+pub fn printable(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).collect()
 }
 
 #[cfg(test)]

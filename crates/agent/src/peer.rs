@@ -111,14 +111,15 @@ impl Default for OwnerCheck {
     }
 }
 
+/// The user running this process (the owner of `/proc/self`), where the system says.
 #[cfg(unix)]
-fn own_uid() -> Option<u32> {
+pub(crate) fn own_uid() -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").ok().map(|m| m.uid())
 }
 
 #[cfg(not(unix))]
-fn own_uid() -> Option<u32> {
+pub(crate) fn own_uid() -> Option<u32> {
     None
 }
 

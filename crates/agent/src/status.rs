@@ -72,8 +72,13 @@ pub type Commands =
 /// A command line is small: past this the socket stops reading.
 const COMMAND_MAX: u64 = 4096;
 
-/// How long the socket waits for a command after its report, and for the answer's IO.
+/// How long the socket waits for a command after its report, and for each write.
 const COMMAND_WAIT: Duration = Duration::from_secs(5);
+/// How long a command may take (the gateway's answer included) before the agent gives up and
+/// says so; the client waits a little longer.
+const COMMAND_RUN: Duration = Duration::from_secs(20);
+/// Connections served at once; more are closed at once.
+const CONNECTIONS_MAX: usize = 16;
 
 /// Serves status reports (`report()` at each connection) on a Unix socket at `path` until the
 /// task is dropped, and carries out [`Command`]s with `commands` (None: each is refused with
@@ -104,11 +109,38 @@ pub async fn serve(
     // Only the user may connect, whatever the folder's mode: it revokes the user's grants.
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     let commands = Arc::new(commands);
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    let me = crate::peer::own_uid();
     loop {
-        let (s, _) = listener.accept().await?;
+        let s = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors, say: wait, and serve again.
+                tracing::warn!(error = %e, "status socket cannot accept");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        // The user's own programs only, whatever the socket's or its folder's mode.
+        if let (Some(me), Ok(peer)) = (me, s.peer_cred())
+            && peer.uid() != me
+        {
+            tracing::warn!(
+                uid = peer.uid(),
+                "status socket: another user's connection refused"
+            );
+            continue;
+        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
         let mut line = serde_json::to_vec(&report()).unwrap_or_default();
         line.push(b'\n');
-        tokio::spawn(connection(s, line, commands.clone()));
+        let commands = commands.clone();
+        tokio::spawn(async move {
+            connection(s, line, commands).await;
+            drop(slot);
+        });
     }
 }
 
@@ -119,7 +151,10 @@ async fn connection(
     commands: Arc<Result<Commands, String>>,
 ) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    if s.write_all(&report).await.is_err() {
+    if !matches!(
+        tokio::time::timeout(COMMAND_WAIT, s.write_all(&report)).await,
+        Ok(Ok(()))
+    ) {
         return;
     }
     let (read, mut write) = s.split();
@@ -137,7 +172,14 @@ async fn connection(
         (Ok(_), Err(refusal)) => Answer::Unavailable {
             message: refusal.clone(),
         },
-        (Ok(c), Ok(run)) => run(c).await,
+        (Ok(c), Ok(run)) => tokio::time::timeout(COMMAND_RUN, run(c))
+            .await
+            .unwrap_or_else(|_| Answer::Unavailable {
+                message: format!(
+                    "the gateway did not answer within {} s",
+                    COMMAND_RUN.as_secs()
+                ),
+            }),
     };
     let mut out = serde_json::to_vec(&answer).unwrap_or_default();
     out.push(b'\n');
@@ -153,18 +195,32 @@ pub async fn query(path: &Path) -> std::io::Result<Option<StatusReport>> {
     Ok(Some(report))
 }
 
-/// Asks the agent behind `path` to carry out `command`; `Ok(None)` when no agent is running.
+/// Asks the agent behind `path` to carry out `command`, once `fits` says its report is the
+/// agent meant (the same user and gateway: another config may share the socket's default
+/// place), else answers [`Answer::Unavailable`] without asking; `Ok(None)` when no agent is
+/// running.
 #[cfg(unix)]
-pub async fn command(path: &Path, command: &Command) -> std::io::Result<Option<Answer>> {
+pub async fn command(
+    path: &Path,
+    command: &Command,
+    fits: impl FnOnce(&StatusReport) -> Result<(), String>,
+) -> std::io::Result<Option<Answer>> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let Some((_, mut s)) = connect(path).await? else {
+    let Some((report, mut s)) = connect(path).await? else {
         return Ok(None);
     };
+    if let Err(message) = fits(&report) {
+        return Ok(Some(Answer::Unavailable { message }));
+    }
     let mut line = serde_json::to_vec(command).map_err(std::io::Error::other)?;
     line.push(b'\n');
     s.get_mut().write_all(&line).await?;
     let mut answer = String::new();
-    s.read_line(&mut answer).await?;
+    tokio::time::timeout(COMMAND_RUN + COMMAND_WAIT, s.read_line(&mut answer))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "the agent did not answer")
+        })??;
     serde_json::from_str(&answer)
         .map(Some)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
@@ -188,9 +244,26 @@ async fn connect(
         }
         Err(e) => return Err(e),
     };
+    // An agent of this user only: anyone else's answers are not taken.
+    if let (Some(me), Ok(peer)) = (crate::peer::own_uid(), s.peer_cred())
+        && peer.uid() != me
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "the status socket {} belongs to another user (uid {})",
+                path.display(),
+                peer.uid()
+            ),
+        ));
+    }
     let mut s = tokio::io::BufReader::new(s);
     let mut line = String::new();
-    s.read_line(&mut line).await?;
+    tokio::time::timeout(COMMAND_WAIT, s.read_line(&mut line))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "the agent did not answer")
+        })??;
     let report = serde_json::from_str(&line)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     Ok(Some((report, s)))
@@ -204,7 +277,11 @@ pub async fn query(_path: &Path) -> std::io::Result<Option<StatusReport>> {
 
 /// Commands need Unix sockets; other platforms have no agent to ask.
 #[cfg(not(unix))]
-pub async fn command(_path: &Path, _command: &Command) -> std::io::Result<Option<Answer>> {
+pub async fn command(
+    _path: &Path,
+    _command: &Command,
+    _fits: impl FnOnce(&StatusReport) -> Result<(), String>,
+) -> std::io::Result<Option<Answer>> {
     Ok(None)
 }
 
@@ -254,13 +331,17 @@ mod tests {
 
         let r = query(&path).await.expect("query").expect("an agent");
         assert_eq!(r.view.summary, "Signed out");
-        let a = command(&path, &Command::ListDelegations)
+        let a = command(&path, &Command::ListDelegations, |_| Ok(()))
             .await
             .expect("ask");
         assert_eq!(a, Some(Answer::Delegations { grants: Vec::new() }));
-        let a = command(&path, &Command::RevokeDelegation { id: "ci".into() })
-            .await
-            .expect("ask");
+        let a = command(
+            &path,
+            &Command::RevokeDelegation { id: "ci".into() },
+            |_| Ok(()),
+        )
+        .await
+        .expect("ask");
         assert_eq!(a, Some(Answer::Revoked { id: "ci".into() }));
         assert_eq!(
             *asked.lock().expect("lock"),
@@ -290,6 +371,14 @@ mod tests {
             "{a:?}"
         );
         assert_eq!(asked.lock().expect("lock").len(), 2);
+        // An agent of another account is not asked at all.
+        let a = command(&path, &Command::RevokeDelegation { id: "ci".into() }, |r| {
+            Err(format!("the running agent is {:?}'s", r.view.user))
+        })
+        .await
+        .expect("ask");
+        assert!(matches!(a, Some(Answer::Unavailable { .. })), "{a:?}");
+        assert_eq!(asked.lock().expect("lock").len(), 2);
         task.abort();
     }
 
@@ -303,7 +392,7 @@ mod tests {
             Err("this agent runs on a grant: it cannot list or revoke grants".into()),
         ));
         wait_for(&path).await;
-        let a = command(&path, &Command::ListDelegations)
+        let a = command(&path, &Command::ListDelegations, |_| Ok(()))
             .await
             .expect("ask");
         assert_eq!(
@@ -314,9 +403,13 @@ mod tests {
         );
         task.abort();
         assert_eq!(
-            command(&dir.path().join("none.sock"), &Command::ListDelegations)
-                .await
-                .expect("no agent"),
+            command(
+                &dir.path().join("none.sock"),
+                &Command::ListDelegations,
+                |_| Ok(()),
+            )
+            .await
+            .expect("no agent"),
             None
         );
     }

@@ -316,7 +316,23 @@ pub async fn delegations(
         Some(id) => Command::RevokeDelegation { id: id.clone() },
         None => Command::ListDelegations,
     };
-    let answer = match status::command(&cfg.control_socket(), &command).await {
+    // Only an agent of this config's user and gateway is asked (another config may share
+    // the socket's default place).
+    let fits = |r: &status::StatusReport| {
+        let v = &r.view;
+        if v.user == cfg.user && cfg.gateway.iter().any(|g| v.gateway.contains(g)) {
+            Ok(())
+        } else {
+            Err(format!(
+                "it is {}'s on {}, not {}'s on {}",
+                v.user,
+                v.gateway,
+                cfg.user,
+                cfg.gateway.iter().collect::<Vec<_>>().join(", ")
+            ))
+        }
+    };
+    let answer = match status::command(&cfg.control_socket(), &command, fits).await {
         Ok(a) => a,
         Err(e) => {
             tracing::debug!(error = %e, "cannot ask the running agent");
@@ -326,7 +342,9 @@ pub async fn delegations(
     let (grants, revoked) = match answer {
         Some(Answer::Delegations { grants }) => (grants, None),
         Some(Answer::Revoked { id }) => (Vec::new(), Some(id)),
-        Some(Answer::Failed { message }) => anyhow::bail!("{message}"),
+        Some(Answer::Failed { message }) => {
+            anyhow::bail!("{}", delegation::printable(&message))
+        }
         other => {
             if let Some(Answer::Unavailable { message }) = other {
                 eprintln!("the running agent cannot ({message}): signing in on its own");
@@ -343,7 +361,10 @@ pub async fn delegations(
         }
     };
     if let Some(id) = revoked {
-        println!("revoked {id}: its delegate's connections close within seconds");
+        println!(
+            "revoked {}: its delegate's connections close within seconds",
+            delegation::printable(&id)
+        );
         return Ok(ExitCode::SUCCESS);
     }
     if grants.is_empty() {

@@ -188,6 +188,9 @@ impl ControllerState {
             }
             Event::DelegationRevoked(Ok(id)) => {
                 self.view.delegations.retain(|g| g.id != id);
+                if self.view.granted.as_ref().is_some_and(|g| g.id == id) {
+                    self.view.granted = None;
+                }
                 out.push(Effect::ListDelegations { answer: false });
                 out.push(Effect::Reply(Ok(())));
             }
@@ -511,9 +514,16 @@ impl ControllerState {
         let mut grants: Vec<GrantView> = list
             .iter()
             .filter(|d| d.revoked_at.is_none() && d.grant.expires_at > now)
+            .filter(|d| crate::delegation::grant_id_ok(&d.id))
             .map(GrantView::of)
             .collect();
         grants.sort_by(|a, b| (a.expires_at, &a.id).cmp(&(b.expires_at, &b.id)));
+        // The grant just made is offered while it lives (its file goes when it ends).
+        if let Some(g) = &self.view.granted
+            && !grants.iter().any(|l| l.id == g.id)
+        {
+            self.view.granted = None;
+        }
         self.view.delegations = grants;
     }
 
@@ -774,6 +784,7 @@ impl ControllerState {
         self.lost = false;
         self.view.session = None;
         self.view.delegations.clear();
+        self.view.granted = None;
         self.view.services.iter_mut().for_each(|s| s.live = false);
         self.view.gateway = self.configured_gateway.clone();
         self.view.transport.clear();
@@ -851,6 +862,9 @@ impl ControllerState {
         };
         // A grant that ended since the gateway listed it is gone.
         v.delegations.retain(|g| g.expires_at > now);
+        if v.granted.as_ref().is_some_and(|g| g.expires_at <= now) {
+            v.granted = None;
+        }
         v.set_words(now);
         let grants = v
             .delegations

@@ -397,6 +397,13 @@ async fn the_tray_grants_with_a_touch_writes_a_private_file_lists_and_revokes() 
     );
     assert_eq!(lab.audit_events("challenge_issued").len(), asked);
 
+    // A grants folder left open to others is closed before a key goes into it.
+    let grants_dir = lab.dir.path().join("user/grants");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&grants_dir)?;
+        std::fs::set_permissions(&grants_dir, std::fs::Permissions::from_mode(0o755))?;
+    }
     c.handle(Request::Delegate { grant: form }).await?;
     assert!(
         ui.phases()
@@ -407,7 +414,6 @@ async fn the_tray_grants_with_a_touch_writes_a_private_file_lists_and_revokes() 
     let v = c.view();
     assert_eq!(v.phase, Phase::Connected);
     let granted = v.granted.clone().expect("the grant just made");
-    let grants_dir = lab.dir.path().join("user/grants");
     let file = std::path::PathBuf::from(&granted.file);
     assert_eq!(file, grants_dir.join(format!("{}.json", granted.id)));
     assert_eq!(
@@ -451,6 +457,11 @@ async fn the_tray_grants_with_a_touch_writes_a_private_file_lists_and_revokes() 
     })
     .await?;
     assert!(c.view().delegations.is_empty());
+    assert!(
+        !file.exists(),
+        "a revoked grant's file (its key) is removed"
+    );
+    assert_eq!(c.view().granted, None);
     wait_for_state(&bot, WAIT, |s| matches!(s, AgentState::SignedOut { .. })).await?;
     assert_eq!(lab.audit_events("challenge_issued").len(), challenges);
     let e = c

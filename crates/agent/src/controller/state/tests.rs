@@ -807,19 +807,41 @@ fn a_grant_asks_the_running_agents_key_then_shows_its_file_and_the_list() {
     let e = r.feed(Event::DelegationRevoked(Ok("dlg-00000000000000aa".into())));
     assert_eq!(reply(&e), Some(Ok(())));
     assert!(r.s.view().delegations.is_empty());
+    assert_eq!(r.s.view().granted, None, "a revoked grant is not offered");
     let e = r.feed(Event::DelegationRevoked(Err("no such grant".into())));
     assert!(
         matches!(reply(&e), Some(Err(ControllerError::Failed { message })) if message == "The grant was not revoked: no such grant")
     );
 
-    // Signing out clears the list (it is the session's), not the grant just made.
+    // A list from a hostile gateway shows only ids of the gateway's shape (they name files
+    // and menu entries).
+    let mut odd = grant_info("dlg-00000000000000ee", "x", r.now + HOUR);
+    odd.id = "../../.bashrc".into();
     r.feed(Event::DelegationsListed {
-        grants: Ok(vec![grant_info("dlg-00000000000000ee", "x", r.now + HOUR)]),
+        grants: Ok(vec![
+            odd,
+            grant_info("dlg-00000000000000ee", "x", r.now + HOUR),
+        ]),
         answer: false,
+    });
+    let ids: Vec<_> =
+        r.s.view()
+            .delegations
+            .iter()
+            .map(|g| g.id.clone())
+            .collect();
+    assert_eq!(ids, ["dlg-00000000000000ee"]);
+    // Signing out clears the list and the grant offered: both are the session's.
+    r.s.view.granted = Some(GrantedView {
+        id: "dlg-00000000000000ee".into(),
+        label: "x".into(),
+        file: "f".into(),
+        run: "r".into(),
+        expires_at: r.now + HOUR,
     });
     r.ask(Request::SignOut);
     assert!(r.s.view().delegations.is_empty());
-    assert!(r.s.view().granted.is_some());
+    assert_eq!(r.s.view().granted, None);
 }
 
 #[test]
