@@ -69,29 +69,6 @@ fn start_runtime() -> std::io::Result<()> {
     Ok(())
 }
 
-/// `touchgate status` and `touchgate delegations` ask this app as they ask `touchgate up`:
-/// the status socket reports the view and lists or revokes the user's grants on the live
-/// session. (Skipped until the settings are usable: the socket's place is one of them.)
-fn serve_status(controller: &Controller) {
-    #[cfg(unix)]
-    {
-        let Ok(cfg) = controller.config() else {
-            return;
-        };
-        let c = controller.clone();
-        tauri::async_runtime::spawn(async move {
-            let commands = c.status_commands();
-            let socket = cfg.control_socket();
-            let report = move || touchgate_agent::status::StatusReport { view: c.view() };
-            if let Err(e) = touchgate_agent::status::serve(socket, report, Ok(commands)).await {
-                tracing::warn!(error = %e, "status socket unavailable");
-            }
-        });
-    }
-    #[cfg(not(unix))]
-    let _ = controller;
-}
-
 fn run(paths: ConfigPaths, log_file: std::path::PathBuf, minimized: bool) -> tauri::Result<()> {
     let app = tauri::Builder::default()
         // First: a second launch shows this one's window instead of starting again.
@@ -123,7 +100,7 @@ fn run(paths: ConfigPaths, log_file: std::path::PathBuf, minimized: bool) -> tau
                 route: std::sync::Mutex::new(Route::Status),
             }));
             shell::build_tray(app.handle(), &controller.view())?;
-            serve_status(&controller);
+            shell::serve_status(&controller);
             tauri::async_runtime::spawn(shell::run_ui(app.handle().clone(), rx));
             if let Some(w) = app.get_webview_window("main") {
                 let hide = w.clone();

@@ -249,6 +249,36 @@ pub fn quit<R: Runtime>(app: &AppHandle<R>) {
     });
 }
 
+/// Whether the status socket is served (it starts once the settings are usable).
+static STATUS_SERVED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `touchgate status` and `touchgate delegations` ask this app as they ask `touchgate up`:
+/// the status socket reports the view and lists or revokes the user's grants on the live
+/// session. Started once, when the settings are usable (the socket's place is one of them).
+pub fn serve_status(controller: &Controller) {
+    #[cfg(unix)]
+    {
+        use std::sync::atomic::Ordering;
+        let Ok(cfg) = controller.config() else {
+            return;
+        };
+        if STATUS_SERVED.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let c = controller.clone();
+        tauri::async_runtime::spawn(async move {
+            let commands = c.status_commands();
+            let socket = cfg.control_socket();
+            let report = move || touchgate_agent::status::StatusReport { view: c.view() };
+            if let Err(e) = touchgate_agent::status::serve(socket, report, Ok(commands)).await {
+                tracing::warn!(error = %e, "status socket unavailable");
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = controller;
+}
+
 /// Turns autostart on or off as the settings say.
 pub fn apply_autostart<R: Runtime>(app: &AppHandle<R>, want: bool) {
     let launcher = app.autolaunch();
@@ -284,6 +314,8 @@ pub async fn request<R: Runtime>(
     state.controller.handle(request).await?;
     if saving && let Ok(s) = state.controller.settings() {
         apply_autostart(&app, s.values.autostart);
+        // First-run setup done: the status socket starts now rather than at the next launch.
+        serve_status(&state.controller);
     }
     Ok(())
 }
