@@ -376,7 +376,7 @@ function settingsView(): HTMLElement {
           ].map(([v, label]) => h("option", { value: v, selected: values.transport === v }, label)),
         ),
       ),
-      text("proxy", "HTTP proxy", "http://host:port, for TCP through a proxy; empty: HTTPS_PROXY from the environment"),
+      text("proxy", "HTTP proxy", "http://host:port (or http://user:password@host:port), for TCP through a proxy; empty: HTTPS_PROXY from the environment. A password shows as ******** and is kept unless you type another."),
     ),
     h(
       "fieldset",

@@ -239,8 +239,12 @@ impl Layered {
 
     /// The settings for the front ends.
     pub fn view(&self) -> SettingsView {
+        let mut values = self.values();
+        // A proxy's password is not shown: the window (and whoever looks at it) sees a mask,
+        // which a save puts back as it was.
+        values.proxy = mask_password(&values.proxy);
         SettingsView {
-            values: self.values(),
+            values,
             locked: self.locked.iter().cloned().collect(),
             managed_file: self.managed.as_ref().map(|(p, _)| p.display().to_string()),
             user_file: self.paths.user.display().to_string(),
@@ -280,6 +284,9 @@ impl Layered {
     /// is left as it was). Returns the reloaded layers.
     pub fn save(&self, new: &Settings) -> Result<Layered, SaveError> {
         let old = self.values();
+        let mut new = new.clone();
+        new.proxy = unmask_password(&new.proxy, &old.proxy);
+        let new = &new;
         let mut doc: toml_edit::DocumentMut = self
             .user_text
             .parse()
@@ -454,6 +461,42 @@ fn merge(mut user: toml::Table, managed: Option<toml::Table>) -> (toml::Table, B
         );
     }
     (user, locked)
+}
+
+/// What a proxy's password is shown as.
+const MASK: &str = "********";
+
+/// `proxy` with its password (if any) shown as [`MASK`].
+fn mask_password(proxy: &str) -> String {
+    match url::Url::parse(proxy) {
+        Ok(mut u) if u.password().is_some() => {
+            if u.set_password(Some(MASK)).is_err() {
+                return String::new();
+            }
+            u.to_string()
+        }
+        _ => proxy.to_owned(),
+    }
+}
+
+/// `new` as the user meant it: the mask left in place stands for `old`'s password.
+fn unmask_password(new: &str, old: &str) -> String {
+    if new == mask_password(old) {
+        return old.to_owned();
+    }
+    let (Ok(mut n), Ok(o)) = (url::Url::parse(new), url::Url::parse(old)) else {
+        return new.to_owned();
+    };
+    match (n.password(), o.password()) {
+        (Some(MASK), Some(p)) => {
+            let p = p.to_owned();
+            if n.set_password(Some(&p)).is_err() {
+                return new.to_owned();
+            }
+            n.to_string()
+        }
+        _ => new.to_owned(),
+    }
 }
 
 /// Writes the user's file in one step, readable by its owner only: it may hold a proxy's
@@ -810,6 +853,53 @@ mod tests {
             std::fs::read_to_string(&paths.user)
                 .expect("read")
                 .contains("proxy = \"http://alice:s3cret@proxy.example.com:3128\"")
+        );
+    }
+
+    #[test]
+    fn a_proxy_password_is_masked_in_the_view_and_kept_by_a_save() {
+        let (_dir, paths) = layers(
+            &format!(
+                "gateway = \"gw.example.com:4433\"\nuser = \"alice\"\ngateway_cert_sha256 = \"{PIN}\"\nproxy = \"http://alice:s3cret@proxy.example.com:3128\"\n"
+            ),
+            None,
+        );
+        let l = Layered::load(&paths).expect("load");
+        let mut s = l.view().values;
+        assert_eq!(s.proxy, "http://alice:********@proxy.example.com:3128/");
+        // Saved untouched (another field changed): the password is as it was.
+        s.user = "alice2".into();
+        let l = l.save(&s).expect("save");
+        let text = std::fs::read_to_string(&paths.user).expect("read");
+        assert!(
+            text.contains("proxy = \"http://alice:s3cret@proxy.example.com:3128\""),
+            "{text}"
+        );
+        // Another host with the mask left in: the same password, at the new host.
+        let mut s = l.view().values;
+        s.proxy = "http://alice:********@proxy2.example.com:3128".into();
+        let l = l.save(&s).expect("save");
+        assert!(
+            std::fs::read_to_string(&paths.user)
+                .expect("read")
+                .contains("proxy = \"http://alice:s3cret@proxy2.example.com:3128/\"")
+        );
+        // A new password replaces it; an address without one has none.
+        let mut s = l.view().values;
+        s.proxy = "http://bob:hunter2@proxy.example.com:3128".into();
+        let l = l.save(&s).expect("save");
+        assert!(
+            std::fs::read_to_string(&paths.user)
+                .expect("read")
+                .contains("bob:hunter2@")
+        );
+        let mut s = l.view().values;
+        s.proxy = "http://proxy.example.com:3128".into();
+        l.save(&s).expect("save");
+        let text = std::fs::read_to_string(&paths.user).expect("read");
+        assert!(
+            text.contains("proxy = \"http://proxy.example.com:3128\""),
+            "{text}"
         );
     }
 
