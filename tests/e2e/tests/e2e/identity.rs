@@ -500,7 +500,10 @@ async fn delegating_past_max_age_waits_for_the_identity_provider_again() -> anyh
     assert_eq!(refused.len(), 2, "{refused:#?}");
     assert!(refused.iter().all(|e| e["outcome"] == "delegation_refused"));
     // Refused after the key answered: the line names the user the key verified.
-    assert!(refused.iter().all(|e| e["user"] == ALICE_EMAIL), "{refused:#?}");
+    assert!(
+        refused.iter().all(|e| e["user"] == ALICE_EMAIL),
+        "{refused:#?}"
+    );
     assert!(
         refused[1]["reason"]
             .as_str()
