@@ -137,7 +137,12 @@ path_prefixes: Array<string>,
 /**
  * How long it lasts, in minutes (the gateway caps it).
  */
-minutes: number, };
+minutes: number, 
+/**
+ * The delegate's certificate (PEM), for a key held elsewhere; empty: a key is made here
+ * and goes into the grant's file.
+ */
+certificate: string, };
 
 export type GrantView = { 
 /**
@@ -182,6 +187,11 @@ file: string,
  * The command that runs a program on the grant.
  */
 run: string, 
+/**
+ * Whether the grant is for a key held elsewhere: the file holds no private key, and the
+ * delegate runs it with its own (`--key`).
+ */
+for_key: boolean, 
 /**
  * When it ends, seconds since the epoch.
  */

@@ -428,9 +428,10 @@ interface Draft {
   only: string;
   paths: string;
   minutes: number;
+  certificate: string;
 }
 
-const draft: Draft = { label: "", services: [], methods: "read", only: "", paths: "", minutes: 60 };
+const draft: Draft = { label: "", services: [], methods: "read", only: "", paths: "", minutes: 60, certificate: "" };
 
 const DURATIONS: [number, string][] = [
   [15, "15 minutes"],
@@ -452,6 +453,7 @@ function grantForm(): GrantForm {
     methods: draft.methods === "read" ? ["GET", "HEAD"] : draft.methods === "any" ? [] : list(draft.only),
     path_prefixes: list(draft.paths),
     minutes: draft.minutes,
+    certificate: draft.certificate.trim(),
   };
 }
 
@@ -591,8 +593,29 @@ function delegateView(v: View): HTMLElement {
       ),
       h("p", { class: "hint" }, "Your gateway may allow less."),
     ),
+    h(
+      "details",
+      { open: draft.certificate !== "" },
+      h("summary", {}, "For a key held elsewhere"),
+      h(
+        "div",
+        { class: "field" },
+        h("label", { for: "g-cert" }, "The delegate's certificate"),
+        h("textarea", {
+          id: "g-cert",
+          name: "certificate",
+          rows: 4,
+          spellcheck: "false",
+          placeholder: "-----BEGIN CERTIFICATE-----",
+          oninput: (e: Event) => {
+            draft.certificate = (e.target as HTMLTextAreaElement).value;
+          },
+        }, draft.certificate),
+        h("p", { class: "hint" }, "On the delegate's machine, touchgate delegation-key --out NAME makes NAME.key (it stays there) and NAME.crt: paste the .crt here. The grant's file then holds no private key."),
+      ),
+    ),
     h("div", { class: "buttons" }, h("button", { type: "submit" }, "Touch key to grant")),
-    h("p", { class: "hint" }, "Programs running as you can read the grant's file. For a delegate on another machine, or one you trust less, make its key there (touchgate delegation-key) and grant with touchgate delegate --for-key."),
+    h("p", { class: "hint" }, "Programs running as you can read the grant's file. For a delegate on another machine, or one you trust less, grant it for a key held elsewhere."),
   );
   const g = v.granted;
   const made = g
@@ -600,7 +623,13 @@ function delegateView(v: View): HTMLElement {
         "div",
         { class: "granted", "data-testid": "granted", role: "status" },
         h("p", { class: "ok" }, `Granted "${g.label}" until ${clock(g.expires_at)}.`),
-        h("p", {}, "Its file holds the grant's own key: give it to the delegate only. It is removed when the grant is revoked or ends."),
+        h(
+          "p",
+          {},
+          g.for_key
+            ? "Its file holds no private key: give it to the delegate, who runs it with its own key (--key NAME.key). It is removed here when the grant is revoked or ends."
+            : "Its file holds the grant's own key: give it to the delegate only. It is removed when the grant is revoked or ends.",
+        ),
         h("code", { "data-testid": "granted-file" }, g.file),
         h("p", {}, "Run a program on it:"),
         h("code", { "data-testid": "granted-run" }, g.run),

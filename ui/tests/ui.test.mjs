@@ -370,7 +370,7 @@ describe("touchgate windows", () => {
     await w.page.getByRole("button", { name: "Touch key to grant" }).click();
     assert.deepEqual((await requests(w)).at(-1), {
       kind: "delegate",
-      grant: { label: "nightly CI", services: ["api"], methods: ["get", "post"], path_prefixes: ["/v1/", "/v2/"], minutes: 240 },
+      grant: { label: "nightly CI", services: ["api"], methods: ["get", "post"], path_prefixes: ["/v1/", "/v2/"], minutes: 240, certificate: "" },
     });
 
     await w.page.evaluate((v) => window.__emit("touchgate://view", v), withGrants({
@@ -384,7 +384,7 @@ describe("touchgate windows", () => {
     const file = "/home/dev/.config/touchgate/grants/dlg-00000000000000aa.json";
     const run = `touchgate run --delegation ${file} -- COMMAND`;
     await w.page.evaluate((v) => window.__emit("touchgate://view", v), withGrants({
-      granted: { id: "dlg-00000000000000aa", label: "nightly CI", file, run, expires_at: now + 4 * 3600 },
+      granted: { id: "dlg-00000000000000aa", label: "nightly CI", file, run, for_key: false, expires_at: now + 4 * 3600 },
       delegations: [grant("dlg-00000000000000bb", "coding assistant", "api · GET, HEAD · any path", "24 min"), grant("dlg-00000000000000aa", "nightly CI", "api · GET, POST · paths /v1/, /v2/", "4 h 00 min")],
     }));
     await w.page.getByTestId("granted").waitFor();
@@ -412,6 +412,25 @@ describe("touchgate windows", () => {
     await r.page.getByRole("alert").waitFor();
     assert.equal(await r.page.getByRole("alert").innerText(), "The grant was not made: the gateway refused: delegation is off on this gateway");
     await r.context.close();
+
+    // A key held elsewhere: its certificate goes with the request, and the grant's words say
+    // the file holds no key.
+    const k = await open("delegate", { view: withGrants() });
+    const pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
+    await k.page.getByLabel("Who is it for?").fill("ci on the build farm");
+    await k.page.getByLabel("api").check();
+    await k.page.locator("summary", { hasText: "For a key held elsewhere" }).click();
+    await k.page.getByLabel("The delegate's certificate").fill(pem);
+    await k.page.getByRole("button", { name: "Touch key to grant" }).click();
+    assert.equal((await requests(k)).at(-1).grant.certificate, pem);
+    await k.page.evaluate((v) => window.__emit("touchgate://view", v), withGrants({
+      granted: { id: "dlg-00000000000000cc", label: "ci on the build farm", file, run: `touchgate run --delegation ${file} --key KEY -- COMMAND`, for_key: true, expires_at: now + 3600 },
+    }));
+    await k.page.getByText("Its file holds no private key").waitFor();
+    assert.match(await k.page.getByTestId("granted-run").innerText(), /--key KEY -- COMMAND$/);
+    await k.page.screenshot({ path: join(shots, "delegate-for-key.png"), fullPage: true });
+    await k.context.close();
+
     const out = await open("delegate", { view: view({ kind: "signed_out", reason: null }) });
     assert.match(await out.page.locator("main").innerText(), /Sign in first: a grant is approved with a touch on your live session/);
     assert.equal(await out.page.getByTestId("delegate-form").count(), 0);

@@ -266,7 +266,7 @@ impl Inner {
                     Effect::Enrol { config, code } => {
                         self.enrol(&config, code.expose_secret()).await
                     }
-                    Effect::Delegate { grant } => self.delegate(grant).await,
+                    Effect::Delegate { grant } => self.delegate(*grant).await,
                     Effect::ListDelegations { answer } => {
                         let grants = match self.live_agent().await {
                             Some(a) => a.delegations().await.map_err(|e| e.to_string()),
@@ -459,7 +459,12 @@ impl Inner {
             ttl: Duration::from_secs(u64::from(form.minutes) * 60),
         };
         // The touch has its own time limit; this one is for a gateway that stops answering.
-        let made = match DelegateKey::generate() {
+        let key = if form.certificate.is_empty() {
+            DelegateKey::generate()
+        } else {
+            DelegateKey::from_certificate_pem(&form.certificate).map_err(DelegationError::Key)
+        };
+        let made = match key {
             Ok(key) => tokio::time::timeout(DELEGATE_WAIT, agent.delegate(&request, key))
                 .await
                 .unwrap_or_else(|_| {
@@ -487,11 +492,14 @@ impl Inner {
         let shown = path.display().to_string();
         let quoted = shlex::try_quote(&shown).map_or_else(|_| shown.clone(), |q| q.into_owned());
         tracing::info!(grant = %g.id, label = %g.grant.label, file = %shown, "grant made");
+        let for_key = file.key.key_pem.is_none();
+        let key = if for_key { " --key KEY" } else { "" };
         Event::Delegated(Box::new(GrantedView {
             id: g.id.clone(),
             label: g.grant.label.clone(),
-            run: format!("touchgate run --delegation {quoted} -- COMMAND"),
+            run: format!("touchgate run --delegation {quoted}{key} -- COMMAND"),
             file: shown,
+            for_key,
             expires_at: g.grant.expires_at,
         }))
     }

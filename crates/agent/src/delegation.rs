@@ -66,6 +66,29 @@ impl DelegateKey {
         })
     }
 
+    /// A key held elsewhere, from its certificate's PEM text (the `.crt` that
+    /// `touchgate delegation-key` made on the delegate's machine). Text holding a private key
+    /// is refused: that key should never have left the delegate.
+    pub fn from_certificate_pem(text: &str) -> Result<Self, String> {
+        if PrivatePkcs8KeyDer::from_pem_slice(text.as_bytes()).is_ok()
+            || text.contains("PRIVATE KEY")
+        {
+            return Err(
+                "that text holds a private key: paste only the certificate (the .crt); the key stays with the delegate"
+                    .into(),
+            );
+        }
+        let cert = CertificateDer::from_pem_slice(text.as_bytes()).map_err(|_| {
+            "not a certificate: paste the .crt that `touchgate delegation-key` made".to_owned()
+        })?;
+        let k = Self {
+            cert_pem: pem("CERTIFICATE", &cert),
+            key_pem: None,
+        };
+        k.thumbprint().map_err(|e| e.to_string())?;
+        Ok(k)
+    }
+
     /// Reads a key file: a certificate, and the private key when there is one.
     pub fn read(path: &Path) -> Result<Self, DelegationError> {
         let text = std::fs::read_to_string(path).map_err(|e| DelegationError::File {

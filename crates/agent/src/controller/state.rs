@@ -372,7 +372,9 @@ impl ControllerState {
                 key: a.key.clone(),
             });
             return out.push(match grant {
-                Some(grant) => Effect::Delegate { grant },
+                Some(grant) => Effect::Delegate {
+                    grant: Box::new(grant),
+                },
                 None => Effect::Renew,
             });
         }
@@ -500,12 +502,18 @@ impl ControllerState {
         if let Some(p) = path_prefixes.iter().find(|p| !p.starts_with('/')) {
             return bad(format!("a path prefix starts with /: {p:?}"));
         }
+        let certificate = g.certificate.trim().to_owned();
+        if !certificate.is_empty() {
+            crate::delegation::DelegateKey::from_certificate_pem(&certificate)
+                .map_err(|problem| ControllerError::BadGrant { problem })?;
+        }
         Ok(GrantForm {
             label,
             services: g.services,
             methods,
             path_prefixes,
             minutes: g.minutes,
+            certificate,
         })
     }
 

@@ -76,6 +76,10 @@ pub struct GrantForm {
     pub path_prefixes: Vec<String>,
     /// How long it lasts, in minutes (the gateway caps it).
     pub minutes: u32,
+    /// The delegate's certificate (PEM), for a key held elsewhere; empty: a key is made here
+    /// and goes into the grant's file.
+    #[serde(default)]
+    pub certificate: String,
 }
 
 /// One of the user's live grants.
@@ -139,6 +143,9 @@ pub struct GrantedView {
     pub file: String,
     /// The command that runs a program on the grant.
     pub run: String,
+    /// Whether the grant is for a key held elsewhere: the file holds no private key, and the
+    /// delegate runs it with its own (`--key`).
+    pub for_key: bool,
     /// When it ends, seconds since the epoch.
     #[ts(type = "number")]
     pub expires_at: u64,

@@ -371,6 +371,7 @@ async fn the_tray_grants_with_a_touch_writes_a_private_file_lists_and_revokes() 
         methods: vec!["get".into()],
         path_prefixes: vec!["/v1/".into()],
         minutes: 30,
+        certificate: String::new(),
     };
     let e = c
         .handle(Request::Delegate {
@@ -404,7 +405,10 @@ async fn the_tray_grants_with_a_touch_writes_a_private_file_lists_and_revokes() 
         std::fs::create_dir_all(&grants_dir)?;
         std::fs::set_permissions(&grants_dir, std::fs::Permissions::from_mode(0o755))?;
     }
-    c.handle(Request::Delegate { grant: form }).await?;
+    c.handle(Request::Delegate {
+        grant: form.clone(),
+    })
+    .await?;
     assert!(
         ui.phases()
             .contains(&"waiting_for_touch:delegate".to_owned()),
@@ -474,6 +478,39 @@ async fn the_tray_grants_with_a_touch_writes_a_private_file_lists_and_revokes() 
         "{e:?}"
     );
     bot.shutdown().await;
+
+    // For a key held elsewhere: the certificate goes in, the file holds no private key, and
+    // the delegate runs it with its own key.
+    let held = delegation::DelegateKey::generate()?;
+    c.handle(Request::Delegate {
+        grant: GrantForm {
+            label: "build farm".into(),
+            certificate: held.cert_pem.clone(),
+            ..form
+        },
+    })
+    .await?;
+    let granted = c.view().granted.expect("the grant just made");
+    assert!(granted.for_key);
+    assert!(
+        granted.run.ends_with(" --key KEY -- COMMAND"),
+        "{}",
+        granted.run
+    );
+    let f = DelegationFile::read(std::path::Path::new(&granted.file))?;
+    assert_eq!(f.key.key_pem, None, "no private key in the file");
+    let farm = RunningAgent::start_delegated(delegation::load_headless(
+        &f,
+        Some(&held),
+        &[],
+        Some(lab.dir.path().join("farm.sock")),
+    )?)
+    .await?;
+    assert_eq!(
+        get(farm.listeners()[0].1, "/v1/builds", &[]).await?.status,
+        200
+    );
+    farm.shutdown().await;
     c.shutdown().await;
     Ok(())
 }

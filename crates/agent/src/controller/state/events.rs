@@ -116,7 +116,7 @@ pub enum Effect {
     /// with [`Event::Delegated`] or [`Event::FlowFailed`].
     Delegate {
         /// What to grant (checked).
-        grant: GrantForm,
+        grant: Box<GrantForm>,
     },
     /// Ask the running agent's session for the user's grants; answer with
     /// [`Event::DelegationsListed`].

@@ -644,6 +644,7 @@ fn form(label: &str, services: &[&str]) -> GrantForm {
         methods: vec![" get".into(), "head ".into()],
         path_prefixes: vec!["/v1/".into(), " ".into()],
         minutes: 60,
+        certificate: String::new(),
     }
 }
 
@@ -689,6 +690,22 @@ fn a_grant_is_refused_before_the_key_unless_signed_in_and_in_shape() {
                 ..form("ci", &["api"])
             },
             "starts with /",
+        ),
+        (
+            GrantForm {
+                certificate: "hello".into(),
+                ..form("ci", &["api"])
+            },
+            "not a certificate",
+        ),
+        (
+            GrantForm {
+                certificate: crate::delegation::DelegateKey::generate()
+                    .expect("key")
+                    .to_pem(),
+                ..form("ci", &["api"])
+            },
+            "holds a private key",
         ),
     ];
     for (grant, words) in cases {
@@ -744,6 +761,7 @@ fn a_grant_asks_the_running_agents_key_then_shows_its_file_and_the_list() {
         label: "nightly CI".into(),
         file: "/home/alice/.config/touchgate/grants/dlg-00000000000000aa.json".into(),
         run: "touchgate run --delegation /home/alice/.config/touchgate/grants/dlg-00000000000000aa.json -- COMMAND".into(),
+        for_key: false,
         expires_at: r.now + HOUR,
     };
     let e = r.feed(Event::Delegated(Box::new(granted.clone())));
@@ -837,6 +855,7 @@ fn a_grant_asks_the_running_agents_key_then_shows_its_file_and_the_list() {
         label: "x".into(),
         file: "f".into(),
         run: "r".into(),
+        for_key: false,
         expires_at: r.now + HOUR,
     });
     r.ask(Request::SignOut);
