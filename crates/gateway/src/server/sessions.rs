@@ -334,6 +334,7 @@ impl Gateway {
                     conn: Some(conn_id),
                     peer: Some(self.carriers.shown_peer(conn.remote_address()).to_string()),
                     delegate: claims.act.as_ref().map(|a| a.sub.clone()),
+                    reason: Some(String::from_utf8_lossy(why).into_owned()),
                     ..AuditEvent::new(event)
                 });
             }

@@ -307,6 +307,7 @@ async fn a_grant_revoked_on_one_replica_ends_its_delegate_on_the_other_within_se
     assert_eq!(ended.len(), 1, "{ended:?}");
     assert_eq!(ended[0]["user"], user);
     assert_eq!(ended[0]["delegate"], label);
+    assert_eq!(ended[0]["reason"], "delegated grant revoked");
     let at = humantime::parse_rfc3339(ended[0]["ts"].as_str().unwrap_or_default())?;
     let took = at.duration_since(asked).unwrap_or_default();
     eprintln!("B ended the delegate's session {took:?} after the revoke was asked on A");

@@ -49,7 +49,9 @@ async fn revoking_a_user_closes_their_sessions_and_refuses_their_tokens() -> any
 
     // Bob was not touched.
     assert!(bob.connection().is_some_and(|c| c.close_reason().is_none()));
-    assert_eq!(lab.audit_events("session_revoked").len(), 1);
+    let revoked = lab.audit_events("session_revoked");
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(revoked[0]["reason"], "session revoked by an admin");
     let refused = lab.audit_events("session_refused");
     assert!(
         refused.iter().any(|e| e["outcome"] == "session_revoked"),
