@@ -272,9 +272,22 @@ pub async fn run(
     };
     let stop = touchgate_common::shutdown_signal();
     tokio::pin!(stop);
+    let mut state = d.agent.state();
+    let mut ended = false;
     let status = loop {
         if let Some(s) = child.try_wait().context("waiting for the command")? {
             break Some(s);
+        }
+        // The grant ended (revoked, expired, the user disabled): the ports close at once, so
+        // the command's next connection is refused rather than held, and it is told why.
+        let gone = match &*state.borrow_and_update() {
+            AgentState::SignedOut { reason } if !ended => Some(reason.clone()),
+            _ => None,
+        };
+        if let Some(reason) = gone {
+            ended = true;
+            eprintln!("the grant ended: {reason}; its local ports are closed");
+            d.agent.shutdown().await;
         }
         tokio::select! {
             () = &mut stop => break None,

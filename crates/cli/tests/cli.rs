@@ -552,3 +552,86 @@ async fn delegations_ask_the_running_agent_without_a_touch() {
     let _ = up.kill();
     let _ = up.wait();
 }
+
+/// A grant revoked while `touchgate run` runs its command: the ports close at once (the
+/// command's next connection is refused, not held), it is told why, and its exit status is
+/// still the command's.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_closes_the_ports_when_the_grant_ends() {
+    let lab = touchgate_testkit::lab::Lab::start(Default::default())
+        .await
+        .expect("lab");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = env!("CARGO_BIN_EXE_touchgate");
+    let cfg = lab_config(&lab, dir.path(), "gus@example.com");
+    let out = enroll_with_stdin(bin, &cfg, &lab.invite("gus@example.com").expect("invite"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let grant = dir.path().join("bot.grant");
+    let out = Command::new(bin)
+        .args(["delegate", "--service", "api", "--name", "nightly", "--out"])
+        .arg(&grant)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("delegate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (ready, go) = (dir.path().join("ready"), dir.path().join("go"));
+    let script = format!(
+        "curl -sf \"$TOUCHGATE_API_URL/v1/a\" -o /dev/null -w '%{{http_code}}'; touch {ready}; \
+         while [ ! -f {go} ]; do sleep 0.1; done; \
+         curl -s --max-time 5 \"$TOUCHGATE_API_URL/v1/b\" -o /dev/null; echo \" $?\"; exit 3",
+        ready = ready.display(),
+        go = go.display()
+    );
+    let run = Command::new(bin)
+        .args(["run", "--delegation"])
+        .arg(&grant)
+        .args(["--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+    for _ in 0..200 {
+        if ready.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(ready.exists(), "the command's first request did not end");
+    let out = Command::new(bin)
+        .args(["delegations", "revoke", "nightly", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("revoke");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The gateway closes the delegate's connection within seconds; then the command goes on.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    std::fs::write(&go, "").expect("go");
+    let out = tokio::task::spawn_blocking(move || run.wait_with_output().expect("wait"))
+        .await
+        .expect("join");
+    let (said, err) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert_eq!(out.status.code(), Some(3), "{said}{err}");
+    // 200 before; then curl's 7: connection refused (a held connection would be 28, timed out).
+    assert_eq!(said.trim(), "200 7", "{err}");
+    assert!(
+        err.contains("the grant ended:") && err.contains("revoked"),
+        "{err}"
+    );
+}
