@@ -268,5 +268,33 @@ impl Gateway {
     }
 }
 
+/// How often a fresh gateway tries another UDP port whose number was taken on TCP.
+const PORT_ATTEMPTS: usize = 20;
+
+/// The QUIC socket (UDP) and the carrier's listener (TCP, TLS) on one address. With port 0 the
+/// system picks the UDP port, whose number TCP may already use elsewhere on the machine: other
+/// picks are tried before giving up.
+pub fn bind_quic_and_carrier(
+    addr: SocketAddr,
+) -> anyhow::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    use anyhow::Context;
+    let mut attempt = 1;
+    loop {
+        let udp = std::net::UdpSocket::bind(addr)
+            .with_context(|| format!("cannot bind UDP {addr} for QUIC"))?;
+        let at = udp.local_addr()?;
+        match std::net::TcpListener::bind(at) {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if addr.port() == 0 && attempt < PORT_ATTEMPTS => {
+                tracing::debug!(error = %e, %at, "UDP port taken on TCP, trying another");
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot bind TCP {at} for the carrier"));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

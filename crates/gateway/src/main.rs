@@ -732,8 +732,7 @@ async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
     let admin_listen = cfg.admin_listen;
     let scim_listen = cfg.scim.as_ref().map(|s| (s.listen, s.scheme()));
     let gw = Gateway::new(cfg)?;
-    let socket = std::net::UdpSocket::bind(listen)
-        .with_context(|| format!("cannot bind UDP {listen} for QUIC"))?;
+    let (socket, tcp) = touchgate_gateway::carrier::bind_quic_and_carrier(listen)?;
     widen_receive_buffer(&socket);
     let endpoint = gw.endpoint(socket)?;
     let admin = tokio::net::TcpListener::bind(admin_listen)
@@ -753,9 +752,9 @@ async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
         gw.clone()
             .serve_more_quic(carrier_endpoint.clone(), shards.clone()),
     )];
-    let tcp = tokio::net::TcpListener::bind(quic_addr)
-        .await
-        .with_context(|| format!("cannot bind TCP {quic_addr} for the carrier"))?;
+    tcp.set_nonblocking(true)
+        .context("cannot set up the carrier's socket")?;
+    let tcp = tokio::net::TcpListener::from_std(tcp).context("cannot serve the carrier")?;
     println!(
         "carrier on tcp/{} (TLS)",
         tcp.local_addr().context("no local address")?

@@ -8,12 +8,7 @@
 //! TCP side runs on a thread of its own ([`CarrierThread`]), so that stopping the gateway ends
 //! every carrier's TCP connection, as the end of a gateway process does.
 
-use std::{
-    net::{SocketAddr, UdpSocket},
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -579,9 +574,6 @@ impl Drop for CarrierThread {
     }
 }
 
-/// How often a fresh gateway tries another UDP port whose number was taken on TCP.
-const PORT_ATTEMPTS: usize = 20;
-
 /// Starts a gateway with `cfg` on the tasks' runtime and `shards`: QUIC on `cfg.listen` (or
 /// `ports`, a restart's old ones), the carrier with TLS on TCP at the same address, the plain
 /// carrier on `ports.ws` (else a free port of the QUIC address's IP), admin and SCIM on free
@@ -592,7 +584,7 @@ async fn launch(
     shards: Arc<Shards>,
 ) -> anyhow::Result<Launched> {
     let quic_bind = ports.map_or(cfg.listen, |p| p.quic);
-    let (socket, carrier_tls) = bind_quic_and_carrier(quic_bind)?;
+    let (socket, carrier_tls) = touchgate_gateway::carrier::bind_quic_and_carrier(quic_bind)?;
     let quic_addr = socket.local_addr()?;
     let ws_bind = ports.map_or(SocketAddr::new(quic_addr.ip(), 0), |p| p.ws);
     let carrier_plain = std::net::TcpListener::bind(ws_bind)
@@ -638,28 +630,6 @@ async fn launch(
             carriers,
         },
     })
-}
-
-/// The UDP socket for QUIC at `addr`, and a TCP listener at the same address and port for the
-/// carrier with TLS, as the gateway binary binds them. When `addr` names no port, the system
-/// picks the UDP one, and the same number may be taken on TCP by another program: then another
-/// pair is tried.
-fn bind_quic_and_carrier(addr: SocketAddr) -> anyhow::Result<(UdpSocket, std::net::TcpListener)> {
-    let mut attempt = 1;
-    loop {
-        let udp = UdpSocket::bind(addr).with_context(|| format!("cannot bind UDP {addr}"))?;
-        let at = udp.local_addr()?;
-        match std::net::TcpListener::bind(at) {
-            Ok(tcp) => return Ok((udp, tcp)),
-            Err(e) if addr.port() == 0 && attempt < PORT_ATTEMPTS => {
-                tracing::debug!(error = %e, %at, "UDP port taken on TCP, trying another");
-                attempt += 1;
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot bind TCP {at} for the carrier"));
-            }
-        }
-    }
 }
 
 /// Writes `text` to a new file only its owner can read.

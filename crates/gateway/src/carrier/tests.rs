@@ -257,3 +257,21 @@ async fn too_many_carriers_from_one_source_and_failed_tls_are_refused_and_audite
     let udp: SocketAddr = "192.0.2.1:4433".parse().expect("addr");
     assert_eq!(gw.carriers.peer_of(udp), Some(udp));
 }
+
+#[test]
+fn quic_and_the_carrier_share_one_port_and_a_taken_one_is_named() {
+    let (udp, tcp) =
+        super::bind_quic_and_carrier("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let port = udp.local_addr().expect("udp").port();
+    assert_ne!(port, 0);
+    assert_eq!(tcp.local_addr().expect("tcp").port(), port);
+    // A fixed port whose TCP side is taken (its UDP side free): said, with the address.
+    drop(udp);
+    let e = super::bind_quic_and_carrier(tcp.local_addr().expect("tcp"))
+        .map(|_| ())
+        .expect_err("taken");
+    assert!(
+        format!("{e:#}").contains(&format!("cannot bind TCP 127.0.0.1:{port} for the carrier")),
+        "{e:#}"
+    );
+}
