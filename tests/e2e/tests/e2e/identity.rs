@@ -45,6 +45,25 @@ async fn alice_at_lab() -> anyhow::Result<(
     Ok((idp, lab, alice, key_path, cfg))
 }
 
+/// Alice's agent config and software key on `lab`, enrolled by signing in at `idp` in the
+/// browser.
+async fn enrol_alice(
+    idp: &Arc<Idp>,
+    lab: &Lab,
+) -> anyhow::Result<(
+    IdpUser,
+    touchgate_agent::AgentConfig,
+    touchgate_agent::SharedAuthn,
+)> {
+    let alice = IdpUser::alice();
+    let key_path = lab.dir.path().join("alice.softkey");
+    let cfg = lab.agent_config(&alice.email, &key_path, &[])?;
+    let authn = soft_authn(&key_path)?;
+    let (open, _) = browser(idp.clone(), alice.clone(), as_is);
+    touchgate_agent::enroll_with_idp(&cfg, &authn, &open).await?;
+    Ok((alice, cfg, authn))
+}
+
 /// The gateway's `[oidc]` for `idp`: accounts of example.com, groups asked for, and `extra`.
 fn oidc_table(idp: &Idp, extra: &str) -> String {
     format!(
@@ -336,12 +355,7 @@ async fn a_sign_in_after_max_age_checks_with_the_identity_provider_again() -> an
         ..LabOptions::default()
     })
     .await?;
-    let alice = IdpUser::alice();
-    let key_path = lab.dir.path().join("alice.softkey");
-    let cfg = lab.agent_config(&alice.email, &key_path, &[])?;
-    let authn = soft_authn(&key_path)?;
-    let (open, _) = browser(idp.clone(), alice.clone(), as_is);
-    touchgate_agent::enroll_with_idp(&cfg, &authn, &open).await?;
+    let (alice, cfg, authn) = enrol_alice(&idp, &lab).await?;
     tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
 
     // Someone else's account in the browser: the key's answer is not enough.
@@ -411,12 +425,7 @@ async fn delegating_past_max_age_waits_for_the_identity_provider_again() -> anyh
         ..LabOptions::default()
     })
     .await?;
-    let alice = IdpUser::alice();
-    let key_path = lab.dir.path().join("alice.softkey");
-    let cfg = lab.agent_config(&alice.email, &key_path, &[])?;
-    let authn = soft_authn(&key_path)?;
-    let (open, _) = browser(idp.clone(), alice.clone(), as_is);
-    touchgate_agent::enroll_with_idp(&cfg, &authn, &open).await?;
+    let (alice, cfg, authn) = enrol_alice(&idp, &lab).await?;
     let store = touchgate_gateway::store::Store::open(&lab.dir.path().join("gateway.db"))?;
     // When the provider last vouched for Alice (read, never written, by the test).
     let checked = || -> anyhow::Result<u64> {
@@ -739,12 +748,7 @@ async fn scim_and_the_identity_provider_name_the_same_person() -> anyhow::Result
     assert_eq!(status, 201, "{group}");
     let group_id = group["id"].as_str().unwrap_or_default().to_owned();
 
-    let alice = IdpUser::alice();
-    let key_path = lab.dir.path().join("alice.softkey");
-    let cfg = lab.agent_config(ALICE_EMAIL, &key_path, &[])?;
-    let authn = soft_authn(&key_path)?;
-    let (open, _) = browser(idp.clone(), alice.clone(), as_is);
-    touchgate_agent::enroll_with_idp(&cfg, &authn, &open).await?;
+    let (_alice, cfg, authn) = enrol_alice(&idp, &lab).await?;
     let store = touchgate_gateway::store::Store::open(&lab.dir.path().join("gateway.db"))?;
     let alices = store
         .list_users()?
