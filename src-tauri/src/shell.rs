@@ -266,14 +266,7 @@ pub fn serve_status(controller: &Controller) {
             return;
         }
         let c = controller.clone();
-        tauri::async_runtime::spawn(async move {
-            let commands = c.status_commands();
-            let socket = cfg.control_socket();
-            let report = move || touchgate_agent::status::StatusReport { view: c.view() };
-            if let Err(e) = touchgate_agent::status::serve(socket, report, Ok(commands)).await {
-                tracing::warn!(error = %e, "status socket unavailable");
-            }
-        });
+        tauri::async_runtime::spawn(async move { c.serve_status(cfg.control_socket()).await });
     }
     #[cfg(not(unix))]
     let _ = controller;

@@ -151,9 +151,21 @@ impl Controller {
             .map(|l| l.agent.clone())
     }
 
+    /// Serves the status socket at `socket` until the task is dropped: the view for
+    /// `touchgate status`, and the user's grants listed and revoked for `touchgate delegations`.
+    /// A socket that cannot be served is logged, not fatal.
+    #[cfg(unix)]
+    pub async fn serve_status(&self, socket: std::path::PathBuf) {
+        let c = self.clone();
+        let report = move || crate::status::StatusReport { view: c.view() };
+        if let Err(e) = crate::status::serve(socket, report, Ok(self.status_commands())).await {
+            tracing::warn!(error = %e, "status socket unavailable");
+        }
+    }
+
     /// What the status socket carries out for `touchgate delegations`: the user's grants
     /// listed and revoked on the live session, with no touch.
-    pub fn status_commands(&self) -> crate::status::Commands {
+    fn status_commands(&self) -> crate::status::Commands {
         let c = self.clone();
         Arc::new(move |command| {
             let c = c.clone();

@@ -453,13 +453,7 @@ async fn up(
     let status_task = {
         let c = controller.clone();
         let socket = socket.clone();
-        tokio::spawn(async move {
-            let commands = c.status_commands();
-            let report = move || touchgate_agent::status::StatusReport { view: c.view() };
-            if let Err(e) = touchgate_agent::status::serve(socket, report, Ok(commands)).await {
-                tracing::warn!(error = %e, "status socket unavailable");
-            }
-        })
+        tokio::spawn(async move { c.serve_status(socket).await })
     };
     let mut last_phase = std::mem::discriminant(&view.phase);
     // One listener for the whole run: one made anew on each turn of the loop would miss a
