@@ -81,8 +81,9 @@ const COMMAND_RUN: Duration = Duration::from_secs(20);
 const CONNECTIONS_MAX: usize = 16;
 
 /// Serves status reports (`report()` at each connection) on a Unix socket at `path` until the
-/// task is dropped, and carries out [`Command`]s with `commands` (None: each is refused with
-/// `refusal`). A stale socket file from a dead agent is replaced.
+/// task is dropped, and carries out [`Command`]s with `commands` (`Err(words)`: each is
+/// answered [`Answer::Unavailable`] with them). A stale socket file from a dead agent is
+/// replaced.
 #[cfg(unix)]
 pub async fn serve(
     path: PathBuf,
@@ -134,8 +135,9 @@ pub async fn serve(
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
-        let mut line = serde_json::to_vec(&report()).unwrap_or_default();
-        line.push(b'\n');
+        let Ok(line) = json_line(&report()) else {
+            continue;
+        };
         let commands = commands.clone();
         tokio::spawn(async move {
             connection(s, line, commands).await;
@@ -181,9 +183,28 @@ async fn connection(
                 ),
             }),
     };
-    let mut out = serde_json::to_vec(&answer).unwrap_or_default();
-    out.push(b'\n');
-    let _ = tokio::time::timeout(COMMAND_WAIT, write.write_all(&out)).await;
+    if let Ok(out) = json_line(&answer) {
+        let _ = tokio::time::timeout(COMMAND_WAIT, write.write_all(&out)).await;
+    }
+}
+
+/// `value` as one line of JSON.
+#[cfg(unix)]
+fn json_line(value: &impl Serialize) -> std::io::Result<Vec<u8>> {
+    let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// `io` within `wait`, else a time-out error saying the agent did not answer.
+#[cfg(unix)]
+async fn within<T>(
+    wait: Duration,
+    io: impl Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::time::timeout(wait, io).await.map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, "the agent did not answer")
+    })?
 }
 
 /// Asks the agent behind `path`; `Ok(None)` when no agent is running.
@@ -212,15 +233,9 @@ pub async fn command(
     if let Err(message) = fits(&report) {
         return Ok(Some(Answer::Unavailable { message }));
     }
-    let mut line = serde_json::to_vec(command).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    s.get_mut().write_all(&line).await?;
+    s.get_mut().write_all(&json_line(command)?).await?;
     let mut answer = String::new();
-    tokio::time::timeout(COMMAND_RUN + COMMAND_WAIT, s.read_line(&mut answer))
-        .await
-        .map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, "the agent did not answer")
-        })??;
+    within(COMMAND_RUN + COMMAND_WAIT, s.read_line(&mut answer)).await?;
     serde_json::from_str(&answer)
         .map(Some)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
@@ -259,11 +274,7 @@ async fn connect(
     }
     let mut s = tokio::io::BufReader::new(s);
     let mut line = String::new();
-    tokio::time::timeout(COMMAND_WAIT, s.read_line(&mut line))
-        .await
-        .map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, "the agent did not answer")
-        })??;
+    within(COMMAND_WAIT, s.read_line(&mut line)).await?;
     let report = serde_json::from_str(&line)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     Ok(Some((report, s)))
