@@ -229,17 +229,12 @@ fn lab_config(
     cfg
 }
 
-/// `user` enrolled on `lab` with a config in `dir` serving `api`, and `touchgate up` for them,
-/// signed in and serving (its first line read; the rest of its stdout stays open).
-fn enrolled_up(
+/// `user` enrolled on `lab`, with a config in `dir` serving `api`; the config's path.
+fn enrolled(
     lab: &touchgate_testkit::lab::Lab,
     dir: &std::path::Path,
     user: &str,
-) -> (
-    std::path::PathBuf,
-    std::process::Child,
-    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
-) {
+) -> std::path::PathBuf {
     let bin = env!("CARGO_BIN_EXE_touchgate");
     let cfg = lab_config(lab, dir, user);
     let mut text = std::fs::read_to_string(&cfg).expect("read config");
@@ -251,6 +246,38 @@ fn enrolled_up(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    cfg
+}
+
+/// `touchgate delegate` with one touch: `api`, any method, as `label`, written to `grant`.
+fn granted(cfg: &std::path::Path, grant: &std::path::Path, label: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_touchgate"))
+        .args(["delegate", "--service", "api", "--name", label, "--out"])
+        .arg(grant)
+        .arg("--config")
+        .arg(cfg)
+        .output()
+        .expect("delegate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `user` [`enrolled`], and `touchgate up` for them, signed in and serving (its first line
+/// read; the rest of its stdout stays open).
+fn enrolled_up(
+    lab: &touchgate_testkit::lab::Lab,
+    dir: &std::path::Path,
+    user: &str,
+) -> (
+    std::path::PathBuf,
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) {
+    let bin = env!("CARGO_BIN_EXE_touchgate");
+    let cfg = enrolled(lab, dir, user);
     let mut up = Command::new(bin)
         .args(["up", "--config"])
         .arg(&cfg)
@@ -483,26 +510,7 @@ async fn delegations_ask_the_running_agent_without_a_touch() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bin = env!("CARGO_BIN_EXE_touchgate");
     let (cfg, mut up, _stdout) = enrolled_up(&lab, dir.path(), "fay@example.com");
-    let grant = dir.path().join("bot.grant");
-    let out = Command::new(bin)
-        .args([
-            "delegate",
-            "--service",
-            "api",
-            "--name",
-            "weekly-export",
-            "--out",
-        ])
-        .arg(&grant)
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .expect("delegate");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    granted(&cfg, &dir.path().join("bot.grant"), "weekly-export");
     let asked = lab.audit_events("challenge_issued").len();
 
     let delegations = |args: &[&str]| {
@@ -563,26 +571,9 @@ async fn run_closes_the_ports_when_the_grant_ends() {
         .expect("lab");
     let dir = tempfile::tempdir().expect("tempdir");
     let bin = env!("CARGO_BIN_EXE_touchgate");
-    let cfg = lab_config(&lab, dir.path(), "gus@example.com");
-    let out = enroll_with_stdin(bin, &cfg, &lab.invite("gus@example.com").expect("invite"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let cfg = enrolled(&lab, dir.path(), "gus@example.com");
     let grant = dir.path().join("bot.grant");
-    let out = Command::new(bin)
-        .args(["delegate", "--service", "api", "--name", "nightly", "--out"])
-        .arg(&grant)
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .expect("delegate");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    granted(&cfg, &grant, "nightly");
 
     let (ready, go) = (dir.path().join("ready"), dir.path().join("go"));
     let script = format!(
